@@ -1,0 +1,318 @@
+//! Async Nomad HTTP API client: jobs, deployments and allocations.
+//!
+//! Jobs travel as `serde_json::Value`: Nomad's job struct is large and simq never edits
+//! it field by field; it parses HCL2 files with variables and registers the result.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+
+const PLAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What `POST /v1/jobs` answered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Registration {
+    #[serde(rename = "EvalID")]
+    pub eval_id: String,
+    pub job_modify_index: u64,
+}
+
+/// A job in `GET /v1/jobs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct JobStub {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub job_modify_index: u64,
+}
+
+/// An allocation, with what simq reads of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Allocation {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    pub task_group: String,
+    pub client_status: String,
+    pub desired_status: String,
+    #[serde(default)]
+    pub job_version: u64,
+    #[serde(default)]
+    pub deployment_status: Option<AllocDeploymentStatus>,
+    #[serde(default)]
+    pub task_states: Option<BTreeMap<String, TaskState>>,
+}
+
+/// An allocation's standing in its deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AllocDeploymentStatus {
+    pub healthy: Option<bool>,
+    #[serde(default)]
+    pub canary: bool,
+}
+
+/// A task's state inside an allocation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TaskState {
+    pub state: String,
+    #[serde(default)]
+    pub failed: bool,
+    #[serde(default)]
+    pub events: Option<Vec<TaskEvent>>,
+}
+
+/// One task event ("Failed Artifact Download", "Started", ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TaskEvent {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    #[serde(default)]
+    pub display_message: String,
+}
+
+impl Allocation {
+    /// Task events of every task, in order, as "task: Type: message" lines.
+    pub fn event_lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (task, state) in self.task_states.iter().flatten() {
+            for ev in state.events.iter().flatten() {
+                out.push(format!("{task}: {}: {}", ev.kind, ev.display_message));
+            }
+        }
+        out
+    }
+}
+
+/// A deployment and its per-group progress.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Deployment {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub job_version: u64,
+    pub status: String,
+    #[serde(default)]
+    pub status_description: String,
+    #[serde(default)]
+    pub task_groups: BTreeMap<String, DeploymentGroup>,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+/// One task group's progress in a deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeploymentGroup {
+    #[serde(default)]
+    pub desired_total: u32,
+    #[serde(default)]
+    pub desired_canaries: u32,
+    #[serde(default)]
+    pub placed_allocs: u32,
+    #[serde(default)]
+    pub healthy_allocs: u32,
+    #[serde(default)]
+    pub unhealthy_allocs: u32,
+    #[serde(default)]
+    pub promoted: bool,
+}
+
+/// Render variables for `POST /v1/jobs/parse` (an HCL variable file). Values are quoted
+/// HCL strings; `${` and `%{` are escaped so a value is never read as a template.
+pub fn hcl_variables<'a>(vars: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::new();
+    for (name, value) in vars {
+        let quoted = serde_json::to_string(value).expect("a string always serialises");
+        let quoted = quoted.replace("${", "$${").replace("%{", "%%{");
+        out.push_str(&format!("{name} = {quoted}\n"));
+    }
+    out
+}
+
+/// A Nomad agent's HTTP API.
+#[derive(Debug, Clone)]
+pub struct NomadClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl NomadClient {
+    /// A client for the agent at `addr` (`http://127.0.0.1:4646` or `127.0.0.1:4646`).
+    pub fn new(addr: &str) -> Result<Self> {
+        let base = if addr.contains("://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", addr.trim_end_matches('/'))
+        };
+        let invalid = |reason: String| Error::InvalidAddress {
+            addr: addr.to_string(),
+            reason,
+        };
+        let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(invalid("not an http(s) URL with a host".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Self { http, base })
+    }
+
+    /// A client configured like the `nomad` CLI: `NOMAD_ADDR`, default `http://127.0.0.1:4646`.
+    pub fn from_env() -> Result<Self> {
+        Self::new(&std::env::var("NOMAD_ADDR").unwrap_or_else(|_| "http://127.0.0.1:4646".into()))
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.base
+    }
+
+    /// Parse an HCL2 job file with variables (see [`hcl_variables`]) into job JSON.
+    pub async fn parse_job(&self, hcl: &str, variables: &str) -> Result<Value> {
+        let body = json!({"JobHCL": hcl, "Canonicalize": true, "Variables": variables});
+        self.call(Method::POST, "/v1/jobs/parse", Some(body)).await
+    }
+
+    /// Register (create or update) a job from its JSON.
+    pub async fn register_job(&self, job: &Value) -> Result<Registration> {
+        let v = self.call(Method::POST, "/v1/jobs", Some(json!({ "Job": job }))).await?;
+        decode("/v1/jobs", v)
+    }
+
+    /// Every job the agent knows.
+    pub async fn list_jobs(&self) -> Result<Vec<JobStub>> {
+        let v = self.call(Method::GET, "/v1/jobs", None).await?;
+        decode("/v1/jobs", v)
+    }
+
+    /// One job's full JSON; `None` when it does not exist.
+    pub async fn job(&self, id: &str) -> Result<Option<Value>> {
+        match self.call(Method::GET, &format!("/v1/job/{id}"), None).await {
+            Ok(v) => Ok(Some(v)),
+            Err(Error::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stop a job; `purge` also removes it from Nomad's state at once.
+    pub async fn stop_job(&self, id: &str, purge: bool) -> Result<()> {
+        let path = format!("/v1/job/{id}?purge={purge}");
+        match self.call(Method::DELETE, &path, None).await {
+            Ok(_) | Err(Error::Status { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A job's allocations (all versions, including stopped ones).
+    pub async fn job_allocations(&self, id: &str) -> Result<Vec<Allocation>> {
+        let path = format!("/v1/job/{id}/allocations");
+        let v = self.call(Method::GET, &path, None).await?;
+        decode(&path, v)
+    }
+
+    /// One allocation in full (task events included).
+    pub async fn allocation(&self, id: &str) -> Result<Allocation> {
+        let path = format!("/v1/allocation/{id}");
+        let v = self.call(Method::GET, &path, None).await?;
+        decode(&path, v)
+    }
+
+    /// The job's most recent deployment, `None` when it has had none.
+    pub async fn latest_deployment(&self, job: &str) -> Result<Option<Deployment>> {
+        let path = format!("/v1/job/{job}/deployment");
+        let v = self.call(Method::GET, &path, None).await?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        decode(&path, v).map(Some)
+    }
+
+    /// Promote a deployment's canaries.
+    pub async fn promote_deployment(&self, deployment: &str) -> Result<()> {
+        let path = format!("/v1/deployment/promote/{deployment}");
+        self.call(Method::POST, &path, Some(json!({"DeploymentID": deployment, "All": true})))
+            .await
+            .map(|_| ())
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{}", self.base, path))
+            .timeout(PLAIN_TIMEOUT);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.map_err(|source| Error::Unreachable {
+            addr: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
+            addr: self.base.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            return Err(Error::Status {
+                method: method.to_string(),
+                path: path.to_string(),
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).trim().chars().take(2000).collect(),
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(path: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Decode {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_are_quoted_and_never_templates() {
+        let vars = hcl_variables([("a", "plain"), ("b", "say \"hi\"\n"), ("c", "${oops} %{x}")]);
+        assert_eq!(vars, "a = \"plain\"\nb = \"say \\\"hi\\\"\\n\"\nc = \"$${oops} %%{x}\"\n");
+    }
+
+    #[test]
+    fn event_lines_name_task_and_type() {
+        let alloc: Allocation = serde_json::from_value(json!({
+            "ID": "a1", "Name": "j.g[0]", "TaskGroup": "g", "ClientStatus": "failed",
+            "DesiredStatus": "run",
+            "TaskStates": {"shard": {"State": "dead", "Failed": true, "Events": [
+                {"Type": "Failed Artifact Download", "DisplayMessage": "Checksums did not match"}
+            ]}}
+        }))
+        .unwrap();
+        assert_eq!(
+            alloc.event_lines(),
+            vec!["shard: Failed Artifact Download: Checksums did not match".to_string()]
+        );
+    }
+}

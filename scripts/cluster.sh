@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Starts and stops the local simq cluster: a Consul dev agent and a Nomad dev agent, on
+# loopback only. State, logs and pid files live in $SIMQ_CLUSTER_DIR
+# (default ~/.cache/simq/cluster).
+#
+#   scripts/cluster.sh start    start both agents (Consul first) and wait until ready
+#   scripts/cluster.sh stop     stop every Nomad job, then Nomad, then Consul; no strays
+#   scripts/cluster.sh status   say what runs, with pids and addresses
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+CONSUL_DIR="$SIMQ_CLUSTER_DIR/consul"
+NOMAD_DIR="$SIMQ_CLUSTER_DIR/nomad"
+READY_TIMEOUT=60
+
+# wait_until SECONDS WHAT CMD...: poll CMD every 0.5 s until it succeeds.
+wait_until() {
+  local limit=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.5
+  done
+}
+
+consul_ready() {
+  # A leader is elected and the agent answers KV reads.
+  [ -n "$(curl -fsS "$CONSUL_HTTP_ADDR/v1/status/leader" | tr -d '"')" ] &&
+    curl -fsS -o /dev/null "$CONSUL_HTTP_ADDR/v1/kv/?keys"
+}
+
+nomad_ready() {
+  curl -fsS "$NOMAD_ADDR/v1/agent/health" |
+    python3 -c 'import json,sys; h=json.load(sys.stdin); sys.exit(0 if h["client"]["ok"] and h["server"]["ok"] else 1)' &&
+    curl -fsS "$NOMAD_ADDR/v1/nodes" |
+    python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(x["Status"]=="ready" and x["Drivers"].get("raw_exec",{}).get("Healthy") for x in n) else 1)'
+}
+
+start_consul() {
+  if pid_alive "$CONSUL_DIR/consul.pid"; then
+    log "consul: already running (pid $(cat "$CONSUL_DIR/consul.pid"))"
+    return
+  fi
+  [ -x "$CONSUL_BIN" ] || die "consul $CONSUL_VERSION is not built: run scripts/setup.sh first"
+  if curl -fsS -o /dev/null "$CONSUL_HTTP_ADDR/v1/status/leader" 2>/dev/null; then
+    die "something else already answers on $CONSUL_HTTP_ADDR: stop it first (simq's cluster did not start it)"
+  fi
+  mkdir -p "$CONSUL_DIR"
+  log "consul: starting v$CONSUL_VERSION, log $CONSUL_DIR/consul.log"
+  setsid "$CONSUL_BIN" agent -dev -config-file "$SIMQ_ROOT/consul/dev-agent.hcl" \
+    -pid-file "$CONSUL_DIR/consul.pid" >"$CONSUL_DIR/consul.log" 2>&1 </dev/null &
+  wait_until "$READY_TIMEOUT" "consul" consul_ready ||
+    { tail -n 20 "$CONSUL_DIR/consul.log" >&2; die "consul did not become ready within ${READY_TIMEOUT}s (log above)"; }
+  log "consul: ready at $CONSUL_HTTP_ADDR (pid $(cat "$CONSUL_DIR/consul.pid"))"
+}
+
+start_nomad() {
+  if pid_alive "$NOMAD_DIR/nomad.pid"; then
+    log "nomad: already running (pid $(cat "$NOMAD_DIR/nomad.pid"))"
+    return
+  fi
+  [ -x "$NOMAD_BIN" ] || die "nomad $NOMAD_VERSION is not built: run scripts/setup.sh first"
+  if curl -fsS -o /dev/null "$NOMAD_ADDR/v1/agent/health" 2>/dev/null; then
+    die "something else already answers on $NOMAD_ADDR: stop it first (simq's cluster did not start it)"
+  fi
+  mkdir -p "$NOMAD_DIR/data"
+  log "nomad: starting v$NOMAD_VERSION, log $NOMAD_DIR/nomad.log"
+  # -dev creates alloc_mounts/ in the working directory: run it from its state dir.
+  # Exec'd directly by setsid (no wrapper shell), so $! is the agent's own pid.
+  (cd "$NOMAD_DIR" && exec setsid "$NOMAD_BIN" agent -dev -config "$SIMQ_ROOT/nomad/dev-agent.hcl" \
+    -data-dir "$NOMAD_DIR/data" >"$NOMAD_DIR/nomad.log" 2>&1 </dev/null) &
+  echo $! >"$NOMAD_DIR/nomad.pid"
+  wait_until "$READY_TIMEOUT" "nomad" nomad_ready ||
+    { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad did not become ready within ${READY_TIMEOUT}s (log above)"; }
+  log "nomad: ready at $NOMAD_ADDR (pid $(cat "$NOMAD_DIR/nomad.pid"))"
+}
+
+# stop_pid NAME PIDFILE: SIGINT, then wait up to 30 s, then SIGKILL.
+stop_pid() {
+  local name=$1 pidfile=$2 pid
+  pid_alive "$pidfile" || { rm -f "$pidfile"; return; }
+  pid="$(cat "$pidfile")"
+  log "$name: stopping (pid $pid)"
+  kill -INT "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "$name: did not exit on SIGINT within 30 s, killing"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+stop_jobs() {
+  pid_alive "$NOMAD_DIR/nomad.pid" || return 0
+  local jobs
+  jobs="$(curl -fsS "$NOMAD_ADDR/v1/jobs" 2>/dev/null | python3 -c 'import json,sys; print("\n".join(j["ID"] for j in json.load(sys.stdin)))' || true)"
+  local j
+  for j in $jobs; do
+    log "nomad: stopping job $j"
+    curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/$j?purge=true" >/dev/null || true
+  done
+  # Wait until no allocation of this node still runs.
+  wait_until 30 "allocations" sh -c "curl -fsS '$NOMAD_ADDR/v1/allocations' | python3 -c 'import json,sys; sys.exit(1 if any(a[\"ClientStatus\"] in (\"running\",\"pending\") for a in json.load(sys.stdin)) else 0)'" ||
+    log "nomad: some allocations were still running after 30 s"
+}
+
+# Task processes that outlived their allocation (raw_exec tasks survive a killed agent)
+# run with their working directory inside Nomad's data dir: end them.
+kill_strays() {
+  local p cwd
+  for p in /proc/[0-9]*; do
+    cwd="$(readlink "$p/cwd" 2>/dev/null || true)"
+    case "$cwd" in
+      "$NOMAD_DIR"/data/*)
+        log "stray task process ${p#/proc/} ($(tr '\0' ' ' <"$p/cmdline" | cut -c1-80)): killing"
+        kill -KILL "${p#/proc/}" 2>/dev/null || true
+        ;;
+    esac
+  done
+}
+
+cmd_start() {
+  need_cmd curl "Install Debian's curl package."
+  start_consul
+  start_nomad
+  log "cluster ready: consul $CONSUL_HTTP_ADDR, nomad $NOMAD_ADDR, state in $SIMQ_CLUSTER_DIR"
+}
+
+cmd_stop() {
+  stop_jobs
+  stop_pid nomad "$NOMAD_DIR/nomad.pid"
+  kill_strays
+  stop_pid consul "$CONSUL_DIR/consul.pid"
+  log "cluster stopped"
+}
+
+cmd_status() {
+  local rc=0
+  if pid_alive "$CONSUL_DIR/consul.pid"; then
+    echo "consul: running, pid $(cat "$CONSUL_DIR/consul.pid"), $CONSUL_HTTP_ADDR, $("$CONSUL_BIN" version | head -n1)"
+  else
+    echo "consul: stopped"; rc=1
+  fi
+  if pid_alive "$NOMAD_DIR/nomad.pid"; then
+    echo "nomad:  running, pid $(cat "$NOMAD_DIR/nomad.pid"), $NOMAD_ADDR, $("$NOMAD_BIN" version | head -n1)"
+  else
+    echo "nomad:  stopped"; rc=1
+  fi
+  return $rc
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  *) die "usage: scripts/cluster.sh start|stop|status" ;;
+esac

