@@ -2,6 +2,8 @@
 //!
 //! - [`client`]: a small async Consul HTTP client over reqwest: KV reads and writes,
 //!   check-and-set, blocking queries (`?index=&wait=`) and service health.
+//! - [`service`]: what every simq service shows Consul and Prometheus (`/health`,
+//!   `/metrics`), its logging set-up and shutdown signal.
 //! - [`error`]: the crate's one error type.
 //!
 //! The agent configuration for local clusters sits beside this crate in `consul/dev-agent.hcl`,
@@ -9,6 +11,7 @@
 
 pub mod client;
 pub mod error;
+pub mod service;
 
 pub use client::{BlockingQuery, ConsulClient, Indexed, KvPair, ServiceEntry};
 pub use error::{Error, Result};

@@ -1,21 +1,149 @@
-//! simq-embedder: the sentence-embedding service (see `--help`).
+//! simq-embedder: the sentence-embedding service. Parses flags and wires the parts of
+//! the simq-embedder library together.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use simq_consul::service::{init_logging, serve_ops, shutdown_signal};
+use simq_embedder::batcher::{BatchMetrics, BatchOptions, Batcher};
+use simq_embedder::proto::embedder_server::EmbedderServer;
+use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
+use simq_embedder::server::{EmbedService, RequestLimits};
 
 /// Turns texts into L2-normalised sentence embeddings over gRPC.
 ///
-/// Loads a model directory (model.onnx, tokenizer.json, simq-model.json) into ONNX
-/// Runtime, batches concurrent requests, and reports the model id (a content hash of the
-/// model files) so balancers only pair it with index generations built by the same model.
+/// Loads a model directory (model.onnx, tokenizer.json, simq-model.json, as laid out by
+/// scripts/setup.sh) into ONNX Runtime, micro-batches concurrent requests, and reports the
+/// model id (a content hash of the model files), so balancers pair it only with index
+/// generations built by the same model.
+///
+/// gRPC: simq.embedder.v1.Embedder/Embed and /Info (embedder/proto/embedder.proto).
+/// HTTP: GET /health (JSON with the model id) and GET /metrics (Prometheus).
+/// Stops cleanly on SIGTERM or SIGINT: in-flight requests finish first.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// Model directory (as laid out by scripts/setup.sh).
+    /// Model directory.
     #[arg(long, env = "SIMQ_MODEL_DIR")]
-    model_dir: std::path::PathBuf,
+    model_dir: PathBuf,
+
+    /// ONNX Runtime shared library [default: $ORT_DYLIB_PATH, else the set-up cache].
+    #[arg(long)]
+    ort_library: Option<PathBuf>,
+
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    grpc_listen: SocketAddr,
+
+    /// HTTP listen address for /health and /metrics.
+    #[arg(long, default_value = "127.0.0.1:7002")]
+    http_listen: SocketAddr,
+
+    /// ONNX sessions run in parallel [default: one per core].
+    #[arg(long)]
+    sessions: Option<usize>,
+
+    /// Intra-op threads per session.
+    #[arg(long, default_value_t = 1)]
+    intra_threads: usize,
+
+    /// Texts per inference call at most (texts of similar length are batched together).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+
+    /// Texts the collector gathers into one batch at most.
+    #[arg(long, default_value_t = 64)]
+    max_batch_texts: usize,
+
+    /// Milliseconds the collector waits for more requests after the first.
+    #[arg(long, default_value_t = 2)]
+    max_wait_ms: u64,
+
+    /// Texts queued or in flight at most; beyond it requests fail with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 4096)]
+    queue_limit: usize,
+
+    /// Texts per request at most.
+    #[arg(long, default_value_t = 256)]
+    max_texts: usize,
+
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    shutdown_grace_secs: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
     let args = Args::parse();
-    anyhow::bail!("the embedding service is not built yet (issue 4); model dir {}", args.model_dir.display())
+    let defaults = RuntimeOptions::default();
+    let options = RuntimeOptions {
+        sessions: args.sessions.unwrap_or(defaults.sessions),
+        intra_threads: args.intra_threads,
+        max_batch: args.max_batch,
+    };
+    let library = args.ort_library.unwrap_or_else(default_ort_library);
+    let embedder = tokio::task::spawn_blocking(move || Embedder::load(&library, &args.model_dir, options))
+        .await?
+        .context("loading the model")?;
+    let embedder = Arc::new(embedder);
+    tracing::info!(model_id = embedder.model_id(), dims = embedder.dims(), ?options, "model loaded");
+
+    let registry = prometheus::Registry::new();
+    let metrics = BatchMetrics::register(&registry)?;
+    let batch = BatchOptions {
+        max_batch_texts: args.max_batch_texts,
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        queue_limit: args.queue_limit,
+    };
+    let batcher = Batcher::start(embedder.clone(), batch, metrics);
+    let limits = RequestLimits {
+        max_texts: args.max_texts,
+        ..RequestLimits::default()
+    };
+
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("binding {}", args.http_listen))?;
+    let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let health_embedder = embedder.clone();
+    let health_batcher = batcher.clone();
+    let health = Arc::new(move || {
+        let report = serde_json::json!({
+            "status": "ok",
+            "model_id": health_embedder.model_id(),
+            "dims": health_embedder.dims(),
+            "queued_texts": health_batcher.queued(),
+        });
+        (true, report)
+    });
+    let ops = tokio::spawn(serve_ops(http, registry, health, stopped(stop_rx.clone())));
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(EmbedderServer::new(EmbedService::new(batcher, limits)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stopped(stop_rx));
+    let server = tokio::spawn(grpc_server);
+
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    // In-flight requests finish; idle client connections are not waited for past the grace.
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => result??,
+        Err(_) => tracing::warn!(grace_secs = args.shutdown_grace_secs, "grace period over, closing remaining connections"),
+    }
+    ops.await?;
+    tracing::info!("stopped");
+    Ok(())
 }

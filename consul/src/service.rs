@@ -1,0 +1,113 @@
+//! What every simq service shows to Consul and Prometheus, in one place: `GET /health`
+//! (the target of the Consul check Nomad registers), `GET /metrics`, structured logging
+//! and the shutdown signal.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// Answers whether the service is healthy, with a JSON report (shown at /health).
+pub type HealthFn = Arc<dyn Fn() -> (bool, serde_json::Value) + Send + Sync>;
+
+/// Set up tracing: JSON lines when `SIMQ_LOG_FORMAT=json` (what Nomad jobs set), human
+/// text otherwise; the level comes from `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SIMQ_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second call (tests) keeps the first subscriber.
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Resolves on SIGTERM (Nomad stopping a task) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+}
+
+/// Serve `/health` and `/metrics` on `listener` until `shutdown` resolves.
+pub async fn serve_ops(
+    listener: TcpListener,
+    registry: prometheus::Registry,
+    health: HealthFn,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut shutdown => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "ops listener accept failed");
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(ops_response(&req, &registry, &health)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn ops_response(req: &Request<Incoming>, registry: &prometheus::Registry, health: &HealthFn) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => {
+            let (ok, report) = health();
+            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            json_response(status, &report)
+        }
+        (&Method::GET, "/metrics") => {
+            let mut buf = Vec::new();
+            let encoder = prometheus::TextEncoder::new();
+            if let Err(e) = prometheus::Encoder::encode(&encoder, &registry.gather(), &mut buf) {
+                return json_response(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": e.to_string()}));
+            }
+            Response::builder()
+                .header("content-type", prometheus::TEXT_FORMAT)
+                .body(Full::new(Bytes::from(buf)))
+                .expect("static response")
+        }
+        (_, "/health" | "/metrics") => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": format!("method {} not allowed; use GET", req.method())}),
+        ),
+        (_, path) => json_response(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no such path {path}; try /health or /metrics")}),
+        ),
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response")
+}

@@ -1,0 +1,217 @@
+//! Dynamic micro-batching: texts of requests that arrive together share inference calls.
+//!
+//! Requests queue on a bounded channel. A collector takes the first waiting request, keeps
+//! gathering until `max_batch_texts` texts or `max_wait`, and hands the batch to a
+//! blocking worker once one of the runtime's sessions is free; while every session is
+//! busy the next batch keeps growing, so batching follows load by itself. The number of
+//! queued texts is bounded: past `queue_limit` a request is refused as overloaded at once
+//! instead of waiting without bound.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::{Error, Result};
+use crate::runtime::{Embedder, Tokens};
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Texts per collected batch at most.
+    pub max_batch_texts: usize,
+    /// How long the collector waits for more requests after the first.
+    pub max_wait: Duration,
+    /// Texts queued or in flight at most; more are refused as overloaded.
+    pub queue_limit: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self {
+            max_batch_texts: 64,
+            max_wait: Duration::from_millis(2),
+            queue_limit: 4096,
+        }
+    }
+}
+
+/// The embedder's Prometheus metrics.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    pub requests: IntCounterVec,
+    pub texts: prometheus::IntCounter,
+    pub batch_texts: Histogram,
+    pub queue_wait: Histogram,
+    pub inference: Histogram,
+    pub queued: IntGauge,
+}
+
+impl BatchMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("simq_embedder_requests_total", "Embed requests by outcome (ok, invalid, overloaded, error)."),
+                &["outcome"],
+            )?,
+            texts: prometheus::IntCounter::new("simq_embedder_texts_total", "Texts embedded.")?,
+            batch_texts: Histogram::with_opts(
+                HistogramOpts::new("simq_embedder_batch_texts", "Texts per collected batch.")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            )?,
+            queue_wait: Histogram::with_opts(
+                HistogramOpts::new("simq_embedder_queue_wait_seconds", "Time a request waited before its batch started.")
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+            )?,
+            inference: Histogram::with_opts(
+                HistogramOpts::new("simq_embedder_inference_seconds", "Time to embed one collected batch.")
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            )?,
+            queued: IntGauge::new("simq_embedder_queued_texts", "Texts queued or being embedded.")?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.texts.clone()))?;
+        registry.register(Box::new(m.batch_texts.clone()))?;
+        registry.register(Box::new(m.queue_wait.clone()))?;
+        registry.register(Box::new(m.inference.clone()))?;
+        registry.register(Box::new(m.queued.clone()))?;
+        Ok(m)
+    }
+}
+
+struct Job {
+    tokens: Vec<Tokens>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Vec<f32>>>,
+}
+
+/// Handle to the batching queue; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+    queued: Arc<AtomicUsize>,
+    embedder: Arc<Embedder>,
+    options: BatchOptions,
+    metrics: BatchMetrics,
+}
+
+impl Batcher {
+    /// Start the collector task on the current tokio runtime.
+    pub fn start(embedder: Arc<Embedder>, options: BatchOptions, metrics: BatchMetrics) -> Self {
+        let (tx, rx) = mpsc::channel(options.queue_limit.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(collect(rx, embedder.clone(), options, metrics.clone()));
+        Self {
+            tx,
+            queued,
+            embedder,
+            options,
+            metrics,
+        }
+    }
+
+    pub fn embedder(&self) -> &Embedder {
+        &self.embedder
+    }
+
+    pub fn metrics(&self) -> &BatchMetrics {
+        &self.metrics
+    }
+
+    /// Texts queued or in flight right now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Embed `texts` as part of whatever batch they land in.
+    pub async fn embed(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let n = texts.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.options.queue_limit {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(Error::Overloaded {
+                queued: before,
+                limit: self.options.queue_limit,
+            });
+        }
+        self.metrics.queued.set((before + n) as i64);
+        let result = self.enqueue(texts).await;
+        let now = self.queued.fetch_sub(n, Ordering::AcqRel) - n;
+        self.metrics.queued.set(now as i64);
+        result
+    }
+
+    async fn enqueue(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let tokens = self.embedder.tokenize(texts)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            tokens,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| Error::Inference {
+            reason: "batch collector stopped".into(),
+        })?;
+        answer.await.map_err(|_| Error::Inference {
+            reason: "batch worker dropped the request".into(),
+        })?
+    }
+}
+
+async fn collect(
+    mut rx: mpsc::Receiver<Job>,
+    embedder: Arc<Embedder>,
+    options: BatchOptions,
+    metrics: BatchMetrics,
+) {
+    let workers = Arc::new(Semaphore::new(embedder.options().sessions));
+    while let Some(first) = rx.recv().await {
+        let mut texts = first.tokens.len();
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + options.max_wait;
+        while texts < options.max_batch_texts {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => {
+                    texts += job.tokens.len();
+                    jobs.push(job);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // Wait for a free session; meanwhile later requests queue up for the next batch.
+        let permit = workers.clone().acquire_owned().await.expect("semaphore never closes");
+        let embedder = embedder.clone();
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let started = Instant::now();
+            for job in &jobs {
+                metrics.queue_wait.observe(started.duration_since(job.enqueued).as_secs_f64());
+            }
+            let all: Vec<Tokens> = jobs.iter().flat_map(|j| j.tokens.iter().cloned()).collect();
+            metrics.batch_texts.observe(all.len() as f64);
+            let result = embedder.embed_tokens(&all);
+            metrics.inference.observe(started.elapsed().as_secs_f64());
+            let dims = embedder.dims();
+            match result {
+                Ok(vectors) => {
+                    metrics.texts.inc_by(all.len() as u64);
+                    let mut offset = 0;
+                    for job in jobs {
+                        let len = job.tokens.len() * dims;
+                        let _ = job.reply.send(Ok(vectors[offset..offset + len].to_vec()));
+                        offset += len;
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    for job in jobs {
+                        let _ = job.reply.send(Err(Error::Inference { reason: reason.clone() }));
+                    }
+                }
+            }
+        });
+    }
+}

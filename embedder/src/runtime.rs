@@ -1,0 +1,296 @@
+//! The model runtime: tokenise, run ONNX Runtime, pool, normalise. Used by the embedder
+//! service and by `indexer build`, so the index and the queries share one code path.
+//!
+//! Throughput design (measured, see embedder/BENCH.md): one single-threaded ONNX session
+//! per core beats one multi-threaded session, and batches of texts with similar token
+//! counts beat batches padded to an arbitrary longest text. [`Embedder::embed`] therefore
+//! sorts its texts by token count, cuts them into batches of at most `max_batch`, and
+//! runs the batches on a pool of sessions in parallel.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use ndarray::Array2;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::TensorRef;
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::model::{ModelDir, Pooling};
+
+/// How many sessions and threads the runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeOptions {
+    /// ONNX sessions run in parallel (default: one per core).
+    pub sessions: usize,
+    /// Intra-op threads of each session (default 1).
+    pub intra_threads: usize,
+    /// Texts per inference call at most.
+    pub max_batch: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            sessions: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            intra_threads: 1,
+            max_batch: 16,
+        }
+    }
+}
+
+/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH`, else the set-up cache.
+pub fn default_ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let cache = std::env::var_os("SIMQ_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/simq"));
+    cache.join("ort/1.31.1/libonnxruntime.so.1.31.1")
+}
+
+/// ONNX Runtime allows one environment per process: load the library once, share it.
+fn ort_environment(library: &Path) -> Result<ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        if !library.is_file() {
+            return Err(format!(
+                "ONNX Runtime library {} does not exist: run scripts/setup.sh ort, or set ORT_DYLIB_PATH",
+                library.display()
+            ));
+        }
+        let builder = ort::init_from(library).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?;
+        builder.with_name("simq").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))
+    });
+    env.clone().map_err(|reason| Error::Runtime { reason })
+}
+
+/// One tokenised text: ids and token types, unpadded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<i64>,
+    pub type_ids: Vec<i64>,
+}
+
+/// A loaded model, ready to embed.
+pub struct Embedder {
+    model: ModelDir,
+    tokenizer: Tokenizer,
+    sessions: Vec<Mutex<Session>>,
+    next_session: AtomicUsize,
+    options: RuntimeOptions,
+    pad_id: i64,
+}
+
+impl Embedder {
+    /// Load the model directory into `options.sessions` ONNX sessions.
+    pub fn load(ort_library: &Path, model_dir: &Path, options: RuntimeOptions) -> Result<Self> {
+        let model = ModelDir::open(model_dir)?;
+        let env = ort_environment(ort_library)?;
+        let mut tokenizer = Tokenizer::from_file(model.tokenizer_path()).map_err(|e| Error::ModelFile {
+            path: model.tokenizer_path(),
+            reason: format!("not a tokenizer: {e}"),
+        })?;
+        let pad_id = tokenizer.get_padding().map(|p| p.pad_id as i64).unwrap_or(0);
+        // Padding is ours to do per length bucket; the shipped tokenizer pads to a fixed 128.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: model.manifest.max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::ModelFile {
+                path: model.tokenizer_path(),
+                reason: format!("cannot set truncation: {e}"),
+            })?;
+        let options = RuntimeOptions {
+            sessions: options.sessions.max(1),
+            intra_threads: options.intra_threads.max(1),
+            max_batch: options.max_batch.max(1),
+        };
+        let mut sessions = Vec::with_capacity(options.sessions);
+        for _ in 0..options.sessions {
+            let session = Session::builder(&env)
+                .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
+                .and_then(|b| Ok(b.with_intra_threads(options.intra_threads)?))
+                .and_then(|mut b| b.commit_from_file(model.onnx_path()))
+                .map_err(|e| Error::ModelFile {
+                    path: model.onnx_path(),
+                    reason: format!("ONNX Runtime cannot load it: {e}"),
+                })?;
+            sessions.push(Mutex::new(session));
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            sessions,
+            next_session: AtomicUsize::new(0),
+            options,
+            pad_id,
+        })
+    }
+
+    /// Content address of the model files; index generations record it.
+    pub fn model_id(&self) -> &str {
+        &self.model.model_id
+    }
+
+    pub fn dims(&self) -> usize {
+        self.model.manifest.dims
+    }
+
+    pub fn model(&self) -> &ModelDir {
+        &self.model
+    }
+
+    pub fn options(&self) -> RuntimeOptions {
+        self.options
+    }
+
+    /// Tokenise texts (with the model's query prefix), truncated, unpadded.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
+        let prefix = &self.model.manifest.query_prefix;
+        let inputs: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| Error::Inference { reason: format!("tokenizer: {e}") })?;
+        Ok(encodings
+            .iter()
+            .map(|e| Tokens {
+                ids: e.get_ids().iter().map(|&i| i as i64).collect(),
+                type_ids: e.get_type_ids().iter().map(|&i| i as i64).collect(),
+            })
+            .collect())
+    }
+
+    /// Embed texts: `texts.len() * dims` floats, row i is the L2-normalised vector of text i.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let tokens = self.tokenize(texts)?;
+        self.embed_tokens(&tokens)
+    }
+
+    /// Embed pre-tokenised texts (see [`Embedder::tokenize`]).
+    pub fn embed_tokens(&self, tokens: &[Tokens]) -> Result<Vec<f32>> {
+        let dims = self.dims();
+        let mut out = vec![0f32; tokens.len() * dims];
+        if tokens.is_empty() {
+            return Ok(out);
+        }
+        // Similar lengths share a batch, so little compute goes to padding.
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by_key(|&i| tokens[i].ids.len());
+        let batches: Vec<&[usize]> = order.chunks(self.options.max_batch).collect();
+
+        let results: Vec<Mutex<Option<Result<Vec<f32>>>>> = batches.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let b = next.fetch_add(1, Ordering::Relaxed);
+            let Some(batch) = batches.get(b) else { break };
+            let rows: Vec<&Tokens> = batch.iter().map(|&i| &tokens[i]).collect();
+            let r = self.with_session(|s| self.run_batch(s, &rows));
+            *results[b].lock().unwrap() = Some(r);
+        };
+        let workers = self.sessions.len().min(batches.len());
+        if workers <= 1 {
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 0..workers {
+                    scope.spawn(work);
+                }
+            });
+        }
+        for (batch, result) in batches.iter().zip(results) {
+            let vectors = result.into_inner().unwrap().expect("every batch ran")?;
+            for (row, &i) in batch.iter().enumerate() {
+                out[i * dims..(i + 1) * dims].copy_from_slice(&vectors[row * dims..(row + 1) * dims]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run `f` on a free session, or wait for the next one in turn.
+    fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        for s in &self.sessions {
+            if let Ok(mut guard) = s.try_lock() {
+                return f(&mut guard);
+            }
+        }
+        let i = self.next_session.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
+        let mut guard = self.sessions[i].lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// One inference over rows padded to the longest row.
+    fn run_batch(&self, session: &mut Session, rows: &[&Tokens]) -> Result<Vec<f32>> {
+        let n = rows.len();
+        let seq = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0).max(1);
+        let mut ids = Array2::<i64>::from_elem((n, seq), self.pad_id);
+        let mut mask = Array2::<i64>::zeros((n, seq));
+        let mut types = Array2::<i64>::zeros((n, seq));
+        for (r, row) in rows.iter().enumerate() {
+            for (t, (&id, &ty)) in row.ids.iter().zip(&row.type_ids).enumerate() {
+                ids[[r, t]] = id;
+                mask[[r, t]] = 1;
+                types[[r, t]] = ty;
+            }
+        }
+        let inference = |e: ort::Error| Error::Inference { reason: e.to_string() };
+        let outputs = session
+            .run(ort::inputs![
+                "input_ids" => TensorRef::from_array_view(&ids).map_err(inference)?,
+                "attention_mask" => TensorRef::from_array_view(&mask).map_err(inference)?,
+                "token_type_ids" => TensorRef::from_array_view(&types).map_err(inference)?,
+            ])
+            .map_err(inference)?;
+        let name = &self.model.manifest.onnx_output;
+        let hidden = outputs
+            .get(name.as_str())
+            .ok_or_else(|| Error::Inference {
+                reason: format!("model has no output named {name:?}"),
+            })?
+            .try_extract_array::<f32>()
+            .map_err(inference)?;
+        let shape = hidden.shape().to_vec();
+        let dims = self.dims();
+        if shape.len() != 3 || shape[0] != n || shape[2] != dims {
+            return Err(Error::Inference {
+                reason: format!("output {name} has shape {shape:?}, expected [{n}, {seq}, {dims}]"),
+            });
+        }
+        let mut out = vec![0f32; n * dims];
+        for r in 0..n {
+            let v = &mut out[r * dims..(r + 1) * dims];
+            match self.model.manifest.pooling {
+                Pooling::Cls => {
+                    for (d, x) in v.iter_mut().enumerate() {
+                        *x = hidden[[r, 0, d]];
+                    }
+                }
+                Pooling::Mean => {
+                    let len = rows[r].ids.len().max(1);
+                    for t in 0..rows[r].ids.len() {
+                        for (d, x) in v.iter_mut().enumerate() {
+                            *x += hidden[[r, t, d]];
+                        }
+                    }
+                    v.iter_mut().for_each(|x| *x /= len as f32);
+                }
+            }
+            if self.model.manifest.normalize {
+                l2_normalize(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Scale a vector to unit length (a zero vector stays zero).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}

@@ -1,0 +1,148 @@
+//! The embedder binary, for real: real model, real ONNX Runtime, real sockets.
+//! Needs `scripts/setup.sh` (model and runtime); `scripts/test.sh` runs these.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use simq_embedder::model::ModelDir;
+use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest, InfoRequest};
+
+fn model_dir() -> std::path::PathBuf {
+    std::env::var_os("SIMQ_MODEL_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/simq/models/minilm-l6-v2-int8"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Running {
+    child: Child,
+    grpc: String,
+    http: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start() -> Running {
+    let (g, h) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
+        .args(["--model-dir", model_dir().to_str().unwrap()])
+        .args(["--grpc-listen", &format!("127.0.0.1:{g}"), "--http-listen", &format!("127.0.0.1:{h}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("embedder binary starts");
+    let running = Running {
+        child,
+        grpc: format!("http://127.0.0.1:{g}"),
+        http: format!("http://127.0.0.1:{h}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{}/health", running.http)).await.is_err() {
+        assert!(Instant::now() < deadline, "embedder did not answer /health within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[tokio::test]
+#[ignore = "needs the model and ONNX Runtime from scripts/setup.sh: run scripts/test.sh"]
+async fn grpc_roundtrip_embeds_similar_texts_close_and_reports_model_id() {
+    let server = start().await;
+    let expected_id = ModelDir::open(&model_dir()).unwrap().model_id;
+    let mut client = EmbedderClient::connect(server.grpc.clone()).await.unwrap();
+
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model_id, expected_id);
+    assert_eq!(info.dims, 384);
+
+    let texts = ["How do I learn Rust quickly?", "What is the fastest way to learn Rust?", "Who won the football match last night?"];
+    let resp = client
+        .embed(EmbedRequest { texts: texts.iter().map(|s| s.to_string()).collect() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.model_id, expected_id);
+    assert_eq!(resp.vectors.len(), 3 * 384);
+    let rows: Vec<&[f32]> = resp.vectors.chunks(384).collect();
+    for r in &rows {
+        assert!((dot(r, r) - 1.0).abs() < 1e-3, "vectors are L2-normalised");
+    }
+    let close = dot(rows[0], rows[1]);
+    let far = dot(rows[0], rows[2]);
+    assert!(close > 0.7 && close > far + 0.3, "paraphrases close ({close}), unrelated far ({far})");
+
+    // Padding inside a batch must not change a vector: alone == in a batch.
+    let alone = client
+        .embed(EmbedRequest { texts: vec![texts[2].to_string()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dot(&alone.vectors, rows[2]) > 0.9999, "batched and single embeddings agree");
+
+    // Bad input: a clear INVALID_ARGUMENT naming the problem.
+    let err = client.embed(EmbedRequest { texts: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("texts is empty"), "{}", err.message());
+    let err = client.embed(EmbedRequest { texts: vec!["x".repeat(10_000)] }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("texts[0] has 10000 bytes"), "{}", err.message());
+
+    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http)).await.unwrap().json().await.unwrap();
+    assert_eq!(health["model_id"], expected_id);
+    let metrics = reqwest::get(format!("{}/metrics", server.http)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("simq_embedder_requests_total{outcome=\"ok\"} 2"), "{metrics}");
+    assert!(metrics.contains("simq_embedder_requests_total{outcome=\"invalid\"} 2"), "{metrics}");
+    assert!(metrics.contains("simq_embedder_inference_seconds_count"));
+}
+
+#[tokio::test]
+#[ignore = "needs the model and ONNX Runtime from scripts/setup.sh: run scripts/test.sh"]
+async fn concurrent_requests_share_batches_and_sigterm_stops_cleanly() {
+    let mut server = start().await;
+    let client = EmbedderClient::connect(server.grpc.clone()).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.embed(EmbedRequest { texts: vec![format!("question number {i} about batching")] })
+                .await
+                .map(|r| r.into_inner().vectors.len())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 384);
+    }
+    let metrics = reqwest::get(format!("{}/metrics", server.http)).await.unwrap().text().await.unwrap();
+    let batches: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("simq_embedder_batch_texts_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(batches < 64.0, "64 concurrent requests ran in {batches} batches: some must share");
+
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "clean exit on SIGTERM, got {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "embedder did not stop within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
