@@ -8,7 +8,7 @@
 # A missing prerequisite stops the run with a message naming it and how to provide it.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-DEBS=(cmake protobuf-compiler pkg-config unzip)
+DEBS=(cmake protobuf-compiler pkg-config unzip curl iproute2 procps)
 
 step_debs() {
   local missing=() p

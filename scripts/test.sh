@@ -13,6 +13,8 @@ cargo_args=()
 [ "${1:-}" = "--" ] && { shift; cargo_args=("$@"); }
 
 "$SIMQ_ROOT/scripts/setup.sh"
+log "set-up error cases"
+bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
 
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
 cd "$SIMQ_ROOT"
@@ -23,13 +25,38 @@ cargo build --workspace --all-targets --locked --quiet
 log "unit tests"
 cargo test --workspace --locked --quiet "${cargo_args[@]}"
 
+# Every socket of the agents must be bound to 127.0.0.1.
+check_loopback_only() {
+  local pids bad
+  pids="$(cat "$SIMQ_CLUSTER_DIR/consul/consul.pid")|$(cat "$SIMQ_CLUSTER_DIR/nomad/nomad.pid")"
+  bad="$(ss -Htulnp | grep -E "pid=($pids)," | awk '{print $5}' | grep -v '^127\.0\.0\.1:' || true)"
+  [ -z "$bad" ] || die "agents listen beyond loopback: $bad"
+  log "agents listen on 127.0.0.1 only ($(ss -Htulnp | grep -cE "pid=($pids),") sockets)"
+}
+
+# After stop: no agent and no task process may remain.
+check_stopped() {
+  local left
+  left="$(pgrep -f "$SIMQ_CACHE/bin/(consul|nomad)-" || true)"
+  [ -z "$left" ] || die "processes left after cluster stop: $left"
+  log "cluster stop left no processes"
+}
+
 started_here=0
 if ! "$SIMQ_ROOT/scripts/cluster.sh" status >/dev/null 2>&1; then
   "$SIMQ_ROOT/scripts/cluster.sh" start
   started_here=1
 fi
-cleanup() { [ $started_here -eq 0 ] || "$SIMQ_ROOT/scripts/cluster.sh" stop; }
+cleanup() {
+  local rc=$?
+  if [ $started_here -eq 1 ]; then
+    "$SIMQ_ROOT/scripts/cluster.sh" stop
+    check_stopped || rc=1
+  fi
+  exit $rc
+}
 trap cleanup EXIT
+check_loopback_only
 
 log "integration tests (real Consul, Nomad, model, LMDB)"
 # One test at a time: they share one cluster and the machine's two cores.

@@ -75,8 +75,17 @@ async fn raw_exec_job_registers_passing_service_and_deregisters_on_stop() {
     let status = reqwest::get(&url).await.expect("task answers").status();
     assert!(status.is_success(), "GET {url} answered {status}");
 
-    let allocs = nomad.job_allocations(JOB_ID).await.unwrap();
-    assert!(allocs.iter().any(|a| a.client_status == "running"));
+    // The client reports alloc status to the server in batches: Consul may see the
+    // check pass before the server sees the alloc running.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let allocs = nomad.job_allocations(JOB_ID).await.unwrap();
+        if allocs.iter().any(|a| a.client_status == "running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no running allocation reported: {allocs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     nomad.stop_job(JOB_ID, true).await.unwrap();
     let left = follow_service(&consul, false, Duration::from_secs(30), |s| s.is_empty()).await;
