@@ -16,7 +16,8 @@ cargo_args=()
 log "set-up error cases"
 bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
 
-export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
+SIMQ_TEST_CORPUS="$("$SIMQ_ROOT/scripts/corpus.sh" --sample 2000)"
+export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_TEST_CORPUS
 cd "$SIMQ_ROOT"
 
 log "build: cargo build --workspace --all-targets (target dir $CARGO_TARGET_DIR)"

@@ -2,6 +2,8 @@
 //!
 //! - [`client`]: a small async Consul HTTP client over reqwest: KV reads and writes,
 //!   check-and-set, blocking queries (`?index=&wait=`) and service health.
+//! - [`contract`]: the KV contract: index generation [`Manifest`], [`ActiveDg`] pointer,
+//!   and the key layout.
 //! - [`service`]: what every simq service shows Consul and Prometheus (`/health`,
 //!   `/metrics`), its logging set-up and shutdown signal.
 //! - [`error`]: the crate's one error type.
@@ -10,8 +12,10 @@
 //! and the pinned Go wrapper module that builds the agent in `consul/build/`.
 
 pub mod client;
+pub mod contract;
 pub mod error;
 pub mod service;
 
 pub use client::{BlockingQuery, ConsulClient, Indexed, KvPair, ServiceEntry};
+pub use contract::{ActiveDg, KvLayout, Manifest, ShardEntry};
 pub use error::{Error, Result};

@@ -1,0 +1,12 @@
+//! simq-indexer: builds index generations (dg) and, later, publishes and rolls them out.
+//!
+//! - [`corpus`]: read, validate and de-duplicate a corpus file (bad lines with numbers).
+//! - [`kmeans`]: spherical k-means with k-means++ seeding and a fixed seed.
+//! - [`build`]: the build pipeline: embed (the embedder's own runtime), cluster, index
+//!   each shard (`simq-shard`'s file format), write the manifest (`simq-consul`'s contract).
+//! - [`eval`]: recall@k of the sharded path against exact search.
+
+pub mod build;
+pub mod corpus;
+pub mod eval;
+pub mod kmeans;
