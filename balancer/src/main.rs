@@ -16,5 +16,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::bail!("the balancer is not built yet (issue 5); would listen on {}", args.listen)
+    anyhow::bail!(
+        "the balancer is not built yet (issue 5); would listen on {}",
+        args.listen
+    )
 }

@@ -108,9 +108,12 @@ impl ConsulClient {
     /// A client configured the way the `consul` CLI is: `CONSUL_HTTP_ADDR` (default
     /// `http://127.0.0.1:8500`) and `CONSUL_HTTP_TOKEN`.
     pub fn from_env() -> Result<Self> {
-        let addr = std::env::var("CONSUL_HTTP_ADDR").unwrap_or_else(|_| "http://127.0.0.1:8500".into());
+        let addr =
+            std::env::var("CONSUL_HTTP_ADDR").unwrap_or_else(|_| "http://127.0.0.1:8500".into());
         let mut client = Self::new(&addr)?;
-        client.token = std::env::var("CONSUL_HTTP_TOKEN").ok().filter(|t| !t.is_empty());
+        client.token = std::env::var("CONSUL_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty());
         Ok(client)
     }
 
@@ -127,26 +130,38 @@ impl ConsulClient {
 
     /// The address of the Raft leader, empty while there is none.
     pub async fn leader(&self) -> Result<String> {
-        let (_, body) = self.call(Method::GET, "/v1/status/leader", &[], None, None).await?;
+        let (_, body) = self
+            .call(Method::GET, "/v1/status/leader", &[], None, None)
+            .await?;
         decode::<String>("/v1/status/leader", &body.unwrap_or_default())
     }
 
     /// Read one key; `None` when it does not exist.
-    pub async fn kv_get(&self, key: &str, block: Option<BlockingQuery>) -> Result<Indexed<Option<KvPair>>> {
+    pub async fn kv_get(
+        &self,
+        key: &str,
+        block: Option<BlockingQuery>,
+    ) -> Result<Indexed<Option<KvPair>>> {
         let path = format!("/v1/kv/{key}");
         let (index, body) = self.call(Method::GET, &path, &[], None, block).await?;
         let Some(body) = body else {
             return Ok(Indexed { index, value: None });
         };
         let raw: Vec<RawKv> = decode(&path, &body)?;
-        let pair = raw.into_iter().next().map(|kv| kv.into_pair(&path)).transpose()?;
+        let pair = raw
+            .into_iter()
+            .next()
+            .map(|kv| kv.into_pair(&path))
+            .transpose()?;
         Ok(Indexed { index, value: pair })
     }
 
     /// Write one key unconditionally.
     pub async fn kv_put(&self, key: &str, value: &[u8]) -> Result<()> {
         let path = format!("/v1/kv/{key}");
-        let (_, body) = self.call(Method::PUT, &path, &[], Some(value.to_vec()), None).await?;
+        let (_, body) = self
+            .call(Method::PUT, &path, &[], Some(value.to_vec()), None)
+            .await?;
         let ok: bool = decode(&path, &body.unwrap_or_default())?;
         if !ok {
             return Err(Error::Decode {
@@ -163,7 +178,13 @@ impl ConsulClient {
         let path = format!("/v1/kv/{key}");
         let cas = modify_index.to_string();
         let (_, body) = self
-            .call(Method::PUT, &path, &[("cas", cas.as_str())], Some(value.to_vec()), None)
+            .call(
+                Method::PUT,
+                &path,
+                &[("cas", cas.as_str())],
+                Some(value.to_vec()),
+                None,
+            )
             .await?;
         decode(&path, &body.unwrap_or_default())
     }
@@ -184,7 +205,11 @@ impl ConsulClient {
         block: Option<BlockingQuery>,
     ) -> Result<Indexed<Vec<ServiceEntry>>> {
         let path = format!("/v1/health/service/{service}");
-        let query: &[(&str, &str)] = if passing_only { &[("passing", "true")] } else { &[] };
+        let query: &[(&str, &str)] = if passing_only {
+            &[("passing", "true")]
+        } else {
+            &[]
+        };
         let (index, body) = self.call(Method::GET, &path, query, None, block).await?;
         let raw: Vec<RawHealth> = decode(&path, &body.unwrap_or_default())?;
         let value = raw.into_iter().map(RawHealth::into_entry).collect();
@@ -200,7 +225,10 @@ impl ConsulClient {
         body: Option<Vec<u8>>,
         block: Option<BlockingQuery>,
     ) -> Result<(u64, Option<Vec<u8>>)> {
-        let mut req = self.http.request(method.clone(), format!("{}{}", self.base, path)).query(query);
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{}", self.base, path))
+            .query(query);
         let timeout = match block {
             Some(b) => {
                 let wait = format!("{}ms", b.wait.as_millis());
@@ -239,7 +267,11 @@ impl ConsulClient {
                 method: method_name(&method),
                 path: path.to_string(),
                 status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).trim().chars().take(500).collect(),
+                body: String::from_utf8_lossy(&bytes)
+                    .trim()
+                    .chars()
+                    .take(500)
+                    .collect(),
             });
         }
         Ok((index, Some(bytes.to_vec())))
@@ -374,17 +406,35 @@ mod tests {
 
     #[test]
     fn aggregate_status_takes_the_worst_check() {
-        assert_eq!(aggregate_status(["passing", "passing"].into_iter()), "passing");
-        assert_eq!(aggregate_status(["passing", "warning"].into_iter()), "warning");
-        assert_eq!(aggregate_status(["warning", "critical", "passing"].into_iter()), "critical");
+        assert_eq!(
+            aggregate_status(["passing", "passing"].into_iter()),
+            "passing"
+        );
+        assert_eq!(
+            aggregate_status(["passing", "warning"].into_iter()),
+            "warning"
+        );
+        assert_eq!(
+            aggregate_status(["warning", "critical", "passing"].into_iter()),
+            "critical"
+        );
         assert_eq!(aggregate_status(std::iter::empty()), "passing");
     }
 
     #[test]
     fn address_without_scheme_gets_http() {
-        assert_eq!(ConsulClient::new("127.0.0.1:8500").unwrap().addr(), "http://127.0.0.1:8500");
-        assert_eq!(ConsulClient::new("http://127.0.0.1:8500/").unwrap().addr(), "http://127.0.0.1:8500");
-        assert!(matches!(ConsulClient::new("ftp://x"), Err(Error::InvalidAddress { .. })));
+        assert_eq!(
+            ConsulClient::new("127.0.0.1:8500").unwrap().addr(),
+            "http://127.0.0.1:8500"
+        );
+        assert_eq!(
+            ConsulClient::new("http://127.0.0.1:8500/").unwrap().addr(),
+            "http://127.0.0.1:8500"
+        );
+        assert!(matches!(
+            ConsulClient::new("ftp://x"),
+            Err(Error::InvalidAddress { .. })
+        ));
     }
 
     #[test]

@@ -7,6 +7,23 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The content address of a file: its hex sha256, streamed. Blob names, shard checksums
+/// and model file pins are all this.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Version of the manifest layout.
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -80,24 +97,48 @@ impl Manifest {
             .map(|(i, c)| (i, c.iter().zip(vector).map(|(a, b)| a * b).sum()))
             .collect();
         scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        scored.into_iter().take(nprobe.max(1)).map(|(i, _)| i).collect()
+        scored
+            .into_iter()
+            .take(nprobe.max(1))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Check the invariants a reader relies on; the message names what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != MANIFEST_FORMAT {
-            return Err(format!("manifest format {} (this build reads {MANIFEST_FORMAT})", self.format));
+            return Err(format!(
+                "manifest format {} (this build reads {MANIFEST_FORMAT})",
+                self.format
+            ));
         }
         if self.dg != self.content_id() {
-            return Err(format!("dg {} does not match the manifest's content ({})", self.dg, self.content_id()));
+            return Err(format!(
+                "dg {} does not match the manifest's content ({})",
+                self.dg,
+                self.content_id()
+            ));
         }
         if self.shards.is_empty() || self.centroids.len() != self.shards.len() {
-            return Err(format!("{} centroids for {} shards", self.centroids.len(), self.shards.len()));
+            return Err(format!(
+                "{} centroids for {} shards",
+                self.centroids.len(),
+                self.shards.len()
+            ));
         }
         if let Some(c) = self.centroids.iter().position(|c| c.len() != self.dims) {
-            return Err(format!("centroid {c} has {} dims, expected {}", self.centroids[c].len(), self.dims));
+            return Err(format!(
+                "centroid {c} has {} dims, expected {}",
+                self.centroids[c].len(),
+                self.dims
+            ));
         }
-        if let Some(s) = self.shards.iter().enumerate().find(|(i, s)| s.shard as usize != *i) {
+        if let Some(s) = self
+            .shards
+            .iter()
+            .enumerate()
+            .find(|(i, s)| s.shard as usize != *i)
+        {
             return Err(format!("shard entry {} is numbered {}", s.0, s.1.shard));
         }
         Ok(())
@@ -164,8 +205,18 @@ mod tests {
             },
             centroids: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
             shards: vec![
-                ShardEntry { shard: 0, sha256: "a".into(), size: 1, items: 2 },
-                ShardEntry { shard: 1, sha256: "b".into(), size: 1, items: 1 },
+                ShardEntry {
+                    shard: 0,
+                    sha256: "a".into(),
+                    size: 1,
+                    items: 2,
+                },
+                ShardEntry {
+                    shard: 1,
+                    sha256: "b".into(),
+                    size: 1,
+                    items: 1,
+                },
             ],
         }
         .seal()
@@ -195,7 +246,11 @@ mod tests {
         let m = manifest();
         assert_eq!(m.route(&[0.1, 0.9], 1), vec![1]);
         assert_eq!(m.route(&[0.9, 0.1], 2), vec![0, 1]);
-        assert_eq!(m.route(&[0.5, 0.5], 1), vec![0], "ties go to the lower shard");
+        assert_eq!(
+            m.route(&[0.5, 0.5], 1),
+            vec![0],
+            "ties go to the lower shard"
+        );
         assert_eq!(m.route(&[0.5, 0.5], 0), vec![0], "at least one shard");
     }
 

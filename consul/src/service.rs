@@ -21,7 +21,9 @@ pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SIMQ_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second call (tests) keeps the first subscriber.
     let _ = if json {
         builder.json().flatten_event(true).try_init()
@@ -37,6 +39,68 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+}
+
+/// The shutdown signal of a service, shared by all its servers: each server gets a
+/// [`Shutdown::wait`] future, and [`Shutdown::run`] fires them on SIGTERM/SIGINT.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: tokio::sync::watch::Receiver<bool>,
+    tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        Self {
+            rx,
+            tx: Arc::new(tx),
+        }
+    }
+}
+
+impl Shutdown {
+    /// Resolves once shutdown has begun.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    /// Begin shutdown now (tests, fatal errors).
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+
+    /// Wait for SIGTERM/SIGINT, tell every server, then give `servers` (which run them)
+    /// at most `grace` to drain; idle keep-alive connections are not waited for past it.
+    pub async fn run<E: std::fmt::Display>(
+        &self,
+        servers: impl Future<Output = Result<(), E>> + Send + 'static,
+        grace: std::time::Duration,
+    ) -> Result<(), E>
+    where
+        E: Send + 'static,
+    {
+        let servers = tokio::spawn(servers);
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = self.wait() => {}
+        }
+        self.trigger();
+        match tokio::time::timeout(grace, servers).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => panic!("server task failed: {join}"),
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = grace.as_secs_f64(),
+                    "grace period over, closing remaining connections"
+                );
+                Ok(())
+            }
+        }
     }
 }
 
@@ -75,18 +139,29 @@ pub async fn serve_ops(
     }
 }
 
-fn ops_response(req: &Request<Incoming>, registry: &prometheus::Registry, health: &HealthFn) -> Response<Full<Bytes>> {
+fn ops_response(
+    req: &Request<Incoming>,
+    registry: &prometheus::Registry,
+    health: &HealthFn,
+) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") => {
             let (ok, report) = health();
-            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             json_response(status, &report)
         }
         (&Method::GET, "/metrics") => {
             let mut buf = Vec::new();
             let encoder = prometheus::TextEncoder::new();
             if let Err(e) = prometheus::Encoder::encode(&encoder, &registry.gather(), &mut buf) {
-                return json_response(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": e.to_string()}));
+                return json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                );
             }
             Response::builder()
                 .header("content-type", prometheus::TEXT_FORMAT)

@@ -53,7 +53,10 @@ impl BatchMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             requests: IntCounterVec::new(
-                Opts::new("simq_embedder_requests_total", "Embed requests by outcome (ok, invalid, overloaded, error)."),
+                Opts::new(
+                    "simq_embedder_requests_total",
+                    "Embed requests by outcome (ok, invalid, overloaded, error).",
+                ),
                 &["outcome"],
             )?,
             texts: prometheus::IntCounter::new("simq_embedder_texts_total", "Texts embedded.")?,
@@ -62,14 +65,23 @@ impl BatchMetrics {
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
             )?,
             queue_wait: Histogram::with_opts(
-                HistogramOpts::new("simq_embedder_queue_wait_seconds", "Time a request waited before its batch started.")
-                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+                HistogramOpts::new(
+                    "simq_embedder_queue_wait_seconds",
+                    "Time a request waited before its batch started.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
             )?,
             inference: Histogram::with_opts(
-                HistogramOpts::new("simq_embedder_inference_seconds", "Time to embed one collected batch.")
-                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                HistogramOpts::new(
+                    "simq_embedder_inference_seconds",
+                    "Time to embed one collected batch.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
             )?,
-            queued: IntGauge::new("simq_embedder_queued_texts", "Texts queued or being embedded.")?,
+            queued: IntGauge::new(
+                "simq_embedder_queued_texts",
+                "Texts queued or being embedded.",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.texts.clone()))?;
@@ -181,14 +193,20 @@ async fn collect(
             }
         }
         // Wait for a free session; meanwhile later requests queue up for the next batch.
-        let permit = workers.clone().acquire_owned().await.expect("semaphore never closes");
+        let permit = workers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
         let embedder = embedder.clone();
         let metrics = metrics.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let started = Instant::now();
             for job in &jobs {
-                metrics.queue_wait.observe(started.duration_since(job.enqueued).as_secs_f64());
+                metrics
+                    .queue_wait
+                    .observe(started.duration_since(job.enqueued).as_secs_f64());
             }
             let all: Vec<Tokens> = jobs.iter().flat_map(|j| j.tokens.iter().cloned()).collect();
             metrics.batch_texts.observe(all.len() as f64);
@@ -208,7 +226,9 @@ async fn collect(
                 Err(e) => {
                     let reason = e.to_string();
                     for job in jobs {
-                        let _ = job.reply.send(Err(Error::Inference { reason: reason.clone() }));
+                        let _ = job.reply.send(Err(Error::Inference {
+                            reason: reason.clone(),
+                        }));
                     }
                 }
             }

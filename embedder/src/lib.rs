@@ -9,10 +9,10 @@
 //!   depend on this crate with `default-features = false` and get only this and [`model`].
 //! - [`error`]: the crate's one error type.
 
-pub mod error;
-pub mod model;
 #[cfg(feature = "runtime")]
 pub mod batcher;
+pub mod error;
+pub mod model;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 #[cfg(feature = "runtime")]

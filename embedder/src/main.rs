@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use simq_consul::service::{init_logging, serve_ops, shutdown_signal};
+use simq_consul::service::{init_logging, serve_ops, Shutdown};
 use simq_embedder::batcher::{BatchMetrics, BatchOptions, Batcher};
 use simq_embedder::proto::embedder_server::EmbedderServer;
 use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
@@ -87,11 +87,17 @@ async fn main() -> anyhow::Result<()> {
         max_batch: args.max_batch,
     };
     let library = args.ort_library.unwrap_or_else(default_ort_library);
-    let embedder = tokio::task::spawn_blocking(move || Embedder::load(&library, &args.model_dir, options))
-        .await?
-        .context("loading the model")?;
+    let embedder =
+        tokio::task::spawn_blocking(move || Embedder::load(&library, &args.model_dir, options))
+            .await?
+            .context("loading the model")?;
     let embedder = Arc::new(embedder);
-    tracing::info!(model_id = embedder.model_id(), dims = embedder.dims(), ?options, "model loaded");
+    tracing::info!(
+        model_id = embedder.model_id(),
+        dims = embedder.dims(),
+        ?options,
+        "model loaded"
+    );
 
     let registry = prometheus::Registry::new();
     let metrics = BatchMetrics::register(&registry)?;
@@ -114,10 +120,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.grpc_listen))?;
     tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "listening");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let shutdown = Shutdown::default();
     let health_embedder = embedder.clone();
     let health_batcher = batcher.clone();
     let health = Arc::new(move || {
@@ -129,21 +132,20 @@ async fn main() -> anyhow::Result<()> {
         });
         (true, report)
     });
-    let ops = tokio::spawn(serve_ops(http, registry, health, stopped(stop_rx.clone())));
+    let ops = serve_ops(http, registry, health, shutdown.wait());
     let grpc_server = tonic::transport::Server::builder()
         .add_service(EmbedderServer::new(EmbedService::new(batcher, limits)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stopped(stop_rx));
-    let server = tokio::spawn(grpc_server);
-
-    shutdown_signal().await;
-    let _ = stop_tx.send(true);
-    // In-flight requests finish; idle client connections are not waited for past the grace.
-    let grace = Duration::from_secs(args.shutdown_grace_secs);
-    match tokio::time::timeout(grace, server).await {
-        Ok(result) => result??,
-        Err(_) => tracing::warn!(grace_secs = args.shutdown_grace_secs, "grace period over, closing remaining connections"),
-    }
-    ops.await?;
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            shutdown.wait(),
+        );
+    let servers = async move {
+        let (grpc, ()) = tokio::join!(grpc_server, ops);
+        grpc
+    };
+    shutdown
+        .run(servers, Duration::from_secs(args.shutdown_grace_secs))
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

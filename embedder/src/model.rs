@@ -64,12 +64,16 @@ impl ModelDir {
         let manifest_path = path.join(MANIFEST_FILE);
         let manifest_bytes = std::fs::read(&manifest_path).map_err(|e| Error::ModelFile {
             path: manifest_path.clone(),
-            reason: format!("{e} (is {} a model directory made by scripts/setup.sh?)", path.display()),
+            reason: format!(
+                "{e} (is {} a model directory made by scripts/setup.sh?)",
+                path.display()
+            ),
         })?;
-        let manifest: ModelManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| Error::ModelFile {
-            path: manifest_path.clone(),
-            reason: format!("not a valid model manifest: {e}"),
-        })?;
+        let manifest: ModelManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| Error::ModelFile {
+                path: manifest_path.clone(),
+                reason: format!("not a valid model manifest: {e}"),
+            })?;
         for required in ["model.onnx", "tokenizer.json"] {
             if !manifest.files.contains_key(required) {
                 return Err(Error::ModelFile {
@@ -99,7 +103,11 @@ impl ModelDir {
             id_hash.update(file.as_bytes());
             id_hash.update(got.as_bytes());
         }
-        let model_id = format!("{}-{}", manifest.name, &hex::encode(id_hash.finalize())[..12]);
+        let model_id = format!(
+            "{}-{}",
+            manifest.name,
+            &hex::encode(id_hash.finalize())[..12]
+        );
         Ok(Self {
             path: path.to_path_buf(),
             manifest,
@@ -116,26 +124,12 @@ impl ModelDir {
     }
 }
 
-/// Hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::ModelFile {
+/// Hex sha256 of a model file, with the path in the error.
+fn sha256_file(path: &Path) -> Result<String> {
+    simq_consul::contract::sha256_file(path).map_err(|e| Error::ModelFile {
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::ModelFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    })
 }
 
 #[cfg(test)]
@@ -169,14 +163,26 @@ mod tests {
     #[test]
     fn tampered_model_file_is_refused_with_its_path() {
         let d = tempfile::tempdir().unwrap();
-        write_dir(d.path(), b"changed", &hex::encode(Sha256::digest(b"original")));
+        write_dir(
+            d.path(),
+            b"changed",
+            &hex::encode(Sha256::digest(b"original")),
+        );
         let err = ModelDir::open(d.path()).unwrap_err().to_string();
-        assert!(err.contains("model.onnx") && err.contains("sha256 mismatch"), "{err}");
+        assert!(
+            err.contains("model.onnx") && err.contains("sha256 mismatch"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_directory_says_what_to_run() {
-        let err = ModelDir::open(Path::new("/nonexistent/model")).unwrap_err().to_string();
-        assert!(err.contains("simq-model.json") && err.contains("scripts/setup.sh"), "{err}");
+        let err = ModelDir::open(Path::new("/nonexistent/model"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("simq-model.json") && err.contains("scripts/setup.sh"),
+            "{err}"
+        );
     }
 }

@@ -33,7 +33,9 @@ pub struct RuntimeOptions {
 impl Default for RuntimeOptions {
     fn default() -> Self {
         Self {
-            sessions: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            sessions: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             intra_threads: 1,
             max_batch: 16,
         }
@@ -45,14 +47,19 @@ pub fn default_ort_library() -> PathBuf {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cache = std::env::var_os("SIMQ_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/simq"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cache = std::env::var_os("SIMQ_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or(home.join(".cache/simq"));
     cache.join("ort/1.31.1/libonnxruntime.so.1.31.1")
 }
 
 /// ONNX Runtime allows one environment per process: load the library once, share it.
 fn ort_environment(library: &Path) -> Result<ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+        OnceLock::new();
     let env = ENV.get_or_init(|| {
         if !library.is_file() {
             return Err(format!(
@@ -88,11 +95,15 @@ impl Embedder {
     pub fn load(ort_library: &Path, model_dir: &Path, options: RuntimeOptions) -> Result<Self> {
         let model = ModelDir::open(model_dir)?;
         let env = ort_environment(ort_library)?;
-        let mut tokenizer = Tokenizer::from_file(model.tokenizer_path()).map_err(|e| Error::ModelFile {
-            path: model.tokenizer_path(),
-            reason: format!("not a tokenizer: {e}"),
-        })?;
-        let pad_id = tokenizer.get_padding().map(|p| p.pad_id as i64).unwrap_or(0);
+        let mut tokenizer =
+            Tokenizer::from_file(model.tokenizer_path()).map_err(|e| Error::ModelFile {
+                path: model.tokenizer_path(),
+                reason: format!("not a tokenizer: {e}"),
+            })?;
+        let pad_id = tokenizer
+            .get_padding()
+            .map(|p| p.pad_id as i64)
+            .unwrap_or(0);
         // Padding is ours to do per length bucket; the shipped tokenizer pads to a fixed 128.
         tokenizer.with_padding(None);
         tokenizer
@@ -152,10 +163,12 @@ impl Embedder {
     pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
         let prefix = &self.model.manifest.query_prefix;
         let inputs: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(inputs, true)
-            .map_err(|e| Error::Inference { reason: format!("tokenizer: {e}") })?;
+        let encodings =
+            self.tokenizer
+                .encode_batch(inputs, true)
+                .map_err(|e| Error::Inference {
+                    reason: format!("tokenizer: {e}"),
+                })?;
         Ok(encodings
             .iter()
             .map(|e| Tokens {
@@ -183,7 +196,8 @@ impl Embedder {
         order.sort_by_key(|&i| tokens[i].ids.len());
         let batches: Vec<&[usize]> = order.chunks(self.options.max_batch).collect();
 
-        let results: Vec<Mutex<Option<Result<Vec<f32>>>>> = batches.iter().map(|_| Mutex::new(None)).collect();
+        let results: Vec<Mutex<Option<Result<Vec<f32>>>>> =
+            batches.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let work = || loop {
             let b = next.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +219,8 @@ impl Embedder {
         for (batch, result) in batches.iter().zip(results) {
             let vectors = result.into_inner().unwrap().expect("every batch ran")?;
             for (row, &i) in batch.iter().enumerate() {
-                out[i * dims..(i + 1) * dims].copy_from_slice(&vectors[row * dims..(row + 1) * dims]);
+                out[i * dims..(i + 1) * dims]
+                    .copy_from_slice(&vectors[row * dims..(row + 1) * dims]);
             }
         }
         Ok(out)
@@ -237,7 +252,9 @@ impl Embedder {
                 types[[r, t]] = ty;
             }
         }
-        let inference = |e: ort::Error| Error::Inference { reason: e.to_string() };
+        let inference = |e: ort::Error| Error::Inference {
+            reason: e.to_string(),
+        };
         let outputs = session
             .run(ort::inputs![
                 "input_ids" => TensorRef::from_array_view(&ids).map_err(inference)?,

@@ -43,12 +43,24 @@ impl EmbedService {
         }
         if texts.len() > self.limits.max_texts {
             return Err(Error::InvalidRequest {
-                reason: format!("{} texts in one request; the limit is {}", texts.len(), self.limits.max_texts),
+                reason: format!(
+                    "{} texts in one request; the limit is {}",
+                    texts.len(),
+                    self.limits.max_texts
+                ),
             });
         }
-        if let Some((i, t)) = texts.iter().enumerate().find(|(_, t)| t.len() > self.limits.max_text_bytes) {
+        if let Some((i, t)) = texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > self.limits.max_text_bytes)
+        {
             return Err(Error::InvalidRequest {
-                reason: format!("texts[{i}] has {} bytes; the limit is {}", t.len(), self.limits.max_text_bytes),
+                reason: format!(
+                    "texts[{i}] has {} bytes; the limit is {}",
+                    t.len(),
+                    self.limits.max_text_bytes
+                ),
             });
         }
         Ok(())
@@ -66,7 +78,10 @@ pub fn status_of(e: &Error) -> Status {
 
 #[tonic::async_trait]
 impl proto::embedder_server::Embedder for EmbedService {
-    async fn embed(&self, request: Request<proto::EmbedRequest>) -> Result<Response<proto::EmbedResponse>, Status> {
+    async fn embed(
+        &self,
+        request: Request<proto::EmbedRequest>,
+    ) -> Result<Response<proto::EmbedResponse>, Status> {
         let texts = request.into_inner().texts;
         let metrics = &self.batcher.metrics().requests;
         if let Err(e) = self.validate(&texts) {
@@ -85,14 +100,21 @@ impl proto::embedder_server::Embedder for EmbedService {
                 }))
             }
             Err(e) => {
-                let outcome = if matches!(e, Error::Overloaded { .. }) { "overloaded" } else { "error" };
+                let outcome = if matches!(e, Error::Overloaded { .. }) {
+                    "overloaded"
+                } else {
+                    "error"
+                };
                 metrics.with_label_values(&[outcome]).inc();
                 Err(status_of(&e))
             }
         }
     }
 
-    async fn info(&self, _: Request<proto::InfoRequest>) -> Result<Response<proto::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
         let embedder = self.batcher.embedder();
         Ok(Response::new(proto::InfoResponse {
             model_id: embedder.model_id().to_string(),

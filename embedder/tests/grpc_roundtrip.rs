@@ -10,11 +10,18 @@ use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest, InfoRe
 fn model_dir() -> std::path::PathBuf {
     std::env::var_os("SIMQ_MODEL_DIR")
         .map(Into::into)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/simq/models/minilm-l6-v2-int8"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/simq/models/minilm-l6-v2-int8")
+        })
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Running {
@@ -34,7 +41,12 @@ async fn start() -> Running {
     let (g, h) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
         .args(["--model-dir", model_dir().to_str().unwrap()])
-        .args(["--grpc-listen", &format!("127.0.0.1:{g}"), "--http-listen", &format!("127.0.0.1:{h}")])
+        .args([
+            "--grpc-listen",
+            &format!("127.0.0.1:{g}"),
+            "--http-listen",
+            &format!("127.0.0.1:{h}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -45,8 +57,14 @@ async fn start() -> Running {
         http: format!("http://127.0.0.1:{h}"),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("{}/health", running.http)).await.is_err() {
-        assert!(Instant::now() < deadline, "embedder did not answer /health within 60 s");
+    while reqwest::get(format!("{}/health", running.http))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "embedder did not answer /health within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     running
@@ -67,9 +85,15 @@ async fn grpc_roundtrip_embeds_similar_texts_close_and_reports_model_id() {
     assert_eq!(info.model_id, expected_id);
     assert_eq!(info.dims, 384);
 
-    let texts = ["How do I learn Rust quickly?", "What is the fastest way to learn Rust?", "Who won the football match last night?"];
+    let texts = [
+        "How do I learn Rust quickly?",
+        "What is the fastest way to learn Rust?",
+        "Who won the football match last night?",
+    ];
     let resp = client
-        .embed(EmbedRequest { texts: texts.iter().map(|s| s.to_string()).collect() })
+        .embed(EmbedRequest {
+            texts: texts.iter().map(|s| s.to_string()).collect(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -81,29 +105,69 @@ async fn grpc_roundtrip_embeds_similar_texts_close_and_reports_model_id() {
     }
     let close = dot(rows[0], rows[1]);
     let far = dot(rows[0], rows[2]);
-    assert!(close > 0.7 && close > far + 0.3, "paraphrases close ({close}), unrelated far ({far})");
+    assert!(
+        close > 0.7 && close > far + 0.3,
+        "paraphrases close ({close}), unrelated far ({far})"
+    );
 
     // Padding inside a batch must not change a vector: alone == in a batch.
     let alone = client
-        .embed(EmbedRequest { texts: vec![texts[2].to_string()] })
+        .embed(EmbedRequest {
+            texts: vec![texts[2].to_string()],
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(dot(&alone.vectors, rows[2]) > 0.9999, "batched and single embeddings agree");
+    assert!(
+        dot(&alone.vectors, rows[2]) > 0.9999,
+        "batched and single embeddings agree"
+    );
 
     // Bad input: a clear INVALID_ARGUMENT naming the problem.
-    let err = client.embed(EmbedRequest { texts: vec![] }).await.unwrap_err();
+    let err = client
+        .embed(EmbedRequest { texts: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("texts is empty"), "{}", err.message());
-    let err = client.embed(EmbedRequest { texts: vec!["x".repeat(10_000)] }).await.unwrap_err();
+    assert!(
+        err.message().contains("texts is empty"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .embed(EmbedRequest {
+            texts: vec!["x".repeat(10_000)],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("texts[0] has 10000 bytes"), "{}", err.message());
+    assert!(
+        err.message().contains("texts[0] has 10000 bytes"),
+        "{}",
+        err.message()
+    );
 
-    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http)).await.unwrap().json().await.unwrap();
+    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["model_id"], expected_id);
-    let metrics = reqwest::get(format!("{}/metrics", server.http)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("simq_embedder_requests_total{outcome=\"ok\"} 2"), "{metrics}");
-    assert!(metrics.contains("simq_embedder_requests_total{outcome=\"invalid\"} 2"), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("simq_embedder_requests_total{outcome=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("simq_embedder_requests_total{outcome=\"invalid\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("simq_embedder_inference_seconds_count"));
 }
 
@@ -116,15 +180,22 @@ async fn concurrent_requests_share_batches_and_sigterm_stops_cleanly() {
     for i in 0..64 {
         let mut c = client.clone();
         tasks.push(tokio::spawn(async move {
-            c.embed(EmbedRequest { texts: vec![format!("question number {i} about batching")] })
-                .await
-                .map(|r| r.into_inner().vectors.len())
+            c.embed(EmbedRequest {
+                texts: vec![format!("question number {i} about batching")],
+            })
+            .await
+            .map(|r| r.into_inner().vectors.len())
         }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), 384);
     }
-    let metrics = reqwest::get(format!("{}/metrics", server.http)).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let batches: f64 = metrics
         .lines()
         .find(|l| l.starts_with("simq_embedder_batch_texts_count"))
@@ -132,17 +203,27 @@ async fn concurrent_requests_share_batches_and_sigterm_stops_cleanly() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(batches < 64.0, "64 concurrent requests ran in {batches} batches: some must share");
+    assert!(
+        batches < 64.0,
+        "64 concurrent requests ran in {batches} batches: some must share"
+    );
 
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {
             assert!(status.success(), "clean exit on SIGTERM, got {status}");
             break;
         }
-        assert!(Instant::now() < deadline, "embedder did not stop within 10 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "embedder did not stop within 10 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

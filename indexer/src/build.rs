@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use simq_consul::contract::{BuildInfo, Manifest, ShardEntry, MANIFEST_FORMAT};
-use simq_embedder::model::sha256_file;
+use simq_consul::contract::{sha256_file, BuildInfo, Manifest, ShardEntry, MANIFEST_FORMAT};
 use simq_embedder::runtime::Embedder;
 use simq_shard::{build_shard, BuildParams, Item};
 
@@ -65,11 +64,20 @@ pub fn embed_all(embedder: &Embedder, texts: &[String], chunk: usize) -> anyhow:
 }
 
 /// Build a dg from a validated corpus into `<out>/<dg>/`.
-pub fn build(corpus: &Corpus, embedder: &Embedder, out: &Path, opts: BuildOptions) -> anyhow::Result<BuildReport> {
+pub fn build(
+    corpus: &Corpus,
+    embedder: &Embedder,
+    out: &Path,
+    opts: BuildOptions,
+) -> anyhow::Result<BuildReport> {
     let started = Instant::now();
     let n = corpus.texts.len();
     if n < opts.shards {
-        bail!("{}: {n} usable texts for {} shards; need at least one text per shard", corpus.path.display(), opts.shards);
+        bail!(
+            "{}: {n} usable texts for {} shards; need at least one text per shard",
+            corpus.path.display(),
+            opts.shards
+        );
     }
     if n > u32::MAX as usize {
         bail!("{}: {n} texts; item ids are u32", corpus.path.display());
@@ -83,9 +91,20 @@ pub fn build(corpus: &Corpus, embedder: &Embedder, out: &Path, opts: BuildOption
     tracing::info!(texts = n, seconds = embed.as_secs_f64(), "embedded");
 
     let t = Instant::now();
-    let clustering = spherical_kmeans(&vectors, dims, opts.shards, opts.seed, opts.kmeans_iterations);
+    let clustering = spherical_kmeans(
+        &vectors,
+        dims,
+        opts.shards,
+        opts.seed,
+        opts.kmeans_iterations,
+    );
     let kmeans = t.elapsed();
-    tracing::info!(shards = opts.shards, iterations = clustering.iterations, seconds = kmeans.as_secs_f64(), "clustered");
+    tracing::info!(
+        shards = opts.shards,
+        iterations = clustering.iterations,
+        seconds = kmeans.as_secs_f64(),
+        "clustered"
+    );
 
     let t = Instant::now();
     let work = tempfile::Builder::new()
@@ -106,8 +125,9 @@ pub fn build(corpus: &Corpus, embedder: &Embedder, out: &Path, opts: BuildOption
     };
     let bar = progress(opts.shards as u64, "indexing");
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> =
-        (0..opts.shards).map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> = (0..opts.shards)
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
     std::thread::scope(|scope| {
         for _ in 0..opts.parallel_shards.clamp(1, opts.shards) {
             scope.spawn(|| loop {
@@ -116,16 +136,23 @@ pub fn build(corpus: &Corpus, embedder: &Embedder, out: &Path, opts: BuildOption
                     break;
                 }
                 let path = work.path().join(shard_file_name(s));
-                let entry = build_shard(&path, s as u32, dims, embedder.model_id(), &members[s], params)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| {
-                        Ok(ShardEntry {
-                            shard: s as u32,
-                            sha256: sha256_file(&path)?,
-                            size: std::fs::metadata(&path)?.len(),
-                            items: members[s].len() as u64,
-                        })
-                    });
+                let entry = build_shard(
+                    &path,
+                    s as u32,
+                    dims,
+                    embedder.model_id(),
+                    &members[s],
+                    params,
+                )
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    Ok(ShardEntry {
+                        shard: s as u32,
+                        sha256: sha256_file(&path)?,
+                        size: std::fs::metadata(&path)?.len(),
+                        items: members[s].len() as u64,
+                    })
+                });
                 *results[s].lock().unwrap() = Some(entry);
                 bar.inc(1);
             });
@@ -157,17 +184,23 @@ pub fn build(corpus: &Corpus, embedder: &Embedder, out: &Path, opts: BuildOption
     .seal();
     let json = serde_json::to_vec_pretty(&manifest)?;
     if json.len() > simq_consul::contract::KV_VALUE_LIMIT {
-        bail!("manifest is {} bytes, over Consul's 512 KB value limit: use fewer shards", json.len());
+        bail!(
+            "manifest is {} bytes, over Consul's 512 KB value limit: use fewer shards",
+            json.len()
+        );
     }
     std::fs::write(work.path().join("manifest.json"), &json)?;
 
     let dir = out.join(&manifest.dg);
-    let unchanged = dir.join("manifest.json").is_file() && std::fs::read(dir.join("manifest.json"))? == json;
+    let unchanged =
+        dir.join("manifest.json").is_file() && std::fs::read(dir.join("manifest.json"))? == json;
     if !unchanged {
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("replacing {}", dir.display()))?;
         }
-        std::fs::rename(work.keep(), &dir).with_context(|| format!("moving the build to {}", dir.display()))?;
+        std::fs::rename(work.keep(), &dir)
+            .with_context(|| format!("moving the build to {}", dir.display()))?;
     }
     Ok(BuildReport {
         dir,

@@ -26,8 +26,12 @@ impl Format {
     /// The format for a file name: `.tsv` -> Tsv, `.jsonl`/`.ndjson` -> Jsonl, else Lines.
     pub fn from_path(path: &Path, column: &str) -> Self {
         match path.extension().and_then(|e| e.to_str()) {
-            Some("tsv") => Format::Tsv { column: column.to_string() },
-            Some("jsonl" | "ndjson") => Format::Jsonl { field: column.to_string() },
+            Some("tsv") => Format::Tsv {
+                column: column.to_string(),
+            },
+            Some("jsonl" | "ndjson") => Format::Jsonl {
+                field: column.to_string(),
+            },
             _ => Format::Lines,
         }
     }
@@ -87,7 +91,11 @@ pub enum CorpusError {
         source: std::io::Error,
     },
     #[error("{path}:1: TSV header has no column {column:?} (columns: {columns})")]
-    NoSuchColumn { path: PathBuf, column: String, columns: String },
+    NoSuchColumn {
+        path: PathBuf,
+        column: String,
+        columns: String,
+    },
 }
 
 /// Read and validate a corpus file.
@@ -114,7 +122,12 @@ pub fn read(path: &Path, format: &Format) -> Result<Corpus, CorpusError> {
             break;
         }
         line_no += 1;
-        let mut bad = |reason: String| corpus.bad.push(BadLine { line: line_no, reason });
+        let mut bad = |reason: String| {
+            corpus.bad.push(BadLine {
+                line: line_no,
+                reason,
+            })
+        };
         let Ok(line) = std::str::from_utf8(&raw) else {
             bad("not valid UTF-8".into());
             continue;
@@ -138,7 +151,11 @@ pub fn read(path: &Path, format: &Format) -> Result<Corpus, CorpusError> {
                 match cells.get(col) {
                     Some(c) => c.to_string(),
                     None => {
-                        bad(format!("{} columns, the text column is number {}", cells.len(), col + 1));
+                        bad(format!(
+                            "{} columns, the text column is number {}",
+                            cells.len(),
+                            col + 1
+                        ));
                         continue;
                     }
                 }
@@ -196,7 +213,9 @@ pub fn validate(text: &str) -> Result<String, String> {
     }
     let chars = clean.chars().count();
     if chars > MAX_TEXT_CHARS {
-        return Err(format!("text has {chars} characters, the limit is {MAX_TEXT_CHARS}"));
+        return Err(format!(
+            "text has {chars} characters, the limit is {MAX_TEXT_CHARS}"
+        ));
     }
     Ok(clean)
 }
@@ -237,13 +256,18 @@ mod tests {
                 (5, "text has 1001 characters, the limit is 1000"),
             ]
         );
-        assert!(c.bad_report(2).starts_with(&format!("{}:2: empty text\n", p.display())));
+        assert!(c
+            .bad_report(2)
+            .starts_with(&format!("{}:2: empty text\n", p.display())));
         assert!(c.bad_report(2).ends_with("... and 2 more bad lines"));
     }
 
     #[test]
     fn duplicates_fold_case_and_whitespace_and_keep_the_first() {
-        let (_d, p) = write(b"What is  Rust?\nwhat is rust?\n  WHAT IS RUST?  \nOther\n", "c.txt");
+        let (_d, p) = write(
+            b"What is  Rust?\nwhat is rust?\n  WHAT IS RUST?  \nOther\n",
+            "c.txt",
+        );
         let c = read(&p, &Format::Lines).unwrap();
         assert_eq!(c.texts, vec!["What is Rust?", "Other"]);
         assert_eq!(c.duplicates, 2);
@@ -251,17 +275,39 @@ mod tests {
 
     #[test]
     fn tsv_reads_the_named_column_and_reports_short_rows() {
-        let (_d, p) = write(b"id\tquery\n1\tfirst question\n2\n3\tthird question\n", "c.tsv");
+        let (_d, p) = write(
+            b"id\tquery\n1\tfirst question\n2\n3\tthird question\n",
+            "c.tsv",
+        );
         let c = read(&p, &Format::from_path(&p, "query")).unwrap();
         assert_eq!(c.texts, vec!["first question", "third question"]);
-        assert_eq!(c.bad, vec![BadLine { line: 3, reason: "1 columns, the text column is number 2".into() }]);
-        let err = read(&p, &Format::Tsv { column: "text".into() }).unwrap_err().to_string();
-        assert!(err.contains("c.tsv:1: TSV header has no column \"text\" (columns: id, query)"), "{err}");
+        assert_eq!(
+            c.bad,
+            vec![BadLine {
+                line: 3,
+                reason: "1 columns, the text column is number 2".into()
+            }]
+        );
+        let err = read(
+            &p,
+            &Format::Tsv {
+                column: "text".into(),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("c.tsv:1: TSV header has no column \"text\" (columns: id, query)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn jsonl_reads_the_field_and_names_json_problems() {
-        let (_d, p) = write(b"{\"text\": \"one\"}\n{\"text\": 5}\n{oops\n[1]\n{\"q\": \"x\"}\n", "c.jsonl");
+        let (_d, p) = write(
+            b"{\"text\": \"one\"}\n{\"text\": 5}\n{oops\n[1]\n{\"q\": \"x\"}\n",
+            "c.jsonl",
+        );
         let c = read(&p, &Format::from_path(&p, "text")).unwrap();
         assert_eq!(c.texts, vec!["one"]);
         let reasons: Vec<&str> = c.bad.iter().map(|b| b.reason.as_str()).collect();
@@ -273,7 +319,9 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = read(Path::new("/no/such/corpus.txt"), &Format::Lines).unwrap_err().to_string();
+        let err = read(Path::new("/no/such/corpus.txt"), &Format::Lines)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/no/such/corpus.txt"), "{err}");
     }
 }

@@ -23,8 +23,11 @@ impl DgDir {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("manifest.json");
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a manifest", path.display()))?;
-        manifest.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a manifest", path.display()))?;
+        manifest
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let shards = (0..manifest.shards.len())
             .map(|s| ShardFile::open(&dir.join(shard_file_name(s))))
             .collect::<Result<Vec<_>, _>>()?;
@@ -44,7 +47,13 @@ pub struct RecallRow {
 }
 
 /// Measure recall@k for every (nprobe, search_k) pair on `queries` items.
-pub fn recall(dg: &DgDir, queries: usize, k: usize, nprobes: &[usize], search_ks: &[usize]) -> anyhow::Result<Vec<RecallRow>> {
+pub fn recall(
+    dg: &DgDir,
+    queries: usize,
+    k: usize,
+    nprobes: &[usize],
+    search_ks: &[usize],
+) -> anyhow::Result<Vec<RecallRow>> {
     let mut all: Vec<(u32, Vec<f32>)> = Vec::new();
     for shard in &dg.shards {
         all.extend(shard.vectors()?);
@@ -82,7 +91,12 @@ pub fn recall(dg: &DgDir, queries: usize, k: usize, nprobes: &[usize], search_ks
                     found.extend(dg.shards[s].search(q, k + 1, sk)?);
                 }
                 found.sort_by(|a, b| b.score.total_cmp(&a.score));
-                let answer: Vec<u32> = found.iter().map(|h| h.id).filter(|id| id != qid).take(k).collect();
+                let answer: Vec<u32> = found
+                    .iter()
+                    .map(|h| h.id)
+                    .filter(|id| id != qid)
+                    .take(k)
+                    .collect();
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
                 hits += answer.iter().filter(|id| truth.contains(id)).count();
             }

@@ -41,16 +41,28 @@ pub fn nearest(centroids: &[Vec<f32>], v: &[f32]) -> usize {
 }
 
 /// Cluster `vectors` (`n * dims` floats, unit rows) into `k` groups.
-pub fn spherical_kmeans(vectors: &[f32], dims: usize, k: usize, seed: u64, max_iterations: usize) -> Clustering {
+pub fn spherical_kmeans(
+    vectors: &[f32],
+    dims: usize,
+    k: usize,
+    seed: u64,
+    max_iterations: usize,
+) -> Clustering {
     let n = vectors.len() / dims;
-    assert!(k >= 1 && n >= k, "k-means needs at least k={k} vectors, got {n}");
+    assert!(
+        k >= 1 && n >= k,
+        "k-means needs at least k={k} vectors, got {n}"
+    );
     let row = |i: usize| &vectors[i * dims..(i + 1) * dims];
     let mut rng = StdRng::seed_from_u64(seed);
 
     // k-means++: each next seed is drawn with probability proportional to its squared
     // distance to the nearest seed so far (|a-b|^2 = 2 - 2 a.b for unit vectors).
     let mut centroids: Vec<Vec<f32>> = vec![row(rng.random_range(0..n)).to_vec()];
-    let mut d2: Vec<f32> = (0..n).into_par_iter().map(|i| (2.0 - 2.0 * dot(row(i), &centroids[0])).max(0.0)).collect();
+    let mut d2: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| (2.0 - 2.0 * dot(row(i), &centroids[0])).max(0.0))
+        .collect();
     while centroids.len() < k {
         let total: f64 = d2.iter().map(|&d| d as f64).sum();
         let pick = if total > 0.0 {
@@ -68,7 +80,9 @@ pub fn spherical_kmeans(vectors: &[f32], dims: usize, k: usize, seed: u64, max_i
             rng.random_range(0..n)
         };
         let c = row(pick).to_vec();
-        d2.par_iter_mut().enumerate().for_each(|(i, d)| *d = d.min((2.0 - 2.0 * dot(row(i), &c)).max(0.0)));
+        d2.par_iter_mut()
+            .enumerate()
+            .for_each(|(i, d)| *d = d.min((2.0 - 2.0 * dot(row(i), &c)).max(0.0)));
         centroids.push(c);
     }
 
@@ -76,7 +90,10 @@ pub fn spherical_kmeans(vectors: &[f32], dims: usize, k: usize, seed: u64, max_i
     let mut iterations = 0;
     while iterations < max_iterations {
         iterations += 1;
-        let next: Vec<u32> = (0..n).into_par_iter().map(|i| nearest(&centroids, row(i)) as u32).collect();
+        let next: Vec<u32> = (0..n)
+            .into_par_iter()
+            .map(|i| nearest(&centroids, row(i)) as u32)
+            .collect();
         let changed = next != assignment;
         assignment = next;
         if !changed {
@@ -86,7 +103,10 @@ pub fn spherical_kmeans(vectors: &[f32], dims: usize, k: usize, seed: u64, max_i
         let mut counts = vec![0usize; k];
         for (i, &a) in assignment.iter().enumerate() {
             counts[a as usize] += 1;
-            sums[a as usize].iter_mut().zip(row(i)).for_each(|(s, x)| *s += x);
+            sums[a as usize]
+                .iter_mut()
+                .zip(row(i))
+                .for_each(|(s, x)| *s += x);
         }
         for c in 0..k {
             if counts[c] == 0 {
@@ -136,7 +156,12 @@ mod tests {
         let c = spherical_kmeans(&v, 8, 3, 1, 25);
         for blob in 0..3 {
             let a = c.assignment[blob * 50];
-            assert!(c.assignment[blob * 50..(blob + 1) * 50].iter().all(|&x| x == a), "blob {blob} split");
+            assert!(
+                c.assignment[blob * 50..(blob + 1) * 50]
+                    .iter()
+                    .all(|&x| x == a),
+                "blob {blob} split"
+            );
         }
         let mut distinct = c.assignment.clone();
         distinct.sort();
@@ -151,6 +176,9 @@ mod tests {
     #[test]
     fn same_seed_same_result() {
         let v = blobs(40);
-        assert_eq!(spherical_kmeans(&v, 8, 4, 5, 25), spherical_kmeans(&v, 8, 4, 5, 25));
+        assert_eq!(
+            spherical_kmeans(&v, 8, 4, 5, 25),
+            spherical_kmeans(&v, 8, 4, 5, 25)
+        );
     }
 }

@@ -139,7 +139,9 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     );
     let library = args.model.ort_library.unwrap_or_else(default_ort_library);
     let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::default())?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let opts = BuildOptions {
         shards: args.shards,
         n_trees: args.n_trees,
@@ -153,10 +155,18 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     eprintln!(
         "dg {} {}: {} items in {} shards ({}), model {}",
         m.dg,
-        if report.unchanged { "unchanged (already built)" } else { "built" },
+        if report.unchanged {
+            "unchanged (already built)"
+        } else {
+            "built"
+        },
         m.items,
         m.shards.len(),
-        m.shards.iter().map(|s| s.items.to_string()).collect::<Vec<_>>().join("/"),
+        m.shards
+            .iter()
+            .map(|s| s.items.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
         m.model_id
     );
     eprintln!(
@@ -184,11 +194,21 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         args.queries,
         args.k
     );
-    println!("| nprobe | search_k | recall@{} | mean ms | p99 ms |", args.k);
+    println!(
+        "| nprobe | search_k | recall@{} | mean ms | p99 ms |",
+        args.k
+    );
     println!("|---:|---:|---:|---:|---:|");
     for r in &rows {
-        let sk = if r.search_k == 0 { "default".to_string() } else { r.search_k.to_string() };
-        println!("| {} | {} | {:.4} | {:.2} | {:.2} |", r.nprobe, sk, r.recall, r.mean_ms, r.p99_ms);
+        let sk = if r.search_k == 0 {
+            "default".to_string()
+        } else {
+            r.search_k.to_string()
+        };
+        println!(
+            "| {} | {} | {:.4} | {:.2} | {:.2} |",
+            r.nprobe, sk, r.recall, r.mean_ms, r.p99_ms
+        );
     }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)?;

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn sample_corpus(dir: &Path, lines: usize) -> PathBuf {
-    let source = std::env::var("SIMQ_TEST_CORPUS").expect("SIMQ_TEST_CORPUS names a real corpus sample (scripts/test.sh sets it)");
+    let source = std::env::var("SIMQ_TEST_CORPUS")
+        .expect("SIMQ_TEST_CORPUS names a real corpus sample (scripts/test.sh sets it)");
     let text = std::fs::read_to_string(&source).unwrap();
     let sample: Vec<&str> = text.lines().take(lines).collect();
     assert_eq!(sample.len(), lines, "{source} has fewer than {lines} lines");
@@ -16,11 +17,23 @@ fn sample_corpus(dir: &Path, lines: usize) -> PathBuf {
 }
 
 fn indexer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_simq-indexer")).args(args).output().expect("indexer runs")
+    Command::new(env!("CARGO_BIN_EXE_simq-indexer"))
+        .args(args)
+        .output()
+        .expect("indexer runs")
 }
 
 fn build(corpus: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["build", corpus.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shards", "3", "--n-trees", "8"];
+    let mut args = vec![
+        "build",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--shards",
+        "3",
+        "--n-trees",
+        "8",
+    ];
     args.extend_from_slice(extra);
     indexer(&args)
 }
@@ -43,24 +56,44 @@ fn building_twice_gives_byte_identical_files_and_the_same_dg() {
     let b = build(&corpus, &tmp.path().join("b"), &[]);
     assert!(b.status.success(), "{}", stderr(&b));
     let (dir_a, dir_b) = (PathBuf::from(stdout(&a)), PathBuf::from(stdout(&b)));
-    assert_eq!(dir_a.file_name(), dir_b.file_name(), "same inputs, same dg id");
+    assert_eq!(
+        dir_a.file_name(),
+        dir_b.file_name(),
+        "same inputs, same dg id"
+    );
     let dg = dir_a.file_name().unwrap().to_str().unwrap().to_string();
     assert!(dg.starts_with("dg-"));
 
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir_a.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir_a.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["dg"], dg.as_str());
     assert_eq!(manifest["items"], 400);
     assert_eq!(manifest["dims"], 384);
     assert_eq!(manifest["shards"].as_array().unwrap().len(), 3);
-    for name in ["manifest.json", "shard-0.lmdb", "shard-1.lmdb", "shard-2.lmdb"] {
-        let (x, y) = (std::fs::read(dir_a.join(name)).unwrap(), std::fs::read(dir_b.join(name)).unwrap());
-        assert!(x == y, "{name} differs between two builds of the same inputs");
+    for name in [
+        "manifest.json",
+        "shard-0.lmdb",
+        "shard-1.lmdb",
+        "shard-2.lmdb",
+    ] {
+        let (x, y) = (
+            std::fs::read(dir_a.join(name)).unwrap(),
+            std::fs::read(dir_b.join(name)).unwrap(),
+        );
+        assert!(
+            x == y,
+            "{name} differs between two builds of the same inputs"
+        );
     }
 
     // Rebuilding into the same place says so and changes nothing.
     let again = build(&corpus, &tmp.path().join("a"), &[]);
     assert!(again.status.success());
-    assert!(stderr(&again).contains("unchanged (already built)"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("unchanged (already built)"),
+        "{}",
+        stderr(&again)
+    );
 
     // A different corpus is a different dg.
     let other_dir = tmp.path().join("other");
@@ -71,7 +104,16 @@ fn building_twice_gives_byte_identical_files_and_the_same_dg() {
     assert_ne!(PathBuf::from(stdout(&c)).file_name(), dir_a.file_name());
 
     // eval runs on the built dg and finds the self-excluded neighbours well.
-    let e = indexer(&["eval", dir_a.to_str().unwrap(), "--queries", "50", "--nprobe", "3", "--search-k", "0"]);
+    let e = indexer(&[
+        "eval",
+        dir_a.to_str().unwrap(),
+        "--queries",
+        "50",
+        "--nprobe",
+        "3",
+        "--search-k",
+        "0",
+    ]);
     assert!(e.status.success(), "{}", stderr(&e));
     let row = stdout(&e).lines().last().unwrap().to_string();
     let recall: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
@@ -83,21 +125,38 @@ fn building_twice_gives_byte_identical_files_and_the_same_dg() {
 fn bad_corpus_lines_stop_the_build_naming_file_and_line() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("bad.txt");
-    std::fs::write(&corpus, b"How do I sort a list?\nWhat is Rust?\n\nwhere is \xff here\nWho wrote Hamlet?\n").unwrap();
+    std::fs::write(
+        &corpus,
+        b"How do I sort a list?\nWhat is Rust?\n\nwhere is \xff here\nWho wrote Hamlet?\n",
+    )
+    .unwrap();
     let out = build(&corpus, &tmp.path().join("out"), &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     let path = corpus.display();
     assert!(err.contains(&format!("{path}:3: empty text")), "{err}");
     assert!(err.contains(&format!("{path}:4: not valid UTF-8")), "{err}");
-    assert!(err.contains("2 bad lines") && err.contains("--skip-bad-lines"), "{err}");
-    assert!(!tmp.path().join("out").exists() || std::fs::read_dir(tmp.path().join("out")).unwrap().next().is_none());
+    assert!(
+        err.contains("2 bad lines") && err.contains("--skip-bad-lines"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("out").exists()
+            || std::fs::read_dir(tmp.path().join("out"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 
     // With --skip-bad-lines the good lines build, and the bad ones are still listed.
     let out = build(&corpus, &tmp.path().join("out"), &["--skip-bad-lines"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("{path}:4: not valid UTF-8")));
-    assert!(stderr(&out).contains("3 texts (0 duplicates dropped, 2 bad lines skipped)"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("3 texts (0 duplicates dropped, 2 bad lines skipped)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -112,5 +171,9 @@ fn a_missing_corpus_or_too_few_texts_is_a_clear_error() {
     std::fs::write(&two, "one question\nanother question\n").unwrap();
     let out = build(&two, &tmp.path().join("out"), &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("2 usable texts for 3 shards"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 usable texts for 3 shards"),
+        "{}",
+        stderr(&out)
+    );
 }

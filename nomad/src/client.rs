@@ -188,7 +188,9 @@ impl NomadClient {
 
     /// Register (create or update) a job from its JSON.
     pub async fn register_job(&self, job: &Value) -> Result<Registration> {
-        let v = self.call(Method::POST, "/v1/jobs", Some(json!({ "Job": job }))).await?;
+        let v = self
+            .call(Method::POST, "/v1/jobs", Some(json!({ "Job": job })))
+            .await?;
         decode("/v1/jobs", v)
     }
 
@@ -243,9 +245,13 @@ impl NomadClient {
     /// Promote a deployment's canaries.
     pub async fn promote_deployment(&self, deployment: &str) -> Result<()> {
         let path = format!("/v1/deployment/promote/{deployment}");
-        self.call(Method::POST, &path, Some(json!({"DeploymentID": deployment, "All": true})))
-            .await
-            .map(|_| ())
+        self.call(
+            Method::POST,
+            &path,
+            Some(json!({"DeploymentID": deployment, "All": true})),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
@@ -270,7 +276,11 @@ impl NomadClient {
                 method: method.to_string(),
                 path: path.to_string(),
                 status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).trim().chars().take(2000).collect(),
+                body: String::from_utf8_lossy(&bytes)
+                    .trim()
+                    .chars()
+                    .take(2000)
+                    .collect(),
             });
         }
         if bytes.is_empty() {
@@ -297,7 +307,10 @@ mod tests {
     #[test]
     fn variables_are_quoted_and_never_templates() {
         let vars = hcl_variables([("a", "plain"), ("b", "say \"hi\"\n"), ("c", "${oops} %{x}")]);
-        assert_eq!(vars, "a = \"plain\"\nb = \"say \\\"hi\\\"\\n\"\nc = \"$${oops} %%{x}\"\n");
+        assert_eq!(
+            vars,
+            "a = \"plain\"\nb = \"say \\\"hi\\\"\\n\"\nc = \"$${oops} %%{x}\"\n"
+        );
     }
 
     #[test]

@@ -26,7 +26,10 @@ async fn follow_service(
     let mut index = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "service {SERVICE} did not reach the expected state within {limit:?}");
+        assert!(
+            !left.is_zero(),
+            "service {SERVICE} did not reach the expected state within {limit:?}"
+        );
         let block = BlockingQuery {
             index,
             wait: left.min(Duration::from_secs(5)),
@@ -67,7 +70,10 @@ async fn raw_exec_job_registers_passing_service_and_deregisters_on_stop() {
     let passing = follow_service(&consul, true, Duration::from_secs(60), |s| !s.is_empty()).await;
     let inst = &passing[0];
     assert_eq!(inst.status, "passing");
-    assert_eq!(inst.address, "127.0.0.1", "services must register on loopback");
+    assert_eq!(
+        inst.address, "127.0.0.1",
+        "services must register on loopback"
+    );
     assert!(inst.tags.iter().any(|t| t == "simq-test"));
 
     // The check is real: the task answers HTTP on the registered address.
@@ -83,12 +89,18 @@ async fn raw_exec_job_registers_passing_service_and_deregisters_on_stop() {
         if allocs.iter().any(|a| a.client_status == "running") {
             break;
         }
-        assert!(Instant::now() < deadline, "no running allocation reported: {allocs:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no running allocation reported: {allocs:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     nomad.stop_job(JOB_ID, true).await.unwrap();
     let left = follow_service(&consul, false, Duration::from_secs(30), |s| s.is_empty()).await;
     assert!(left.is_empty());
-    assert!(nomad.job(JOB_ID).await.unwrap().is_none(), "purged job is gone");
+    assert!(
+        nomad.job(JOB_ID).await.unwrap().is_none(),
+        "purged job is gone"
+    );
 }

@@ -95,7 +95,14 @@ fn lmdb(path: &Path, e: impl std::fmt::Display) -> Error {
 ///
 /// Runs the arroy build on one rayon thread: multi-threaded builds are not
 /// byte-reproducible. Parallelism comes from building several shards at once.
-pub fn build_shard(out: &Path, meta_shard: u32, dims: usize, model_id: &str, items: &[Item<'_>], params: BuildParams) -> Result<()> {
+pub fn build_shard(
+    out: &Path,
+    meta_shard: u32,
+    dims: usize,
+    model_id: &str,
+    items: &[Item<'_>],
+    params: BuildParams,
+) -> Result<()> {
     if items.is_empty() {
         return Err(Error::InvalidInput {
             reason: format!("shard {meta_shard} has no items"),
@@ -103,7 +110,11 @@ pub fn build_shard(out: &Path, meta_shard: u32, dims: usize, model_id: &str, ite
     }
     if let Some(bad) = items.iter().find(|i| i.vector.len() != dims) {
         return Err(Error::InvalidInput {
-            reason: format!("item {} has {} dims, expected {dims}", bad.id, bad.vector.len()),
+            reason: format!(
+                "item {} has {} dims, expected {dims}",
+                bad.id,
+                bad.vector.len()
+            ),
         });
     }
     let work = tempfile::Builder::new()
@@ -128,8 +139,12 @@ pub fn build_shard(out: &Path, meta_shard: u32, dims: usize, model_id: &str, ite
     // arroy's temporary files go beside the build, not to /tmp.
     writer.set_tmpdir(work.path());
     for item in items {
-        writer.add_item(&mut wtxn, item.id, item.vector).map_err(|e| lmdb(work.path(), e))?;
-        texts_db.put(&mut wtxn, &item.id, item.text).map_err(|e| lmdb(work.path(), e))?;
+        writer
+            .add_item(&mut wtxn, item.id, item.vector)
+            .map_err(|e| lmdb(work.path(), e))?;
+        texts_db
+            .put(&mut wtxn, &item.id, item.text)
+            .map_err(|e| lmdb(work.path(), e))?;
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -154,21 +169,30 @@ pub fn build_shard(out: &Path, meta_shard: u32, dims: usize, model_id: &str, ite
         seed: params.seed,
     };
     let meta_json = serde_json::to_string(&meta).expect("meta serialises");
-    meta_db.put(&mut wtxn, META_KEY, &meta_json).map_err(|e| lmdb(work.path(), e))?;
+    meta_db
+        .put(&mut wtxn, META_KEY, &meta_json)
+        .map_err(|e| lmdb(work.path(), e))?;
     wtxn.commit().map_err(|e| lmdb(work.path(), e))?;
 
     // One compact file, written beside the target and renamed into place.
     let tmp_out = out.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp_out);
-    env.copy_to_path(&tmp_out, CompactionOption::Enabled).map_err(|e| lmdb(&tmp_out, e))?;
+    env.copy_to_path(&tmp_out, CompactionOption::Enabled)
+        .map_err(|e| lmdb(&tmp_out, e))?;
     std::fs::rename(&tmp_out, out).map_err(|e| lmdb(out, e))?;
     Ok(())
 }
 
-fn create_db<KC: 'static, DC: 'static>(env: &Env, name: &str, path: &Path) -> Result<heed::Database<'static, KC, DC>> {
+fn create_db<KC: 'static, DC: 'static>(
+    env: &Env,
+    name: &str,
+    path: &Path,
+) -> Result<heed::Database<'static, KC, DC>> {
     let wtxn = env.write_txn().map_err(|e| lmdb(path, e))?;
     env.create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
-        opener.create_database::<KC, DC>(wtxn, Some(name)).map(CommitOrAbort::<_, ()>::Commit)
+        opener
+            .create_database::<KC, DC>(wtxn, Some(name))
+            .map(CommitOrAbort::<_, ()>::Commit)
     })
     .map_err(|e| lmdb(path, e))
     .map(|c| c.unwrap_commit())
@@ -218,11 +242,15 @@ impl ShardFile {
         if meta.format_version != FORMAT_VERSION {
             return Err(Error::NotAShard {
                 path: path.to_path_buf(),
-                reason: format!("format version {} (this build reads {FORMAT_VERSION})", meta.format_version),
+                reason: format!(
+                    "format version {} (this build reads {FORMAT_VERSION})",
+                    meta.format_version
+                ),
             });
         }
         // The index must open with the dims the meta claims.
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, arroy_db).map_err(|e| lmdb(path, e))?;
+        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, arroy_db)
+            .map_err(|e| lmdb(path, e))?;
         if reader.dimensions() != meta.dims || reader.n_items() != meta.items {
             return Err(Error::NotAShard {
                 path: path.to_path_buf(),
@@ -259,16 +287,23 @@ impl ShardFile {
     pub fn search(&self, vector: &[f32], k: usize, search_k: Option<usize>) -> Result<Vec<Hit>> {
         if vector.len() != self.meta.dims {
             return Err(Error::InvalidInput {
-                reason: format!("query vector has {} dims, this shard has {}", vector.len(), self.meta.dims),
+                reason: format!(
+                    "query vector has {} dims, this shard has {}",
+                    vector.len(),
+                    self.meta.dims
+                ),
             });
         }
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db).map_err(|e| lmdb(&self.path, e))?;
+        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db)
+            .map_err(|e| lmdb(&self.path, e))?;
         let mut query = reader.nns(k.max(1));
         if let Some(sk) = search_k.and_then(NonZeroUsize::new) {
             query.search_k(sk);
         }
-        let found = query.by_vector(&rtxn, vector).map_err(|e| lmdb(&self.path, e))?;
+        let found = query
+            .by_vector(&rtxn, vector)
+            .map_err(|e| lmdb(&self.path, e))?;
         let mut hits = Vec::with_capacity(found.len());
         for (id, distance) in found {
             let text = self
@@ -290,7 +325,8 @@ impl ShardFile {
     /// Every item's id and vector, in id order (for evaluation and self-tests).
     pub fn vectors(&self) -> Result<Vec<(u32, Vec<f32>)>> {
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db).map_err(|e| lmdb(&self.path, e))?;
+        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db)
+            .map_err(|e| lmdb(&self.path, e))?;
         let mut out = Vec::with_capacity(reader.n_items() as usize);
         for item in reader.iter(&rtxn).map_err(|e| lmdb(&self.path, e))? {
             let (id, v) = item.map_err(|e| lmdb(&self.path, e))?;
@@ -303,7 +339,8 @@ impl ShardFile {
     /// themselves (or an identical vector) among their 10 nearest neighbours.
     pub fn self_test(&self, samples: usize) -> Result<SelfTest> {
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db).map_err(|e| lmdb(&self.path, e))?;
+        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db)
+            .map_err(|e| lmdb(&self.path, e))?;
         let ids: Vec<u32> = reader.item_ids().iter().collect();
         let step = (ids.len() / samples.max(1)).max(1);
         let mut tested = 0;
@@ -316,12 +353,20 @@ impl ShardFile {
                     path: self.path.clone(),
                     reason: format!("item {id} is listed but has no vector"),
                 })?;
-            let hits = reader.nns(10).by_vector(&rtxn, &v).map_err(|e| lmdb(&self.path, e))?;
+            let hits = reader
+                .nns(10)
+                .by_vector(&rtxn, &v)
+                .map_err(|e| lmdb(&self.path, e))?;
             tested += 1;
             if hits.iter().any(|&(hit, d)| hit == id || d < 1e-6) {
                 found += 1;
             }
-            if self.texts_db.get(&rtxn, &id).map_err(|e| lmdb(&self.path, e))?.is_none() {
+            if self
+                .texts_db
+                .get(&rtxn, &id)
+                .map_err(|e| lmdb(&self.path, e))?
+                .is_none()
+            {
                 return Err(Error::NotAShard {
                     path: self.path.clone(),
                     reason: format!("item {id} has no text"),
@@ -346,10 +391,16 @@ impl SelfTest {
     }
 }
 
-fn open_db<KC: 'static, DC: 'static>(env: &Env, name: &str, path: &Path) -> Result<Option<heed::Database<'static, KC, DC>>> {
+fn open_db<KC: 'static, DC: 'static>(
+    env: &Env,
+    name: &str,
+    path: &Path,
+) -> Result<Option<heed::Database<'static, KC, DC>>> {
     let rtxn = env.read_txn().map_err(|e| lmdb(path, e))?;
     env.open_databases_and_commit(rtxn, |opener, rtxn| -> heed::Result<_> {
-        opener.open_database::<KC, DC>(rtxn, Some(name)).map(CommitOrAbort::<_, ()>::Commit)
+        opener
+            .open_database::<KC, DC>(rtxn, Some(name))
+            .map(CommitOrAbort::<_, ()>::Commit)
     })
     .map_err(|e| lmdb(path, e))
     .map(|c| c.unwrap_commit())
@@ -384,7 +435,18 @@ mod tests {
             })
             .collect();
         let out = dir.join(name);
-        build_shard(&out, 3, 16, "test-model", &items, BuildParams { n_trees: 4, seed: 7 }).unwrap();
+        build_shard(
+            &out,
+            3,
+            16,
+            "test-model",
+            &items,
+            BuildParams {
+                n_trees: 4,
+                seed: 7,
+            },
+        )
+        .unwrap();
         out
     }
 
@@ -411,7 +473,11 @@ mod tests {
         let hits = shard.search(&vs[42], 5, None).unwrap();
         assert_eq!(hits[0].id, 1042);
         assert_eq!(hits[0].text, "query 42");
-        assert!((hits[0].score - 1.0).abs() < 1e-4, "self score {}", hits[0].score);
+        assert!(
+            (hits[0].score - 1.0).abs() < 1e-4,
+            "self score {}",
+            hits[0].score
+        );
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
         let t = shard.self_test(50).unwrap();
         assert_eq!(t.tested, 50);

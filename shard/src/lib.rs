@@ -2,10 +2,19 @@
 //!
 //! - [`format`]: one compact LMDB file per shard holding an arroy index and the id -> text
 //!   table; written by `indexer build`, read by the shard service. Byte-reproducible.
+//! - [`verify`]: what a shard instance checks before it reports healthy.
+//! - [`server`]: the gRPC search service; [`proto`]: its contract (`proto/shard.proto`).
 //! - [`error`]: the crate's one error type.
 
 pub mod error;
 pub mod format;
+pub mod server;
+pub mod verify;
+
+/// Generated from `proto/shard.proto`.
+pub mod proto {
+    tonic::include_proto!("simq.shard.v1");
+}
 
 pub use error::{Error, Result};
 pub use format::{build_shard, BuildParams, Hit, Item, SelfTest, ShardFile, ShardMeta};

@@ -1,21 +1,144 @@
-//! simq-shard: serves one shard of one index generation (see `--help`).
+//! simq-shard: serves one shard of one index generation. Parses flags and wires the
+//! parts of the simq-shard library together.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use simq_consul::service::{init_logging, serve_ops, Shutdown};
+use simq_shard::proto::shard_server::ShardServer;
+use simq_shard::server::{SearchLimits, ShardMetrics, ShardService};
+use simq_shard::verify::{verify, Expected};
 
 /// Serves nearest-neighbour search over one shard file of one index generation (dg).
 ///
-/// The shard file is an LMDB environment holding an arroy index and the id -> text table.
-/// At start the file's sha256 must match its content address and a self-test must pass
-/// before /health reports healthy.
+/// The shard file is one LMDB file holding an arroy index and the id -> text table, as
+/// written by `simq-indexer build`. Before serving, the instance checks that the file's
+/// sha256 is the content address it was given, that the file is the expected shard,
+/// built by the expected model with the expected dims, and that sampled stored items
+/// find themselves. Until then /health answers 503; if a check fails the process exits
+/// with status 2 and the reason on stderr (so a Nomad canary fails fast).
+///
+/// gRPC: simq.shard.v1.Shard/Search and /Info (shard/proto/shard.proto).
+/// HTTP: GET /health and GET /metrics. Stops cleanly on SIGTERM or SIGINT.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// The shard file (LMDB, one compact file).
+    /// The shard file. Its directory must be writable (LMDB's lock file goes beside it).
     #[arg(long)]
-    file: std::path::PathBuf,
+    file: PathBuf,
+    /// Expected sha256 of the file (its content address in the manifest).
+    #[arg(long)]
+    sha256: String,
+    /// The dg this shard belongs to; searches naming another dg are refused.
+    #[arg(long)]
+    dg: String,
+    /// Expected shard number.
+    #[arg(long)]
+    shard: u32,
+    /// Expected model id (from the manifest).
+    #[arg(long)]
+    model_id: String,
+    /// Expected vector dims (from the manifest).
+    #[arg(long)]
+    dims: usize,
+    /// Stored items the start-up self-test searches for.
+    #[arg(long, default_value_t = 200)]
+    self_test_samples: usize,
+    /// arroy search_k for requests that send 0 (0: arroy's default, k * n_trees).
+    #[arg(long, default_value_t = 0)]
+    default_search_k: usize,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    grpc_listen: SocketAddr,
+    /// HTTP listen address for /health and /metrics.
+    #[arg(long, default_value = "127.0.0.1:7102")]
+    http_listen: SocketAddr,
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    shutdown_grace_secs: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() {
+    init_logging();
     let args = Args::parse();
-    anyhow::bail!("the shard service is not built yet (issue 5); shard file {}", args.file.display())
+    if let Err(e) = run(args).await {
+        tracing::error!(error = format!("{e:#}"), "shard stopped");
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let metrics = ShardMetrics::register(&registry)?;
+    let shutdown = Shutdown::default();
+
+    // /health answers from the start: 503 while verifying, 200 once serving.
+    let readiness = Arc::new(Mutex::new(
+        serde_json::json!({"status": "verifying", "dg": args.dg, "shard": args.shard}),
+    ));
+    let health_state = readiness.clone();
+    let health = Arc::new(move || {
+        let report = health_state.lock().unwrap().clone();
+        (report["status"] == "ok", report)
+    });
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("binding {}", args.http_listen))?;
+    let ops = tokio::spawn(serve_ops(http, registry, health, shutdown.wait()));
+
+    let expected = Expected {
+        sha256: args.sha256.clone(),
+        shard: args.shard,
+        model_id: args.model_id.clone(),
+        dims: args.dims,
+        self_test_samples: args.self_test_samples,
+    };
+    let path = args.file.clone();
+    let (file, test) = tokio::task::spawn_blocking(move || verify(&path, &expected))
+        .await?
+        .with_context(|| format!("shard {} of dg {} is not servable", args.shard, args.dg))?;
+    let items = file.meta().items;
+    tracing::info!(dg = %args.dg, shard = args.shard, items, self_test_found = test.found, self_test_tested = test.tested, "verified");
+
+    let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    tracing::info!(grpc = %grpc.local_addr()?, http = %args.http_listen, "listening");
+    *readiness.lock().unwrap() = serde_json::json!({
+        "status": "ok", "dg": args.dg, "shard": args.shard, "items": items,
+        "sha256": args.sha256, "model_id": args.model_id,
+        "self_test": {"tested": test.tested, "found": test.found},
+    });
+    let service = ShardService {
+        file: Arc::new(file),
+        dg: args.dg,
+        sha256: args.sha256,
+        limits: SearchLimits {
+            default_search_k: args.default_search_k,
+            ..SearchLimits::default()
+        },
+        metrics,
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(ShardServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            shutdown.wait(),
+        );
+    let servers = async move {
+        let grpc = grpc_server.await;
+        let _ = ops.await;
+        grpc
+    };
+    shutdown
+        .run(servers, Duration::from_secs(args.shutdown_grace_secs))
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -1,0 +1,223 @@
+//! Embedder throughput benchmark: the gRPC service (single queries, concurrent single
+//! queries, concurrent 16-text requests) against the bound measured in the same run: the
+//! bare runtime (same ONNX sessions, no gRPC, no batcher) on the same texts and batch sizes.
+//!
+//! cargo run --release -p simq-embedder --example bench -- --texts FILE [--n 2000]
+//! (scripts/bench.sh embedder runs it on the real corpus.)
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest};
+use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
+
+#[derive(Parser)]
+struct Args {
+    /// Model directory.
+    #[arg(long, env = "SIMQ_MODEL_DIR")]
+    model_dir: PathBuf,
+    /// File with one text per line (the real corpus).
+    #[arg(long)]
+    texts: PathBuf,
+    /// Texts per measurement.
+    #[arg(long, default_value_t = 2000)]
+    n: usize,
+    /// Concurrent clients for the load phases.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// The simq-embedder binary [default: beside this example's target dir].
+    #[arg(long)]
+    service_bin: Option<PathBuf>,
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn percentile(sorted_ms: &[f64], p: usize) -> f64 {
+    sorted_ms[(sorted_ms.len() * p / 100).min(sorted_ms.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let all = std::fs::read_to_string(&args.texts)?;
+    let texts: Vec<String> = all
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(args.n)
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(
+        texts.len() == args.n,
+        "{} has fewer than {} texts",
+        args.texts.display(),
+        args.n
+    );
+    let n = texts.len();
+
+    // Bound: the bare runtime, same session layout the service uses by default.
+    let options = RuntimeOptions::default();
+    let mut bound = Vec::new();
+    {
+        let embedder = Embedder::load(&default_ort_library(), &args.model_dir, options)?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        embedder.embed(&refs[..64])?; // warm-up
+        for batch in [1usize, 16, 64] {
+            let t = Instant::now();
+            for chunk in refs.chunks(batch) {
+                embedder.embed(chunk)?;
+            }
+            bound.push((batch, rate(n, t.elapsed())));
+        }
+    }
+    let bound_of = |b: usize| bound.iter().find(|(x, _)| *x == b).unwrap().1;
+
+    // The service, as a separate process on loopback.
+    let bin = args.service_bin.clone().unwrap_or_else(|| {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("simq-embedder")
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = Command::new(&bin)
+        .args(["--model-dir", args.model_dir.to_str().unwrap()])
+        .args([
+            "--grpc-listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start {}: {e} (build it with cargo build --release)",
+                bin.display()
+            )
+        })?;
+    let addr = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        match EmbedderClient::connect(addr.clone()).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => anyhow::bail!("embedder did not come up: {e}"),
+        }
+    };
+    let texts = Arc::new(texts);
+    let mut c = client.clone();
+    c.embed(EmbedRequest {
+        texts: texts[..16].to_vec(),
+    })
+    .await?; // warm-up
+
+    // 1. One client, one text per request, one request at a time.
+    let single_n = n / 4;
+    let mut lat = Vec::with_capacity(single_n);
+    let t = Instant::now();
+    for text in texts.iter().take(single_n) {
+        let q = Instant::now();
+        c.embed(EmbedRequest {
+            texts: vec![text.clone()],
+        })
+        .await?;
+        lat.push(q.elapsed().as_secs_f64() * 1000.0);
+    }
+    let single_rate = rate(single_n, t.elapsed());
+    lat.sort_by(f64::total_cmp);
+
+    // 2. and 3. Concurrent clients sending `per_request` texts per request.
+    let load = |per_request: usize| {
+        let client = client.clone();
+        let texts = texts.clone();
+        let concurrency = args.concurrency;
+        async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency {
+                let (mut c, texts, next) = (client.clone(), texts.clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(per_request, Ordering::Relaxed);
+                        if i >= texts.len() {
+                            return Ok::<_, tonic::Status>(());
+                        }
+                        let end = (i + per_request).min(texts.len());
+                        c.embed(EmbedRequest {
+                            texts: texts[i..end].to_vec(),
+                        })
+                        .await?;
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.expect("load task")?;
+            }
+            Ok::<_, tonic::Status>(rate(texts.len(), t.elapsed()))
+        }
+    };
+    let concurrent_single = load(1).await?;
+    let concurrent_16 = load(16).await?;
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+
+    println!(
+        "embedder throughput, {n} real corpus texts, {} sessions x {} thread, {} cores",
+        options.sessions, options.intra_threads, options.sessions
+    );
+    println!();
+    println!("| path | texts/s | bound (bare runtime) texts/s | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!("| bare runtime, batch 1 | {:.0} | | |", bound_of(1));
+    println!(
+        "| bare runtime, batch 16 (length-bucketed) | {:.0} | | |",
+        bound_of(16)
+    );
+    println!(
+        "| bare runtime, batch 64 (length-bucketed) | {:.0} | | |",
+        bound_of(64)
+    );
+    println!(
+        "| service, 1 client, 1 text/request (p50 {:.2} ms, p99 {:.2} ms) | {:.0} | {:.0} (batch 1) | {:.2} |",
+        percentile(&lat, 50),
+        percentile(&lat, 99),
+        single_rate,
+        bound_of(1),
+        single_rate / bound_of(1)
+    );
+    println!(
+        "| service, {} clients, 1 text/request | {:.0} | {:.0} (batch 16) | {:.2} |",
+        args.concurrency,
+        concurrent_single,
+        bound_of(16),
+        concurrent_single / bound_of(16)
+    );
+    println!(
+        "| service, {} clients, 16 texts/request | {:.0} | {:.0} (batch 16) | {:.2} |",
+        args.concurrency,
+        concurrent_16,
+        bound_of(16),
+        concurrent_16 / bound_of(16)
+    );
+    Ok(())
+}
