@@ -1,23 +1,118 @@
-//! simq-balancer: the public entry of simq (see `--help`).
+//! simq-balancer: the public entry of simq. Parses flags and wires the parts of the
+//! balancer library into a Pingora server.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use clap::Parser;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use simq_balancer::app::BalancerApp;
+use simq_balancer::metrics::Metrics;
+use simq_balancer::query::{AnswerCache, Executor, QueryOptions};
+use simq_balancer::state::SharedState;
+use simq_balancer::watch::Watcher;
+use simq_consul::{ConsulClient, KvLayout};
 
-/// The public HTTP entry of simq: POST /v1/query {"query": "..."}.
+/// The public HTTP entry of simq.
 ///
-/// Follows the active index generation, its centroid map and healthy instances in Consul,
-/// embeds the query, asks the shards with the nearest centroids, merges and answers.
+/// POST /v1/query {"query": "...", "k": 5} (k optional; also POST /query) answers
+/// {"query", "similar", "score", "results": [{"text", "score", "shard"}], "dg", "took_ms",
+/// "degraded"}. GET /health, GET /metrics (Prometheus), GET /v1/status.
+///
+/// Follows the active index generation (Consul KV <prefix>active), its manifest
+/// (<prefix>dg/<dg>/manifest) and the passing instances of simq-embedder (tag
+/// model=<model id>) and simq-shard (tags dg=<dg>, shard=<n>) with blocking queries.
+/// Each query embeds with an embedder of the dg's model, asks the nprobe shards whose
+/// centroids are nearest (another replica on failure, the next-nearest shard when one has
+/// no healthy replica, marked "degraded"), and merges the top k. If Consul becomes
+/// unreachable it keeps serving from the last state it read.
+///
+/// Stops on SIGTERM (graceful: in-flight requests finish) or SIGINT (fast).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Consul HTTP address.
+    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "http://127.0.0.1:8500")]
+    consul: String,
+    /// Consul KV prefix of simq's keys.
+    #[arg(long, default_value = "simq/")]
+    kv_prefix: String,
+    /// Shards asked per query.
+    #[arg(long, default_value_t = 2)]
+    nprobe: usize,
+    /// arroy search_k sent to shards (0: the shard's default).
+    #[arg(long, default_value_t = 0)]
+    search_k: u32,
+    /// Whole-request deadline in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    deadline_ms: u64,
+    /// Timeout of one upstream attempt in milliseconds (a retry goes to another replica).
+    #[arg(long, default_value_t = 500)]
+    attempt_timeout_ms: u64,
+    /// Answers kept in the cache (0 turns it off).
+    #[arg(long, default_value_t = 10_000)]
+    cache_entries: usize,
+    /// Seconds a Consul blocking query may wait.
+    #[arg(long, default_value_t = 30)]
+    consul_wait_secs: u64,
+    /// Worker threads of the HTTP server.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    shutdown_grace_secs: u64,
+}
+
+struct WatchService(Watcher);
+
+#[async_trait]
+impl BackgroundService for WatchService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.0.clone().run(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+    }
 }
 
 fn main() -> anyhow::Result<()> {
+    simq_consul::service::init_logging();
     let args = Args::parse();
-    anyhow::bail!(
-        "the balancer is not built yet (issue 5); would listen on {}",
-        args.listen
-    )
+    let metrics = Metrics::new()?;
+    let state = Arc::new(SharedState::default());
+    let watcher = Watcher {
+        consul: ConsulClient::new(&args.consul)?,
+        layout: KvLayout::new(&args.kv_prefix),
+        state: state.clone(),
+        metrics: metrics.clone(),
+        wait: Duration::from_secs(args.consul_wait_secs),
+    };
+    let options = QueryOptions {
+        nprobe: args.nprobe,
+        search_k: args.search_k,
+        deadline: Duration::from_millis(args.deadline_ms),
+        attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
+    };
+    let executor = Arc::new(Executor::new(options, metrics, AnswerCache::new(args.cache_entries)));
+
+    let conf = ServerConf {
+        threads: args.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(args.shutdown_grace_secs),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut http = pingora::services::listening::Service::new("simq balancer".to_string(), BalancerApp { state, executor });
+    http.add_tcp(&args.listen);
+    server.add_service(http);
+    server.add_service(background_service("consul watch", WatchService(watcher)));
+    tracing::info!(listen = %args.listen, consul = %args.consul, "balancer starting");
+    server.run_forever();
 }

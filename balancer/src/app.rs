@@ -1,0 +1,155 @@
+//! The HTTP surface, a Pingora `ServeHttp` app: `POST /v1/query` (and `/query`),
+//! `GET /health`, `GET /metrics`, `GET /v1/status`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::query::Executor;
+use crate::request::{parse, ApiError, MAX_BODY_BYTES};
+use crate::state::SharedState;
+
+pub struct BalancerApp {
+    pub state: Arc<SharedState>,
+    pub executor: Arc<Executor>,
+}
+
+fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
+    let bytes = serde_json::to_vec(body).expect("JSON serialises");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("content-length", bytes.len())
+        .body(bytes)
+        .expect("static response")
+}
+
+fn error_response(e: &ApiError) -> Response<Vec<u8>> {
+    json_response(e.status, &e.body())
+}
+
+/// Read the body, refusing more than [`MAX_BODY_BYTES`] without buffering it all.
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
+    let too_large = |n: usize| ApiError::new(413, "body_too_large", format!("request body has at least {n} bytes, the limit is {MAX_BODY_BYTES}"));
+    if let Some(len) = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > MAX_BODY_BYTES {
+            return Err(too_large(len));
+        }
+    }
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_BODY_BYTES {
+                    return Err(too_large(body.len()));
+                }
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(ApiError::new(400, "bad_body", format!("cannot read the request body: {e}"))),
+        }
+    }
+}
+
+impl BalancerApp {
+    async fn query(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(e) => return error_response(&e),
+        };
+        let req = match parse(&body) {
+            Ok(r) => r,
+            Err(e) => return error_response(&e),
+        };
+        // One snapshot for the whole query: one dg, its shards, its model's embedders.
+        let snapshot = self.state.load();
+        let Some(routing) = snapshot.routing.as_ref() else {
+            return error_response(&ApiError::new(503, "no_active_dg", "no index generation is active yet"));
+        };
+        match self.executor.answer(routing, &req).await {
+            Ok(answer) => json_response(200, &serde_json::to_value(&answer).expect("answer serialises")),
+            Err(e) => error_response(&e),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let s = self.state.load();
+        let instances = |entries: &[simq_consul::ServiceEntry]| {
+            entries
+                .iter()
+                .map(|e| json!({"id": e.id, "address": format!("{}:{}", e.address, e.port), "tags": e.tags, "status": e.status}))
+                .collect::<Vec<_>>()
+        };
+        let routing = s.routing.as_ref().map(|r| {
+            json!({
+                "dg": r.active.dg,
+                "previous": r.active.previous,
+                "flipped_at": r.active.flipped_at,
+                "model_id": r.manifest.model_id,
+                "items": r.manifest.items,
+                "shards": r.shards.iter().enumerate().map(|(i, reps)| json!({
+                    "shard": i,
+                    "items": r.manifest.shards[i].items,
+                    "healthy_replicas": reps.iter().map(|u| u.addr.clone()).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "healthy_embedders": r.embedders.iter().map(|u| u.addr.clone()).collect::<Vec<_>>(),
+            })
+        });
+        json!({
+            "active": routing,
+            "instances": {"simq-shard": instances(&s.parts.shards), "simq-embedder": instances(&s.parts.embedders)},
+            "consul": {
+                "last_ok": s.consul_ok_at.map(|t| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+                "error": s.consul_error,
+            },
+            "cache": {"entries": self.executor.cache.len(), "capacity": self.executor.cache.capacity()},
+            "query": {
+                "nprobe": self.executor.options.nprobe,
+                "search_k": self.executor.options.search_k,
+                "deadline_ms": self.executor.options.deadline.as_millis() as u64,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for BalancerApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let started = Instant::now();
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let resp = match (method.as_str(), path.as_str()) {
+            ("POST", "/v1/query" | "/query") => self.query(session).await,
+            ("GET", "/health") => {
+                let ready = self.state.load().routing.is_some();
+                json_response(if ready { 200 } else { 503 }, &json!({"status": if ready { "ok" } else { "no active dg" }}))
+            }
+            ("GET", "/metrics") => Response::builder()
+                .status(200)
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(self.executor.metrics.render())
+                .expect("static response"),
+            ("GET", "/v1/status") => json_response(200, &self.status()),
+            (_, "/v1/query" | "/query") => error_response(&ApiError::new(405, "method_not_allowed", format!("{method} {path}: use POST with a JSON body"))),
+            (_, "/health" | "/metrics" | "/v1/status") => error_response(&ApiError::new(405, "method_not_allowed", format!("{method} {path}: use GET"))),
+            _ => error_response(&ApiError::new(404, "not_found", format!("no route {path}; try POST /v1/query"))),
+        };
+        let m = &self.executor.metrics;
+        m.requests.with_label_values(&[resp.status().as_str()]).inc();
+        if path.ends_with("query") {
+            m.request_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        resp
+    }
+}

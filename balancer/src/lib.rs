@@ -1,0 +1,16 @@
+//! simq-balancer: the public entry of simq, a Pingora HTTP app.
+//!
+//! - [`request`]: read and validate a query body (4xx errors that name the problem).
+//! - [`state`]: the routing snapshot (active dg, manifest, healthy instances), swapped
+//!   atomically; one request uses one snapshot, so one query uses one dg.
+//! - [`watch`]: Consul blocking-query watchers that keep the snapshot current and keep the
+//!   last good state when Consul is unreachable.
+//! - [`query`]: embed, route to the nearest shards, retry/fallback, merge; answer cache.
+//! - [`app`]: the HTTP routes; [`metrics`]: Prometheus metrics.
+
+pub mod app;
+pub mod metrics;
+pub mod query;
+pub mod request;
+pub mod state;
+pub mod watch;

@@ -1,0 +1,141 @@
+//! Reading a query request: the JSON body, validated, with errors that name the problem.
+
+use serde_json::Value;
+
+/// Longest accepted query, in characters.
+pub const MAX_QUERY_CHARS: usize = 1000;
+/// Largest accepted request body, in bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Results per query at most.
+pub const MAX_K: usize = 50;
+/// Results per query when the request gives no `k`.
+pub const DEFAULT_K: usize = 5;
+
+/// A valid query request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryRequest {
+    /// The query as sent (trimmed).
+    pub query: String,
+    pub k: usize,
+}
+
+impl QueryRequest {
+    /// The cache key part: case-folded, whitespace collapsed.
+    pub fn normalized(&self) -> String {
+        self.query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    }
+}
+
+/// An error answered to the client: HTTP status and a message naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    /// Machine-readable kind, e.g. "invalid_json".
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        serde_json::json!({"error": {"kind": self.kind, "message": self.message}})
+    }
+}
+
+/// Parse and validate a request body.
+pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
+    let bad = |kind, msg: String| Err(ApiError::new(400, kind, msg));
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body has {} bytes, the limit is {MAX_BODY_BYTES}", body.len()),
+        ));
+    }
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return bad("invalid_json", format!("body is not valid JSON: {e}")),
+    };
+    let Value::Object(obj) = value else {
+        return bad("invalid_body", "body must be a JSON object like {\"query\": \"...\"}".into());
+    };
+    let query = match obj.get("query") {
+        None => return bad("missing_field", "field \"query\" is missing".into()),
+        Some(Value::String(s)) => s.trim().to_string(),
+        Some(other) => return bad("wrong_type", format!("field \"query\" must be a string, got {}", type_name(other))),
+    };
+    if query.is_empty() {
+        return bad("empty_query", "field \"query\" is empty".into());
+    }
+    let chars = query.chars().count();
+    if chars > MAX_QUERY_CHARS {
+        return bad("query_too_long", format!("field \"query\" has {chars} characters, the limit is {MAX_QUERY_CHARS}"));
+    }
+    let k = match obj.get("k") {
+        None | Some(Value::Null) => DEFAULT_K,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(k) if (1..=MAX_K as u64).contains(&k) => k as usize,
+            _ => return bad("k_out_of_range", format!("field \"k\" is {n}, must be an integer in 1..={MAX_K}")),
+        },
+        Some(other) => return bad("wrong_type", format!("field \"k\" must be an integer, got {}", type_name(other))),
+    };
+    Ok(QueryRequest { query, k })
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> ApiError {
+        parse(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn plain_and_full_bodies_parse() {
+        assert_eq!(parse(br#"{"query": "  How do I sort?  "}"#).unwrap(), QueryRequest { query: "How do I sort?".into(), k: 5 });
+        assert_eq!(parse(br#"{"query": "x", "k": 12}"#).unwrap().k, 12);
+    }
+
+    #[test]
+    fn each_bad_input_names_its_problem() {
+        assert_eq!(err("not json").kind, "invalid_json");
+        assert_eq!(err("[1]").kind, "invalid_body");
+        assert_eq!(err("{}").message, "field \"query\" is missing");
+        assert_eq!(err(r#"{"query": 5}"#).message, "field \"query\" must be a string, got a number");
+        assert_eq!(err(r#"{"query": "   "}"#).message, "field \"query\" is empty");
+        let long = format!(r#"{{"query": "{}"}}"#, "a".repeat(1001));
+        assert_eq!(err(&long).message, "field \"query\" has 1001 characters, the limit is 1000");
+        assert_eq!(err(r#"{"query": "x", "k": 0}"#).kind, "k_out_of_range");
+        assert_eq!(err(r#"{"query": "x", "k": 51}"#).message, "field \"k\" is 51, must be an integer in 1..=50");
+        assert_eq!(err(r#"{"query": "x", "k": 2.5}"#).kind, "k_out_of_range");
+        assert_eq!(err(r#"{"query": "x", "k": "3"}"#).message, "field \"k\" must be an integer, got a string");
+        let huge = vec![b' '; MAX_BODY_BYTES + 1];
+        let e = parse(&huge).unwrap_err();
+        assert_eq!((e.status, e.kind), (413, "body_too_large"));
+        assert!(err("{}").status == 400);
+    }
+
+    #[test]
+    fn normalized_folds_case_and_space() {
+        let q = parse(br#"{"query": "How  DO i\tSort?"}"#).unwrap();
+        assert_eq!(q.normalized(), "how do i sort?");
+    }
+}
