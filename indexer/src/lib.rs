@@ -5,8 +5,16 @@
 //! - [`build`]: the build pipeline: embed (the embedder's own runtime), cluster, index
 //!   each shard (`simq-shard`'s file format), write the manifest (`simq-consul`'s contract).
 //! - [`eval`]: recall@k of the sharded path against exact search.
+//! - [`blobs`]: the content-addressed blob store and its HTTP server.
+//! - [`publish`]: blobs into the store, the manifest into Consul KV; idempotent.
+//! - [`flip`]: the active pointer's single CAS write.
+//! - [`rollout`]: the shards' Nomad deployment with canaries, flip, promote.
 
+pub mod blobs;
 pub mod build;
 pub mod corpus;
 pub mod eval;
+pub mod flip;
 pub mod kmeans;
+pub mod publish;
+pub mod rollout;

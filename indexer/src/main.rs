@@ -37,6 +37,94 @@ enum Command {
     /// Measure recall@k of the sharded path against exact search, for several nprobe and
     /// search_k values, with per-query latency.
     Eval(EvalArgs),
+    /// Publish a built dg: shard files into the blob store (named by sha256), the manifest
+    /// into Consul KV (<prefix>dg/<dg>/manifest). Idempotent: says "unchanged" the second time.
+    Publish(PublishArgs),
+    /// Roll a published dg out through Nomad: a full canary set beside the running dg,
+    /// health-gated (artifact checksum, shard self-test), then one CAS flip of the active
+    /// dg, then promotion (old shards stop). A failed canary makes Nomad revert; the active
+    /// dg stays and this exits non-zero naming the shard and the cause.
+    Rollout(RolloutArgs),
+    /// Flip the active dg back to the previous one (one CAS write), rolling its shards out
+    /// again first if they no longer run.
+    Rollback(RolloutArgs),
+    /// Flip the active dg to a published dg whose shards already run (one CAS write).
+    Flip(FlipArgs),
+    /// Show the active and previous dg, the running shards job and shard health.
+    Status(ClusterArgs),
+    /// Serve the blob store over HTTP (GET /<sha256>) for Nomad's artifact fetch.
+    ServeBlobs(ServeBlobsArgs),
+    /// Print the model id of a model directory.
+    ModelId(ModelArgs),
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// Consul HTTP address.
+    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "http://127.0.0.1:8500")]
+    consul: String,
+    /// Nomad HTTP address.
+    #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
+    nomad: String,
+    /// Consul KV prefix of simq's keys.
+    #[arg(long, default_value = "simq/")]
+    kv_prefix: String,
+}
+
+#[derive(Args, Debug)]
+struct PublishArgs {
+    /// A built dg directory.
+    dg_dir: PathBuf,
+    /// Blob store directory.
+    #[arg(long, env = "SIMQ_BLOBS")]
+    blobs: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args, Debug)]
+struct RolloutArgs {
+    /// The dg to roll out (rollback: ignored, the previous dg is used).
+    #[arg(default_value = "")]
+    dg: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Replicas per shard.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Base URL of the blob store.
+    #[arg(long, default_value = "http://127.0.0.1:8090")]
+    blob_url: String,
+    /// Absolute path of the simq-shard binary the job runs [default: beside this binary].
+    #[arg(long)]
+    shard_bin: Option<PathBuf>,
+    /// Seconds a new shard instance may take to pass its checks.
+    #[arg(long, default_value_t = 30)]
+    healthy_deadline_secs: u64,
+    /// Seconds without progress before the deployment fails and Nomad reverts.
+    #[arg(long, default_value_t = 35)]
+    progress_deadline_secs: u64,
+    /// Seconds to follow the deployment at most.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+}
+
+#[derive(Args, Debug)]
+struct FlipArgs {
+    /// The dg to make active.
+    dg: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args, Debug)]
+struct ServeBlobsArgs {
+    /// Blob store directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Args, Debug)]
@@ -111,9 +199,136 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     match cli.command {
         Command::Build(args) => run_build(args),
         Command::Eval(args) => run_eval(args),
+        Command::ModelId(args) => {
+            println!("{}", simq_embedder::model::ModelDir::open(&args.model_dir)?.model_id);
+            Ok(())
+        }
+        Command::Publish(args) => rt()?.block_on(cluster::publish(args)),
+        Command::Rollout(args) => rt()?.block_on(cluster::rollout(args, false)),
+        Command::Rollback(args) => rt()?.block_on(cluster::rollout(args, true)),
+        Command::Flip(args) => rt()?.block_on(cluster::flip(args)),
+        Command::Status(args) => rt()?.block_on(cluster::status(args)),
+        Command::ServeBlobs(args) => rt()?.block_on(cluster::serve_blobs(args)),
+    }
+}
+
+/// The subcommands that talk to the cluster.
+mod cluster {
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use simq_consul::{ConsulClient, KvLayout};
+    use simq_indexer::blobs::{serve, BlobStore};
+    use simq_indexer::flip::{self, Flipped};
+    use simq_indexer::publish::publish as publish_dg;
+    use simq_indexer::rollout::{rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID};
+    use simq_nomad::NomadClient;
+
+    use super::{ClusterArgs, FlipArgs, PublishArgs, RolloutArgs, ServeBlobsArgs};
+
+    fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
+        Ok((ConsulClient::new(&c.consul)?, NomadClient::new(&c.nomad)?, KvLayout::new(&c.kv_prefix)))
+    }
+
+    pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+        let (consul, _, layout) = clients(&args.cluster)?;
+        let r = publish_dg(&args.dg_dir, &BlobStore::new(&args.blobs), &consul, &layout).await?;
+        if r.unchanged() {
+            eprintln!("dg {} already published: {} blobs present, manifest unchanged; nothing to do", r.dg, r.blobs_present);
+        } else {
+            eprintln!(
+                "dg {} published: {} blobs added, {} repaired, {} already present; manifest {}",
+                r.dg,
+                r.blobs_added,
+                r.blobs_repaired,
+                r.blobs_present,
+                if r.manifest_written { "written" } else { "unchanged" }
+            );
+        }
+        println!("{}", r.dg);
+        Ok(())
+    }
+
+    pub async fn rollout(args: RolloutArgs, back: bool) -> anyhow::Result<()> {
+        let (consul, nomad, layout) = clients(&args.cluster)?;
+        let dg = if back {
+            let observed = flip::observe(&consul, &layout).await?;
+            let active = observed.active.clone().context("no dg is active: nothing to roll back")?;
+            let previous = active.previous.context("the active dg has no previous dg to roll back to")?;
+            if running_dg(&nomad).await?.as_deref() != Some(previous.as_str()) {
+                eprintln!("rolling back to {previous}: its shards no longer run, rolling them out again");
+            } else {
+                match flip::flip_from(&consul, &layout, &observed, &previous).await? {
+                    Flipped::Now(a) | Flipped::AlreadyActive(a) => eprintln!("active dg is {} (previous {:?})", a.dg, a.previous),
+                }
+                println!("{previous}");
+                return Ok(());
+            }
+            previous
+        } else {
+            anyhow::ensure!(!args.dg.is_empty(), "name the dg to roll out");
+            args.dg.clone()
+        };
+        let shard_bin = match args.shard_bin {
+            Some(p) => p,
+            None => std::env::current_exe()?.with_file_name("simq-shard"),
+        };
+        let opts = RolloutOptions {
+            replicas: args.replicas,
+            blob_url: args.blob_url.clone(),
+            shard_bin: shard_bin.to_string_lossy().into_owned(),
+            healthy_deadline: Duration::from_secs(args.healthy_deadline_secs),
+            progress_deadline: Duration::from_secs(args.progress_deadline_secs),
+            timeout: Duration::from_secs(args.timeout_secs),
+        };
+        let RolloutOutcome::Done { flipped, seconds_to_flip } = roll(&nomad, &consul, &layout, &dg, &opts, |line| eprintln!("{line}")).await?;
+        match flipped {
+            Flipped::Now(a) => eprintln!("done: {} active (previous {:?}), {seconds_to_flip:.1} s from rollout to flip", a.dg, a.previous),
+            Flipped::AlreadyActive(a) => eprintln!("done: {} was already active", a.dg),
+        }
+        println!("{dg}");
+        Ok(())
+    }
+
+    pub async fn flip(args: FlipArgs) -> anyhow::Result<()> {
+        let (consul, _, layout) = clients(&args.cluster)?;
+        match flip::flip(&consul, &layout, &args.dg).await? {
+            Flipped::Now(a) => eprintln!("active dg is now {} (previous {:?})", a.dg, a.previous),
+            Flipped::AlreadyActive(a) => eprintln!("{} is already active; nothing changed", a.dg),
+        }
+        Ok(())
+    }
+
+    pub async fn status(args: ClusterArgs) -> anyhow::Result<()> {
+        let (consul, nomad, layout) = clients(&args)?;
+        let observed = flip::observe(&consul, &layout).await?;
+        match &observed.active {
+            Some(a) => println!("active:   {} (since {})\nprevious: {}", a.dg, a.flipped_at, a.previous.as_deref().unwrap_or("-")),
+            None => println!("active:   - (no dg was ever activated)"),
+        }
+        println!("shards job runs: {}", running_dg(&nomad).await?.as_deref().unwrap_or("-"));
+        if let Some(d) = nomad.latest_deployment(SHARDS_JOB_ID).await? {
+            println!("latest deployment: {} version {} {} ({})", &d.id[..8], d.job_version, d.status, d.status_description);
+        }
+        for e in consul.health_service("simq-shard", false, None).await?.value {
+            println!("  simq-shard {}:{} {} [{}]", e.address, e.port, e.status, e.tags.join(", "));
+        }
+        for e in consul.health_service("simq-embedder", false, None).await?.value {
+            println!("  simq-embedder {}:{} {} [{}]", e.address, e.port, e.status, e.tags.join(", "));
+        }
+        Ok(())
+    }
+
+    pub async fn serve_blobs(args: ServeBlobsArgs) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&args.dir)?;
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        tracing::info!(dir = %args.dir.display(), listen = %args.listen, "serving blobs");
+        serve(BlobStore::new(&args.dir), listener, simq_consul::service::shutdown_signal()).await;
+        Ok(())
     }
 }
 

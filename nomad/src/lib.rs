@@ -2,6 +2,7 @@
 //!
 //! - [`client`]: parse HCL2 job files with variables, register, stop, follow
 //!   deployments and allocations.
+//! - [`jobs`]: the job specs, compiled in.
 //! - [`error`]: the crate's one error type.
 //!
 //! Beside this crate: the job specs (`nomad/*.nomad.hcl`), the dev agent configuration
@@ -10,6 +11,7 @@
 
 pub mod client;
 pub mod error;
+pub mod jobs;
 
 pub use client::{hcl_variables, Allocation, Deployment, JobStub, NomadClient, Registration};
 pub use error::{Error, Result};

@@ -1,0 +1,218 @@
+//! `indexer rollout`: run a published dg's shards through a Nomad deployment and flip the
+//! active dg once every shard of the new dg is healthy.
+//!
+//! Design: one job (`simq-shards`), one group per shard. Rolling to a new dg while another
+//! runs registers the job with `canary = replicas`: Nomad starts a full new set beside the
+//! old one (blue/green). The balancers keep routing with the old dg, whose shards keep
+//! running. When every canary passes its checks (artifact checksum, shard self-test), the
+//! active pointer flips with one CAS write, and only then is the deployment promoted,
+//! which stops the old allocations. If a canary fails, the deployment fails at its
+//! progress deadline and Nomad reverts the job by itself (`auto_revert`); the pointer
+//! never moved.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use simq_consul::{ConsulClient, KvLayout, Manifest};
+use simq_nomad::{hcl_variables, NomadClient};
+
+use crate::flip::{flip, FlipError, Flipped};
+
+/// The job id of the shards job.
+pub const SHARDS_JOB_ID: &str = "simq-shards";
+
+/// Knobs of a rollout.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    pub replicas: usize,
+    pub blob_url: String,
+    pub shard_bin: String,
+    pub healthy_deadline: Duration,
+    pub progress_deadline: Duration,
+    /// Give up waiting after this long (Nomad keeps its own deadlines).
+    pub timeout: Duration,
+}
+
+/// How a rollout ended well.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutOutcome {
+    /// The dg's shards run and the pointer names it.
+    Done { flipped: Flipped, seconds_to_flip: f64 },
+}
+
+/// The dg the running shards job serves, if any.
+pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
+    let Some(job) = nomad.job(SHARDS_JOB_ID).await? else { return Ok(None) };
+    if job["Stop"].as_bool() == Some(true) || job["Status"] == "dead" {
+        return Ok(None);
+    }
+    Ok(job["Meta"]["dg"].as_str().map(String::from))
+}
+
+async fn published_manifest(consul: &ConsulClient, layout: &KvLayout, dg: &str) -> anyhow::Result<Manifest> {
+    let key = layout.manifest(dg);
+    let kv = consul
+        .kv_get(&key, None)
+        .await?
+        .value
+        .ok_or_else(|| anyhow!("dg {dg} is not published: {key} does not exist (run `simq-indexer publish` first)"))?;
+    let m: Manifest = serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not a manifest"))?;
+    m.validate().map_err(|e| anyhow!("{key}: {e}"))?;
+    Ok(m)
+}
+
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// Register the shards job for `manifest` with `canary` canaries per group; returns the
+/// job version Nomad assigned.
+pub async fn register_shards(nomad: &NomadClient, manifest: &Manifest, canary: usize, opts: &RolloutOptions) -> anyhow::Result<u64> {
+    let shards: Vec<serde_json::Value> = manifest
+        .shards
+        .iter()
+        .map(|s| serde_json::json!({"shard": s.shard, "sha256": s.sha256}))
+        .collect();
+    let shards_json = serde_json::to_string(&shards)?;
+    let (dims, replicas, canary) = (manifest.dims.to_string(), opts.replicas.to_string(), canary.to_string());
+    let (healthy, progress) = (go_duration(opts.healthy_deadline), go_duration(opts.progress_deadline));
+    let vars = hcl_variables([
+        ("dg", manifest.dg.as_str()),
+        ("model_id", manifest.model_id.as_str()),
+        ("shards_json", shards_json.as_str()),
+        ("blob_url", opts.blob_url.as_str()),
+        ("shard_bin", opts.shard_bin.as_str()),
+        ("healthy_deadline", healthy.as_str()),
+        ("progress_deadline", progress.as_str()),
+    ]);
+    // Numbers are HCL numbers, not strings.
+    let vars = format!("{vars}dims = {dims}\nreplicas = {replicas}\ncanary = {canary}\n");
+    let job = nomad.parse_job(simq_nomad::jobs::SHARDS, &vars).await.context("parsing nomad/shards.nomad.hcl")?;
+    nomad.register_job(&job).await.context("registering the shards job")?;
+    let registered = nomad.job(SHARDS_JOB_ID).await?.ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} vanished after registration"))?;
+    registered["Version"].as_u64().ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} has no version"))
+}
+
+/// Why the deployment of `version` failed, per shard, from the allocations' task events.
+pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result<Vec<String>> {
+    let mut causes = Vec::new();
+    for stub in nomad.job_allocations(SHARDS_JOB_ID).await? {
+        if stub.job_version != version {
+            continue;
+        }
+        let healthy = stub.deployment_status.as_ref().and_then(|d| d.healthy);
+        if healthy == Some(true) {
+            continue;
+        }
+        let alloc = nomad.allocation(&stub.id).await?;
+        let interesting: Vec<String> = alloc
+            .event_lines()
+            .into_iter()
+            .filter(|l| !l.contains(": Received:") && !l.contains(": Task Setup:") && !l.contains(": Downloading Artifacts:"))
+            .collect();
+        causes.push(format!("{} ({}): {}", alloc.task_group, alloc.client_status, interesting.join(" | ")));
+    }
+    Ok(causes)
+}
+
+/// Roll `dg` out; `progress` receives one line per change of state.
+pub async fn rollout(
+    nomad: &NomadClient,
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    dg: &str,
+    opts: &RolloutOptions,
+    progress: impl Fn(&str),
+) -> anyhow::Result<RolloutOutcome> {
+    let started = Instant::now();
+    let manifest = published_manifest(consul, layout, dg).await?;
+    let current = running_dg(nomad).await?;
+    let canary = match &current {
+        Some(cur) if cur != dg => opts.replicas,
+        _ => 0,
+    };
+    progress(&format!(
+        "rolling out {dg} ({} shards x {} replicas){}",
+        manifest.shards.len(),
+        opts.replicas,
+        match &current {
+            Some(cur) if cur != dg => format!(", canaries beside running {cur}"),
+            Some(_) => ", same dg already running".into(),
+            None => String::new(),
+        }
+    ));
+    let version = register_shards(nomad, &manifest, canary, opts).await?;
+    let deadline = started + opts.timeout;
+    let mut last_line = String::new();
+    let mut flipped = None;
+    loop {
+        if Instant::now() > deadline {
+            bail!("rollout of {dg} timed out after {:?}; Nomad keeps following its own deadlines", opts.timeout);
+        }
+        let dep = nomad.latest_deployment(SHARDS_JOB_ID).await?;
+        let Some(dep) = dep.filter(|d| d.job_version >= version) else {
+            // Re-registering an identical job makes no deployment: it is running already.
+            if nomad.latest_deployment(SHARDS_JOB_ID).await?.is_some_and(|d| d.status == "successful") && current.as_deref() == Some(dg) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        if dep.job_version > version {
+            // Nomad registered a newer version: the auto-revert of ours.
+            let causes = failure_causes(nomad, version).await?;
+            bail!(
+                "rollout of {dg} failed and Nomad reverted the job (version {version} -> {}): {}",
+                dep.job_version,
+                causes.join("; ")
+            );
+        }
+        let groups: Vec<String> = dep
+            .task_groups
+            .iter()
+            .map(|(g, s)| format!("{g} {}/{}", s.healthy_allocs, if canary > 0 { s.desired_canaries } else { s.desired_total }))
+            .collect();
+        let line = format!("deployment {} {}: {}", &dep.id[..8], dep.status, groups.join(", "));
+        if line != last_line {
+            progress(&line);
+            last_line = line;
+        }
+        match dep.status.as_str() {
+            "successful" => break,
+            "failed" | "cancelled" => {
+                let causes = failure_causes(nomad, version).await?;
+                bail!(
+                    "rollout of {dg} failed: {}; {}. The active dg was not changed{}",
+                    dep.status_description,
+                    causes.join("; "),
+                    if dep.status_description.contains("rolling back") { "; Nomad reverts the job" } else { "" }
+                );
+            }
+            _ => {}
+        }
+        let all_canaries_healthy = canary > 0
+            && !dep.task_groups.is_empty()
+            && dep.task_groups.values().all(|g| g.desired_canaries > 0 && g.healthy_allocs >= g.desired_canaries);
+        if all_canaries_healthy && flipped.is_none() {
+            // Every shard of the new dg is healthy: flip first, then let the old set go.
+            let f = flip(consul, layout, dg).await.map_err(|e| match e {
+                FlipError::LostRace { .. } => anyhow!("{e}; the deployment was not promoted"),
+                e => anyhow!(e),
+            })?;
+            progress(&format!("active dg flipped to {dg} after {:.1} s", started.elapsed().as_secs_f64()));
+            flipped = Some((f, started.elapsed().as_secs_f64()));
+            nomad.promote_deployment(&dep.id).await.context("promoting the deployment")?;
+            progress("deployment promoted: old shards stop");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (flipped, seconds_to_flip) = match flipped {
+        Some(f) => f,
+        None => {
+            let f = flip(consul, layout, dg).await?;
+            progress(&format!("active dg is {dg} ({:.1} s)", started.elapsed().as_secs_f64()));
+            (f, started.elapsed().as_secs_f64())
+        }
+    };
+    Ok(RolloutOutcome::Done { flipped, seconds_to_flip })
+}

@@ -1,0 +1,92 @@
+# The public entry: the Pingora balancer on a fixed loopback port.
+
+variable "balancer_bin" {
+  type        = string
+  description = "Absolute path of the simq-balancer binary."
+}
+
+variable "port" {
+  type        = number
+  description = "Port the balancer listens on (127.0.0.1)."
+  default     = 8080
+}
+
+variable "consul_addr" {
+  type        = string
+  description = "Consul HTTP address the balancer follows."
+  default     = "http://127.0.0.1:8500"
+}
+
+variable "nprobe" {
+  type        = number
+  description = "Shards asked per query."
+  default     = 2
+}
+
+job "simq-balancer" {
+  datacenters = ["*"]
+  type        = "service"
+
+  group "balancer" {
+    count = 1
+
+    network {
+      port "http" {
+        static = var.port
+      }
+    }
+
+    update {
+      max_parallel      = 1
+      health_check      = "checks"
+      min_healthy_time  = "1s"
+      healthy_deadline  = "30s"
+      progress_deadline = "40s"
+      auto_revert       = true
+    }
+
+    restart {
+      attempts = 3
+      interval = "1m"
+      delay    = "1s"
+      mode     = "fail"
+    }
+
+    service {
+      name     = "simq-balancer"
+      port     = "http"
+      provider = "consul"
+
+      check {
+        type     = "http"
+        path     = "/health"
+        interval = "2s"
+        timeout  = "1s"
+      }
+    }
+
+    task "balancer" {
+      driver = "raw_exec"
+
+      config {
+        command = var.balancer_bin
+        args = [
+          "--listen", "127.0.0.1:${NOMAD_PORT_http}",
+          "--consul", var.consul_addr,
+          "--nprobe", "${var.nprobe}",
+        ]
+      }
+
+      env {
+        SIMQ_LOG_FORMAT = "json"
+      }
+
+      kill_timeout = "10s"
+
+      resources {
+        cpu    = 300
+        memory = 256
+      }
+    }
+  }
+}

@@ -1,0 +1,98 @@
+# The embedding service: texts -> vectors, registered in Consul as simq-embedder with the
+# tag model=<model id>, so balancers only pair it with dgs built by the same model.
+
+variable "model_id" {
+  type        = string
+  description = "Model id of the model directory (simq-indexer model-id prints it)."
+}
+
+variable "model_dir" {
+  type        = string
+  description = "Absolute path of the model directory."
+}
+
+variable "embedder_bin" {
+  type        = string
+  description = "Absolute path of the simq-embedder binary."
+}
+
+variable "ort_library" {
+  type        = string
+  description = "Absolute path of libonnxruntime.so."
+}
+
+variable "count" {
+  type        = number
+  description = "Embedder instances."
+  default     = 1
+}
+
+job "simq-embedder" {
+  datacenters = ["*"]
+  type        = "service"
+
+  group "embedder" {
+    count = var.count
+
+    network {
+      port "grpc" {}
+      port "http" {}
+    }
+
+    update {
+      max_parallel      = 1
+      health_check      = "checks"
+      min_healthy_time  = "1s"
+      healthy_deadline  = "60s"
+      progress_deadline = "70s"
+      auto_revert       = true
+    }
+
+    restart {
+      attempts = 2
+      interval = "1m"
+      delay    = "2s"
+      mode     = "fail"
+    }
+
+    service {
+      name     = "simq-embedder"
+      port     = "grpc"
+      provider = "consul"
+      tags     = ["model=${var.model_id}"]
+
+      check {
+        type     = "http"
+        port     = "http"
+        path     = "/health"
+        interval = "2s"
+        timeout  = "1s"
+      }
+    }
+
+    task "embedder" {
+      driver = "raw_exec"
+
+      config {
+        command = var.embedder_bin
+        args = [
+          "--model-dir", var.model_dir,
+          "--ort-library", var.ort_library,
+          "--grpc-listen", "127.0.0.1:${NOMAD_PORT_grpc}",
+          "--http-listen", "127.0.0.1:${NOMAD_PORT_http}",
+        ]
+      }
+
+      env {
+        SIMQ_LOG_FORMAT = "json"
+      }
+
+      kill_timeout = "10s"
+
+      resources {
+        cpu    = 1000
+        memory = 1024
+      }
+    }
+  }
+}

@@ -1,0 +1,162 @@
+# The shards of one index generation (dg): one group per shard, `replicas` instances each.
+# Each instance fetches its shard file from the blob store by content address (Nomad
+# verifies the sha256), then the shard binary verifies it again, checks model and dims,
+# self-tests, and only then turns its Consul check (GET /health) passing.
+#
+# Rolling to a new dg changes the artifact and args of every group, which makes a new
+# deployment: with canary = replicas, a full new set starts beside the old one; the
+# indexer flips the active dg once every canary is healthy, then promotes; Nomad reverts
+# by itself (auto_revert) when a canary fails its checks.
+
+variable "dg" {
+  type        = string
+  description = "The index generation these shards belong to (dg-...)."
+}
+
+variable "model_id" {
+  type        = string
+  description = "Model id from the dg's manifest; a shard file built by another model is refused."
+}
+
+variable "dims" {
+  type        = number
+  description = "Vector dims from the dg's manifest."
+}
+
+variable "shards_json" {
+  type        = string
+  description = "JSON list of {\"shard\": n, \"sha256\": \"...\"} from the dg's manifest."
+}
+
+variable "replicas" {
+  type        = number
+  description = "Instances per shard."
+  default     = 1
+}
+
+variable "canary" {
+  type        = number
+  description = "Canaries per group: 0 for the first deployment, = replicas for blue/green."
+  default     = 0
+}
+
+variable "blob_url" {
+  type        = string
+  description = "Base URL of the content-addressed blob store (GET <blob_url>/<sha256>)."
+}
+
+variable "shard_bin" {
+  type        = string
+  description = "Absolute path of the simq-shard binary."
+}
+
+variable "healthy_deadline" {
+  type        = string
+  description = "How long a new instance may take to pass its checks."
+  default     = "30s"
+}
+
+variable "progress_deadline" {
+  type        = string
+  description = "When a deployment without progress fails (and auto-reverts); just above healthy_deadline."
+  default     = "35s"
+}
+
+locals {
+  shards = jsondecode(var.shards_json)
+}
+
+job "simq-shards" {
+  datacenters = ["*"]
+  type        = "service"
+
+  meta {
+    dg = var.dg
+  }
+
+  dynamic "group" {
+    for_each = local.shards
+    labels   = ["shard-${group.value.shard}"]
+
+    content {
+      count = var.replicas
+
+      network {
+        port "grpc" {}
+        port "http" {}
+      }
+
+      update {
+        max_parallel      = var.replicas
+        canary            = var.canary
+        health_check      = "checks"
+        min_healthy_time  = "1s"
+        healthy_deadline  = var.healthy_deadline
+        progress_deadline = var.progress_deadline
+        auto_revert       = true
+        auto_promote      = false
+      }
+
+      restart {
+        attempts = 1
+        interval = "1m"
+        delay    = "2s"
+        mode     = "fail"
+      }
+
+      service {
+        name     = "simq-shard"
+        port     = "grpc"
+        provider = "consul"
+        tags     = ["dg=${var.dg}", "shard=${group.value.shard}"]
+
+        check {
+          type     = "http"
+          port     = "http"
+          path     = "/health"
+          interval = "1s"
+          timeout  = "1s"
+        }
+      }
+
+      task "shard" {
+        driver = "raw_exec"
+
+        artifact {
+          source      = "${var.blob_url}/${group.value.sha256}"
+          destination = "local/shard.lmdb"
+          mode        = "file"
+
+          options {
+            checksum = "sha256:${group.value.sha256}"
+          }
+        }
+
+        config {
+          command = var.shard_bin
+          args = [
+            "--file", "local/shard.lmdb",
+            "--sha256", group.value.sha256,
+            "--dg", var.dg,
+            "--shard", "${group.value.shard}",
+            "--model-id", var.model_id,
+            "--dims", "${var.dims}",
+            "--grpc-listen", "127.0.0.1:${NOMAD_PORT_grpc}",
+            "--http-listen", "127.0.0.1:${NOMAD_PORT_http}",
+          ]
+        }
+
+        env {
+          SIMQ_LOG_FORMAT = "json"
+        }
+
+        kill_timeout = "10s"
+
+        resources {
+          cpu    = 200
+          memory = 1024
+        }
+      }
+    }
+  }
+}
