@@ -213,6 +213,28 @@ pub fn build(
     })
 }
 
+/// A dg in `out` built from the same corpus, model and options, if any: building it again
+/// would give the same bytes, so the (long) embedding can be skipped.
+pub fn find_existing(out: &Path, corpus_sha256: &str, model_id: &str, opts: &BuildOptions) -> Option<(PathBuf, Manifest)> {
+    for entry in std::fs::read_dir(out).ok()?.flatten() {
+        let dir = entry.path();
+        let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else { continue };
+        let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else { continue };
+        let complete = (0..m.shards.len()).all(|s| dir.join(shard_file_name(s)).is_file());
+        if complete
+            && m.validate().is_ok()
+            && m.model_id == model_id
+            && m.build.corpus_sha256 == corpus_sha256
+            && m.build.n_trees == opts.n_trees
+            && m.build.seed == opts.seed
+            && m.shards.len() == opts.shards
+        {
+            return Some((dir, m));
+        }
+    }
+    None
+}
+
 /// File name of shard `s` inside a dg directory.
 pub fn shard_file_name(s: usize) -> String {
     format!("shard-{s}.lmdb")

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
-use simq_indexer::build::{build, BuildOptions};
+use simq_indexer::build::{build, find_existing, BuildOptions};
 use simq_indexer::corpus::{self, Format};
 use simq_indexer::eval::{recall, DgDir};
 
@@ -167,6 +167,10 @@ struct BuildArgs {
     /// Shards indexed at once [default: one per core].
     #[arg(long)]
     parallel_shards: Option<usize>,
+    /// Build even when the output directory already holds a dg of the same corpus, model
+    /// and options (by default that dg is reused: a rebuild gives the same bytes).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -365,6 +369,13 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         embed_chunk: 256,
         parallel_shards: args.parallel_shards.unwrap_or(cores),
     };
+    if !args.force {
+        if let Some((dir, m)) = find_existing(&args.out, &corpus.sha256(), embedder.model_id(), &opts) {
+            eprintln!("dg {} unchanged (already built from this corpus, model and options; --force rebuilds)", m.dg);
+            println!("{}", dir.display());
+            return Ok(());
+        }
+    }
     let report = build(&corpus, &embedder, &args.out, opts)?;
     let m = &report.manifest;
     eprintln!(

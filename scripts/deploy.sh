@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Deploys simq on the running local cluster (scripts/cluster.sh start) and serves a corpus:
+#   1. build the dg (skipped when the same corpus, model and options were built before),
+#   2. run the blob store, publish the dg (blobs + manifest in Consul KV),
+#   3. run the embedder, roll the shards out (canaries when another dg runs; flip; promote),
+#   4. run the balancer and wait until it answers.
+# Idempotent: a second run with the same corpus changes nothing.
+#
+# Settings (environment):
+#   SIMQ_CORPUS    corpus file                  [default: the real corpus, scripts/corpus.sh]
+#   SIMQ_BIN_DIR   directory of simq binaries   [default: release build, built here]
+#   SIMQ_SHARDS    shards (k-means k)           [default: 4]
+#   SIMQ_REPLICAS  replicas per shard           [default: 1]
+#   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
+shards="${SIMQ_SHARDS:-4}"
+replicas="${SIMQ_REPLICAS:-1}"
+port="${SIMQ_PORT:-8080}"
+blobs="$SIMQ_CACHE/blobs"
+if [ -z "${SIMQ_BIN_DIR:-}" ]; then
+  log "building release binaries"
+  (cd "$SIMQ_ROOT" && cargo build --release --locked --quiet --workspace --bins)
+  SIMQ_BIN_DIR="$CARGO_TARGET_DIR/release"
+fi
+bin="$SIMQ_BIN_DIR"
+for b in simq-indexer simq-embedder simq-shard simq-balancer; do
+  [ -x "$bin/$b" ] || die "$bin/$b is missing: build with cargo build --release"
+done
+export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
+nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deployment
+  local file=$1
+  shift
+  local vars=() v
+  for v in "$@"; do vars+=(-var "$v"); done
+  "$NOMAD_BIN" job run -address="$NOMAD_ADDR" "${vars[@]}" "$SIMQ_ROOT/nomad/$file" >"$SIMQ_CLUSTER_DIR/last-job-run.log" 2>&1 ||
+    { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }
+}
+
+log "build: $corpus ($shards shards)"
+dg_dir="$("$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --shards "$shards")"
+dg="$(basename "$dg_dir")"
+
+log "blob store"
+nomad_run blobs.nomad.hcl "indexer_bin=$bin/simq-indexer" "dir=$blobs"
+"$bin/simq-indexer" publish "$dg_dir" --blobs "$blobs" >/dev/null
+
+log "embedder"
+model_id="$("$bin/simq-indexer" model-id)"
+nomad_run embedder.nomad.hcl "model_id=$model_id" "model_dir=$SIMQ_MODEL_DIR" "embedder_bin=$bin/simq-embedder" "ort_library=$ORT_LIB"
+
+log "shards of $dg"
+"$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
+
+log "balancer on 127.0.0.1:$port"
+nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port"
+deadline=$((SECONDS + 60))
+until curl -fsS -o /dev/null "http://127.0.0.1:$port/health"; do
+  [ $SECONDS -lt $deadline ] || die "balancer did not become healthy within 60 s (see nomad alloc logs)"
+  sleep 0.5
+done
+log "serving dg $dg at http://127.0.0.1:$port"
+echo "$dg"
