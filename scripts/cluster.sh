@@ -93,30 +93,34 @@ stop_pid() {
 
 stop_jobs() {
   pid_alive "$NOMAD_DIR/nomad.pid" || return 0
-  local jobs
+  local jobs j
   jobs="$(curl -fsS "$NOMAD_ADDR/v1/jobs" 2>/dev/null | python3 -c 'import json,sys; print("\n".join(j["ID"] for j in json.load(sys.stdin)))' || true)"
-  local j
+  [ -n "$jobs" ] || return 0
   for j in $jobs; do
     log "nomad: stopping job $j"
+    curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/$j" >/dev/null || true
+  done
+  # Stopped (not yet purged) jobs keep their allocations listed: wait until the client has
+  # really ended every task, then purge.
+  wait_until 60 "allocations" sh -c "curl -fsS '$NOMAD_ADDR/v1/allocations' | python3 -c 'import json,sys; sys.exit(1 if any(a[\"ClientStatus\"] in (\"running\",\"pending\") for a in json.load(sys.stdin)) else 0)'" ||
+    log "nomad: some allocations were still running after 60 s"
+  for j in $jobs; do
     curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/$j?purge=true" >/dev/null || true
   done
-  # Wait until no allocation of this node still runs.
-  wait_until 30 "allocations" sh -c "curl -fsS '$NOMAD_ADDR/v1/allocations' | python3 -c 'import json,sys; sys.exit(1 if any(a[\"ClientStatus\"] in (\"running\",\"pending\") for a in json.load(sys.stdin)) else 0)'" ||
-    log "nomad: some allocations were still running after 30 s"
 }
 
-# Task processes that outlived their allocation (raw_exec tasks survive a killed agent)
-# run with their working directory inside Nomad's data dir: end them.
+# What outlived the agent: Nomad's own plugin processes (logmon, executor) and task
+# processes (raw_exec tasks survive a killed agent), whose working directory is inside
+# Nomad's data dir. End them.
 kill_strays() {
-  local p cwd
+  local p pid cwd exe
   for p in /proc/[0-9]*; do
+    pid="${p#/proc/}"
     cwd="$(readlink "$p/cwd" 2>/dev/null || true)"
-    case "$cwd" in
-      "$NOMAD_DIR"/data/*)
-        log "stray task process ${p#/proc/} ($(tr '\0' ' ' <"$p/cmdline" | cut -c1-80)): killing"
-        kill -KILL "${p#/proc/}" 2>/dev/null || true
-        ;;
-    esac
+    exe="$(readlink "$p/exe" 2>/dev/null || true)"
+    case "$cwd" in "$NOMAD_DIR"/data/*) ;; *) [ "$exe" = "$NOMAD_BIN" ] || continue ;; esac
+    log "stray process $pid ($(tr '\0' ' ' <"$p/cmdline" | cut -c1-80)): killing"
+    kill -KILL "$pid" 2>/dev/null || true
   done
 }
 

@@ -35,7 +35,13 @@ fn error_response(e: &ApiError) -> Response<Vec<u8>> {
 
 /// Read the body, refusing more than [`MAX_BODY_BYTES`] without buffering it all.
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
-    let too_large = |n: usize| ApiError::new(413, "body_too_large", format!("request body has at least {n} bytes, the limit is {MAX_BODY_BYTES}"));
+    let too_large = |n: usize| {
+        ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body has at least {n} bytes, the limit is {MAX_BODY_BYTES}"),
+        )
+    };
     if let Some(len) = session
         .req_header()
         .headers
@@ -57,7 +63,13 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
                 }
             }
             Ok(None) => return Ok(body),
-            Err(e) => return Err(ApiError::new(400, "bad_body", format!("cannot read the request body: {e}"))),
+            Err(e) => {
+                return Err(ApiError::new(
+                    400,
+                    "bad_body",
+                    format!("cannot read the request body: {e}"),
+                ))
+            }
         }
     }
 }
@@ -75,10 +87,17 @@ impl BalancerApp {
         // One snapshot for the whole query: one dg, its shards, its model's embedders.
         let snapshot = self.state.load();
         let Some(routing) = snapshot.routing.as_ref() else {
-            return error_response(&ApiError::new(503, "no_active_dg", "no index generation is active yet"));
+            return error_response(&ApiError::new(
+                503,
+                "no_active_dg",
+                "no index generation is active yet",
+            ));
         };
         match self.executor.answer(routing, &req).await {
-            Ok(answer) => json_response(200, &serde_json::to_value(&answer).expect("answer serialises")),
+            Ok(answer) => json_response(
+                200,
+                &serde_json::to_value(&answer).expect("answer serialises"),
+            ),
             Err(e) => error_response(&e),
         }
     }
@@ -133,7 +152,10 @@ impl ServeHttp for BalancerApp {
             ("POST", "/v1/query" | "/query") => self.query(session).await,
             ("GET", "/health") => {
                 let ready = self.state.load().routing.is_some();
-                json_response(if ready { 200 } else { 503 }, &json!({"status": if ready { "ok" } else { "no active dg" }}))
+                json_response(
+                    if ready { 200 } else { 503 },
+                    &json!({"status": if ready { "ok" } else { "no active dg" }}),
+                )
             }
             ("GET", "/metrics") => Response::builder()
                 .status(200)
@@ -141,12 +163,26 @@ impl ServeHttp for BalancerApp {
                 .body(self.executor.metrics.render())
                 .expect("static response"),
             ("GET", "/v1/status") => json_response(200, &self.status()),
-            (_, "/v1/query" | "/query") => error_response(&ApiError::new(405, "method_not_allowed", format!("{method} {path}: use POST with a JSON body"))),
-            (_, "/health" | "/metrics" | "/v1/status") => error_response(&ApiError::new(405, "method_not_allowed", format!("{method} {path}: use GET"))),
-            _ => error_response(&ApiError::new(404, "not_found", format!("no route {path}; try POST /v1/query"))),
+            (_, "/v1/query" | "/query") => error_response(&ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("{method} {path}: use POST with a JSON body"),
+            )),
+            (_, "/health" | "/metrics" | "/v1/status") => error_response(&ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("{method} {path}: use GET"),
+            )),
+            _ => error_response(&ApiError::new(
+                404,
+                "not_found",
+                format!("no route {path}; try POST /v1/query"),
+            )),
         };
         let m = &self.executor.metrics;
-        m.requests.with_label_values(&[resp.status().as_str()]).inc();
+        m.requests
+            .with_label_values(&[resp.status().as_str()])
+            .inc();
         if path.ends_with("query") {
             m.request_seconds.observe(started.elapsed().as_secs_f64());
         }

@@ -38,7 +38,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
     /// Consul HTTP address.
-    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "http://127.0.0.1:8500")]
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
     consul: String,
     /// Consul KV prefix of simq's keys.
     #[arg(long, default_value = "simq/")]
@@ -74,10 +78,12 @@ struct WatchService(Watcher);
 #[async_trait]
 impl BackgroundService for WatchService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        self.0.clone().run(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await;
+        self.0
+            .clone()
+            .run(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
     }
 }
 
@@ -99,7 +105,11 @@ fn main() -> anyhow::Result<()> {
         deadline: Duration::from_millis(args.deadline_ms),
         attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
     };
-    let executor = Arc::new(Executor::new(options, metrics, AnswerCache::new(args.cache_entries)));
+    let executor = Arc::new(Executor::new(
+        options,
+        metrics,
+        AnswerCache::new(args.cache_entries),
+    ));
 
     let conf = ServerConf {
         threads: args.threads,
@@ -109,7 +119,10 @@ fn main() -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut http = pingora::services::listening::Service::new("simq balancer".to_string(), BalancerApp { state, executor });
+    let mut http = pingora::services::listening::Service::new(
+        "simq balancer".to_string(),
+        BalancerApp { state, executor },
+    );
     http.add_tcp(&args.listen);
     server.add_service(http);
     server.add_service(background_service("consul watch", WatchService(watcher)));

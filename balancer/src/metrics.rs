@@ -1,6 +1,8 @@
 //! The balancer's Prometheus metrics (base units, `_total` counters, `_seconds` histograms).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,23 +27,53 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let seconds = |name: &str, help: &str| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap()))
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap()),
+            )
         };
         let m = Self {
-            requests: IntCounterVec::new(Opts::new("simq_balancer_requests_total", "HTTP answers by status code."), &["status"])?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_requests_total",
+                    "HTTP answers by status code.",
+                ),
+                &["status"],
+            )?,
             request_seconds: seconds("simq_balancer_request_seconds", "Time to answer a query.")?,
-            embed_seconds: seconds("simq_balancer_embed_seconds", "Time of the embedder call of a query.")?,
+            embed_seconds: seconds(
+                "simq_balancer_embed_seconds",
+                "Time of the embedder call of a query.",
+            )?,
             shard_seconds: seconds("simq_balancer_shard_seconds", "Time of one shard call.")?,
             upstream_errors: IntCounterVec::new(
-                Opts::new("simq_balancer_upstream_errors_total", "Failed upstream calls by kind."),
+                Opts::new(
+                    "simq_balancer_upstream_errors_total",
+                    "Failed upstream calls by kind.",
+                ),
                 &["service", "kind"],
             )?,
-            degraded: IntCounter::new("simq_balancer_degraded_total", "Answers served with a fallback shard.")?,
-            cache_hits: IntCounter::new("simq_balancer_cache_hits_total", "Answers served from the cache.")?,
-            cache_misses: IntCounter::new("simq_balancer_cache_misses_total", "Queries not found in the cache.")?,
-            consul_errors: IntCounter::new("simq_balancer_consul_errors_total", "Failed Consul watch calls.")?,
+            degraded: IntCounter::new(
+                "simq_balancer_degraded_total",
+                "Answers served with a fallback shard.",
+            )?,
+            cache_hits: IntCounter::new(
+                "simq_balancer_cache_hits_total",
+                "Answers served from the cache.",
+            )?,
+            cache_misses: IntCounter::new(
+                "simq_balancer_cache_misses_total",
+                "Queries not found in the cache.",
+            )?,
+            consul_errors: IntCounter::new(
+                "simq_balancer_consul_errors_total",
+                "Failed Consul watch calls.",
+            )?,
             healthy_instances: IntGaugeVec::new(
-                Opts::new("simq_balancer_healthy_instances", "Passing instances per service."),
+                Opts::new(
+                    "simq_balancer_healthy_instances",
+                    "Passing instances per service.",
+                ),
                 &["service"],
             )?,
             registry,
@@ -62,7 +94,11 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
-        let _ = prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut buf);
+        let _ = prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut buf,
+        );
         buf
     }
 }

@@ -69,7 +69,12 @@ impl AnswerCache {
     }
 
     pub fn get(&self, key: &(String, String, usize)) -> Option<Answer> {
-        self.inner.as_ref()?.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+        self.inner
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
     }
 
     pub fn put(&self, key: (String, String, usize), answer: Answer) {
@@ -79,7 +84,10 @@ impl AnswerCache {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).len()).unwrap_or(0)
+        self.inner
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,7 +95,10 @@ impl AnswerCache {
     }
 
     pub fn capacity(&self) -> usize {
-        self.inner.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).cap().get()).unwrap_or(0)
+        self.inner
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).cap().get())
+            .unwrap_or(0)
     }
 }
 
@@ -111,7 +122,11 @@ impl Executor {
 
     /// Upstreams in round-robin order starting at a moving offset.
     fn rotated<'a>(&self, list: &'a [Upstream]) -> impl Iterator<Item = &'a Upstream> {
-        let start = if list.is_empty() { 0 } else { self.round_robin.fetch_add(1, Ordering::Relaxed) % list.len() };
+        let start = if list.is_empty() {
+            0
+        } else {
+            self.round_robin.fetch_add(1, Ordering::Relaxed) % list.len()
+        };
         list.iter().cycle().skip(start).take(list.len())
     }
 
@@ -151,26 +166,55 @@ impl Executor {
         Ok(answer)
     }
 
-    async fn embed(&self, routing: &Routing, text: &str, deadline: Instant) -> Result<Vec<f32>, ApiError> {
+    async fn embed(
+        &self,
+        routing: &Routing,
+        text: &str,
+        deadline: Instant,
+    ) -> Result<Vec<f32>, ApiError> {
         let model = &routing.manifest.model_id;
         if routing.embedders.is_empty() {
-            return Err(ApiError::new(503, "no_embedder", format!("no healthy embedder with model {model}")));
+            return Err(ApiError::new(
+                503,
+                "no_embedder",
+                format!("no healthy embedder with model {model}"),
+            ));
         }
         let started = Instant::now();
         let mut last = String::new();
         for up in self.rotated(&routing.embedders) {
-            let Some(timeout) = self.attempt_timeout(deadline) else { break };
+            let Some(timeout) = self.attempt_timeout(deadline) else {
+                break;
+            };
             let mut client = EmbedderClient::new(up.channel.clone());
-            let call = client.embed(EmbedRequest { texts: vec![text.to_string()] });
+            let call = client.embed(EmbedRequest {
+                texts: vec![text.to_string()],
+            });
             let outcome = match tokio::time::timeout(timeout, call).await {
                 Err(_) => Err(("timeout", format!("embedder {} timed out", up.addr))),
-                Ok(Err(status)) => Err(("error", format!("embedder {}: {}", up.addr, status.message()))),
+                Ok(Err(status)) => Err((
+                    "error",
+                    format!("embedder {}: {}", up.addr, status.message()),
+                )),
                 Ok(Ok(resp)) => {
                     let resp = resp.into_inner();
                     if &resp.model_id != model {
-                        Err(("wrong_model", format!("embedder {} runs model {}, dg needs {model}", up.addr, resp.model_id)))
+                        Err((
+                            "wrong_model",
+                            format!(
+                                "embedder {} runs model {}, dg needs {model}",
+                                up.addr, resp.model_id
+                            ),
+                        ))
                     } else if resp.vectors.len() != routing.manifest.dims {
-                        Err(("error", format!("embedder {} returned {} floats", up.addr, resp.vectors.len())))
+                        Err((
+                            "error",
+                            format!(
+                                "embedder {} returned {} floats",
+                                up.addr,
+                                resp.vectors.len()
+                            ),
+                        ))
                     } else {
                         Ok(resp.vectors)
                     }
@@ -178,17 +222,26 @@ impl Executor {
             };
             match outcome {
                 Ok(v) => {
-                    self.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .embed_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     return Ok(v);
                 }
                 Err((kind, msg)) => {
-                    self.metrics.upstream_errors.with_label_values(&["embedder", kind]).inc();
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&["embedder", kind])
+                        .inc();
                     tracing::warn!(error = %msg, "embedder attempt failed");
                     last = msg;
                 }
             }
         }
-        Err(ApiError::new(503, "embedder_failed", format!("no embedder answered: {last}")))
+        Err(ApiError::new(
+            503,
+            "embedder_failed",
+            format!("no embedder answered: {last}"),
+        ))
     }
 
     fn attempt_timeout(&self, deadline: Instant) -> Option<Duration> {
@@ -197,27 +250,47 @@ impl Executor {
     }
 
     /// Ask the routed shards (with fallbacks) and merge; notes say what was degraded.
-    async fn search(&self, routing: &Routing, vector: &[f32], k: usize, deadline: Instant) -> Result<(Vec<ResultRow>, Vec<String>), ApiError> {
+    async fn search(
+        &self,
+        routing: &Routing,
+        vector: &[f32],
+        k: usize,
+        deadline: Instant,
+    ) -> Result<(Vec<ResultRow>, Vec<String>), ApiError> {
         let manifest = &routing.manifest;
         let order = manifest.route(vector, manifest.shards.len());
         let nprobe = self.options.nprobe.clamp(1, order.len());
         let mut notes = Vec::new();
         let mut chosen = Vec::new();
-        let mut spare = order.iter().copied().skip(nprobe).filter(|&s| !routing.shards[s].is_empty());
+        let mut spare = order
+            .iter()
+            .copied()
+            .skip(nprobe)
+            .filter(|&s| !routing.shards[s].is_empty());
         for &s in &order[..nprobe] {
             if !routing.shards[s].is_empty() {
                 chosen.push(s);
             } else if let Some(alt) = spare.next() {
-                notes.push(format!("shard {s} has no healthy replica; asked shard {alt} instead"));
+                notes.push(format!(
+                    "shard {s} has no healthy replica; asked shard {alt} instead"
+                ));
                 chosen.push(alt);
             } else {
-                notes.push(format!("shard {s} has no healthy replica and no other shard is left"));
+                notes.push(format!(
+                    "shard {s} has no healthy replica and no other shard is left"
+                ));
             }
         }
         if chosen.is_empty() {
-            return Err(ApiError::new(503, "no_shard", format!("no shard of dg {} has a healthy replica", manifest.dg)));
+            return Err(ApiError::new(
+                503,
+                "no_shard",
+                format!("no shard of dg {} has a healthy replica", manifest.dg),
+            ));
         }
-        let calls = chosen.iter().map(|&s| self.call_shard(routing, s, vector, k, deadline));
+        let calls = chosen
+            .iter()
+            .map(|&s| self.call_shard(routing, s, vector, k, deadline));
         // Routed shards are asked concurrently.
         let results = futures::future::join_all(calls).await;
         let mut rows = Vec::new();
@@ -239,10 +312,19 @@ impl Executor {
         Ok((rows, notes))
     }
 
-    async fn call_shard(&self, routing: &Routing, shard: usize, vector: &[f32], k: usize, deadline: Instant) -> Result<Vec<ResultRow>, String> {
+    async fn call_shard(
+        &self,
+        routing: &Routing,
+        shard: usize,
+        vector: &[f32],
+        k: usize,
+        deadline: Instant,
+    ) -> Result<Vec<ResultRow>, String> {
         let mut last = String::from("no attempt fit in the deadline");
         for up in self.rotated(&routing.shards[shard]) {
-            let Some(timeout) = self.attempt_timeout(deadline) else { break };
+            let Some(timeout) = self.attempt_timeout(deadline) else {
+                break;
+            };
             let started = Instant::now();
             let mut client = ShardClient::new(up.channel.clone());
             let req = SearchRequest {
@@ -253,7 +335,9 @@ impl Executor {
             };
             let (kind, msg) = match tokio::time::timeout(timeout, client.search(req)).await {
                 Ok(Ok(resp)) => {
-                    self.metrics.shard_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .shard_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     let resp = resp.into_inner();
                     // Shards refuse other dgs; this check makes mixing impossible by construction.
                     if resp.dg == routing.manifest.dg {
@@ -267,13 +351,25 @@ impl Executor {
                             })
                             .collect());
                     }
-                    ("wrong_dg", format!("replica {} answered for dg {}", up.addr, resp.dg))
+                    (
+                        "wrong_dg",
+                        format!("replica {} answered for dg {}", up.addr, resp.dg),
+                    )
                 }
-                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => ("wrong_dg", format!("replica {}: {}", up.addr, status.message())),
-                Ok(Err(status)) => ("error", format!("replica {}: {}", up.addr, status.message())),
+                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => (
+                    "wrong_dg",
+                    format!("replica {}: {}", up.addr, status.message()),
+                ),
+                Ok(Err(status)) => (
+                    "error",
+                    format!("replica {}: {}", up.addr, status.message()),
+                ),
                 Err(_) => ("timeout", format!("replica {} timed out", up.addr)),
             };
-            self.metrics.upstream_errors.with_label_values(&["shard", kind]).inc();
+            self.metrics
+                .upstream_errors
+                .with_label_values(&["shard", kind])
+                .inc();
             tracing::warn!(shard, error = %msg, "shard attempt failed");
             last = msg;
         }

@@ -22,7 +22,11 @@ pub struct QueryRequest {
 impl QueryRequest {
     /// The cache key part: case-folded, whitespace collapsed.
     pub fn normalized(&self) -> String {
-        self.query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+        self.query
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
     }
 }
 
@@ -56,7 +60,10 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         return Err(ApiError::new(
             413,
             "body_too_large",
-            format!("request body has {} bytes, the limit is {MAX_BODY_BYTES}", body.len()),
+            format!(
+                "request body has {} bytes, the limit is {MAX_BODY_BYTES}",
+                body.len()
+            ),
         ));
     }
     let value: Value = match serde_json::from_slice(body) {
@@ -64,27 +71,48 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         Err(e) => return bad("invalid_json", format!("body is not valid JSON: {e}")),
     };
     let Value::Object(obj) = value else {
-        return bad("invalid_body", "body must be a JSON object like {\"query\": \"...\"}".into());
+        return bad(
+            "invalid_body",
+            "body must be a JSON object like {\"query\": \"...\"}".into(),
+        );
     };
     let query = match obj.get("query") {
         None => return bad("missing_field", "field \"query\" is missing".into()),
         Some(Value::String(s)) => s.trim().to_string(),
-        Some(other) => return bad("wrong_type", format!("field \"query\" must be a string, got {}", type_name(other))),
+        Some(other) => {
+            return bad(
+                "wrong_type",
+                format!("field \"query\" must be a string, got {}", type_name(other)),
+            )
+        }
     };
     if query.is_empty() {
         return bad("empty_query", "field \"query\" is empty".into());
     }
     let chars = query.chars().count();
     if chars > MAX_QUERY_CHARS {
-        return bad("query_too_long", format!("field \"query\" has {chars} characters, the limit is {MAX_QUERY_CHARS}"));
+        return bad(
+            "query_too_long",
+            format!("field \"query\" has {chars} characters, the limit is {MAX_QUERY_CHARS}"),
+        );
     }
     let k = match obj.get("k") {
         None | Some(Value::Null) => DEFAULT_K,
         Some(Value::Number(n)) => match n.as_u64() {
             Some(k) if (1..=MAX_K as u64).contains(&k) => k as usize,
-            _ => return bad("k_out_of_range", format!("field \"k\" is {n}, must be an integer in 1..={MAX_K}")),
+            _ => {
+                return bad(
+                    "k_out_of_range",
+                    format!("field \"k\" is {n}, must be an integer in 1..={MAX_K}"),
+                )
+            }
         },
-        Some(other) => return bad("wrong_type", format!("field \"k\" must be an integer, got {}", type_name(other))),
+        Some(other) => {
+            return bad(
+                "wrong_type",
+                format!("field \"k\" must be an integer, got {}", type_name(other)),
+            )
+        }
     };
     Ok(QueryRequest { query, k })
 }
@@ -110,7 +138,13 @@ mod tests {
 
     #[test]
     fn plain_and_full_bodies_parse() {
-        assert_eq!(parse(br#"{"query": "  How do I sort?  "}"#).unwrap(), QueryRequest { query: "How do I sort?".into(), k: 5 });
+        assert_eq!(
+            parse(br#"{"query": "  How do I sort?  "}"#).unwrap(),
+            QueryRequest {
+                query: "How do I sort?".into(),
+                k: 5
+            }
+        );
         assert_eq!(parse(br#"{"query": "x", "k": 12}"#).unwrap().k, 12);
     }
 
@@ -119,14 +153,29 @@ mod tests {
         assert_eq!(err("not json").kind, "invalid_json");
         assert_eq!(err("[1]").kind, "invalid_body");
         assert_eq!(err("{}").message, "field \"query\" is missing");
-        assert_eq!(err(r#"{"query": 5}"#).message, "field \"query\" must be a string, got a number");
-        assert_eq!(err(r#"{"query": "   "}"#).message, "field \"query\" is empty");
+        assert_eq!(
+            err(r#"{"query": 5}"#).message,
+            "field \"query\" must be a string, got a number"
+        );
+        assert_eq!(
+            err(r#"{"query": "   "}"#).message,
+            "field \"query\" is empty"
+        );
         let long = format!(r#"{{"query": "{}"}}"#, "a".repeat(1001));
-        assert_eq!(err(&long).message, "field \"query\" has 1001 characters, the limit is 1000");
+        assert_eq!(
+            err(&long).message,
+            "field \"query\" has 1001 characters, the limit is 1000"
+        );
         assert_eq!(err(r#"{"query": "x", "k": 0}"#).kind, "k_out_of_range");
-        assert_eq!(err(r#"{"query": "x", "k": 51}"#).message, "field \"k\" is 51, must be an integer in 1..=50");
+        assert_eq!(
+            err(r#"{"query": "x", "k": 51}"#).message,
+            "field \"k\" is 51, must be an integer in 1..=50"
+        );
         assert_eq!(err(r#"{"query": "x", "k": 2.5}"#).kind, "k_out_of_range");
-        assert_eq!(err(r#"{"query": "x", "k": "3"}"#).message, "field \"k\" must be an integer, got a string");
+        assert_eq!(
+            err(r#"{"query": "x", "k": "3"}"#).message,
+            "field \"k\" must be an integer, got a string"
+        );
         let huge = vec![b' '; MAX_BODY_BYTES + 1];
         let e = parse(&huge).unwrap_err();
         assert_eq!((e.status, e.kind), (413, "body_too_large"));

@@ -16,7 +16,8 @@ pub const SHARD_SERVICE: &str = "simq-shard";
 
 /// The value of a `name=value` tag.
 pub fn tag_value<'a>(tags: &'a [String], name: &str) -> Option<&'a str> {
-    tags.iter().find_map(|t| t.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+    tags.iter()
+        .find_map(|t| t.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
 }
 
 /// One instance the balancer may call.
@@ -105,7 +106,32 @@ impl SharedState {
             consul_ok_at,
             consul_error,
         } = w;
-        let routing = build_routing(parts, channels);
+        let mut routing = build_routing(parts, channels);
+        // A flip takes effect here once every shard of the new dg has a healthy replica
+        // in our view; until then the previous dg (still running) keeps answering.
+        let current = self.snapshot.load();
+        if let (Some(new), Some(old)) = (&routing, &current.routing) {
+            let switching = new.manifest.dg != old.manifest.dg;
+            if switching
+                && new.shards.iter().any(Vec::is_empty)
+                && old.shards.iter().all(|s| !s.is_empty())
+            {
+                tracing::info!(dg = %new.manifest.dg, serving = %old.manifest.dg, "new dg not fully healthy here yet; still serving the previous dg");
+                let mut kept = build_routing(
+                    &Parts {
+                        active: Some((old.active.clone(), old.manifest.clone())),
+                        ..parts.clone()
+                    },
+                    channels,
+                );
+                if kept
+                    .as_ref()
+                    .is_some_and(|k| k.shards.iter().all(|s| !s.is_empty()))
+                {
+                    routing = kept.take();
+                }
+            }
+        }
         self.snapshot.store(Arc::new(Snapshot {
             routing,
             parts: parts.clone(),
@@ -122,7 +148,11 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
         let addr = format!("{}:{}", e.address, e.port);
         let channel = channels
             .entry(addr.clone())
-            .or_insert_with(|| Channel::from_shared(format!("http://{addr}")).expect("host:port is a valid URI").connect_lazy())
+            .or_insert_with(|| {
+                Channel::from_shared(format!("http://{addr}"))
+                    .expect("host:port is a valid URI")
+                    .connect_lazy()
+            })
             .clone();
         Upstream {
             id: e.id.clone(),
@@ -133,11 +163,17 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
     let embedders = parts
         .embedders
         .iter()
-        .filter(|e| e.status == "passing" && tag_value(&e.tags, "model") == Some(manifest.model_id.as_str()))
+        .filter(|e| {
+            e.status == "passing" && tag_value(&e.tags, "model") == Some(manifest.model_id.as_str())
+        })
         .map(&mut upstream)
         .collect();
     let mut shards = vec![Vec::new(); manifest.shards.len()];
-    for e in parts.shards.iter().filter(|e| e.status == "passing" && tag_value(&e.tags, "dg") == Some(manifest.dg.as_str())) {
+    for e in parts
+        .shards
+        .iter()
+        .filter(|e| e.status == "passing" && tag_value(&e.tags, "dg") == Some(manifest.dg.as_str()))
+    {
         if let Some(n) = tag_value(&e.tags, "shard").and_then(|s| s.parse::<usize>().ok()) {
             if n < shards.len() {
                 shards[n].push(upstream(e));
@@ -174,8 +210,18 @@ mod tests {
                 },
                 centroids: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
                 shards: vec![
-                    ShardEntry { shard: 0, sha256: "a".into(), size: 1, items: 1 },
-                    ShardEntry { shard: 1, sha256: "b".into(), size: 1, items: 1 },
+                    ShardEntry {
+                        shard: 0,
+                        sha256: "a".into(),
+                        size: 1,
+                        items: 1,
+                    },
+                    ShardEntry {
+                        shard: 1,
+                        sha256: "b".into(),
+                        size: 1,
+                        items: 1,
+                    },
                 ],
             }
             .seal(),
@@ -200,7 +246,14 @@ mod tests {
         let dg = m.dg.clone();
         let other = "dg-other";
         let parts = Parts {
-            active: Some((ActiveDg { dg: dg.clone(), previous: None, flipped_at: "t".into() }, m)),
+            active: Some((
+                ActiveDg {
+                    dg: dg.clone(),
+                    previous: None,
+                    flipped_at: "t".into(),
+                },
+                m,
+            )),
             embedders: vec![
                 entry("e1", 1, "passing", &["model=model-a"]),
                 entry("e2", 2, "passing", &["model=model-b"]),
@@ -214,9 +267,24 @@ mod tests {
             ],
         };
         let r = build_routing(&parts, &mut HashMap::new()).unwrap();
-        assert_eq!(r.embedders.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(), vec!["e1"]);
-        assert_eq!(r.shards[0].iter().map(|u| u.addr.as_str()).collect::<Vec<_>>(), vec!["127.0.0.1:10"]);
-        assert!(r.shards[1].is_empty(), "another dg's shard never serves this dg");
+        assert_eq!(
+            r.embedders
+                .iter()
+                .map(|u| u.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["e1"]
+        );
+        assert_eq!(
+            r.shards[0]
+                .iter()
+                .map(|u| u.addr.as_str())
+                .collect::<Vec<_>>(),
+            vec!["127.0.0.1:10"]
+        );
+        assert!(
+            r.shards[1].is_empty(),
+            "another dg's shard never serves this dg"
+        );
     }
 
     #[test]
@@ -226,7 +294,11 @@ mod tests {
 
     #[test]
     fn tag_values_need_the_exact_name() {
-        let tags = vec!["dg=dg-1".to_string(), "dgx=2".to_string(), "shard=3".to_string()];
+        let tags = vec![
+            "dg=dg-1".to_string(),
+            "dgx=2".to_string(),
+            "shard=3".to_string(),
+        ];
         assert_eq!(tag_value(&tags, "dg"), Some("dg-1"));
         assert_eq!(tag_value(&tags, "shard"), Some("3"));
         assert_eq!(tag_value(&tags, "model"), None);

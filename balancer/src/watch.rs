@@ -47,17 +47,27 @@ impl Watcher {
         let mut index = 0;
         let mut backoff = MIN_BACKOFF;
         loop {
-            let block = BlockingQuery { index, wait: self.wait };
+            let block = BlockingQuery {
+                index,
+                wait: self.wait,
+            };
             match self.consul.kv_get(&key, Some(block)).await {
                 Ok(answer) => {
                     index = BlockingQuery::next_index(index, answer.index);
                     match self.read_active(answer.value.map(|kv| kv.value)).await {
                         Ok(Some((active, manifest))) => {
-                            let changed = self.state.load().routing.as_ref().map(|r| r.active.dg.clone()) != Some(active.dg.clone());
+                            let changed = self
+                                .state
+                                .load()
+                                .routing
+                                .as_ref()
+                                .map(|r| r.active.dg.clone())
+                                != Some(active.dg.clone());
                             if changed {
                                 tracing::info!(dg = %active.dg, previous = ?active.previous, "active dg");
                             }
-                            self.state.update(|p| p.active = Some((active, Arc::new(manifest))));
+                            self.state
+                                .update(|p| p.active = Some((active, Arc::new(manifest))));
                             backoff = MIN_BACKOFF;
                         }
                         Ok(None) => {
@@ -82,23 +92,29 @@ impl Watcher {
     }
 
     /// The pointer and its manifest; None when no dg was ever activated.
-    async fn read_active(&self, raw: Option<Vec<u8>>) -> anyhow::Result<Option<(ActiveDg, Manifest)>> {
+    async fn read_active(
+        &self,
+        raw: Option<Vec<u8>>,
+    ) -> anyhow::Result<Option<(ActiveDg, Manifest)>> {
         let Some(raw) = raw else { return Ok(None) };
-        let active: ActiveDg = serde_json::from_slice(&raw).map_err(|e| anyhow::anyhow!("{} is not an active pointer: {e}", self.layout.active()))?;
+        let active: ActiveDg = serde_json::from_slice(&raw).map_err(|e| {
+            anyhow::anyhow!("{} is not an active pointer: {e}", self.layout.active())
+        })?;
         if let Some(routing) = self.state.load().routing.as_ref() {
             if routing.active == active {
                 return Ok(Some((active, (*routing.manifest).clone())));
             }
         }
         let key = self.layout.manifest(&active.dg);
-        let kv = self
-            .consul
-            .kv_get(&key, None)
-            .await?
-            .value
-            .ok_or_else(|| anyhow::anyhow!("active dg {} has no manifest at {key}", active.dg))?;
-        let manifest: Manifest = serde_json::from_slice(&kv.value).map_err(|e| anyhow::anyhow!("{key} is not a manifest: {e}"))?;
-        manifest.validate().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let kv =
+            self.consul.kv_get(&key, None).await?.value.ok_or_else(|| {
+                anyhow::anyhow!("active dg {} has no manifest at {key}", active.dg)
+            })?;
+        let manifest: Manifest = serde_json::from_slice(&kv.value)
+            .map_err(|e| anyhow::anyhow!("{key} is not a manifest: {e}"))?;
+        manifest
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         if manifest.dg != active.dg {
             anyhow::bail!("{key} describes dg {}, not {}", manifest.dg, active.dg);
         }
@@ -109,12 +125,26 @@ impl Watcher {
         let mut index = 0;
         let mut backoff = MIN_BACKOFF;
         loop {
-            let block = BlockingQuery { index, wait: self.wait };
-            match self.consul.health_service(service, false, Some(block)).await {
+            let block = BlockingQuery {
+                index,
+                wait: self.wait,
+            };
+            match self
+                .consul
+                .health_service(service, false, Some(block))
+                .await
+            {
                 Ok(answer) => {
                     index = BlockingQuery::next_index(index, answer.index);
-                    let passing = answer.value.iter().filter(|e| e.status == "passing").count();
-                    self.metrics.healthy_instances.with_label_values(&[service]).set(passing as i64);
+                    let passing = answer
+                        .value
+                        .iter()
+                        .filter(|e| e.status == "passing")
+                        .count();
+                    self.metrics
+                        .healthy_instances
+                        .with_label_values(&[service])
+                        .set(passing as i64);
                     self.state.update(|p| match service {
                         SHARD_SERVICE => p.shards = answer.value,
                         _ => p.embedders = answer.value,

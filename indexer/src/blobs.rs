@@ -24,7 +24,10 @@ pub enum Put {
 
 /// True for a lower-case hex sha256.
 pub fn is_content_address(name: &str) -> bool {
-    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A directory of blobs named by their sha256.
@@ -44,24 +47,37 @@ impl BlobStore {
 
     /// Store `file` under its content address `sha256` (checked), atomically.
     pub fn put(&self, file: &Path, sha256: &str) -> anyhow::Result<Put> {
-        anyhow::ensure!(is_content_address(sha256), "{sha256:?} is not a sha256 content address");
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        anyhow::ensure!(
+            is_content_address(sha256),
+            "{sha256:?} is not a sha256 content address"
+        );
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
         let target = self.path_of(sha256);
         let existed = target.exists();
         if existed && sha256_file(&target)? == sha256 {
             return Ok(Put::Present);
         }
         let got = sha256_file(file).with_context(|| format!("reading {}", file.display()))?;
-        anyhow::ensure!(got == sha256, "{} has sha256 {got}, the manifest says {sha256}", file.display());
+        anyhow::ensure!(
+            got == sha256,
+            "{} has sha256 {got}, the manifest says {sha256}",
+            file.display()
+        );
         let tmp = self.dir.join(format!(".{sha256}.tmp"));
-        std::fs::copy(file, &tmp).with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
+        std::fs::copy(file, &tmp)
+            .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
         std::fs::rename(&tmp, &target)?;
         Ok(if existed { Put::Repaired } else { Put::Added })
     }
 }
 
 /// Serve `GET /<sha256>` (and HEAD) from the store, `GET /health`, until `stop` resolves.
-pub async fn serve(store: BlobStore, listener: tokio::net::TcpListener, stop: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    store: BlobStore,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(stop);
     loop {
         let (stream, _) = tokio::select! {
@@ -92,20 +108,32 @@ async fn answer<B>(store: &BlobStore, req: &Request<B>) -> Response<Full<Bytes>>
     let name = req.uri().path().trim_start_matches('/');
     match (req.method(), name) {
         (&Method::GET, "health") => text(StatusCode::OK, "ok\n".into()),
-        (&Method::GET | &Method::HEAD, name) if is_content_address(name) => match tokio::fs::read(store.path_of(name)).await {
-            Ok(bytes) => {
-                let len = bytes.len();
-                let body = if req.method() == Method::HEAD { Bytes::new() } else { Bytes::from(bytes) };
-                Response::builder()
-                    .header("content-type", "application/octet-stream")
-                    .header("content-length", len)
-                    .body(Full::new(body))
-                    .expect("static response")
+        (&Method::GET | &Method::HEAD, name) if is_content_address(name) => {
+            match tokio::fs::read(store.path_of(name)).await {
+                Ok(bytes) => {
+                    let len = bytes.len();
+                    let body = if req.method() == Method::HEAD {
+                        Bytes::new()
+                    } else {
+                        Bytes::from(bytes)
+                    };
+                    Response::builder()
+                        .header("content-type", "application/octet-stream")
+                        .header("content-length", len)
+                        .body(Full::new(body))
+                        .expect("static response")
+                }
+                Err(_) => text(StatusCode::NOT_FOUND, format!("no blob {name}\n")),
             }
-            Err(_) => text(StatusCode::NOT_FOUND, format!("no blob {name}\n")),
-        },
-        (&Method::GET | &Method::HEAD, _) => text(StatusCode::NOT_FOUND, "blobs are named by their sha256: GET /<64 hex>\n".into()),
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "read-only store: use GET\n".into()),
+        }
+        (&Method::GET | &Method::HEAD, _) => text(
+            StatusCode::NOT_FOUND,
+            "blobs are named by their sha256: GET /<64 hex>\n".into(),
+        ),
+        _ => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "read-only store: use GET\n".into(),
+        ),
     }
 }
 
@@ -126,7 +154,11 @@ mod tests {
         assert_eq!(store.put(&src, &sha).unwrap(), Put::Repaired);
         assert_eq!(std::fs::read(store.path_of(&sha)).unwrap(), b"shard bytes");
         let wrong = "0".repeat(64);
-        assert!(store.put(&src, &wrong).unwrap_err().to_string().contains("the manifest says"));
+        assert!(store
+            .put(&src, &wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("the manifest says"));
         assert!(store.put(&src, "../etc/passwd").is_err());
     }
 

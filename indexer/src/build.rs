@@ -37,6 +37,8 @@ pub struct BuildReport {
     pub total: Duration,
     /// The same dg was already in the output directory.
     pub unchanged: bool,
+    /// The embeddings came from the cache beside the output (`<out>/.embeddings/`).
+    pub embeddings_cached: bool,
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
@@ -86,9 +88,26 @@ pub fn build(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
     let t = Instant::now();
-    let vectors = embed_all(embedder, &corpus.texts, opts.embed_chunk)?;
+    // Embeddings are the slow part; keep them so a rebuild with other shard or tree
+    // settings reuses them. The file name pins model and corpus.
+    let cache =
+        out.join(".embeddings")
+            .join(format!("{}-{}.f32", embedder.model_id(), corpus.sha256()));
+    let (vectors, embeddings_cached) = match read_embeddings(&cache, n * dims) {
+        Some(v) => (v, true),
+        None => {
+            let v = embed_all(embedder, &corpus.texts, opts.embed_chunk)?;
+            write_embeddings(&cache, &v)?;
+            (v, false)
+        }
+    };
     let embed = t.elapsed();
-    tracing::info!(texts = n, seconds = embed.as_secs_f64(), "embedded");
+    tracing::info!(
+        texts = n,
+        seconds = embed.as_secs_f64(),
+        cached = embeddings_cached,
+        "embedded"
+    );
 
     let t = Instant::now();
     let clustering = spherical_kmeans(
@@ -210,16 +229,54 @@ pub fn build(
         index,
         total: started.elapsed(),
         unchanged,
+        embeddings_cached,
     })
+}
+
+fn read_embeddings(path: &Path, floats: usize) -> Option<Vec<f32>> {
+    let bytes = std::fs::read(path).ok()?;
+    if bytes.len() != floats * 4 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+fn write_embeddings(path: &Path, vectors: &[f32]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path.parent().expect("cache path has a parent"))?;
+    let bytes: Vec<u8> = vectors.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// A dg in `out` built from the same corpus, model and options, if any: building it again
 /// would give the same bytes, so the (long) embedding can be skipped.
-pub fn find_existing(out: &Path, corpus_sha256: &str, model_id: &str, opts: &BuildOptions) -> Option<(PathBuf, Manifest)> {
+pub fn find_existing(
+    out: &Path,
+    corpus_sha256: &str,
+    model_id: &str,
+    opts: &BuildOptions,
+) -> Option<(PathBuf, Manifest)> {
     for entry in std::fs::read_dir(out).ok()?.flatten() {
         let dir = entry.path();
-        let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else { continue };
-        let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else { continue };
+        if !dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("dg-"))
+        {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else {
+            continue;
+        };
+        let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+            continue;
+        };
         let complete = (0..m.shards.len()).all(|s| dir.join(shard_file_name(s)).is_file());
         if complete
             && m.validate().is_ok()

@@ -54,7 +54,12 @@ pub async fn observe(consul: &ConsulClient, layout: &KvLayout) -> Result<Observe
 }
 
 /// Write `dg` as active if the pointer is still what `observed` saw: one CAS write.
-pub async fn flip_from(consul: &ConsulClient, layout: &KvLayout, observed: &Observed, dg: &str) -> Result<Flipped, FlipError> {
+pub async fn flip_from(
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    observed: &Observed,
+    dg: &str,
+) -> Result<Flipped, FlipError> {
     if let Some(current) = &observed.active {
         if current.dg == dg {
             return Ok(Flipped::AlreadyActive(current.clone()));
@@ -73,23 +78,37 @@ pub async fn flip_from(consul: &ConsulClient, layout: &KvLayout, observed: &Obse
         flipped_at: now_rfc3339(),
     };
     let bytes = serde_json::to_vec(&next).expect("pointer serialises");
-    if consul.kv_cas(&layout.active(), &bytes, observed.modify_index).await? {
+    if consul
+        .kv_cas(&layout.active(), &bytes, observed.modify_index)
+        .await?
+    {
         Ok(Flipped::Now(next))
     } else {
-        let now = observe(consul, layout).await?.active.map(|a| a.dg).unwrap_or_else(|| "(none)".into());
+        let now = observe(consul, layout)
+            .await?
+            .active
+            .map(|a| a.dg)
+            .unwrap_or_else(|| "(none)".into());
         Err(FlipError::LostRace { now })
     }
 }
 
 /// Read the pointer and flip it to `dg`.
-pub async fn flip(consul: &ConsulClient, layout: &KvLayout, dg: &str) -> Result<Flipped, FlipError> {
+pub async fn flip(
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    dg: &str,
+) -> Result<Flipped, FlipError> {
     let observed = observe(consul, layout).await?;
     flip_from(consul, layout, &observed, dg).await
 }
 
 /// UTC now as RFC 3339 with seconds, without a date crate.
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -101,7 +120,12 @@ pub fn now_rfc3339() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

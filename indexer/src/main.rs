@@ -61,7 +61,11 @@ enum Command {
 #[derive(Args, Debug)]
 struct ClusterArgs {
     /// Consul HTTP address.
-    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "http://127.0.0.1:8500")]
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
     consul: String,
     /// Nomad HTTP address.
     #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
@@ -203,12 +207,20 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let rt = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
     match cli.command {
         Command::Build(args) => run_build(args),
         Command::Eval(args) => run_eval(args),
         Command::ModelId(args) => {
-            println!("{}", simq_embedder::model::ModelDir::open(&args.model_dir)?.model_id);
+            println!(
+                "{}",
+                simq_embedder::model::ModelDir::open(&args.model_dir)?.model_id
+            );
             Ok(())
         }
         Command::Publish(args) => rt()?.block_on(cluster::publish(args)),
@@ -229,20 +241,29 @@ mod cluster {
     use simq_indexer::blobs::{serve, BlobStore};
     use simq_indexer::flip::{self, Flipped};
     use simq_indexer::publish::publish as publish_dg;
-    use simq_indexer::rollout::{rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID};
+    use simq_indexer::rollout::{
+        rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID,
+    };
     use simq_nomad::NomadClient;
 
     use super::{ClusterArgs, FlipArgs, PublishArgs, RolloutArgs, ServeBlobsArgs};
 
     fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
-        Ok((ConsulClient::new(&c.consul)?, NomadClient::new(&c.nomad)?, KvLayout::new(&c.kv_prefix)))
+        Ok((
+            ConsulClient::new(&c.consul)?,
+            NomadClient::new(&c.nomad)?,
+            KvLayout::new(&c.kv_prefix),
+        ))
     }
 
     pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         let (consul, _, layout) = clients(&args.cluster)?;
         let r = publish_dg(&args.dg_dir, &BlobStore::new(&args.blobs), &consul, &layout).await?;
         if r.unchanged() {
-            eprintln!("dg {} already published: {} blobs present, manifest unchanged; nothing to do", r.dg, r.blobs_present);
+            eprintln!(
+                "dg {} already published: {} blobs present, manifest unchanged; nothing to do",
+                r.dg, r.blobs_present
+            );
         } else {
             eprintln!(
                 "dg {} published: {} blobs added, {} repaired, {} already present; manifest {}",
@@ -250,7 +271,11 @@ mod cluster {
                 r.blobs_added,
                 r.blobs_repaired,
                 r.blobs_present,
-                if r.manifest_written { "written" } else { "unchanged" }
+                if r.manifest_written {
+                    "written"
+                } else {
+                    "unchanged"
+                }
             );
         }
         println!("{}", r.dg);
@@ -261,13 +286,22 @@ mod cluster {
         let (consul, nomad, layout) = clients(&args.cluster)?;
         let dg = if back {
             let observed = flip::observe(&consul, &layout).await?;
-            let active = observed.active.clone().context("no dg is active: nothing to roll back")?;
-            let previous = active.previous.context("the active dg has no previous dg to roll back to")?;
+            let active = observed
+                .active
+                .clone()
+                .context("no dg is active: nothing to roll back")?;
+            let previous = active
+                .previous
+                .context("the active dg has no previous dg to roll back to")?;
             if running_dg(&nomad).await?.as_deref() != Some(previous.as_str()) {
-                eprintln!("rolling back to {previous}: its shards no longer run, rolling them out again");
+                eprintln!(
+                    "rolling back to {previous}: its shards no longer run, rolling them out again"
+                );
             } else {
                 match flip::flip_from(&consul, &layout, &observed, &previous).await? {
-                    Flipped::Now(a) | Flipped::AlreadyActive(a) => eprintln!("active dg is {} (previous {:?})", a.dg, a.previous),
+                    Flipped::Now(a) | Flipped::AlreadyActive(a) => {
+                        eprintln!("active dg is {} (previous {:?})", a.dg, a.previous)
+                    }
                 }
                 println!("{previous}");
                 return Ok(());
@@ -289,9 +323,18 @@ mod cluster {
             progress_deadline: Duration::from_secs(args.progress_deadline_secs),
             timeout: Duration::from_secs(args.timeout_secs),
         };
-        let RolloutOutcome::Done { flipped, seconds_to_flip } = roll(&nomad, &consul, &layout, &dg, &opts, |line| eprintln!("{line}")).await?;
+        let RolloutOutcome::Done {
+            flipped,
+            seconds_to_flip,
+        } = roll(&nomad, &consul, &layout, &dg, &opts, |line| {
+            eprintln!("{line}")
+        })
+        .await?;
         match flipped {
-            Flipped::Now(a) => eprintln!("done: {} active (previous {:?}), {seconds_to_flip:.1} s from rollout to flip", a.dg, a.previous),
+            Flipped::Now(a) => eprintln!(
+                "done: {} active (previous {:?}), {seconds_to_flip:.1} s from rollout to flip",
+                a.dg, a.previous
+            ),
             Flipped::AlreadyActive(a) => eprintln!("done: {} was already active", a.dg),
         }
         println!("{dg}");
@@ -311,27 +354,68 @@ mod cluster {
         let (consul, nomad, layout) = clients(&args)?;
         let observed = flip::observe(&consul, &layout).await?;
         match &observed.active {
-            Some(a) => println!("active:   {} (since {})\nprevious: {}", a.dg, a.flipped_at, a.previous.as_deref().unwrap_or("-")),
+            Some(a) => println!(
+                "active:   {} (since {})\nprevious: {}",
+                a.dg,
+                a.flipped_at,
+                a.previous.as_deref().unwrap_or("-")
+            ),
             None => println!("active:   - (no dg was ever activated)"),
         }
-        println!("shards job runs: {}", running_dg(&nomad).await?.as_deref().unwrap_or("-"));
+        println!(
+            "shards job runs: {}",
+            running_dg(&nomad).await?.as_deref().unwrap_or("-")
+        );
         if let Some(d) = nomad.latest_deployment(SHARDS_JOB_ID).await? {
-            println!("latest deployment: {} version {} {} ({})", &d.id[..8], d.job_version, d.status, d.status_description);
+            println!(
+                "latest deployment: {} version {} {} ({})",
+                &d.id[..8],
+                d.job_version,
+                d.status,
+                d.status_description
+            );
         }
-        for e in consul.health_service("simq-shard", false, None).await?.value {
-            println!("  simq-shard {}:{} {} [{}]", e.address, e.port, e.status, e.tags.join(", "));
+        for e in consul
+            .health_service("simq-shard", false, None)
+            .await?
+            .value
+        {
+            println!(
+                "  simq-shard {}:{} {} [{}]",
+                e.address,
+                e.port,
+                e.status,
+                e.tags.join(", ")
+            );
         }
-        for e in consul.health_service("simq-embedder", false, None).await?.value {
-            println!("  simq-embedder {}:{} {} [{}]", e.address, e.port, e.status, e.tags.join(", "));
+        for e in consul
+            .health_service("simq-embedder", false, None)
+            .await?
+            .value
+        {
+            println!(
+                "  simq-embedder {}:{} {} [{}]",
+                e.address,
+                e.port,
+                e.status,
+                e.tags.join(", ")
+            );
         }
         Ok(())
     }
 
     pub async fn serve_blobs(args: ServeBlobsArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&args.dir)?;
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
         tracing::info!(dir = %args.dir.display(), listen = %args.listen, "serving blobs");
-        serve(BlobStore::new(&args.dir), listener, simq_consul::service::shutdown_signal()).await;
+        serve(
+            BlobStore::new(&args.dir),
+            listener,
+            simq_consul::service::shutdown_signal(),
+        )
+        .await;
         Ok(())
     }
 }
@@ -370,8 +454,10 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         parallel_shards: args.parallel_shards.unwrap_or(cores),
     };
     if !args.force {
-        if let Some((dir, m)) = find_existing(&args.out, &corpus.sha256(), embedder.model_id(), &opts) {
-            eprintln!("dg {} unchanged (already built from this corpus, model and options; --force rebuilds)", m.dg);
+        if let Some((dir, m)) =
+            find_existing(&args.out, &corpus.sha256(), embedder.model_id(), &opts)
+        {
+            eprintln!("dg {} unchanged (already built) from the same corpus, model and options; --force rebuilds", m.dg);
             println!("{}", dir.display());
             return Ok(());
         }
@@ -395,6 +481,9 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             .join("/"),
         m.model_id
     );
+    if report.embeddings_cached {
+        eprintln!("embeddings reused from {}/.embeddings/", args.out.display());
+    }
     eprintln!(
         "time: total {:.1} s = embed {:.1} s ({:.0} texts/s) + k-means {:.1} s + index {:.1} s; total / embed = {:.2}",
         report.total.as_secs_f64(),

@@ -31,12 +31,20 @@ impl PublishReport {
 pub fn read_manifest(dg_dir: &Path) -> anyhow::Result<(Manifest, Vec<u8>)> {
     let path = dg_dir.join("manifest.json");
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a manifest", path.display()))?;
-    manifest.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a manifest", path.display()))?;
+    manifest
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok((manifest, bytes))
 }
 
-pub async fn publish(dg_dir: &Path, store: &BlobStore, consul: &ConsulClient, layout: &KvLayout) -> anyhow::Result<PublishReport> {
+pub async fn publish(
+    dg_dir: &Path,
+    store: &BlobStore,
+    consul: &ConsulClient,
+    layout: &KvLayout,
+) -> anyhow::Result<PublishReport> {
     let (manifest, bytes) = read_manifest(dg_dir)?;
     let mut report = PublishReport {
         dg: manifest.dg.clone(),
@@ -58,7 +66,9 @@ pub async fn publish(dg_dir: &Path, store: &BlobStore, consul: &ConsulClient, la
         match consul.kv_get(&key, None).await?.value {
             Some(existing) => {
                 let same = existing.value == bytes
-                    || serde_json::from_slice::<Manifest>(&existing.value).map(|m| m == manifest).unwrap_or(false);
+                    || serde_json::from_slice::<Manifest>(&existing.value)
+                        .map(|m| m == manifest)
+                        .unwrap_or(false);
                 if !same {
                     bail!("{key} holds a different manifest for the same dg id: the KV entry was edited by hand; delete it and publish again");
                 }

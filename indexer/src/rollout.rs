@@ -37,26 +37,34 @@ pub struct RolloutOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RolloutOutcome {
     /// The dg's shards run and the pointer names it.
-    Done { flipped: Flipped, seconds_to_flip: f64 },
+    Done {
+        flipped: Flipped,
+        seconds_to_flip: f64,
+    },
 }
 
 /// The dg the running shards job serves, if any.
 pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
-    let Some(job) = nomad.job(SHARDS_JOB_ID).await? else { return Ok(None) };
+    let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
+        return Ok(None);
+    };
     if job["Stop"].as_bool() == Some(true) || job["Status"] == "dead" {
         return Ok(None);
     }
     Ok(job["Meta"]["dg"].as_str().map(String::from))
 }
 
-async fn published_manifest(consul: &ConsulClient, layout: &KvLayout, dg: &str) -> anyhow::Result<Manifest> {
+async fn published_manifest(
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    dg: &str,
+) -> anyhow::Result<Manifest> {
     let key = layout.manifest(dg);
-    let kv = consul
-        .kv_get(&key, None)
-        .await?
-        .value
-        .ok_or_else(|| anyhow!("dg {dg} is not published: {key} does not exist (run `simq-indexer publish` first)"))?;
-    let m: Manifest = serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not a manifest"))?;
+    let kv = consul.kv_get(&key, None).await?.value.ok_or_else(|| {
+        anyhow!("dg {dg} is not published: {key} does not exist (run `simq-indexer publish` first)")
+    })?;
+    let m: Manifest =
+        serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not a manifest"))?;
     m.validate().map_err(|e| anyhow!("{key}: {e}"))?;
     Ok(m)
 }
@@ -67,15 +75,27 @@ fn go_duration(d: Duration) -> String {
 
 /// Register the shards job for `manifest` with `canary` canaries per group; returns the
 /// job version Nomad assigned.
-pub async fn register_shards(nomad: &NomadClient, manifest: &Manifest, canary: usize, opts: &RolloutOptions) -> anyhow::Result<u64> {
+pub async fn register_shards(
+    nomad: &NomadClient,
+    manifest: &Manifest,
+    canary: usize,
+    opts: &RolloutOptions,
+) -> anyhow::Result<u64> {
     let shards: Vec<serde_json::Value> = manifest
         .shards
         .iter()
         .map(|s| serde_json::json!({"shard": s.shard, "sha256": s.sha256}))
         .collect();
     let shards_json = serde_json::to_string(&shards)?;
-    let (dims, replicas, canary) = (manifest.dims.to_string(), opts.replicas.to_string(), canary.to_string());
-    let (healthy, progress) = (go_duration(opts.healthy_deadline), go_duration(opts.progress_deadline));
+    let (dims, replicas, canary) = (
+        manifest.dims.to_string(),
+        opts.replicas.to_string(),
+        canary.to_string(),
+    );
+    let (healthy, progress) = (
+        go_duration(opts.healthy_deadline),
+        go_duration(opts.progress_deadline),
+    );
     let vars = hcl_variables([
         ("dg", manifest.dg.as_str()),
         ("model_id", manifest.model_id.as_str()),
@@ -87,10 +107,21 @@ pub async fn register_shards(nomad: &NomadClient, manifest: &Manifest, canary: u
     ]);
     // Numbers are HCL numbers, not strings.
     let vars = format!("{vars}dims = {dims}\nreplicas = {replicas}\ncanary = {canary}\n");
-    let job = nomad.parse_job(simq_nomad::jobs::SHARDS, &vars).await.context("parsing nomad/shards.nomad.hcl")?;
-    nomad.register_job(&job).await.context("registering the shards job")?;
-    let registered = nomad.job(SHARDS_JOB_ID).await?.ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} vanished after registration"))?;
-    registered["Version"].as_u64().ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} has no version"))
+    let job = nomad
+        .parse_job(simq_nomad::jobs::SHARDS, &vars)
+        .await
+        .context("parsing nomad/shards.nomad.hcl")?;
+    nomad
+        .register_job(&job)
+        .await
+        .context("registering the shards job")?;
+    let registered = nomad
+        .job(SHARDS_JOB_ID)
+        .await?
+        .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} vanished after registration"))?;
+    registered["Version"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} has no version"))
 }
 
 /// Why the deployment of `version` failed, per shard, from the allocations' task events.
@@ -108,9 +139,33 @@ pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result
         let interesting: Vec<String> = alloc
             .event_lines()
             .into_iter()
-            .filter(|l| !l.contains(": Received:") && !l.contains(": Task Setup:") && !l.contains(": Downloading Artifacts:"))
+            .filter(|l| {
+                !l.contains(": Received:")
+                    && !l.contains(": Task Setup:")
+                    && !l.contains(": Downloading Artifacts:")
+            })
             .collect();
-        causes.push(format!("{} ({}): {}", alloc.task_group, alloc.client_status, interesting.join(" | ")));
+        // The shard binary says why it refused its file on stderr, last line "error: ...".
+        let said = nomad
+            .task_log_tail(&alloc.id, "shard", true, 4096)
+            .await
+            .ok()
+            .and_then(|log| {
+                log.lines()
+                    .rev()
+                    .find(|l| l.starts_with("error: "))
+                    .map(String::from)
+            });
+        let mut cause = format!(
+            "{} ({}): {}",
+            alloc.task_group,
+            alloc.client_status,
+            interesting.join(" | ")
+        );
+        if let Some(said) = said {
+            cause.push_str(&format!(" | shard said: {said}"));
+        }
+        causes.push(cause);
     }
     Ok(causes)
 }
@@ -147,12 +202,20 @@ pub async fn rollout(
     let mut flipped = None;
     loop {
         if Instant::now() > deadline {
-            bail!("rollout of {dg} timed out after {:?}; Nomad keeps following its own deadlines", opts.timeout);
+            bail!(
+                "rollout of {dg} timed out after {:?}; Nomad keeps following its own deadlines",
+                opts.timeout
+            );
         }
         let dep = nomad.latest_deployment(SHARDS_JOB_ID).await?;
         let Some(dep) = dep.filter(|d| d.job_version >= version) else {
             // Re-registering an identical job makes no deployment: it is running already.
-            if nomad.latest_deployment(SHARDS_JOB_ID).await?.is_some_and(|d| d.status == "successful") && current.as_deref() == Some(dg) {
+            if nomad
+                .latest_deployment(SHARDS_JOB_ID)
+                .await?
+                .is_some_and(|d| d.status == "successful")
+                && current.as_deref() == Some(dg)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -170,9 +233,24 @@ pub async fn rollout(
         let groups: Vec<String> = dep
             .task_groups
             .iter()
-            .map(|(g, s)| format!("{g} {}/{}", s.healthy_allocs, if canary > 0 { s.desired_canaries } else { s.desired_total }))
+            .map(|(g, s)| {
+                format!(
+                    "{g} {}/{}",
+                    s.healthy_allocs,
+                    if canary > 0 {
+                        s.desired_canaries
+                    } else {
+                        s.desired_total
+                    }
+                )
+            })
             .collect();
-        let line = format!("deployment {} {}: {}", &dep.id[..8], dep.status, groups.join(", "));
+        let line = format!(
+            "deployment {} {}: {}",
+            &dep.id[..8],
+            dep.status,
+            groups.join(", ")
+        );
         if line != last_line {
             progress(&line);
             last_line = line;
@@ -185,23 +263,36 @@ pub async fn rollout(
                     "rollout of {dg} failed: {}; {}. The active dg was not changed{}",
                     dep.status_description,
                     causes.join("; "),
-                    if dep.status_description.contains("rolling back") { "; Nomad reverts the job" } else { "" }
+                    if dep.status_description.contains("rolling back") {
+                        "; Nomad reverts the job"
+                    } else {
+                        ""
+                    }
                 );
             }
             _ => {}
         }
         let all_canaries_healthy = canary > 0
             && !dep.task_groups.is_empty()
-            && dep.task_groups.values().all(|g| g.desired_canaries > 0 && g.healthy_allocs >= g.desired_canaries);
+            && dep
+                .task_groups
+                .values()
+                .all(|g| g.desired_canaries > 0 && g.healthy_allocs >= g.desired_canaries);
         if all_canaries_healthy && flipped.is_none() {
             // Every shard of the new dg is healthy: flip first, then let the old set go.
             let f = flip(consul, layout, dg).await.map_err(|e| match e {
                 FlipError::LostRace { .. } => anyhow!("{e}; the deployment was not promoted"),
                 e => anyhow!(e),
             })?;
-            progress(&format!("active dg flipped to {dg} after {:.1} s", started.elapsed().as_secs_f64()));
+            progress(&format!(
+                "active dg flipped to {dg} after {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
             flipped = Some((f, started.elapsed().as_secs_f64()));
-            nomad.promote_deployment(&dep.id).await.context("promoting the deployment")?;
+            nomad
+                .promote_deployment(&dep.id)
+                .await
+                .context("promoting the deployment")?;
             progress("deployment promoted: old shards stop");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -210,9 +301,15 @@ pub async fn rollout(
         Some(f) => f,
         None => {
             let f = flip(consul, layout, dg).await?;
-            progress(&format!("active dg is {dg} ({:.1} s)", started.elapsed().as_secs_f64()));
+            progress(&format!(
+                "active dg is {dg} ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            ));
             (f, started.elapsed().as_secs_f64())
         }
     };
-    Ok(RolloutOutcome::Done { flipped, seconds_to_flip })
+    Ok(RolloutOutcome::Done {
+        flipped,
+        seconds_to_flip,
+    })
 }

@@ -95,6 +95,20 @@ fn building_twice_gives_byte_identical_files_and_the_same_dg() {
         stderr(&again)
     );
 
+    // --force really rebuilds (embeddings come from the cache) and finds the same bytes.
+    let forced = build(&corpus, &tmp.path().join("a"), &["--force"]);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert!(
+        stderr(&forced).contains("embeddings reused"),
+        "{}",
+        stderr(&forced)
+    );
+    assert!(
+        stderr(&forced).contains(&format!("dg {dg} unchanged (already built)")),
+        "{}",
+        stderr(&forced)
+    );
+
     // A different corpus is a different dg.
     let other_dir = tmp.path().join("other");
     std::fs::create_dir(&other_dir).unwrap();

@@ -254,6 +254,42 @@ impl NomadClient {
         .map(|_| ())
     }
 
+    /// The last `bytes` of a task's stderr (`stderr = false`: stdout), as text.
+    pub async fn task_log_tail(
+        &self,
+        alloc: &str,
+        task: &str,
+        stderr: bool,
+        bytes: u64,
+    ) -> Result<String> {
+        let kind = if stderr { "stderr" } else { "stdout" };
+        let path = format!("/v1/client/fs/logs/{alloc}?task={task}&type={kind}&plain=true&origin=end&offset={bytes}");
+        let resp = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .timeout(PLAIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|source| Error::Unreachable {
+                addr: self.base.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|source| Error::Unreachable {
+            addr: self.base.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            return Err(Error::Status {
+                method: "GET".into(),
+                path,
+                status: status.as_u16(),
+                body: text,
+            });
+        }
+        Ok(text)
+    }
+
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
         let mut req = self
             .http

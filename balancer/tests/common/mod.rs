@@ -1,0 +1,185 @@
+//! Shared by the cluster tests: deploy with scripts/deploy.sh, run the indexer CLI, query
+//! the balancer, and bounded query load.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const PORT: u16 = 18080;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// target/<profile>/ holding all workspace binaries (cargo builds them for tests).
+pub fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Lines `range` of the real corpus sample, written to `dir/name`.
+pub fn corpus_slice(
+    dir: &Path,
+    name: &str,
+    range: std::ops::Range<usize>,
+) -> (PathBuf, Vec<String>) {
+    let source =
+        std::env::var("SIMQ_TEST_CORPUS").expect("SIMQ_TEST_CORPUS (scripts/test.sh sets it)");
+    let lines: Vec<String> = std::fs::read_to_string(&source)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let slice = lines[range].to_vec();
+    let path = dir.join(name);
+    std::fs::write(&path, slice.join("\n") + "\n").unwrap();
+    (path, slice)
+}
+
+/// Deploy the whole stack serving `corpus` with scripts/deploy.sh; returns the dg.
+pub fn deploy(corpus: &Path, shards: usize) -> String {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/deploy.sh"))
+        .env("SIMQ_BIN_DIR", bin_dir())
+        .env("SIMQ_CORPUS", corpus)
+        .env("SIMQ_SHARDS", shards.to_string())
+        .env("SIMQ_PORT", PORT.to_string())
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        stop_jobs();
+        panic!("deploy failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(dg.starts_with("dg-"), "deploy prints the dg: {dg:?}");
+    dg
+}
+
+/// Run simq-indexer with the test environment.
+pub fn indexer(args: &[&str]) -> Output {
+    Command::new(bin_dir().join("simq-indexer"))
+        .args(args)
+        .output()
+        .expect("indexer runs")
+}
+
+/// Build and publish a dg from `corpus`; returns (dg, dg dir).
+pub fn build_and_publish(corpus: &Path, out: &Path, shards: usize) -> (String, PathBuf) {
+    let b = indexer(&[
+        "build",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--shards",
+        &shards.to_string(),
+    ]);
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let dir = PathBuf::from(String::from_utf8_lossy(&b.stdout).trim());
+    let blobs = std::env::var("SIMQ_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/simq"))
+        .join("blobs");
+    let p = indexer(&[
+        "publish",
+        dir.to_str().unwrap(),
+        "--blobs",
+        blobs.to_str().unwrap(),
+    ]);
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    (String::from_utf8_lossy(&p.stdout).trim().to_string(), dir)
+}
+
+pub async fn post(path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{PORT}{path}"))
+        .body(body)
+        .send()
+        .await
+        .expect("balancer answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn query(text: &str) -> Value {
+    let (status, body) = post("/v1/query", json!({"query": text, "k": 3}).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+pub fn stop_jobs() {
+    let nomad = std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into());
+    for job in [
+        "simq-balancer",
+        "simq-shards",
+        "simq-embedder",
+        "simq-blobs",
+    ] {
+        let _ = reqwest::blocking::Client::new()
+            .delete(format!("{nomad}/v1/job/{job}?purge=true"))
+            .send();
+    }
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: usize,
+    /// (status, body) of every failed query.
+    pub failed: Vec<(u16, String)>,
+    /// dg of each successful answer, in order.
+    pub dgs: Vec<String>,
+}
+
+/// Bounded query load (at most `max` queries, one at a time with a short pause) until
+/// `stop` is set.
+pub fn start_load(
+    texts: Vec<String>,
+    max: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut report = LoadReport::default();
+        let started = Instant::now();
+        for i in 0..max {
+            if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+            let body = json!({"query": texts[i % texts.len()], "k": 3}).to_string();
+            match client
+                .post(format!("http://127.0.0.1:{PORT}/v1/query"))
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    report.ok += 1;
+                    report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
+                }
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    report
+                        .failed
+                        .push((status, r.text().await.unwrap_or_default()));
+                }
+                Err(e) => report.failed.push((0, e.to_string())),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        report
+    })
+}
