@@ -20,7 +20,13 @@ variable "consul_addr" {
 variable "nprobe" {
   type        = number
   description = "Shards asked per query."
-  default     = 2
+  default     = 4
+}
+
+variable "search_k" {
+  type        = number
+  description = "arroy nodes each shard visits per query (recall vs latency, see indexer/BENCH.md)."
+  default     = 40000
 }
 
 job "simq-balancer" {
@@ -74,6 +80,7 @@ job "simq-balancer" {
           "--listen", "127.0.0.1:${NOMAD_PORT_http}",
           "--consul", var.consul_addr,
           "--nprobe", "${var.nprobe}",
+          "--search-k", "${var.search_k}",
         ]
       }
 

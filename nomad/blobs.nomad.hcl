@@ -69,7 +69,7 @@ job "simq-blobs" {
 
       resources {
         cpu    = 100
-        memory = 128
+        memory = 256
       }
     }
   }

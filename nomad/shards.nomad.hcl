@@ -62,6 +62,12 @@ variable "progress_deadline" {
   default     = "35s"
 }
 
+variable "attempt" {
+  type        = string
+  description = "Changed only to retry a failed deployment of the same dg (forces a new job version)."
+  default     = ""
+}
+
 locals {
   shards = jsondecode(var.shards_json)
 }
@@ -71,7 +77,8 @@ job "simq-shards" {
   type        = "service"
 
   meta {
-    dg = var.dg
+    dg      = var.dg
+    attempt = var.attempt
   }
 
   dynamic "group" {
@@ -153,8 +160,9 @@ job "simq-shards" {
         kill_timeout = "10s"
 
         resources {
-          cpu    = 200
-          memory = 1024
+          # Small reservations: a blue/green rollout runs two full sets side by side.
+          cpu    = 100
+          memory = 512
         }
       }
     }

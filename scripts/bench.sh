@@ -4,7 +4,9 @@
 #   scripts/bench.sh build      full-corpus dg build: phase times, total vs embedding time
 #   scripts/bench.sh recall     recall@10 table of the built dg (indexer/BENCH.md)
 #   scripts/bench.sh            all three
-# Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 8 --n-trees 32").
+# Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --n-trees 16").
+# The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
+# when present, so delete that to time the embedding too.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 "$SIMQ_ROOT/scripts/setup.sh" >/dev/null
@@ -24,7 +26,7 @@ run_embedder() {
 run_build() {
   log "full-corpus build: $corpus ${SIMQ_BUILD_FLAGS:-}"
   # shellcheck disable=SC2086
-  "$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" ${SIMQ_BUILD_FLAGS:-} 2>&1 | grep -v '^\s*$' | tee "$out/build.txt"
+  "$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --force ${SIMQ_BUILD_FLAGS:-} 2>&1 | grep -v '^\s*$' | tee "$out/build.txt"
 }
 
 run_recall() {
@@ -32,7 +34,7 @@ run_recall() {
   dg="$(tail -n1 "$out/build.txt")"
   [ -d "$dg" ] || die "no built dg in $out/build.txt: run scripts/bench.sh build first"
   log "recall@10 on $dg"
-  "$bin/simq-indexer" eval "$dg" --queries 500 --nprobe 1,2,4 --search-k 0,2000,5000,10000 | tee "$out/recall.md"
+  "$bin/simq-indexer" eval "$dg" --queries 500 --nprobe 1,2,4 --search-k 0,5000,20000,40000 | tee "$out/recall.md"
 }
 
 case "${1:-all}" in

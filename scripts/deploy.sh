@@ -9,13 +9,13 @@
 # Settings (environment):
 #   SIMQ_CORPUS    corpus file                  [default: the real corpus, scripts/corpus.sh]
 #   SIMQ_BIN_DIR   directory of simq binaries   [default: release build, built here]
-#   SIMQ_SHARDS    shards (k-means k)           [default: 4]
+#   SIMQ_SHARDS    shards (k-means k)           [default: 8]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
-shards="${SIMQ_SHARDS:-4}"
+shards="${SIMQ_SHARDS:-8}"
 replicas="${SIMQ_REPLICAS:-1}"
 port="${SIMQ_PORT:-8080}"
 blobs="$SIMQ_CACHE/blobs"

@@ -5,8 +5,9 @@ use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use http_body_util::Full;
-use hyper::body::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use simq_consul::contract::sha256_file;
@@ -97,30 +98,40 @@ pub async fn serve(
     }
 }
 
-async fn answer<B>(store: &BlobStore, req: &Request<B>) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, std::io::Error>;
+
+async fn answer<B>(store: &BlobStore, req: &Request<B>) -> Response<Body> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
             .header("content-type", "text/plain")
-            .body(Full::new(Bytes::from(body)))
+            .body(
+                Full::new(Bytes::from(body))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
             .expect("static response")
     };
     let name = req.uri().path().trim_start_matches('/');
     match (req.method(), name) {
         (&Method::GET, "health") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET | &Method::HEAD, name) if is_content_address(name) => {
-            match tokio::fs::read(store.path_of(name)).await {
-                Ok(bytes) => {
-                    let len = bytes.len();
-                    let body = if req.method() == Method::HEAD {
-                        Bytes::new()
+            match tokio::fs::File::open(store.path_of(name)).await {
+                Ok(file) => {
+                    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    // Streamed: shard files are large and Nomad fetches several at once.
+                    let body: Body = if req.method() == Method::HEAD {
+                        Full::new(Bytes::new())
+                            .map_err(|never| match never {})
+                            .boxed()
                     } else {
-                        Bytes::from(bytes)
+                        let chunks = tokio_util::io::ReaderStream::with_capacity(file, 1 << 16);
+                        StreamBody::new(chunks.map_ok(Frame::data)).boxed()
                     };
                     Response::builder()
                         .header("content-type", "application/octet-stream")
                         .header("content-length", len)
-                        .body(Full::new(body))
+                        .body(body)
                         .expect("static response")
                 }
                 Err(_) => text(StatusCode::NOT_FOUND, format!("no blob {name}\n")),

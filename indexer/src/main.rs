@@ -157,10 +157,10 @@ struct BuildArgs {
     #[arg(long)]
     skip_bad_lines: bool,
     /// Number of shards (k of k-means).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     shards: usize,
     /// arroy trees per shard: more trees, better recall, bigger files.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     n_trees: usize,
     /// Seed of k-means++ and of the arroy build.
     #[arg(long, default_value_t = 42)]

@@ -79,6 +79,7 @@ pub async fn register_shards(
     nomad: &NomadClient,
     manifest: &Manifest,
     canary: usize,
+    attempt: &str,
     opts: &RolloutOptions,
 ) -> anyhow::Result<u64> {
     let shards: Vec<serde_json::Value> = manifest
@@ -104,6 +105,7 @@ pub async fn register_shards(
         ("shard_bin", opts.shard_bin.as_str()),
         ("healthy_deadline", healthy.as_str()),
         ("progress_deadline", progress.as_str()),
+        ("attempt", attempt),
     ]);
     // Numbers are HCL numbers, not strings.
     let vars = format!("{vars}dims = {dims}\nreplicas = {replicas}\ncanary = {canary}\n");
@@ -136,15 +138,22 @@ pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result
             continue;
         }
         let alloc = nomad.allocation(&stub.id).await?;
-        let interesting: Vec<String> = alloc
-            .event_lines()
-            .into_iter()
-            .filter(|l| {
-                !l.contains(": Received:")
-                    && !l.contains(": Task Setup:")
-                    && !l.contains(": Downloading Artifacts:")
-            })
-            .collect();
+        let noise = [
+            ": Received:",
+            ": Task Setup:",
+            ": Downloading Artifacts:",
+            ": Restarting:",
+            ": Not Restarting:",
+        ];
+        let mut interesting: Vec<String> = Vec::new();
+        for l in alloc.event_lines() {
+            if !noise.iter().any(|n| l.contains(n)) && !interesting.contains(&l) {
+                interesting.push(l);
+            }
+        }
+        if interesting.is_empty() {
+            continue;
+        }
         // The shard binary says why it refused its file on stderr, last line "error: ...".
         let said = nomad
             .task_log_tail(&alloc.id, "shard", true, 4096)
@@ -196,7 +205,19 @@ pub async fn rollout(
             None => String::new(),
         }
     ));
-    let version = register_shards(nomad, &manifest, canary, opts).await?;
+    // Retrying a dg whose last deployment failed needs a new job version, else Nomad sees
+    // no change and nothing is placed again.
+    let last_failed = current.as_deref() == Some(dg)
+        && nomad
+            .latest_deployment(SHARDS_JOB_ID)
+            .await?
+            .is_some_and(|d| d.status == "failed" || d.status == "cancelled");
+    let attempt = if last_failed {
+        crate::flip::now_rfc3339()
+    } else {
+        String::new()
+    };
+    let version = register_shards(nomad, &manifest, canary, &attempt, opts).await?;
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
     let mut flipped = None;
