@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
 use rayon::prelude::*;
 use simq_consul::Manifest;
 use simq_shard::ShardFile;
 
 use crate::build::shard_file_name;
+use crate::publish::read_manifest;
 
 /// A built dg directory: its manifest and open shard files.
 pub struct DgDir {
@@ -21,13 +21,7 @@ pub struct DgDir {
 
 impl DgDir {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join("manifest.json");
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a manifest", path.display()))?;
-        manifest
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let (manifest, _) = read_manifest(dir)?;
         let shards = (0..manifest.shards.len())
             .map(|s| ShardFile::open(&dir.join(shard_file_name(s))))
             .collect::<Result<Vec<_>, _>>()?;
