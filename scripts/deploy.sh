@@ -12,12 +12,14 @@
 #   SIMQ_SHARDS    shards (k-means k)           [default: 8]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
+#   SIMQ_NPROBE    shards asked per query       [default: 4]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
 shards="${SIMQ_SHARDS:-8}"
 replicas="${SIMQ_REPLICAS:-1}"
 port="${SIMQ_PORT:-8080}"
+nprobe="${SIMQ_NPROBE:-4}"
 blobs="$SIMQ_CACHE/blobs"
 if [ -z "${SIMQ_BIN_DIR:-}" ]; then
   log "building release binaries"
@@ -54,7 +56,7 @@ log "shards of $dg"
 "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
 
 log "balancer on 127.0.0.1:$port"
-nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port"
+nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe"
 deadline=$((SECONDS + 60))
 until curl -fsS -o /dev/null "http://127.0.0.1:$port/health"; do
   [ $SECONDS -lt $deadline ] || die "balancer did not become healthy within 60 s (see nomad alloc logs)"

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{corpus_slice, deploy, post, query, stop_jobs, PORT};
+use common::{corpus_slice, deploy, post, query, shard_pids, stop_jobs, PORT};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 async fn queries_through_nomad_deployed_stack_find_their_originals() {
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, lines) = corpus_slice(tmp.path(), "e2e-corpus.txt", 0..600);
-    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 3))
+    // 4 shards x 2 replicas, 2 shards asked per query: room for retries and fallbacks.
+    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 2))
         .await
         .unwrap();
 
@@ -108,7 +109,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
         .await
         .unwrap();
     assert_eq!(status["active"]["dg"], dg.as_str());
-    assert_eq!(status["active"]["shards"].as_array().unwrap().len(), 3);
+    assert_eq!(status["active"]["shards"].as_array().unwrap().len(), 4);
     let metrics = reqwest::get(format!("http://127.0.0.1:{PORT}/metrics"))
         .await
         .unwrap()
@@ -118,6 +119,77 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
     assert!(
         metrics.contains("simq_balancer_requests_total{status=\"400\"}"),
         "{metrics}"
+    );
+
+    // Loss of one replica of two: every query still succeeds (retried on the other
+    // replica while Consul has not yet seen the loss), none degraded.
+    let pids = shard_pids(&dg, 0);
+    assert_eq!(pids.len(), 2, "two replicas of shard 0 run: {pids:?}");
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    for t in lines.iter().skip(300).take(40) {
+        let a = query(t).await;
+        assert_eq!(
+            a["degraded"], false,
+            "one lost replica of two degrades nothing: {a}"
+        );
+    }
+
+    // A shard with no healthy replica: its queries go to the next-nearest shard instead,
+    // say so, and still answer 200.
+    let nomad = std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into());
+    let scale =
+        json!({"Count": 0, "Target": {"Group": "shard-0"}, "Message": "e2e: take shard 0 away"});
+    let r = reqwest::Client::new()
+        .post(format!("{nomad}/v1/job/simq-shards/scale"))
+        .body(scale.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s: Value = reqwest::get(format!("http://127.0.0.1:{PORT}/v1/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if s["active"]["shards"][0]["healthy_replicas"]
+            .as_array()
+            .is_some_and(|r| r.is_empty())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 0 still has replicas: {s}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut degraded = 0;
+    for t in lines.iter().skip(400).take(60) {
+        let a = query(t).await;
+        let rows = a["results"].as_array().unwrap();
+        assert!(
+            rows.iter().all(|r| r["shard"] != 0),
+            "no answer from a shard without replicas: {a}"
+        );
+        if a["degraded"] == true {
+            degraded += 1;
+            let note = a["notes"][0].as_str().unwrap();
+            assert!(
+                note.starts_with("shard 0 has no healthy replica; asked shard"),
+                "{note}"
+            );
+        }
+    }
+    assert!(
+        degraded > 0,
+        "some of 60 queries route to shard 0 and must fall back"
     );
 
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();

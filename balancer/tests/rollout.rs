@@ -84,7 +84,7 @@ async fn rollout_lifecycle_has_zero_failed_queries() {
     let texts: Vec<String> = lines_a.iter().chain(&lines_b).step_by(3).cloned().collect();
     let out = tmp.path().join("dgs");
 
-    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 3))
+    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 3, 1, 4))
         .await
         .unwrap();
     assert_eq!(query(&lines_a[5]).await["dg"], dg_a.as_str());

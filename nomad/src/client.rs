@@ -194,6 +194,39 @@ impl NomadClient {
         decode("/v1/jobs", v)
     }
 
+    /// Ask Nomad to validate a job (from [`NomadClient::parse_job`]); the error lists
+    /// every problem Nomad found.
+    pub async fn validate_job(&self, job: &Value) -> Result<()> {
+        let v = self
+            .call(
+                Method::POST,
+                "/v1/validate/job",
+                Some(json!({ "Job": job })),
+            )
+            .await?;
+        let errors: Vec<String> = v["ValidationErrors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if errors.is_empty() && v["Error"].as_str().unwrap_or("").is_empty() {
+            return Ok(());
+        }
+        Err(Error::Status {
+            method: "POST".into(),
+            path: "/v1/validate/job".into(),
+            status: 200,
+            body: format!(
+                "{} {}",
+                errors.join("; "),
+                v["Error"].as_str().unwrap_or("")
+            ),
+        })
+    }
+
     /// Every job the agent knows.
     pub async fn list_jobs(&self) -> Result<Vec<JobStub>> {
         let v = self.call(Method::GET, "/v1/jobs", None).await?;

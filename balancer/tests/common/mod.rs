@@ -50,12 +50,14 @@ pub fn corpus_slice(
 }
 
 /// Deploy the whole stack serving `corpus` with scripts/deploy.sh; returns the dg.
-pub fn deploy(corpus: &Path, shards: usize) -> String {
+pub fn deploy(corpus: &Path, shards: usize, replicas: usize, nprobe: usize) -> String {
     let out = Command::new("bash")
         .arg(repo_root().join("scripts/deploy.sh"))
         .env("SIMQ_BIN_DIR", bin_dir())
         .env("SIMQ_CORPUS", corpus)
         .env("SIMQ_SHARDS", shards.to_string())
+        .env("SIMQ_REPLICAS", replicas.to_string())
+        .env("SIMQ_NPROBE", nprobe.to_string())
         .env("SIMQ_PORT", PORT.to_string())
         .output()
         .unwrap();
@@ -182,4 +184,34 @@ pub fn start_load(
         }
         report
     })
+}
+
+/// Pids of the running simq-shard processes serving `shard` of `dg`.
+pub fn shard_pids(dg: &str, shard: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        let arg = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        if args.first().is_some_and(|a| a.ends_with("simq-shard"))
+            && arg("--dg").as_deref() == Some(dg)
+            && arg("--shard") == Some(shard.to_string())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
 }

@@ -1,0 +1,69 @@
+//! simq's job specs, validated by the real Nomad agent with realistic variables.
+//! Needs the agents of `scripts/cluster.sh start`; `scripts/test.sh` runs it.
+
+use simq_nomad::{hcl_variables, jobs, NomadClient};
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run scripts/test.sh"]
+async fn every_job_spec_passes_nomad_validate() {
+    let nomad = NomadClient::from_env().unwrap();
+    let sha = "a".repeat(64);
+    let shards_json =
+        format!(r#"[{{"shard": 0, "sha256": "{sha}"}}, {{"shard": 1, "sha256": "{sha}"}}]"#);
+    let cases: Vec<(&str, &str, String, usize)> = vec![
+        (
+            "simq-shards",
+            jobs::SHARDS,
+            hcl_variables([
+                ("dg", "dg-0123456789abcdef"),
+                ("model_id", "model-1"),
+                ("shards_json", shards_json.as_str()),
+                ("blob_url", "http://127.0.0.1:8090"),
+                ("shard_bin", "/usr/local/bin/simq-shard"),
+            ]) + "dims = 384\nreplicas = 2\ncanary = 2\n",
+            2,
+        ),
+        (
+            "simq-embedder",
+            jobs::EMBEDDER,
+            hcl_variables([
+                ("model_id", "model-1"),
+                ("model_dir", "/models/m"),
+                ("embedder_bin", "/usr/local/bin/simq-embedder"),
+                ("ort_library", "/lib/libonnxruntime.so"),
+            ]),
+            1,
+        ),
+        (
+            "simq-balancer",
+            jobs::BALANCER,
+            hcl_variables([("balancer_bin", "/usr/local/bin/simq-balancer")]),
+            1,
+        ),
+        (
+            "simq-blobs",
+            jobs::BLOBS,
+            hcl_variables([
+                ("indexer_bin", "/usr/local/bin/simq-indexer"),
+                ("dir", "/blobs"),
+            ]),
+            1,
+        ),
+    ];
+    for (id, spec, vars, groups) in cases {
+        let job = nomad
+            .parse_job(spec, &vars)
+            .await
+            .unwrap_or_else(|e| panic!("{id} parses: {e}"));
+        assert_eq!(job["ID"], id);
+        assert_eq!(
+            job["TaskGroups"].as_array().unwrap().len(),
+            groups,
+            "{id} groups"
+        );
+        nomad
+            .validate_job(&job)
+            .await
+            .unwrap_or_else(|e| panic!("{id} validates: {e}"));
+    }
+}
