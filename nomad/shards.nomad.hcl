@@ -157,7 +157,10 @@ job "simq-shards" {
           SIMQ_LOG_FORMAT = "json"
         }
 
-        kill_timeout = "10s"
+        # Deregistered from Consul first, killed 2 s later: balancers stop routing here
+        # before the listener closes.
+        shutdown_delay = "2s"
+        kill_timeout   = "10s"
 
         resources {
           # Small reservations: a blue/green rollout runs two full sets side by side.

@@ -58,8 +58,9 @@ log "shards of $dg"
 log "balancer on 127.0.0.1:$port"
 nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe"
 deadline=$((SECONDS + 60))
-until curl -fsS -o /dev/null "http://127.0.0.1:$port/health"; do
-  [ $SECONDS -lt $deadline ] || die "balancer did not become healthy within 60 s (see nomad alloc logs)"
+# Ready means this balancer routes with this dg (not merely that something answers).
+until curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -q "\"dg\":\"$dg\""; do
+  [ $SECONDS -lt $deadline ] || die "balancer did not serve $dg within 60 s (see nomad alloc logs)"
   sleep 0.5
 done
 log "serving dg $dg at http://127.0.0.1:$port"

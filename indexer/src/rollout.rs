@@ -126,6 +126,49 @@ pub async fn register_shards(
         .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} has no version"))
 }
 
+/// Wait until every passing `simq-balancer` reports `dg` as its active dg in
+/// `/v1/status` (or `limit` passes); says what it saw.
+pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration) -> String {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("static client");
+    let deadline = Instant::now() + limit;
+    loop {
+        let balancers = consul
+            .health_service("simq-balancer", true, None)
+            .await
+            .map(|a| a.value)
+            .unwrap_or_default();
+        let mut behind = Vec::new();
+        for b in &balancers {
+            let url = format!("http://{}:{}/v1/status", b.address, b.port);
+            let current = match http.get(&url).send().await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["active"]["dg"].as_str().map(String::from)),
+                Err(_) => None,
+            };
+            if current.as_deref() != Some(dg) {
+                behind.push(format!("{}:{}", b.address, b.port));
+            }
+        }
+        if behind.is_empty() {
+            return format!("all {} switched", balancers.len());
+        }
+        if Instant::now() > deadline {
+            return format!(
+                "{} still behind after {limit:?}: {}",
+                behind.len(),
+                behind.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Why the deployment of `version` failed, per shard, from the allocations' task events.
 pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result<Vec<String>> {
     let mut causes = Vec::new();
@@ -310,6 +353,9 @@ pub async fn rollout(
                 started.elapsed().as_secs_f64()
             ));
             flipped = Some((f, started.elapsed().as_secs_f64()));
+            // The old set may only go once no balancer routes with it any more.
+            let waited = wait_for_balancers(consul, dg, Duration::from_secs(15)).await;
+            progress(&format!("balancers route with {dg}: {waited}"));
             nomad
                 .promote_deployment(&dep.id)
                 .await

@@ -121,15 +121,38 @@ pub async fn query(text: &str) -> Value {
     body
 }
 
+/// Stop every simq job and wait until their tasks really ended (a purge alone returns at
+/// once while the old balancer can still hold the port), then purge them.
 pub fn stop_jobs() {
     let nomad = std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into());
-    for job in [
+    let http = reqwest::blocking::Client::new();
+    let jobs = [
         "simq-balancer",
         "simq-shards",
         "simq-embedder",
         "simq-blobs",
-    ] {
-        let _ = reqwest::blocking::Client::new()
+    ];
+    for job in jobs {
+        let _ = http.delete(format!("{nomad}/v1/job/{job}")).send();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for job in jobs {
+        loop {
+            let allocs: Value = http
+                .get(format!("{nomad}/v1/job/{job}/allocations"))
+                .send()
+                .and_then(|r| r.json())
+                .unwrap_or(Value::Null);
+            let live = allocs.as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|x| x["ClientStatus"] == "running" || x["ClientStatus"] == "pending")
+            });
+            if !live || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = http
             .delete(format!("{nomad}/v1/job/{job}?purge=true"))
             .send();
     }
