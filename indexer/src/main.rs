@@ -199,6 +199,12 @@ struct EvalArgs {
 }
 
 fn main() {
+    // Like other CLI tools, end quietly when the reader of stdout goes away (`| head`)
+    // instead of panicking on a failed print.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     simq_consul::service::init_logging();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
