@@ -5,8 +5,9 @@
 //! runs registers the job with `canary = replicas`: Nomad starts a full new set beside the
 //! old one (blue/green). The balancers keep routing with the old dg, whose shards keep
 //! running. When every canary passes its checks (artifact checksum, shard self-test), the
-//! active pointer flips with one CAS write, and only then is the deployment promoted,
-//! which stops the old allocations. If a canary fails, the deployment fails at its
+//! active pointer flips with one CAS write; once every balancer reports the new dg in its
+//! /v1/status the deployment is promoted, which stops the old allocations (each first
+//! leaves Consul, then is stopped 2 s later: `shutdown_delay`). If a canary fails, the deployment fails at its
 //! progress deadline and Nomad reverts the job by itself (`auto_revert`); the pointer
 //! never moved.
 
