@@ -124,6 +124,15 @@ kill_strays() {
   done
 }
 
+# Nomad mounts a tmpfs for each task's secrets/ and private/ dirs; allocations the agent
+# did not garbage-collect before it stopped leave them mounted. Unmount them.
+unmount_leftovers() {
+  local m
+  awk '{print $2}' /proc/mounts | { grep "^$NOMAD_DIR/data/" || true; } | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || log "could not unmount $m"
+  done
+}
+
 cmd_start() {
   need_cmd curl "Install Debian's curl package."
   start_consul
@@ -135,6 +144,7 @@ cmd_stop() {
   stop_jobs
   stop_pid nomad "$NOMAD_DIR/nomad.pid"
   kill_strays
+  unmount_leftovers
   stop_pid consul "$CONSUL_DIR/consul.pid"
   log "cluster stopped"
 }

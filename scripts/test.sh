@@ -40,7 +40,9 @@ check_stopped() {
   local left
   left="$(pgrep -f "$SIMQ_CACHE/bin/(consul|nomad)-" || true)"
   [ -z "$left" ] || die "processes left after cluster stop: $left"
-  log "cluster stop left no processes"
+  left="$(awk '{print $2}' /proc/mounts | grep -c "^$SIMQ_CLUSTER_DIR/" || true)"
+  [ "$left" = 0 ] || die "$left mounts left under $SIMQ_CLUSTER_DIR after cluster stop"
+  log "cluster stop left no processes and no mounts"
 }
 
 started_here=0
