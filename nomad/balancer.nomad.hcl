@@ -17,6 +17,12 @@ variable "consul_addr" {
   default     = "http://127.0.0.1:8500"
 }
 
+variable "consul_wait_secs" {
+  type        = number
+  description = "Seconds one Consul blocking query may wait (a hung Consul is noticed after this plus 10 s)."
+  default     = 30
+}
+
 variable "nprobe" {
   type        = number
   description = "Shards asked per query."
@@ -62,6 +68,10 @@ job "simq-balancer" {
       name     = "simq-balancer"
       port     = "http"
       provider = "consul"
+      # Where Prometheus scrapes /metrics (consul/prometheus/prometheus.yml).
+      meta {
+        metrics_port = "${NOMAD_PORT_http}"
+      }
 
       check {
         type     = "http"
@@ -81,6 +91,7 @@ job "simq-balancer" {
           "--consul", var.consul_addr,
           "--nprobe", "${var.nprobe}",
           "--search-k", "${var.search_k}",
+          "--consul-wait-secs", "${var.consul_wait_secs}",
         ]
       }
 

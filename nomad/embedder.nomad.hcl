@@ -60,6 +60,10 @@ job "simq-embedder" {
       port     = "grpc"
       provider = "consul"
       tags     = ["model=${var.model_id}"]
+      # Where Prometheus scrapes /metrics (consul/prometheus/prometheus.yml).
+      meta {
+        metrics_port = "${NOMAD_PORT_http}"
+      }
 
       check {
         type     = "http"

@@ -116,6 +116,10 @@ job "simq-shards" {
         port     = "grpc"
         provider = "consul"
         tags     = ["dg=${var.dg}", "shard=${group.value.shard}"]
+        # Where Prometheus scrapes /metrics (consul/prometheus/prometheus.yml).
+        meta {
+          metrics_port = "${NOMAD_PORT_http}"
+        }
 
         check {
           type     = "http"

@@ -13,6 +13,7 @@
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
 #   SIMQ_NPROBE    shards asked per query       [default: 4]
+#   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
@@ -20,6 +21,7 @@ shards="${SIMQ_SHARDS:-8}"
 replicas="${SIMQ_REPLICAS:-1}"
 port="${SIMQ_PORT:-8080}"
 nprobe="${SIMQ_NPROBE:-4}"
+consul_wait="${SIMQ_CONSUL_WAIT:-30}"
 blobs="$SIMQ_CACHE/blobs"
 if [ -z "${SIMQ_BIN_DIR:-}" ]; then
   log "building release binaries"
@@ -56,7 +58,7 @@ log "shards of $dg"
 "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
 
 log "balancer on 127.0.0.1:$port"
-nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe"
+nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait"
 deadline=$((SECONDS + 60))
 # Ready means this balancer routes with this dg (not merely that something answers).
 until curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -q "\"dg\":\"$dg\""; do

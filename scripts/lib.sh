@@ -3,7 +3,7 @@
 #
 # Everything simq downloads or builds lives under $SIMQ_CACHE (default ~/.cache/simq):
 #   downloads/   wheels and archives exactly as fetched from the registries
-#   bin/         consul and nomad, one directory per pinned version
+#   bin/         consul, nomad, prometheus + promtool, one directory per pinned version
 #   ort/         the ONNX Runtime shared library, per version
 #   models/      model directories (model.onnx, tokenizer.json, simq-model.json)
 #   go/          Go module and build caches for the agent builds
@@ -19,12 +19,16 @@ SIMQ_CACHE="${SIMQ_CACHE:-$HOME/.cache/simq}"
 CONSUL_VERSION="1.22.7"
 NOMAD_VERSION="1.11.3"
 ORT_VERSION="1.31.1"
+# Prometheus 3.16.0 is the Go module github.com/prometheus/prometheus v0.316.0.
+PROMETHEUS_VERSION="3.16.0"
 # sha256 of libonnxruntime.so.$ORT_VERSION inside the manylinux x86_64 wheel.
 ORT_LIB_SHA256="fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3"
 
 SIMQ_BIN="$SIMQ_CACHE/bin"
 CONSUL_BIN="$SIMQ_BIN/consul-$CONSUL_VERSION/consul"
 NOMAD_BIN="$SIMQ_BIN/nomad-$NOMAD_VERSION/nomad"
+PROMTOOL_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/promtool"
+PROMETHEUS_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/prometheus"
 ORT_LIB="$SIMQ_CACHE/ort/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
 SIMQ_MODEL_DIR="${SIMQ_MODEL_DIR:-$SIMQ_CACHE/models/minilm-l6-v2-int8}"
 SIMQ_CLUSTER_DIR="${SIMQ_CLUSTER_DIR:-$SIMQ_CACHE/cluster}"

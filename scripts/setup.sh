@@ -3,7 +3,7 @@
 # Every step is skipped when its result is already in place, so a second run takes seconds.
 #
 #   scripts/setup.sh            all steps
-#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model
+#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model prometheus
 #
 # A missing prerequisite stops the run with a message naming it and how to provide it.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -28,29 +28,39 @@ step_debs() {
     die "apt-get could not install ${missing[*]}: is the Debian mirror reachable (see /etc/apt/sources.list*)?"
 }
 
-# build_agent NAME VERSION BIN MODULE CGO: build a HashiCorp agent from the Go module proxy
-# through the pinned wrapper module in NAME/build (go.mod + go.sum are reviewed in git).
+# go_build WHAT DIR MODULE CGO LDFLAGS OUT PACKAGE...: build PACKAGEs of MODULE from the Go
+# module proxy through the pinned wrapper module in $SIMQ_ROOT/DIR (go.mod + go.sum are
+# reviewed in git). OUT is the binary (one package) or a directory ending in / (several).
+go_build() {
+  local what=$1 dir=$2 module=$3 cgo=$4 ldflags=$5 out=$6
+  shift 6
+  need_cmd go "Install Go >= 1.26 (https://go.dev/doc/install or Debian's golang package); simq builds $what from the Go module proxy."
+  local tmp
+  tmp="$(mktemp -d)"
+  mkdir -p "$SIMQ_CACHE/go/mod" "$SIMQ_CACHE/go/build"
+  (
+    cd "$SIMQ_ROOT/$dir"
+    export GOMODCACHE="$SIMQ_CACHE/go/mod" GOCACHE="$SIMQ_CACHE/go/build" GOFLAGS="-mod=readonly -buildvcs=false"
+    go mod download "$module" >"$tmp/download.log" 2>&1 ||
+      { cat "$tmp/download.log" >&2; die "$what: go could not download $module: is the Go module proxy reachable (go env GOPROXY: $(go env GOPROXY))?"; }
+    CGO_ENABLED=$cgo go build -trimpath -ldflags "$ldflags" -o "$out" "$@" >"$tmp/build.log" 2>&1 ||
+      { tail -n 30 "$tmp/build.log" >&2; die "$what: go build of $* failed (log above)"; }
+  )
+  rm -rf "$tmp"
+}
+
+# build_agent NAME VERSION BIN MODULE CGO: build a HashiCorp agent through NAME/build.
 build_agent() {
   local name=$1 version=$2 bin=$3 module=$4 cgo=$5
   if [ -x "$bin" ] && "$bin" version 2>/dev/null | head -n1 | grep -q "v$version\$"; then
     log "$name: $("$bin" version | head -n1) (cached at $bin)"
     return
   fi
-  need_cmd go "Install Go >= 1.25 (https://go.dev/doc/install or Debian's golang package); simq builds $name $version from the Go module proxy."
   log "$name: building v$version from the Go module proxy (several minutes on 2 cores; done once)"
-  local start=$SECONDS tmp
-  tmp="$(mktemp -d)"
-  mkdir -p "$(dirname "$bin")" "$SIMQ_CACHE/go/mod" "$SIMQ_CACHE/go/build"
-  (
-    cd "$SIMQ_ROOT/$name/build"
-    export GOMODCACHE="$SIMQ_CACHE/go/mod" GOCACHE="$SIMQ_CACHE/go/build" GOFLAGS="-mod=readonly -buildvcs=false"
-    go mod download "$module" >"$tmp/download.log" 2>&1 ||
-      { cat "$tmp/download.log" >&2; die "$name: go could not download $module v$version: is the Go module proxy reachable (go env GOPROXY: $(go env GOPROXY))?"; }
-    CGO_ENABLED=$cgo go build -trimpath -o "$bin.tmp" "$module" >"$tmp/build.log" 2>&1 ||
-      { tail -n 30 "$tmp/build.log" >&2; die "$name: go build of $module failed (log above)"; }
-  )
+  local start=$SECONDS
+  mkdir -p "$(dirname "$bin")"
+  go_build "$name v$version" "$name/build" "$module" "$cgo" "" "$bin.tmp" "$module"
   mv "$bin.tmp" "$bin"
-  rm -rf "$tmp"
   "$bin" version | head -n1 | grep -q "v$version\$" || die "$name: built binary reports '$("$bin" version | head -n1)', expected v$version"
   log "$name: built v$version in $((SECONDS - start)) s"
 }
@@ -119,14 +129,38 @@ step_model() {
   log "model: installed $SIMQ_MODEL_DIR"
 }
 
+# Prometheus and promtool, built through consul/prometheus/build (Debian's package lacks
+# Consul service discovery). promtool checks consul/prometheus/*.yml; the integration
+# tests run Prometheus against the local cluster.
+step_prometheus() {
+  local dir
+  dir="$(dirname "$PROMTOOL_BIN")"
+  if [ -x "$PROMETHEUS_BIN" ] && [ -x "$PROMTOOL_BIN" ] &&
+    "$PROMTOOL_BIN" --version 2>&1 | head -n1 | grep -q "version $PROMETHEUS_VERSION "; then
+    log "prometheus: $("$PROMTOOL_BIN" --version 2>&1 | head -n1) (cached at $dir)"
+    return
+  fi
+  log "prometheus: building v$PROMETHEUS_VERSION from the Go module proxy (a few minutes; done once)"
+  local start=$SECONDS
+  mkdir -p "$dir.tmp"
+  go_build "prometheus v$PROMETHEUS_VERSION" consul/prometheus/build github.com/prometheus/prometheus 0 \
+    "-X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" "$dir.tmp/" \
+    github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
+  rm -rf "$dir"
+  mv "$dir.tmp" "$dir"
+  "$PROMTOOL_BIN" --version 2>&1 | head -n1 | grep -q "version $PROMETHEUS_VERSION " ||
+    die "prometheus: built promtool reports '$("$PROMTOOL_BIN" --version 2>&1 | head -n1)', expected $PROMETHEUS_VERSION"
+  log "prometheus: built v$PROMETHEUS_VERSION in $((SECONDS - start)) s"
+}
+
 main() {
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model)
+  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model prometheus)
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      debs | consul | nomad | ort | model) "step_$s" ;;
-      *) die "unknown set-up step '$s' (known: debs consul nomad ort model)" ;;
+      debs | consul | nomad | ort | model | prometheus) "step_$s" ;;
+      *) die "unknown set-up step '$s' (known: debs consul nomad ort model prometheus)" ;;
     esac
   done
   need_cmd cargo "Install Rust with rustup (https://rustup.rs); simq builds with stable Rust >= 1.85."

@@ -17,7 +17,8 @@ log "set-up error cases"
 bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
 
 SIMQ_TEST_CORPUS="$("$SIMQ_ROOT/scripts/corpus.sh" --sample 2000)"
-export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_TEST_CORPUS
+SIMQ_PROMETHEUS_DIR="$(dirname "$PROMETHEUS_BIN")"
+export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_TEST_CORPUS SIMQ_CACHE SIMQ_CLUSTER_DIR SIMQ_PROMETHEUS_DIR
 cd "$SIMQ_ROOT"
 
 log "build: cargo build --workspace --all-targets (target dir $CARGO_TARGET_DIR)"
@@ -25,6 +26,10 @@ cargo build --workspace --all-targets --locked --quiet
 
 log "unit tests"
 cargo test --workspace --locked --quiet "${cargo_args[@]}"
+
+log "prometheus config and alert rules (promtool)"
+"$PROMTOOL_BIN" check config "$SIMQ_ROOT/consul/prometheus/prometheus.yml" >/dev/null
+"$PROMTOOL_BIN" test rules "$SIMQ_ROOT/consul/prometheus/alerts.test.yml" >/dev/null
 
 # Every socket of the agents must be bound to 127.0.0.1.
 check_loopback_only() {

@@ -132,6 +132,7 @@ impl BalancerApp {
                 "last_ok": s.consul_ok_at.map(|t| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
                 "error": s.consul_error,
             },
+            "inflight_queries": self.executor.metrics.inflight.get(),
             "cache": {"entries": self.executor.cache.len(), "capacity": self.executor.cache.capacity()},
             "query": {
                 "nprobe": self.executor.options.nprobe,
@@ -142,6 +143,22 @@ impl BalancerApp {
     }
 }
 
+/// Counts a query in `simq_balancer_inflight_requests` for as long as it lives.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[async_trait]
 impl ServeHttp for BalancerApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -149,7 +166,10 @@ impl ServeHttp for BalancerApp {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let resp = match (method.as_str(), path.as_str()) {
-            ("POST", "/v1/query" | "/query") => self.query(session).await,
+            ("POST", "/v1/query" | "/query") => {
+                let _inflight = InFlight::enter(&self.executor.metrics.inflight);
+                self.query(session).await
+            }
             ("GET", "/health") => {
                 let ready = self.state.load().routing.is_some();
                 json_response(

@@ -1,7 +1,8 @@
 //! The balancer's Prometheus metrics (base units, `_total` counters, `_seconds` histograms).
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 #[derive(Clone)]
@@ -19,6 +20,10 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub consul_errors: IntCounter,
+    /// Unix time of the last Consul answer (alert on its age: see consul/prometheus/).
+    pub consul_last_ok: Gauge,
+    /// Queries being answered right now.
+    pub inflight: IntGauge,
     /// Passing instances per service, as Consul reports them.
     pub healthy_instances: IntGaugeVec,
 }
@@ -69,6 +74,14 @@ impl Metrics {
                 "simq_balancer_consul_errors_total",
                 "Failed Consul watch calls.",
             )?,
+            consul_last_ok: Gauge::new(
+                "simq_balancer_consul_last_ok_timestamp_seconds",
+                "Unix time of the last successful Consul watch answer.",
+            )?,
+            inflight: IntGauge::new(
+                "simq_balancer_inflight_requests",
+                "Queries being answered right now.",
+            )?,
             healthy_instances: IntGaugeVec::new(
                 Opts::new(
                     "simq_balancer_healthy_instances",
@@ -87,6 +100,8 @@ impl Metrics {
         m.registry.register(Box::new(m.cache_hits.clone()))?;
         m.registry.register(Box::new(m.cache_misses.clone()))?;
         m.registry.register(Box::new(m.consul_errors.clone()))?;
+        m.registry.register(Box::new(m.consul_last_ok.clone()))?;
+        m.registry.register(Box::new(m.inflight.clone()))?;
         m.registry.register(Box::new(m.healthy_instances.clone()))?;
         Ok(m)
     }

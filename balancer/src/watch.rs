@@ -42,6 +42,14 @@ impl Watcher {
         self.state.consul_failed(msg);
     }
 
+    fn succeeded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.metrics.consul_last_ok.set(now);
+    }
+
     async fn active_loop(self) {
         let key = self.layout.active();
         let mut index = 0;
@@ -53,6 +61,7 @@ impl Watcher {
             };
             match self.consul.kv_get(&key, Some(block)).await {
                 Ok(answer) => {
+                    self.succeeded();
                     index = BlockingQuery::next_index(index, answer.index);
                     match self.read_active(answer.value.map(|kv| kv.value)).await {
                         Ok(Some((active, manifest))) => {
@@ -135,6 +144,7 @@ impl Watcher {
                 .await
             {
                 Ok(answer) => {
+                    self.succeeded();
                     index = BlockingQuery::next_index(index, answer.index);
                     let passing = answer
                         .value

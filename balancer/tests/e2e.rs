@@ -6,7 +6,7 @@
 mod common;
 
 use common::{corpus_slice, deploy, post, query, shard_pids, stop_jobs, PORT};
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 #[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
@@ -102,12 +102,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
         .unwrap();
     assert_eq!(get.status().as_u16(), 405);
 
-    let status: Value = reqwest::get(format!("http://127.0.0.1:{PORT}/v1/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = common::status().await;
     assert_eq!(status["active"]["dg"], dg.as_str());
     assert_eq!(status["active"]["shards"].as_array().unwrap().len(), 4);
     let metrics = reqwest::get(format!("http://127.0.0.1:{PORT}/metrics"))
@@ -118,6 +113,12 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
         .unwrap();
     assert!(
         metrics.contains("simq_balancer_requests_total{status=\"400\"}"),
+        "{metrics}"
+    );
+    // Nothing in flight between queries; the gauge is exported with the other metrics.
+    assert_eq!(status["inflight_queries"], 0, "{status}");
+    assert!(
+        metrics.contains("simq_balancer_inflight_requests 0"),
         "{metrics}"
     );
 
@@ -152,12 +153,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let s: Value = reqwest::get(format!("http://127.0.0.1:{PORT}/v1/status"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = common::status().await;
         if s["active"]["shards"][0]["healthy_replicas"]
             .as_array()
             .is_some_and(|r| r.is_empty())

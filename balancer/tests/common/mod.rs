@@ -49,10 +49,36 @@ pub fn corpus_slice(
     (path, slice)
 }
 
+/// $SIMQ_CACHE, with scripts/lib.sh's default.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("SIMQ_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/simq"))
+}
+
+/// Where scripts/cluster.sh keeps the agents' state, logs and pid files.
+pub fn cluster_dir() -> PathBuf {
+    std::env::var("SIMQ_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("cluster"))
+}
+
 /// Deploy the whole stack serving `corpus` with scripts/deploy.sh; returns the dg.
 pub fn deploy(corpus: &Path, shards: usize, replicas: usize, nprobe: usize) -> String {
+    deploy_with(corpus, shards, replicas, nprobe, &[])
+}
+
+/// `deploy` with more scripts/deploy.sh settings, e.g. ("SIMQ_CONSUL_WAIT", "2").
+pub fn deploy_with(
+    corpus: &Path,
+    shards: usize,
+    replicas: usize,
+    nprobe: usize,
+    settings: &[(&str, &str)],
+) -> String {
     let out = Command::new("bash")
         .arg(repo_root().join("scripts/deploy.sh"))
+        .envs(settings.iter().copied())
         .env("SIMQ_BIN_DIR", bin_dir())
         .env("SIMQ_CORPUS", corpus)
         .env("SIMQ_SHARDS", shards.to_string())
@@ -90,10 +116,7 @@ pub fn build_and_publish(corpus: &Path, out: &Path, shards: usize) -> (String, P
     ]);
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
     let dir = PathBuf::from(String::from_utf8_lossy(&b.stdout).trim());
-    let blobs = std::env::var("SIMQ_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/simq"))
-        .join("blobs");
+    let blobs = cache_dir().join("blobs");
     let p = indexer(&[
         "publish",
         dir.to_str().unwrap(),
@@ -113,6 +136,15 @@ pub async fn post(path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
         .expect("balancer answers");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn status() -> Value {
+    reqwest::get(format!("http://127.0.0.1:{PORT}/v1/status"))
+        .await
+        .expect("balancer answers")
+        .json()
+        .await
+        .expect("status is JSON")
 }
 
 pub async fn query(text: &str) -> Value {

@@ -1,0 +1,220 @@
+//! The repo's monitoring set-up against the real stack: Prometheus (built by
+//! scripts/setup.sh) finds every simq instance through Consul with
+//! consul/prometheus/prometheus.yml, scrapes them all and loads the alert rules; every
+//! service's /metrics passes `promtool check metrics` (naming, units, help texts).
+//! Needs the cluster (scripts/test.sh starts it and runs this).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{cache_dir, corpus_slice, deploy, query, repo_root, stop_jobs};
+use serde_json::Value;
+
+const PROMETHEUS: &str = "127.0.0.1:19090";
+
+/// scripts/setup.sh's Prometheus build (test.sh names it in SIMQ_PROMETHEUS_DIR).
+fn prometheus_dir() -> PathBuf {
+    std::env::var("SIMQ_PROMETHEUS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("bin/prometheus-3.16.0"))
+}
+
+/// Kills the child when dropped, also when an assertion fails.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn api(path: &str) -> Value {
+    reqwest::get(format!("http://{PROMETHEUS}{path}"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("prometheus answers")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+/// Poll `check` every 500 ms until it returns Some, or fail after `limit` with `what`.
+async fn eventually<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => panic!("{what} within {limit:?}: {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
+async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, lines) = corpus_slice(tmp.path(), "e2e-corpus.txt", 0..600);
+    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 2))
+        .await
+        .unwrap();
+    for l in lines.iter().take(5) {
+        query(l).await;
+    }
+
+    let log = std::fs::File::create(tmp.path().join("prometheus.log")).unwrap();
+    let _prometheus = Running(
+        Command::new(prometheus_dir().join("prometheus"))
+            .arg(format!(
+                "--config.file={}",
+                repo_root()
+                    .join("consul/prometheus/prometheus.yml")
+                    .display()
+            ))
+            .arg(format!("--web.listen-address={PROMETHEUS}"))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                tmp.path().join("data").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus starts (scripts/setup.sh prometheus builds it)"),
+    );
+
+    // Every instance is discovered and up: 1 balancer, 1 embedder, 4 shards x 2 replicas.
+    let targets = eventually(Duration::from_secs(60), "all 10 targets up", async || {
+        let t = reqwest::get(format!("http://{PROMETHEUS}/api/v1/targets"))
+            .await
+            .map_err(|e| e.to_string())?
+            .json::<Value>()
+            .await
+            .map_err(|e| e.to_string())?;
+        let active = t["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let up = active.iter().filter(|x| x["health"] == "up").count();
+        if up == 10 && active.len() == 10 {
+            Ok(active)
+        } else {
+            Err(format!("{up} of {} up: {t}", active.len()))
+        }
+    })
+    .await;
+    let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
+    let mut shards: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &targets {
+        let labels = &t["labels"];
+        *per_service
+            .entry(labels["service"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        if labels["service"] == "simq-shard" {
+            assert_eq!(labels["dg"], dg.as_str(), "{t}");
+            *shards
+                .entry(labels["shard"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        per_service,
+        BTreeMap::from([
+            ("simq-balancer".to_string(), 1),
+            ("simq-embedder".to_string(), 1),
+            ("simq-shard".to_string(), 8)
+        ])
+    );
+    assert_eq!(
+        shards,
+        (0..4)
+            .map(|s| (s.to_string(), 2))
+            .collect::<BTreeMap<_, _>>()
+    );
+
+    // The scraped numbers are the services' own: the queries above were counted.
+    eventually(
+        Duration::from_secs(20),
+        "query counters scraped",
+        async || {
+            let v = api(
+                "/api/v1/query?query=sum(simq_balancer_requests_total%7Bstatus%3D%22200%22%7D)",
+            )
+            .await;
+            let n: f64 = v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
+            if n >= 5.0 {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await;
+
+    // The alert rules load and evaluate without error.
+    eventually(
+        Duration::from_secs(40),
+        "all 7 rules evaluated ok",
+        async || {
+            let v = api("/api/v1/rules").await;
+            let rules = v["data"]["groups"][0]["rules"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if rules.len() == 7 && rules.iter().all(|r| r["health"] == "ok") {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await;
+
+    // Every service's exposition passes promtool's lint.
+    let promtool = prometheus_dir().join("promtool");
+    for service in ["simq-balancer", "simq-embedder", "simq-shard"] {
+        let t = targets
+            .iter()
+            .find(|t| t["labels"]["service"] == service)
+            .unwrap();
+        let text = reqwest::get(t["scrapeUrl"].as_str().unwrap())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut lint = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = lint.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics on {service}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
+}
