@@ -55,9 +55,12 @@ pub struct QueryOptions {
     pub attempt_timeout: Duration,
 }
 
+/// (dg, normalised query, k).
+type CacheKey = (String, String, usize);
+
 /// A bounded cache of recent answers keyed by dg, normalised query and k.
 pub struct AnswerCache {
-    inner: Option<Mutex<lru::LruCache<(String, String, usize), Answer>>>,
+    inner: Option<Mutex<lru::LruCache<CacheKey, Answer>>>,
 }
 
 impl AnswerCache {

@@ -76,13 +76,13 @@ impl Shutdown {
 
     /// Wait for SIGTERM/SIGINT, tell every server, then give `servers` (which run them)
     /// at most `grace` to drain; idle keep-alive connections are not waited for past it.
-    pub async fn run<E: std::fmt::Display>(
+    pub async fn run<E>(
         &self,
         servers: impl Future<Output = Result<(), E>> + Send + 'static,
         grace: std::time::Duration,
     ) -> Result<(), E>
     where
-        E: Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
         let servers = tokio::spawn(servers);
         tokio::select! {
