@@ -76,17 +76,21 @@ job "simq-shards" {
   datacenters = ["*"]
   type        = "service"
 
-  meta {
-    dg      = var.dg
-    attempt = var.attempt
-  }
-
   dynamic "group" {
     for_each = local.shards
     labels   = ["shard-${group.value.shard}"]
 
     content {
       count = var.replicas
+
+      # Group meta, not job meta: Nomad restarts every group whose combined task meta
+      # changes, and a rollout to fewer shards keeps the old dg's extra groups unchanged
+      # until after the flip (indexer/src/rollout.rs). `simq-indexer` reads the running dg
+      # from shard-0's meta.
+      meta {
+        dg      = var.dg
+        attempt = var.attempt
+      }
 
       network {
         port "grpc" {}

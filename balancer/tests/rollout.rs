@@ -260,14 +260,78 @@ async fn wait_reverted_to(dg: &str, versions_before: usize) {
             .await
             .unwrap();
         let versions = job_versions().await;
-        if job["Meta"]["dg"] == dg && versions >= versions_before + 2 {
+        let running = &job["TaskGroups"][0]["Meta"]["dg"];
+        if running == dg && versions >= versions_before + 2 {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "Nomad did not revert to {dg}: job meta {} versions {versions}",
-            job["Meta"]
+            "Nomad did not revert to {dg}: shard-0 meta {running} versions {versions}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// The groups of the shards job, by name, and how many of their instances run.
+async fn running_groups() -> Vec<(String, usize)> {
+    let allocs: serde_json::Value =
+        reqwest::get(format!("{}/v1/job/simq-shards/allocations", nomad_addr()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let mut groups = std::collections::BTreeMap::<String, usize>::new();
+    for a in allocs.as_array().unwrap() {
+        if a["ClientStatus"] == "running" && a["DesiredStatus"] == "run" {
+            *groups
+                .entry(a["TaskGroup"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    groups.into_iter().collect()
+}
+
+#[tokio::test]
+#[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
+async fn shard_count_changes_roll_out_without_failed_or_degraded_queries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, lines) = corpus_slice(tmp.path(), "n.txt", 1200..1800);
+    let texts: Vec<String> = lines.iter().step_by(2).cloned().collect();
+    let out = tmp.path().join("dgs");
+    // nprobe 2 of 4: a query routed to a shard without replicas would come back degraded.
+    let corpus_4 = corpus.clone();
+    let dg4 = tokio::task::spawn_blocking(move || deploy(&corpus_4, 4, 1, 2))
+        .await
+        .unwrap();
+    let expect = |n: usize| {
+        (0..n)
+            .map(|s| (format!("shard-{s}"), 1))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(running_groups().await, expect(4));
+
+    // Fewer shards: the old dg keeps its shard-3 until the flip, then it goes.
+    let (dg3, _) = build_and_publish(&corpus, &out, 3);
+    let (o, load) = under_load(&texts, args(&["rollout", &dg3])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_switch(&load, &[&dg4, &dg3], &dg3);
+    assert_eq!(load.degraded, 0, "degraded answers during 4 -> 3 shards");
+    assert!(
+        stderr(&o).contains("removed shard-3 of the previous dg"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(running_groups().await, expect(3));
+
+    // More shards: the new groups start beside the changed ones.
+    let (dg5, _) = build_and_publish(&corpus, &out, 5);
+    let (o, load) = under_load(&texts, args(&["rollout", &dg5])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_switch(&load, &[&dg3, &dg5], &dg5);
+    assert_eq!(load.degraded, 0, "degraded answers during 3 -> 5 shards");
+    assert_eq!(running_groups().await, expect(5));
+    assert_eq!(query(&lines[10]).await["dg"], dg5.as_str());
+
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
 }

@@ -43,7 +43,9 @@ enum Command {
     /// Roll a published dg out through Nomad: a full canary set beside the running dg,
     /// health-gated (artifact checksum, shard self-test), then one CAS flip of the active
     /// dg, then promotion (old shards stop). A failed canary makes Nomad revert; the active
-    /// dg stays and this exits non-zero naming the shard and the cause.
+    /// dg stays and this exits non-zero naming the shard and the cause. The new dg may have
+    /// more or fewer shards than the running one: the old dg's extra shards keep serving
+    /// until after the flip.
     Rollout(RolloutArgs),
     /// Flip the active dg back to the previous one (one CAS write), rolling its shards out
     /// again first if they no longer run.

@@ -10,6 +10,13 @@
 //! leaves Consul, then is stopped 2 s later: `shutdown_delay`). If a canary fails, the deployment fails at its
 //! progress deadline and Nomad reverts the job by itself (`auto_revert`); the pointer
 //! never moved.
+//!
+//! The shard count may change between dgs. A new dg with more shards gets new groups,
+//! which Nomad places at once (canaries exist only for changed groups); they count as
+//! ready when all their instances are healthy. A new dg with fewer shards must not take
+//! the old dg's extra shards away while balancers still route with the old dg: those
+//! groups are registered again unchanged (copied from the running job), keep running
+//! through the deployment, and are removed by a second registration after the promote.
 
 use std::time::{Duration, Instant};
 
@@ -52,7 +59,13 @@ pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
     if job["Stop"].as_bool() == Some(true) || job["Status"] == "dead" {
         return Ok(None);
     }
-    Ok(job["Meta"]["dg"].as_str().map(String::from))
+    Ok(job["TaskGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["Name"] == group_name(0).as_str())
+        .and_then(|g| g["Meta"]["dg"].as_str())
+        .map(String::from))
 }
 
 async fn published_manifest(
@@ -74,14 +87,21 @@ fn go_duration(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
-/// Register the shards job for `manifest` with `canary` canaries per group; returns the
-/// job version Nomad assigned.
+/// The Nomad group that runs shard `shard`.
+pub fn group_name(shard: u32) -> String {
+    format!("shard-{shard}")
+}
+
+/// Register the shards job for `manifest` with `canary` canaries per group, plus `keep`:
+/// task groups of the running job registered again unchanged; returns the job version
+/// Nomad assigned.
 pub async fn register_shards(
     nomad: &NomadClient,
     manifest: &Manifest,
     canary: usize,
     attempt: &str,
     opts: &RolloutOptions,
+    keep: &[serde_json::Value],
 ) -> anyhow::Result<u64> {
     let shards: Vec<serde_json::Value> = manifest
         .shards
@@ -110,10 +130,13 @@ pub async fn register_shards(
     ]);
     // Numbers are HCL numbers, not strings.
     let vars = format!("{vars}dims = {dims}\nreplicas = {replicas}\ncanary = {canary}\n");
-    let job = nomad
+    let mut job = nomad
         .parse_job(simq_nomad::jobs::SHARDS, &vars)
         .await
         .context("parsing nomad/shards.nomad.hcl")?;
+    if let Some(groups) = job["TaskGroups"].as_array_mut() {
+        groups.extend(keep.iter().cloned());
+    }
     nomad
         .register_job(&job)
         .await
@@ -125,6 +148,70 @@ pub async fn register_shards(
     registered["Version"]
         .as_u64()
         .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} has no version"))
+}
+
+/// Task groups of the running shards job that the new dg has no shard for.
+async fn groups_beyond(
+    nomad: &NomadClient,
+    manifest: &Manifest,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let new: Vec<String> = manifest
+        .shards
+        .iter()
+        .map(|s| group_name(s.shard))
+        .collect();
+    let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(job["TaskGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| {
+            g["Name"]
+                .as_str()
+                .is_some_and(|n| !new.iter().any(|x| x == n))
+        })
+        .cloned()
+        .collect())
+}
+
+/// After the flip: register the job again without the old dg's extra groups, so Nomad
+/// stops them (no balancer routes with the old dg any more).
+async fn drop_groups(
+    nomad: &NomadClient,
+    keep: &[serde_json::Value],
+    progress: &impl Fn(&str),
+) -> anyhow::Result<()> {
+    let names: Vec<&str> = keep.iter().filter_map(|g| g["Name"].as_str()).collect();
+    let mut job = nomad
+        .job(SHARDS_JOB_ID)
+        .await?
+        .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} vanished"))?;
+    if let Some(groups) = job["TaskGroups"].as_array_mut() {
+        groups.retain(|g| g["Name"].as_str().is_none_or(|n| !names.contains(&n)));
+    }
+    nomad
+        .register_job(&job)
+        .await
+        .context("removing the previous dg's extra shard groups")?;
+    // Wait (bounded) until their instances ended, so the next rollout starts clean.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let allocs = nomad.job_allocations(SHARDS_JOB_ID).await?;
+        if !allocs.iter().any(|a| {
+            names.contains(&a.task_group.as_str())
+                && matches!(a.client_status.as_str(), "running" | "pending")
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    progress(&format!(
+        "removed {} of the previous dg (the new dg has fewer shards)",
+        names.join(", ")
+    ));
+    Ok(())
 }
 
 /// Wait until every passing `simq-balancer` reports `dg` as its active dg in
@@ -261,7 +348,17 @@ pub async fn rollout(
     } else {
         String::new()
     };
-    let version = register_shards(nomad, &manifest, canary, &attempt, opts).await?;
+    // Groups of the running dg beyond the new dg's shard count: kept until after the flip.
+    let keep = match &current {
+        Some(cur) if cur != dg => groups_beyond(nomad, &manifest).await?,
+        _ => Vec::new(),
+    };
+    let version = register_shards(nomad, &manifest, canary, &attempt, opts, &keep).await?;
+    let new_groups: Vec<String> = manifest
+        .shards
+        .iter()
+        .map(|s| group_name(s.shard))
+        .collect();
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
     let mut flipped = None;
@@ -295,20 +392,20 @@ pub async fn rollout(
                 causes.join("; ")
             );
         }
+        // A changed group is ready when its canaries are healthy, a new one (no canaries)
+        // when all its instances are.
+        let target = |g: &simq_nomad::DeploymentGroup| {
+            if g.desired_canaries > 0 {
+                g.desired_canaries
+            } else {
+                g.desired_total
+            }
+        };
         let groups: Vec<String> = dep
             .task_groups
             .iter()
-            .map(|(g, s)| {
-                format!(
-                    "{g} {}/{}",
-                    s.healthy_allocs,
-                    if canary > 0 {
-                        s.desired_canaries
-                    } else {
-                        s.desired_total
-                    }
-                )
-            })
+            .filter(|(g, _)| new_groups.contains(g))
+            .map(|(g, s)| format!("{g} {}/{}", s.healthy_allocs, target(s)))
             .collect();
         let line = format!(
             "deployment {} {}: {}",
@@ -338,11 +435,11 @@ pub async fn rollout(
             _ => {}
         }
         let all_canaries_healthy = canary > 0
-            && !dep.task_groups.is_empty()
-            && dep
-                .task_groups
-                .values()
-                .all(|g| g.desired_canaries > 0 && g.healthy_allocs >= g.desired_canaries);
+            && new_groups.iter().all(|name| {
+                dep.task_groups
+                    .get(name)
+                    .is_some_and(|g| target(g) > 0 && g.healthy_allocs >= target(g))
+            });
         if all_canaries_healthy && flipped.is_none() {
             // Every shard of the new dg is healthy: flip first, then let the old set go.
             let f = flip(consul, layout, dg).await.map_err(|e| match e {
@@ -364,6 +461,9 @@ pub async fn rollout(
             progress("deployment promoted: old shards stop");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if !keep.is_empty() {
+        drop_groups(nomad, &keep, &progress).await?;
     }
     let (flipped, seconds_to_flip) = match flipped {
         Some(f) => f,

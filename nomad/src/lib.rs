@@ -13,5 +13,7 @@ pub mod client;
 pub mod error;
 pub mod jobs;
 
-pub use client::{hcl_variables, Allocation, Deployment, JobStub, NomadClient, Registration};
+pub use client::{
+    hcl_variables, Allocation, Deployment, DeploymentGroup, JobStub, NomadClient, Registration,
+};
 pub use error::{Error, Result};

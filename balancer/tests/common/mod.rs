@@ -198,6 +198,8 @@ pub struct LoadReport {
     pub failed: Vec<(u16, String)>,
     /// dg of each successful answer, in order.
     pub dgs: Vec<String>,
+    /// Successful answers marked degraded (a routed shard had no healthy replica).
+    pub degraded: usize,
 }
 
 /// Bounded query load (at most `max` queries, one at a time with a short pause) until
@@ -225,6 +227,7 @@ pub fn start_load(
                 Ok(r) if r.status().is_success() => {
                     let v: Value = r.json().await.unwrap_or(Value::Null);
                     report.ok += 1;
+                    report.degraded += usize::from(v["degraded"] == true);
                     report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
                 }
                 Ok(r) => {
