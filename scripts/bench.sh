@@ -19,8 +19,13 @@ out="$SIMQ_CACHE/bench"
 mkdir -p "$out"
 
 run_embedder() {
-  log "embedder throughput (2000 corpus texts)"
-  "$bin/examples/bench" --texts "$corpus" --n 2000 | tee "$out/embedder.md"
+  # The service's layout (one session, a thread per core), then the indexer's (one
+  # single-threaded session per core).
+  log "embedder throughput (2000 corpus texts), both runtime layouts"
+  { "$bin/examples/bench" --texts "$corpus" --n 2000
+    echo
+    "$bin/examples/bench" --texts "$corpus" --n 2000 --sessions "$(nproc)" --intra-threads 1
+  } | tee "$out/embedder.md"
 }
 
 run_build() {

@@ -1,11 +1,13 @@
 //! Dynamic micro-batching: texts of requests that arrive together share inference calls.
 //!
-//! Requests queue on a bounded channel. A collector takes the first waiting request, keeps
-//! gathering until `max_batch_texts` texts or `max_wait`, and hands the batch to a
-//! blocking worker once one of the runtime's sessions is free; while every session is
-//! busy the next batch keeps growing, so batching follows load by itself. The number of
-//! queued texts is bounded: past `queue_limit` a request is refused as overloaded at once
-//! instead of waiting without bound.
+//! Requests queue on a bounded channel. The collector takes the first waiting request and
+//! everything already queued behind it (up to `max_batch_texts` texts). If one of the
+//! runtime's sessions is free, the batch goes at once: a lone query pays no batching
+//! delay. While every session is busy the batch keeps growing until one frees up, so
+//! batching follows load by itself. `max_wait` optionally holds a batch a little longer
+//! for company even when a session is free (default 0). The number of queued texts is
+//! bounded: past `queue_limit` a request is refused as overloaded at once instead of
+//! waiting without bound.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::runtime::{Embedder, Tokens};
 pub struct BatchOptions {
     /// Texts per collected batch at most.
     pub max_batch_texts: usize,
-    /// How long the collector waits for more requests after the first.
+    /// How long a batch waits for more requests although a session is free.
     pub max_wait: Duration,
     /// Texts queued or in flight at most; more are refused as overloaded.
     pub queue_limit: usize,
@@ -32,7 +34,7 @@ impl Default for BatchOptions {
     fn default() -> Self {
         Self {
             max_batch_texts: 64,
-            max_wait: Duration::from_millis(2),
+            max_wait: Duration::ZERO,
             queue_limit: 4096,
         }
     }
@@ -182,22 +184,44 @@ async fn collect(
     while let Some(first) = rx.recv().await {
         let mut texts = first.tokens.len();
         let mut jobs = vec![first];
-        let deadline = tokio::time::Instant::now() + options.max_wait;
-        while texts < options.max_batch_texts {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(job)) => {
-                    texts += job.tokens.len();
-                    jobs.push(job);
-                }
-                Ok(None) | Err(_) => break,
+        let mut add = |job: Job, jobs: &mut Vec<Job>| {
+            texts += job.tokens.len();
+            jobs.push(job);
+            texts >= options.max_batch_texts
+        };
+        // What is queued already joins at once.
+        let mut full = false;
+        while !full {
+            match rx.try_recv() {
+                Ok(job) => full = add(job, &mut jobs),
+                Err(_) => break,
             }
         }
-        // Wait for a free session; meanwhile later requests queue up for the next batch.
-        let permit = workers
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closes");
+        // Optionally wait for company although a session may be free.
+        if !options.max_wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + options.max_wait;
+            while !full {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => full = add(job, &mut jobs),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        // Go as soon as a session is free; until then the batch keeps growing.
+        let permit = loop {
+            if full {
+                break workers.clone().acquire_owned().await;
+            }
+            tokio::select! {
+                biased;
+                permit = workers.clone().acquire_owned() => break permit,
+                job = rx.recv() => match job {
+                    Some(job) => full = add(job, &mut jobs),
+                    None => full = true,
+                },
+            }
+        }
+        .expect("semaphore never closes");
         let embedder = embedder.clone();
         let metrics = metrics.clone();
         tokio::task::spawn_blocking(move || {

@@ -43,13 +43,15 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:7002")]
     http_listen: SocketAddr,
 
-    /// ONNX sessions run in parallel [default: one per core].
+    /// ONNX sessions run in parallel [default: 1]. One session using every core answers
+    /// single queries fastest; one single-threaded session per core (`--sessions N
+    /// --intra-threads 1`) gives more throughput on large batches (embedder/BENCH.md).
     #[arg(long)]
     sessions: Option<usize>,
 
-    /// Intra-op threads per session.
-    #[arg(long, default_value_t = 1)]
-    intra_threads: usize,
+    /// Intra-op threads per session [default: one per core].
+    #[arg(long)]
+    intra_threads: Option<usize>,
 
     /// Texts per inference call at most (texts of similar length are batched together).
     #[arg(long, default_value_t = 16)]
@@ -59,8 +61,9 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_batch_texts: usize,
 
-    /// Milliseconds the collector waits for more requests after the first.
-    #[arg(long, default_value_t = 2)]
+    /// Milliseconds a batch waits for more requests although a session is free (while
+    /// every session is busy, batches grow anyway).
+    #[arg(long, default_value_t = 0)]
     max_wait_ms: u64,
 
     /// Texts queued or in flight at most; beyond it requests fail with RESOURCE_EXHAUSTED.
@@ -80,10 +83,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     let args = Args::parse();
-    let defaults = RuntimeOptions::default();
+    let defaults = RuntimeOptions::for_queries();
     let options = RuntimeOptions {
         sessions: args.sessions.unwrap_or(defaults.sessions),
-        intra_threads: args.intra_threads,
+        intra_threads: args.intra_threads.unwrap_or(defaults.intra_threads),
         max_batch: args.max_batch,
     };
     let library = args.ort_library.unwrap_or_else(default_ort_library);

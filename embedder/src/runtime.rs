@@ -19,23 +19,40 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::{ModelDir, Pooling};
 
-/// How many sessions and threads the runtime uses.
+/// How many sessions and threads the runtime uses. Two layouts, measured on 2 cores in
+/// embedder/BENCH.md: one session using every core answers lone and concurrent queries
+/// faster (`for_queries`); one single-threaded session per core embeds a whole corpus
+/// faster (`for_bulk`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuntimeOptions {
-    /// ONNX sessions run in parallel (default: one per core).
+    /// ONNX sessions run in parallel.
     pub sessions: usize,
-    /// Intra-op threads of each session (default 1).
+    /// Intra-op threads of each session.
     pub intra_threads: usize,
     /// Texts per inference call at most.
     pub max_batch: usize,
 }
 
-impl Default for RuntimeOptions {
-    fn default() -> Self {
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+impl RuntimeOptions {
+    /// The embedder service: one session, one intra-op thread per core.
+    pub fn for_queries() -> Self {
         Self {
-            sessions: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            sessions: 1,
+            intra_threads: cores(),
+            max_batch: 16,
+        }
+    }
+
+    /// Index builds: one single-threaded session per core, fed length-sorted batches.
+    pub fn for_bulk() -> Self {
+        Self {
+            sessions: cores(),
             intra_threads: 1,
             max_batch: 16,
         }
@@ -191,10 +208,16 @@ impl Embedder {
         if tokens.is_empty() {
             return Ok(out);
         }
-        // Similar lengths share a batch, so little compute goes to padding.
+        // Similar lengths share a batch, so little compute goes to padding. A call smaller
+        // than `sessions * max_batch` is split evenly so that every session gets a share.
         let mut order: Vec<usize> = (0..tokens.len()).collect();
         order.sort_by_key(|&i| tokens[i].ids.len());
-        let batches: Vec<&[usize]> = order.chunks(self.options.max_batch).collect();
+        let batch = self
+            .options
+            .max_batch
+            .min(tokens.len().div_ceil(self.sessions.len()))
+            .max(1);
+        let batches: Vec<&[usize]> = order.chunks(batch).collect();
 
         let results: Vec<Mutex<Option<Result<Vec<f32>>>>> =
             batches.iter().map(|_| Mutex::new(None)).collect();

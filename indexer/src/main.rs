@@ -449,7 +449,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         corpus.bad.len()
     );
     let library = args.model.ort_library.unwrap_or_else(default_ort_library);
-    let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::default())?;
+    let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
