@@ -154,6 +154,16 @@ pub struct ActiveDg {
     pub flipped_at: String,
 }
 
+/// "dg-b (previous dg-a)", or "dg-b (no previous dg)": how the CLI reports a pointer.
+impl std::fmt::Display for ActiveDg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.previous {
+            Some(p) => write!(f, "{} (previous {p})", self.dg),
+            None => write!(f, "{} (no previous dg)", self.dg),
+        }
+    }
+}
+
 /// Where simq's keys live in Consul KV.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvLayout {

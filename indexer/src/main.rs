@@ -308,7 +308,7 @@ mod cluster {
             } else {
                 match flip::flip_from(&consul, &layout, &observed, &previous).await? {
                     Flipped::Now(a) | Flipped::AlreadyActive(a) => {
-                        eprintln!("active dg is {} (previous {:?})", a.dg, a.previous)
+                        eprintln!("active dg is {a}")
                     }
                 }
                 println!("{previous}");
@@ -339,10 +339,9 @@ mod cluster {
         })
         .await?;
         match flipped {
-            Flipped::Now(a) => eprintln!(
-                "done: {} active (previous {:?}), {seconds_to_flip:.1} s from rollout to flip",
-                a.dg, a.previous
-            ),
+            Flipped::Now(a) => {
+                eprintln!("done: active dg is {a}, {seconds_to_flip:.1} s from rollout to flip")
+            }
             Flipped::AlreadyActive(a) => eprintln!("done: {} was already active", a.dg),
         }
         println!("{dg}");
@@ -352,7 +351,7 @@ mod cluster {
     pub async fn flip(args: FlipArgs) -> anyhow::Result<()> {
         let (consul, _, layout) = clients(&args.cluster)?;
         match flip::flip(&consul, &layout, &args.dg).await? {
-            Flipped::Now(a) => eprintln!("active dg is now {} (previous {:?})", a.dg, a.previous),
+            Flipped::Now(a) => eprintln!("active dg is now {a}"),
             Flipped::AlreadyActive(a) => eprintln!("{} is already active; nothing changed", a.dg),
         }
         Ok(())
