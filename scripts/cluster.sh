@@ -152,12 +152,12 @@ cmd_stop() {
 cmd_status() {
   local rc=0
   if pid_alive "$CONSUL_DIR/consul.pid"; then
-    echo "consul: running, pid $(cat "$CONSUL_DIR/consul.pid"), $CONSUL_HTTP_ADDR, $("$CONSUL_BIN" version | head -n1)"
+    echo "consul: running, pid $(cat "$CONSUL_DIR/consul.pid"), $CONSUL_HTTP_ADDR, $(first_line "$CONSUL_BIN" version)"
   else
     echo "consul: stopped"; rc=1
   fi
   if pid_alive "$NOMAD_DIR/nomad.pid"; then
-    echo "nomad:  running, pid $(cat "$NOMAD_DIR/nomad.pid"), $NOMAD_ADDR, $("$NOMAD_BIN" version | head -n1)"
+    echo "nomad:  running, pid $(cat "$NOMAD_DIR/nomad.pid"), $NOMAD_ADDR, $(first_line "$NOMAD_BIN" version)"
   else
     echo "nomad:  stopped"; rc=1
   fi

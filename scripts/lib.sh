@@ -45,6 +45,15 @@ die() {
   exit 1
 }
 
+# first_line CMD...: the first line of CMD's output (stdout and stderr). Reads all of it:
+# `CMD | head -n1` under pipefail fails at random when CMD is still writing as head exits
+# (SIGPIPE), which once failed a fresh set-up right after a good Consul build.
+first_line() {
+  local out
+  out="$("$@" 2>&1)" || true
+  printf '%s\n' "${out%%$'\n'*}"
+}
+
 need_cmd() { # need_cmd CMD HOW-TO-GET-IT
   command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed. $2"
 }

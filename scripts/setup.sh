@@ -52,8 +52,8 @@ go_build() {
 # build_agent NAME VERSION BIN MODULE CGO: build a HashiCorp agent through NAME/build.
 build_agent() {
   local name=$1 version=$2 bin=$3 module=$4 cgo=$5
-  if [ -x "$bin" ] && "$bin" version 2>/dev/null | head -n1 | grep -q "v$version\$"; then
-    log "$name: $("$bin" version | head -n1) (cached at $bin)"
+  if [ -x "$bin" ] && [[ "$(first_line "$bin" version)" == *" v$version" ]]; then
+    log "$name: $(first_line "$bin" version) (cached at $bin)"
     return
   fi
   log "$name: building v$version from the Go module proxy (several minutes on 2 cores; done once)"
@@ -61,7 +61,9 @@ build_agent() {
   mkdir -p "$(dirname "$bin")"
   go_build "$name v$version" "$name/build" "$module" "$cgo" "" "$bin.tmp" "$module"
   mv "$bin.tmp" "$bin"
-  "$bin" version | head -n1 | grep -q "v$version\$" || die "$name: built binary reports '$("$bin" version | head -n1)', expected v$version"
+  local reported
+  reported="$(first_line "$bin" version)"
+  [[ "$reported" == *" v$version" ]] || die "$name: built binary reports '$reported', expected v$version"
   log "$name: built v$version in $((SECONDS - start)) s"
 }
 
@@ -136,8 +138,8 @@ step_prometheus() {
   local dir
   dir="$(dirname "$PROMTOOL_BIN")"
   if [ -x "$PROMETHEUS_BIN" ] && [ -x "$PROMTOOL_BIN" ] &&
-    "$PROMTOOL_BIN" --version 2>&1 | head -n1 | grep -q "version $PROMETHEUS_VERSION "; then
-    log "prometheus: $("$PROMTOOL_BIN" --version 2>&1 | head -n1) (cached at $dir)"
+    [[ "$(first_line "$PROMTOOL_BIN" --version)" == *"version $PROMETHEUS_VERSION "* ]]; then
+    log "prometheus: $(first_line "$PROMTOOL_BIN" --version) (cached at $dir)"
     return
   fi
   log "prometheus: building v$PROMETHEUS_VERSION from the Go module proxy (a few minutes; done once)"
@@ -148,8 +150,10 @@ step_prometheus() {
     github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
   rm -rf "$dir"
   mv "$dir.tmp" "$dir"
-  "$PROMTOOL_BIN" --version 2>&1 | head -n1 | grep -q "version $PROMETHEUS_VERSION " ||
-    die "prometheus: built promtool reports '$("$PROMTOOL_BIN" --version 2>&1 | head -n1)', expected $PROMETHEUS_VERSION"
+  local reported
+  reported="$(first_line "$PROMTOOL_BIN" --version)"
+  [[ "$reported" == *"version $PROMETHEUS_VERSION "* ]] ||
+    die "prometheus: built promtool reports '$reported', expected $PROMETHEUS_VERSION"
   log "prometheus: built v$PROMETHEUS_VERSION in $((SECONDS - start)) s"
 }
 
