@@ -150,16 +150,11 @@ pub async fn register_shards(
         .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} has no version"))
 }
 
-/// Task groups of the running shards job that the new dg has no shard for.
+/// Task groups of the running shards job other than `new` (the new dg's groups).
 async fn groups_beyond(
     nomad: &NomadClient,
-    manifest: &Manifest,
+    new: &[String],
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let new: Vec<String> = manifest
-        .shards
-        .iter()
-        .map(|s| group_name(s.shard))
-        .collect();
     let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
         return Ok(Vec::new());
     };
@@ -348,17 +343,17 @@ pub async fn rollout(
     } else {
         String::new()
     };
-    // Groups of the running dg beyond the new dg's shard count: kept until after the flip.
-    let keep = match &current {
-        Some(cur) if cur != dg => groups_beyond(nomad, &manifest).await?,
-        _ => Vec::new(),
-    };
-    let version = register_shards(nomad, &manifest, canary, &attempt, opts, &keep).await?;
     let new_groups: Vec<String> = manifest
         .shards
         .iter()
         .map(|s| group_name(s.shard))
         .collect();
+    // Groups of the running dg beyond the new dg's shard count: kept until after the flip.
+    let keep = match &current {
+        Some(cur) if cur != dg => groups_beyond(nomad, &new_groups).await?,
+        _ => Vec::new(),
+    };
+    let version = register_shards(nomad, &manifest, canary, &attempt, opts, &keep).await?;
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
     let mut flipped = None;
