@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest};
-use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
+use simq_embedder::runtime::{cores, default_ort_library, Embedder, RuntimeOptions};
 
 #[derive(Parser)]
 struct Args {
@@ -201,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
         "embedder throughput, {n} real corpus texts, {} session(s) x {} intra-op thread(s), {} cores",
         options.sessions,
         options.intra_threads,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        cores()
     );
     println!();
     // Two bounds per service row: the bare runtime handed texts in the same shape (what

@@ -33,7 +33,8 @@ pub struct RuntimeOptions {
     pub max_batch: usize,
 }
 
-fn cores() -> usize {
+/// Cores available to this process (1 when unknown).
+pub fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
-use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
+use simq_embedder::runtime::{cores, default_ort_library, Embedder, RuntimeOptions};
 use simq_indexer::build::{build, find_existing, BuildOptions};
 use simq_indexer::corpus::{self, Format};
 use simq_indexer::eval::{recall, DgDir};
@@ -449,16 +449,13 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     );
     let library = args.model.ort_library.unwrap_or_else(default_ort_library);
     let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     let opts = BuildOptions {
         shards: args.shards,
         n_trees: args.n_trees,
         seed: args.seed,
         kmeans_iterations: args.kmeans_iterations,
         embed_chunk: 256,
-        parallel_shards: args.parallel_shards.unwrap_or(cores),
+        parallel_shards: args.parallel_shards.unwrap_or_else(cores),
     };
     if !args.force {
         if let Some((dir, m)) =
