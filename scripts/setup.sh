@@ -52,8 +52,10 @@ go_build() {
 # build_agent NAME VERSION BIN MODULE CGO: build a HashiCorp agent through NAME/build.
 build_agent() {
   local name=$1 version=$2 bin=$3 module=$4 cgo=$5
-  if [ -x "$bin" ] && [[ "$(first_line "$bin" version)" == *" v$version" ]]; then
-    log "$name: $(first_line "$bin" version) (cached at $bin)"
+  local reported=""
+  [ -x "$bin" ] && reported="$(first_line "$bin" version)"
+  if [[ "$reported" == *" v$version" ]]; then
+    log "$name: $reported (cached at $bin)"
     return
   fi
   log "$name: building v$version from the Go module proxy (several minutes on 2 cores; done once)"
@@ -61,7 +63,6 @@ build_agent() {
   mkdir -p "$(dirname "$bin")"
   go_build "$name v$version" "$name/build" "$module" "$cgo" "" "$bin.tmp" "$module"
   mv "$bin.tmp" "$bin"
-  local reported
   reported="$(first_line "$bin" version)"
   [[ "$reported" == *" v$version" ]] || die "$name: built binary reports '$reported', expected v$version"
   log "$name: built v$version in $((SECONDS - start)) s"
@@ -135,11 +136,11 @@ step_model() {
 # Consul service discovery). promtool checks consul/prometheus/*.yml; the integration
 # tests run Prometheus against the local cluster.
 step_prometheus() {
-  local dir
+  local dir reported=""
   dir="$(dirname "$PROMTOOL_BIN")"
-  if [ -x "$PROMETHEUS_BIN" ] && [ -x "$PROMTOOL_BIN" ] &&
-    [[ "$(first_line "$PROMTOOL_BIN" --version)" == *"version $PROMETHEUS_VERSION "* ]]; then
-    log "prometheus: $(first_line "$PROMTOOL_BIN" --version) (cached at $dir)"
+  [ -x "$PROMETHEUS_BIN" ] && [ -x "$PROMTOOL_BIN" ] && reported="$(first_line "$PROMTOOL_BIN" --version)"
+  if [[ "$reported" == *"version $PROMETHEUS_VERSION "* ]]; then
+    log "prometheus: $reported (cached at $dir)"
     return
   fi
   log "prometheus: building v$PROMETHEUS_VERSION from the Go module proxy (a few minutes; done once)"
@@ -150,7 +151,6 @@ step_prometheus() {
     github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
   rm -rf "$dir"
   mv "$dir.tmp" "$dir"
-  local reported
   reported="$(first_line "$PROMTOOL_BIN" --version)"
   [[ "$reported" == *"version $PROMETHEUS_VERSION "* ]] ||
     die "prometheus: built promtool reports '$reported', expected $PROMETHEUS_VERSION"
