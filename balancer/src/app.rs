@@ -30,7 +30,11 @@ fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
 }
 
 fn error_response(e: &ApiError) -> Response<Vec<u8>> {
-    json_response(e.status, &e.body())
+    let mut resp = json_response(e.status, &e.body());
+    if let Some(secs) = e.retry_after {
+        resp.headers_mut().insert("retry-after", secs.into());
+    }
+    resp
 }
 
 /// Read the body, refusing more than [`MAX_BODY_BYTES`] without buffering it all.
@@ -117,6 +121,7 @@ impl BalancerApp {
                 "flipped_at": r.active.flipped_at,
                 "model_id": r.manifest.model_id,
                 "items": r.manifest.items,
+                "clusters": r.map.clusters(),
                 "shards": r.shards.iter().enumerate().map(|(i, reps)| json!({
                     "shard": i,
                     "items": r.manifest.shards[i].items,
@@ -136,9 +141,10 @@ impl BalancerApp {
             "cache": {"entries": self.executor.cache.len(), "capacity": self.executor.cache.capacity()},
             "query": {
                 "nprobe": self.executor.options.nprobe,
-                "search_k": self.executor.options.search_k,
                 "deadline_ms": self.executor.options.deadline.as_millis() as u64,
+                "max_inflight": self.executor.options.max_inflight,
             },
+            "ejected_replicas": self.executor.ejected_replicas(),
         })
     }
 }

@@ -5,7 +5,12 @@
 //!   atomically; one request uses one snapshot, so one query uses one dg.
 //! - [`watch`]: Consul blocking-query watchers that keep the snapshot current and keep the
 //!   last good state when Consul is unreachable.
-//! - [`query`]: embed, route to the nearest shards, retry/fallback, merge; answer cache.
+//! - [`query`]: embed, probe the nearest fine clusters on their shards, retry/fallback,
+//!   merge; answer cache. Written against [`upstream::Upstreams`], so its rules are unit
+//!   tests.
+//! - [`upstream`]: the calls to embedders and shards (gRPC, deadline sent as
+//!   `grpc-timeout`), and what protects them: admission control, retry budget, ejection
+//!   of replicas that keep failing.
 //! - [`app`]: the HTTP routes; [`metrics`]: Prometheus metrics.
 
 pub mod app;
@@ -13,4 +18,7 @@ pub mod metrics;
 pub mod query;
 pub mod request;
 pub mod state;
+#[cfg(test)]
+mod testing;
+pub mod upstream;
 pub mod watch;

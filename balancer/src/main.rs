@@ -25,10 +25,14 @@ use simq_consul::{ConsulClient, KvLayout};
 /// Follows the active index generation (Consul KV <prefix>active), its manifest
 /// (<prefix>dg/<dg>/manifest) and the passing instances of simq-embedder (tag
 /// model=<model id>) and simq-shard (tags dg=<dg>, shard=<n>) with blocking queries.
-/// Each query embeds with an embedder of the dg's model, asks the nprobe shards whose
-/// centroids are nearest (another replica on failure, the next-nearest shard when one has
-/// no healthy replica, marked "degraded"), and merges the top k. If Consul becomes
-/// unreachable it keeps serving from the last state it read.
+/// Each query embeds with an embedder of the dg's model, probes the nprobe fine clusters
+/// whose centroids (<prefix>dg/<dg>/centroids/*) are nearest, asking each shard only for
+/// the clusters it holds (another replica on failure, within a retry budget; the
+/// next-nearest clusters when a shard has no healthy replica, marked "degraded"), and
+/// merges the top k. Every upstream call carries the query's remaining deadline
+/// (grpc-timeout). Beyond --max-inflight cache-miss queries it answers 503 with
+/// Retry-After at once. A replica failing 3 calls in a row is skipped for 10 s. If
+/// Consul becomes unreachable it keeps serving from the last state it read.
 ///
 /// Stops on SIGTERM (graceful: in-flight requests finish) or SIGINT (fast).
 #[derive(Parser, Debug)]
@@ -47,13 +51,12 @@ struct Args {
     /// Consul KV prefix of simq's keys.
     #[arg(long, default_value = "simq/")]
     kv_prefix: String,
-    /// Shards asked per query.
-    #[arg(long, default_value_t = 4)]
+    /// Fine clusters probed per query (indexer/BENCH.md: recall@10 against exact search).
+    #[arg(long, default_value_t = 32)]
     nprobe: usize,
-    /// arroy search_k sent to shards (0: the shard's default). With the default 8 shards
-    /// and 64 trees, nprobe 4 and search_k 40000 give recall@10 0.986 (indexer/BENCH.md).
-    #[arg(long, default_value_t = 40_000)]
-    search_k: u32,
+    /// Cache-miss queries in flight at most; beyond it 503 + Retry-After at once.
+    #[arg(long, default_value_t = 64)]
+    max_inflight: usize,
     /// Whole-request deadline in milliseconds.
     #[arg(long, default_value_t = 2000)]
     deadline_ms: u64,
@@ -102,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     };
     let options = QueryOptions {
         nprobe: args.nprobe,
-        search_k: args.search_k,
+        max_inflight: args.max_inflight,
         deadline: Duration::from_millis(args.deadline_ms),
         attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
     };

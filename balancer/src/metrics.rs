@@ -24,6 +24,10 @@ pub struct Metrics {
     pub consul_last_ok: Gauge,
     /// Queries being answered right now.
     pub inflight: IntGauge,
+    /// Work refused to protect the service, by reason (overloaded, retry_budget).
+    pub shed: IntCounterVec,
+    /// Replicas ejected after failing calls in a row.
+    pub ejections: IntCounterVec,
     /// Passing instances per service, as Consul reports them.
     pub healthy_instances: IntGaugeVec,
 }
@@ -82,6 +86,20 @@ impl Metrics {
                 "simq_balancer_inflight_requests",
                 "Queries being answered right now.",
             )?,
+            shed: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_shed_total",
+                    "Work refused to protect the service: queries over the in-flight limit (overloaded), retries over the budget (retry_budget).",
+                ),
+                &["reason"],
+            )?,
+            ejections: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_ejections_total",
+                    "Replicas skipped for a while after failing calls in a row.",
+                ),
+                &["service"],
+            )?,
             healthy_instances: IntGaugeVec::new(
                 Opts::new(
                     "simq_balancer_healthy_instances",
@@ -102,6 +120,8 @@ impl Metrics {
         m.registry.register(Box::new(m.consul_errors.clone()))?;
         m.registry.register(Box::new(m.consul_last_ok.clone()))?;
         m.registry.register(Box::new(m.inflight.clone()))?;
+        m.registry.register(Box::new(m.shed.clone()))?;
+        m.registry.register(Box::new(m.ejections.clone()))?;
         m.registry.register(Box::new(m.healthy_instances.clone()))?;
         Ok(m)
     }

@@ -1,6 +1,8 @@
-//! Answering one query with one routing snapshot: embed, route to the nearest shards,
-//! call a healthy replica of each (retrying other replicas, falling back to the
-//! next-nearest shard when one has none), merge the top k.
+//! Answering one query with one routing snapshot: admit it (or refuse fast), embed,
+//! probe the nearest fine clusters on the shards that hold them (retrying other replicas
+//! within the retry budget, routing around a shard without healthy replicas to the
+//! next-nearest clusters), merge the top k. Every call carries what is left of the
+//! query's deadline.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,12 +10,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest};
-use simq_shard::proto::{shard_client::ShardClient, SearchRequest};
+use simq_shard::proto::SearchRequest;
 
 use crate::metrics::Metrics;
 use crate::request::{ApiError, QueryRequest};
 use crate::state::{Routing, Upstream};
+use crate::upstream::{
+    Admission, Attempt, CallError, Grpc, Outliers, RetryBudget, Upstreams,
+};
 
 /// One result row.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -34,7 +38,8 @@ pub struct Answer {
     /// The dg every part of this answer came from.
     pub dg: String,
     pub took_ms: f64,
-    /// True when a routed shard had no healthy replica and a farther one answered instead.
+    /// True when a shard holding one of the nearest clusters could not answer and farther
+    /// clusters answered instead.
     pub degraded: bool,
     /// What was degraded, for people reading the answer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -45,15 +50,23 @@ pub struct Answer {
 /// Query settings.
 #[derive(Debug, Clone, Copy)]
 pub struct QueryOptions {
-    /// Shards asked per query.
+    /// Fine clusters probed per query.
     pub nprobe: usize,
-    /// arroy search_k sent to shards (0: the shard's default).
-    pub search_k: u32,
     /// Whole-request deadline.
     pub deadline: Duration,
     /// Per-attempt timeout of one upstream call.
     pub attempt_timeout: Duration,
+    /// Cache-miss queries in flight at most; more are refused with 503 and Retry-After.
+    pub max_inflight: usize,
 }
+
+/// Retries may be at most this share of the calls in flight (and at least
+/// [`RETRY_BUDGET_MIN`] at a time), as in Envoy's default retry budget.
+pub const RETRY_BUDGET_RATIO: f64 = 0.2;
+pub const RETRY_BUDGET_MIN: usize = 3;
+/// A replica failing this many calls in a row is skipped for [`EJECTION`].
+pub const EJECT_AFTER_FAILURES: u32 = 3;
+pub const EJECTION: Duration = Duration::from_secs(10);
 
 /// (dg, normalised query, k).
 type CacheKey = (String, String, usize);
@@ -105,32 +118,93 @@ impl AnswerCache {
     }
 }
 
-/// Executes queries; shared by all requests.
-pub struct Executor {
+/// Executes queries; shared by all requests. Generic over its upstream calls so its rules
+/// are unit tests ([`Grpc`] in production).
+pub struct Executor<U: Upstreams = Grpc> {
     pub options: QueryOptions,
     pub metrics: Metrics,
     pub cache: AnswerCache,
-    round_robin: AtomicUsize,
+    upstreams: U,
+    admission: Admission,
+    budget: RetryBudget,
+    outliers: Outliers,
+    /// Round-robin positions: one for the embedders, one per shard number (mod
+    /// [`ROUND_ROBINS`]), so each list is rotated evenly whatever else a query calls.
+    round_robin: Vec<AtomicUsize>,
 }
 
-impl Executor {
+const ROUND_ROBINS: usize = 257;
+
+impl Executor<Grpc> {
     pub fn new(options: QueryOptions, metrics: Metrics, cache: AnswerCache) -> Self {
+        Self::with_upstreams(options, metrics, cache, Grpc)
+    }
+}
+
+impl<U: Upstreams> Executor<U> {
+    pub fn with_upstreams(
+        options: QueryOptions,
+        metrics: Metrics,
+        cache: AnswerCache,
+        upstreams: U,
+    ) -> Self {
         Self {
+            admission: Admission::new(options.max_inflight),
+            budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN),
+            outliers: Outliers::new(EJECT_AFTER_FAILURES, EJECTION),
             options,
             metrics,
             cache,
-            round_robin: AtomicUsize::new(0),
+            upstreams,
+            round_robin: (0..ROUND_ROBINS).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
 
-    /// Upstreams in round-robin order starting at a moving offset.
-    fn rotated<'a>(&self, list: &'a [Upstream]) -> impl Iterator<Item = &'a Upstream> {
+    /// Replicas ejected right now (for /v1/status).
+    pub fn ejected_replicas(&self) -> usize {
+        self.outliers.ejected(Instant::now())
+    }
+
+    /// Upstreams in round-robin order starting at a moving offset, ejected ones last.
+    /// `position` 0 is the embedders' rotation, `1 + shard` a shard's.
+    fn candidates<'a>(&self, list: &'a [Upstream], position: usize) -> Vec<&'a Upstream> {
         let start = if list.is_empty() {
             0
         } else {
-            self.round_robin.fetch_add(1, Ordering::Relaxed) % list.len()
+            self.round_robin[position % ROUND_ROBINS].fetch_add(1, Ordering::Relaxed) % list.len()
         };
-        list.iter().cycle().skip(start).take(list.len())
+        let rotated = list.iter().cycle().skip(start).take(list.len()).collect();
+        self.outliers.order(rotated, Instant::now())
+    }
+
+    /// Count attempt `n` of a call in the retry budget; None when a retry is over budget.
+    fn attempt(&self, n: usize) -> Option<Attempt> {
+        if n == 0 {
+            return Some(self.budget.call());
+        }
+        let retry = self.budget.retry();
+        if retry.is_none() {
+            self.metrics.shed.with_label_values(&["retry_budget"]).inc();
+        }
+        retry
+    }
+
+    /// Note a call's outcome: errors metric, outlier ejection.
+    fn record(&self, service: &str, up: &Upstream, outcome: Result<(), &CallError>) {
+        let fault = match outcome {
+            Ok(()) => false,
+            Err(e) => {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[service, e.kind()])
+                    .inc();
+                e.is_replica_fault()
+            }
+        };
+        if self.outliers.record(&up.addr, !fault, Instant::now()) {
+            tracing::warn!(service, replica = %up.addr, seconds = EJECTION.as_secs(), "replica ejected after failing calls in a row");
+            self.metrics.ejections.with_label_values(&[service]).inc();
+        }
     }
 
     /// Answer `req` using only `routing` (one dg).
@@ -147,6 +221,19 @@ impl Executor {
             return Ok(hit);
         }
         self.metrics.cache_misses.inc();
+        let Some(_ticket) = self.admission.try_admit() else {
+            self.metrics.shed.with_label_values(&["overloaded"]).inc();
+            return Err(ApiError::new(
+                503,
+                "overloaded",
+                format!(
+                    "{} queries are being answered, the limit is {}; try again shortly",
+                    self.admission.limit(),
+                    self.admission.limit()
+                ),
+            )
+            .with_retry_after(1));
+        };
 
         let vector = self.embed(routing, &req.query, deadline).await?;
         let (hits, notes) = self.search(routing, &vector, req.k, deadline).await?;
@@ -184,45 +271,27 @@ impl Executor {
             ));
         }
         let started = Instant::now();
-        let mut last = String::new();
-        for up in self.rotated(&routing.embedders) {
+        let mut last = String::from("no attempt fit in the deadline");
+        for (n, up) in self.candidates(&routing.embedders, 0).into_iter().enumerate() {
             let Some(timeout) = self.attempt_timeout(deadline) else {
                 break;
             };
-            let mut client = EmbedderClient::new(up.channel.clone());
-            let call = client.embed(EmbedRequest {
-                texts: vec![text.to_string()],
-            });
-            let outcome = match tokio::time::timeout(timeout, call).await {
-                Err(_) => Err(("timeout", format!("embedder {} timed out", up.addr))),
-                Ok(Err(status)) => Err((
-                    "error",
-                    format!("embedder {}: {}", up.addr, status.message()),
-                )),
-                Ok(Ok(resp)) => {
-                    let resp = resp.into_inner();
-                    if &resp.model_id != model {
-                        Err((
-                            "wrong_model",
-                            format!(
-                                "embedder {} runs model {}, dg needs {model}",
-                                up.addr, resp.model_id
-                            ),
-                        ))
-                    } else if resp.vectors.len() != routing.manifest.dims {
-                        Err((
-                            "error",
-                            format!(
-                                "embedder {} returned {} floats",
-                                up.addr,
-                                resp.vectors.len()
-                            ),
-                        ))
-                    } else {
-                        Ok(resp.vectors)
-                    }
-                }
+            let Some(_attempt) = self.attempt(n) else {
+                last = format!("{last}; no retry: the retry budget is spent");
+                break;
             };
+            let outcome = match self.upstreams.embed(up, text, timeout).await {
+                Err(e) => Err(e),
+                Ok(e) if &e.model_id != model => Err(CallError::Failed(format!(
+                    "runs model {}, dg needs {model}",
+                    e.model_id
+                ))),
+                Ok(e) if e.vector.len() != routing.manifest.dims => Err(CallError::Failed(
+                    format!("returned {} floats", e.vector.len()),
+                )),
+                Ok(e) => Ok(e.vector),
+            };
+            self.record("embedder", up, outcome.as_ref().map(|_| ()));
             match outcome {
                 Ok(v) => {
                     self.metrics
@@ -230,13 +299,9 @@ impl Executor {
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(v);
                 }
-                Err((kind, msg)) => {
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&["embedder", kind])
-                        .inc();
-                    tracing::warn!(error = %msg, "embedder attempt failed");
-                    last = msg;
+                Err(e) => {
+                    tracing::warn!(embedder = %up.addr, error = %e, "embedder attempt failed");
+                    last = format!("embedder {}: {e}", up.addr);
                 }
             }
         }
@@ -244,7 +309,8 @@ impl Executor {
             503,
             "embedder_failed",
             format!("no embedder answered: {last}"),
-        ))
+        )
+        .with_retry_after(1))
     }
 
     fn attempt_timeout(&self, deadline: Instant) -> Option<Duration> {
@@ -252,7 +318,7 @@ impl Executor {
         (!left.is_zero()).then(|| left.min(self.options.attempt_timeout))
     }
 
-    /// Ask the routed shards (with fallbacks) and merge; notes say what was degraded.
+    /// Probe the nearest clusters on their shards and merge; notes say what was degraded.
     async fn search(
         &self,
         routing: &Routing,
@@ -261,44 +327,31 @@ impl Executor {
         deadline: Instant,
     ) -> Result<(Vec<ResultRow>, Vec<String>), ApiError> {
         let manifest = &routing.manifest;
-        let order = manifest.route(vector, manifest.shards.len());
-        let nprobe = self.options.nprobe.clamp(1, order.len());
-        let mut notes = Vec::new();
-        let mut chosen = Vec::new();
-        let mut spare = order
+        let plan = routing.map.plan(vector, self.options.nprobe, |s| {
+            routing.shards.get(s as usize).is_some_and(|r| !r.is_empty())
+        });
+        let mut notes: Vec<String> = plan
+            .skipped
             .iter()
-            .copied()
-            .skip(nprobe)
-            .filter(|&s| !routing.shards[s].is_empty());
-        for &s in &order[..nprobe] {
-            if !routing.shards[s].is_empty() {
-                chosen.push(s);
-            } else if let Some(alt) = spare.next() {
-                notes.push(format!(
-                    "shard {s} has no healthy replica; asked shard {alt} instead"
-                ));
-                chosen.push(alt);
-            } else {
-                notes.push(format!(
-                    "shard {s} has no healthy replica and no other shard is left"
-                ));
-            }
-        }
-        if chosen.is_empty() {
+            .map(|s| format!("shard {s} has no healthy replica; its clusters were replaced by the next-nearest ones"))
+            .collect();
+        if plan.shards.is_empty() {
             return Err(ApiError::new(
                 503,
                 "no_shard",
                 format!("no shard of dg {} has a healthy replica", manifest.dg),
-            ));
+            )
+            .with_retry_after(1));
         }
-        let calls = chosen
+        let calls = plan
+            .shards
             .iter()
-            .map(|&s| self.call_shard(routing, s, vector, k, deadline));
-        // Routed shards are asked concurrently.
+            .map(|(s, clusters)| self.call_shard(routing, *s, clusters, vector, k, deadline));
+        // The shards of a query are asked concurrently.
         let results = futures::future::join_all(calls).await;
         let mut rows = Vec::new();
         let mut answered = 0;
-        for (s, result) in chosen.iter().zip(results) {
+        for ((s, _), result) in plan.shards.iter().zip(results) {
             match result {
                 Ok(hits) => {
                     answered += 1;
@@ -308,7 +361,7 @@ impl Executor {
             }
         }
         if answered == 0 {
-            return Err(ApiError::new(503, "shards_failed", notes.join("; ")));
+            return Err(ApiError::new(503, "shards_failed", notes.join("; ")).with_retry_after(1));
         }
         rows.sort_by(|a, b| b.score.total_cmp(&a.score));
         rows.truncate(k);
@@ -318,64 +371,315 @@ impl Executor {
     async fn call_shard(
         &self,
         routing: &Routing,
-        shard: usize,
+        shard: u32,
+        clusters: &[u32],
         vector: &[f32],
         k: usize,
         deadline: Instant,
     ) -> Result<Vec<ResultRow>, String> {
         let mut last = String::from("no attempt fit in the deadline");
-        for up in self.rotated(&routing.shards[shard]) {
+        let replicas = &routing.shards[shard as usize];
+        for (n, up) in self.candidates(replicas, 1 + shard as usize).into_iter().enumerate() {
             let Some(timeout) = self.attempt_timeout(deadline) else {
                 break;
             };
+            let Some(_attempt) = self.attempt(n) else {
+                last = format!("{last}; no retry: the retry budget is spent");
+                break;
+            };
             let started = Instant::now();
-            let mut client = ShardClient::new(up.channel.clone());
             let req = SearchRequest {
                 vector: vector.to_vec(),
                 k: k as u32,
-                search_k: self.options.search_k,
                 dg: routing.manifest.dg.clone(),
+                clusters: clusters.to_vec(),
             };
-            let (kind, msg) = match tokio::time::timeout(timeout, client.search(req)).await {
-                Ok(Ok(resp)) => {
+            let outcome = match self.upstreams.search(up, req, timeout).await {
+                // Shards refuse other dgs; this check makes mixing impossible by construction.
+                Ok(resp) if resp.dg != routing.manifest.dg => Err(CallError::WrongDg(format!(
+                    "answered for dg {}",
+                    resp.dg
+                ))),
+                other => other,
+            };
+            self.record("shard", up, outcome.as_ref().map(|_| ()));
+            match outcome {
+                Ok(resp) => {
                     self.metrics
                         .shard_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    let resp = resp.into_inner();
-                    // Shards refuse other dgs; this check makes mixing impossible by construction.
-                    if resp.dg == routing.manifest.dg {
-                        return Ok(resp
-                            .hits
-                            .into_iter()
-                            .map(|h| ResultRow {
-                                text: h.text,
-                                score: h.score,
-                                shard: resp.shard,
-                            })
-                            .collect());
-                    }
-                    (
-                        "wrong_dg",
-                        format!("replica {} answered for dg {}", up.addr, resp.dg),
-                    )
+                    return Ok(resp
+                        .hits
+                        .into_iter()
+                        .map(|h| ResultRow {
+                            text: h.text,
+                            score: h.score,
+                            shard: resp.shard,
+                        })
+                        .collect());
                 }
-                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => (
-                    "wrong_dg",
-                    format!("replica {}: {}", up.addr, status.message()),
-                ),
-                Ok(Err(status)) => (
-                    "error",
-                    format!("replica {}: {}", up.addr, status.message()),
-                ),
-                Err(_) => ("timeout", format!("replica {} timed out", up.addr)),
-            };
-            self.metrics
-                .upstream_errors
-                .with_label_values(&["shard", kind])
-                .inc();
-            tracing::warn!(shard, error = %msg, "shard attempt failed");
-            last = msg;
+                Err(e) => {
+                    tracing::warn!(shard, replica = %up.addr, error = %e, "shard attempt failed");
+                    last = format!("replica {}: {e}", up.addr);
+                }
+            }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use simq_consul::ServiceEntry;
+    use simq_shard::proto::{Hit, SearchResponse};
+
+    use super::*;
+    use crate::state::{build_routing, Parts};
+    use crate::testing::two_shard_index;
+    use crate::upstream::Embedded;
+
+    /// How a fake replica behaves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Behaviour {
+        Answer,
+        Fail,
+        Hang,
+        OtherDg,
+    }
+
+    /// Upstreams that answer from a table keyed by port, and log every call.
+    #[derive(Default)]
+    struct Fake {
+        behaviour: Mutex<HashMap<u16, Behaviour>>,
+        /// (port, clusters asked (empty for embed), timeout given).
+        calls: Mutex<Vec<(u16, Vec<u32>, Duration)>>,
+        vector: Vec<f32>,
+    }
+
+    fn port(up: &Upstream) -> u16 {
+        up.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    impl Fake {
+        fn new(vector: [f32; 2]) -> Self {
+            Self {
+                vector: vector.to_vec(),
+                ..Self::default()
+            }
+        }
+
+        fn set(&self, port: u16, b: Behaviour) {
+            self.behaviour.lock().unwrap().insert(port, b);
+        }
+
+        async fn act(&self, up: &Upstream, clusters: Vec<u32>, timeout: Duration) -> Behaviour {
+            let port = port(up);
+            self.calls.lock().unwrap().push((port, clusters, timeout));
+            let b = *self
+                .behaviour
+                .lock()
+                .unwrap()
+                .get(&port)
+                .unwrap_or(&Behaviour::Answer);
+            if b == Behaviour::Hang {
+                tokio::time::sleep(timeout).await;
+            }
+            b
+        }
+
+        fn calls_to(&self, port: u16) -> Vec<Vec<u32>> {
+            let calls = self.calls.lock().unwrap();
+            calls.iter().filter(|c| c.0 == port).map(|c| c.1.clone()).collect()
+        }
+    }
+
+    impl Upstreams for Arc<Fake> {
+        async fn embed(&self, up: &Upstream, _: &str, timeout: Duration) -> Result<Embedded, CallError> {
+            match self.act(up, Vec::new(), timeout).await {
+                Behaviour::Answer | Behaviour::OtherDg => Ok(Embedded {
+                    vector: self.vector.clone(),
+                    model_id: "model-a".into(),
+                }),
+                Behaviour::Fail => Err(CallError::Failed("boom".into())),
+                Behaviour::Hang => Err(CallError::Timeout),
+            }
+        }
+
+        async fn search(
+            &self,
+            up: &Upstream,
+            req: SearchRequest,
+            timeout: Duration,
+        ) -> Result<SearchResponse, CallError> {
+            let shard = if port(up) >= 200 { 1 } else { 0 };
+            match self.act(up, req.clusters.clone(), timeout).await {
+                b @ (Behaviour::Answer | Behaviour::OtherDg) => Ok(SearchResponse {
+                    hits: req
+                        .clusters
+                        .iter()
+                        .map(|c| Hit {
+                            id: *c,
+                            text: format!("from cluster {c}"),
+                            score: 1.0 - *c as f32 * 0.1,
+                        })
+                        .collect(),
+                    dg: if b == Behaviour::OtherDg { "dg-other".into() } else { req.dg },
+                    shard,
+                }),
+                Behaviour::Fail => Err(CallError::Failed("boom".into())),
+                Behaviour::Hang => Err(CallError::Timeout),
+            }
+        }
+    }
+
+    /// Embedder on port 1; shard 0 replicas on ports 100.., shard 1 on 200...
+    fn routing(shard0: &[u16], shard1: &[u16]) -> Routing {
+        let index = two_shard_index("model-a");
+        let dg = index.manifest.dg.clone();
+        let entry = |port: u16, tags: Vec<String>| ServiceEntry {
+            id: format!("i{port}"),
+            name: "x".into(),
+            address: "127.0.0.1".into(),
+            port,
+            tags,
+            meta: Default::default(),
+            status: "passing".into(),
+        };
+        let shard = |s: u32, p: u16| entry(p, vec![format!("dg={dg}"), format!("shard={s}")]);
+        let parts = Parts {
+            active: Some(index.clone()),
+            embedders: vec![entry(1, vec!["model=model-a".into()])],
+            shards: shard0
+                .iter()
+                .map(|&p| shard(0, p))
+                .chain(shard1.iter().map(|&p| shard(1, p)))
+                .collect(),
+        };
+        build_routing(&parts, &mut HashMap::new()).unwrap()
+    }
+
+    fn executor(fake: &Arc<Fake>, nprobe: usize, max_inflight: usize) -> Executor<Arc<Fake>> {
+        Executor::with_upstreams(
+            QueryOptions {
+                nprobe,
+                deadline: Duration::from_millis(300),
+                attempt_timeout: Duration::from_millis(100),
+                max_inflight,
+            },
+            Metrics::new().unwrap(),
+            AnswerCache::new(0),
+            fake.clone(),
+        )
+    }
+
+    fn query(text: &str) -> QueryRequest {
+        QueryRequest {
+            query: text.into(),
+            k: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_probes_only_the_nearest_clusters_on_the_shards_holding_them() {
+        // Near +x: clusters 0 and 2, both in shard 0; shard 1 is not asked at all.
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let ex = executor(&fake, 2, 8);
+        let a = ex.answer(&routing(&[100], &[200]), &query("q")).await.unwrap();
+        assert_eq!(fake.calls_to(100), vec![vec![0, 2]]);
+        assert!(fake.calls_to(200).is_empty());
+        assert!(!a.degraded);
+        assert_eq!(a.similar.as_deref(), Some("from cluster 0"));
+        // Three clusters reach shard 1's nearest one too, in one call per shard.
+        let ex = executor(&fake, 3, 8);
+        ex.answer(&routing(&[100], &[200]), &query("q2")).await.unwrap();
+        assert_eq!(fake.calls_to(200), vec![vec![1]]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_replica_is_retried_on_another_and_ejected_after_failing_in_a_row() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(100, Behaviour::Fail);
+        let ex = executor(&fake, 2, 8);
+        let r = routing(&[100, 101], &[200]);
+        for i in 0..6 {
+            let a = ex.answer(&r, &query(&format!("q{i}"))).await.unwrap();
+            assert!(!a.degraded, "the other replica answers");
+        }
+        // Round robin starts at 100 every other query; after 3 failures it goes last.
+        assert_eq!(fake.calls_to(100).len(), 3, "ejected after 3 failures in a row");
+        assert_eq!(ex.ejected_replicas(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_shard_without_replicas_is_routed_around_and_the_answer_says_degraded() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let ex = executor(&fake, 2, 8);
+        let a = ex.answer(&routing(&[], &[200]), &query("q")).await.unwrap();
+        assert!(a.degraded);
+        assert!(a.notes[0].contains("shard 0 has no healthy replica"), "{:?}", a.notes);
+        assert_eq!(fake.calls_to(200), vec![vec![1, 3]], "next-nearest clusters instead");
+    }
+
+    #[tokio::test]
+    async fn an_answer_for_another_dg_is_never_used() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(100, Behaviour::OtherDg);
+        let ex = executor(&fake, 2, 8);
+        let r = routing(&[100, 101], &[200]);
+        for i in 0..4 {
+            let a = ex.answer(&r, &query(&format!("q{i}"))).await.unwrap();
+            assert_eq!(a.dg, r.manifest.dg);
+            assert!(!a.degraded);
+        }
+        let only_other = routing(&[100], &[]);
+        let e = ex.answer(&only_other, &query("x")).await.unwrap_err();
+        assert_eq!((e.status, e.kind), (503, "shards_failed"));
+    }
+
+    #[tokio::test]
+    async fn every_attempt_fits_in_the_deadline_and_a_hang_costs_at_most_the_deadline() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        for p in [100, 101, 102, 103, 104] {
+            fake.set(p, Behaviour::Hang);
+        }
+        let ex = executor(&fake, 2, 8);
+        let started = Instant::now();
+        let e = ex
+            .answer(&routing(&[100, 101, 102, 103, 104], &[200]), &query("q"))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!((e.status, e.kind), (503, "shards_failed"));
+        assert!(took < Duration::from_millis(450), "took {took:?} for a 300 ms deadline");
+        let calls = fake.calls.lock().unwrap();
+        assert!(calls.iter().all(|c| c.2 <= Duration::from_millis(100)));
+        // The embed call and then 100 ms attempts: the third gets what is left.
+        let shard_calls: Vec<Duration> = calls.iter().filter(|c| c.0 >= 100).map(|c| c.2).collect();
+        assert!(shard_calls.len() <= 3, "{shard_calls:?}");
+    }
+
+    #[tokio::test]
+    async fn over_the_inflight_limit_a_query_is_refused_at_once_with_retry_after() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(100, Behaviour::Hang);
+        let ex = Arc::new(executor(&fake, 2, 1));
+        let r = Arc::new(routing(&[100], &[200]));
+        let slow = {
+            let (ex, r) = (ex.clone(), r.clone());
+            tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let e = ex.answer(&r, &query("second")).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(5));
+        assert_eq!((e.status, e.kind, e.retry_after), (503, "overloaded", Some(1)));
+        // A cancelled query gives its place back.
+        slow.abort();
+        let _ = slow.await;
+        fake.set(100, Behaviour::Answer);
+        assert!(ex.answer(&r, &query("third")).await.is_ok());
     }
 }

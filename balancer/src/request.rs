@@ -37,6 +37,8 @@ pub struct ApiError {
     /// Machine-readable kind, e.g. "invalid_json".
     pub kind: &'static str,
     pub message: String,
+    /// Seconds a client should wait before trying again (`Retry-After`), for refusals.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -45,7 +47,13 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn body(&self) -> Value {

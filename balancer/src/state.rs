@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use simq_consul::{ActiveDg, Manifest, ServiceEntry};
+use simq_consul::{ActiveDg, CentroidMap, Manifest, ServiceEntry};
 use tonic::transport::Channel;
 
 /// Consul service names and the tags that tie instances to a dg or a model.
@@ -35,17 +35,27 @@ pub struct Upstream {
 pub struct Routing {
     pub active: ActiveDg,
     pub manifest: Arc<Manifest>,
+    /// The dg's fine-cluster centroids: where each query goes.
+    pub map: Arc<CentroidMap>,
     /// Passing embedders whose model is the manifest's model.
     pub embedders: Vec<Upstream>,
     /// Passing replicas of each shard of the active dg, indexed by shard number.
     pub shards: Vec<Vec<Upstream>>,
 }
 
+/// The active pointer and what it names, read from Consul as one.
+#[derive(Clone, Debug)]
+pub struct ActiveIndex {
+    pub active: ActiveDg,
+    pub manifest: Arc<Manifest>,
+    pub map: Arc<CentroidMap>,
+}
+
 /// What the watchers last read from Consul.
 #[derive(Clone, Debug, Default)]
 pub struct Parts {
-    /// The active pointer and its manifest, always updated together.
-    pub active: Option<(ActiveDg, Arc<Manifest>)>,
+    /// The active pointer, its manifest and centroid map, always updated together.
+    pub active: Option<ActiveIndex>,
     pub embedders: Vec<ServiceEntry>,
     pub shards: Vec<ServiceEntry>,
 }
@@ -119,7 +129,11 @@ impl SharedState {
                 tracing::info!(dg = %new.manifest.dg, serving = %old.manifest.dg, "new dg not fully healthy here yet; still serving the previous dg");
                 let mut kept = build_routing(
                     &Parts {
-                        active: Some((old.active.clone(), old.manifest.clone())),
+                        active: Some(ActiveIndex {
+                            active: old.active.clone(),
+                            manifest: old.manifest.clone(),
+                            map: old.map.clone(),
+                        }),
                         ..parts.clone()
                     },
                     channels,
@@ -143,7 +157,11 @@ impl SharedState {
 
 /// The routing for the parts: instances filtered to the active dg and its model.
 pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> Option<Routing> {
-    let (active, manifest) = parts.active.clone()?;
+    let ActiveIndex {
+        active,
+        manifest,
+        map,
+    } = parts.active.clone()?;
     let mut upstream = |e: &ServiceEntry| {
         let addr = format!("{}:{}", e.address, e.port);
         let channel = channels
@@ -183,6 +201,7 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
     Some(Routing {
         active,
         manifest,
+        map,
         embedders,
         shards,
     })
@@ -191,42 +210,7 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use simq_consul::contract::{BuildInfo, ShardEntry, MANIFEST_FORMAT};
-
-    fn manifest() -> Arc<Manifest> {
-        Arc::new(
-            Manifest {
-                format: MANIFEST_FORMAT,
-                dg: String::new(),
-                model_id: "model-a".into(),
-                dims: 2,
-                distance: "cosine".into(),
-                items: 2,
-                build: BuildInfo {
-                    corpus_sha256: "c".into(),
-                    n_trees: 1,
-                    seed: 1,
-                    kmeans_iterations: 1,
-                },
-                centroids: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
-                shards: vec![
-                    ShardEntry {
-                        shard: 0,
-                        sha256: "a".into(),
-                        size: 1,
-                        items: 1,
-                    },
-                    ShardEntry {
-                        shard: 1,
-                        sha256: "b".into(),
-                        size: 1,
-                        items: 1,
-                    },
-                ],
-            }
-            .seal(),
-        )
-    }
+    use crate::testing::two_shard_index;
 
     fn entry(id: &str, port: u16, status: &str, tags: &[&str]) -> ServiceEntry {
         ServiceEntry {
@@ -242,18 +226,11 @@ mod tests {
 
     #[tokio::test]
     async fn routing_keeps_only_passing_instances_of_the_active_dg_and_model() {
-        let m = manifest();
-        let dg = m.dg.clone();
+        let index = two_shard_index("model-a");
+        let dg = index.manifest.dg.clone();
         let other = "dg-other";
         let parts = Parts {
-            active: Some((
-                ActiveDg {
-                    dg: dg.clone(),
-                    previous: None,
-                    flipped_at: "t".into(),
-                },
-                m,
-            )),
+            active: Some(index),
             embedders: vec![
                 entry("e1", 1, "passing", &["model=model-a"]),
                 entry("e2", 2, "passing", &["model=model-b"]),

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use simq_consul::{ActiveDg, BlockingQuery, ConsulClient, KvLayout, Manifest};
+use simq_consul::{ActiveDg, BlockingQuery, CentroidMap, ConsulClient, KvLayout, Manifest};
 
 use crate::metrics::Metrics;
-use crate::state::{SharedState, EMBEDDER_SERVICE, SHARD_SERVICE};
+use crate::state::{ActiveIndex, SharedState, EMBEDDER_SERVICE, SHARD_SERVICE};
 
 /// Everything the watchers need.
 #[derive(Clone)]
@@ -64,19 +64,18 @@ impl Watcher {
                     self.succeeded();
                     index = BlockingQuery::next_index(index, answer.index);
                     match self.read_active(answer.value.map(|kv| kv.value)).await {
-                        Ok(Some((active, manifest))) => {
+                        Ok(Some(index)) => {
                             let changed = self
                                 .state
                                 .load()
                                 .routing
                                 .as_ref()
                                 .map(|r| r.active.dg.clone())
-                                != Some(active.dg.clone());
+                                != Some(index.active.dg.clone());
                             if changed {
-                                tracing::info!(dg = %active.dg, previous = ?active.previous, "active dg");
+                                tracing::info!(dg = %index.active.dg, previous = ?index.active.previous, clusters = index.map.clusters(), "active dg");
                             }
-                            self.state
-                                .update(|p| p.active = Some((active, Arc::new(manifest))));
+                            self.state.update(|p| p.active = Some(index));
                             backoff = MIN_BACKOFF;
                         }
                         Ok(None) => {
@@ -100,18 +99,19 @@ impl Watcher {
         }
     }
 
-    /// The pointer and its manifest; None when no dg was ever activated.
-    async fn read_active(
-        &self,
-        raw: Option<Vec<u8>>,
-    ) -> anyhow::Result<Option<(ActiveDg, Manifest)>> {
+    /// The pointer, its manifest and centroid map; None when no dg was ever activated.
+    async fn read_active(&self, raw: Option<Vec<u8>>) -> anyhow::Result<Option<ActiveIndex>> {
         let Some(raw) = raw else { return Ok(None) };
         let active: ActiveDg = serde_json::from_slice(&raw).map_err(|e| {
             anyhow::anyhow!("{} is not an active pointer: {e}", self.layout.active())
         })?;
         if let Some(routing) = self.state.load().routing.as_ref() {
-            if routing.active == active {
-                return Ok(Some((active, (*routing.manifest).clone())));
+            if routing.active.dg == active.dg {
+                return Ok(Some(ActiveIndex {
+                    active,
+                    manifest: routing.manifest.clone(),
+                    map: routing.map.clone(),
+                }));
             }
         }
         let key = self.layout.manifest(&active.dg);
@@ -127,7 +127,25 @@ impl Watcher {
         if manifest.dg != active.dg {
             anyhow::bail!("{key} describes dg {}, not {}", manifest.dg, active.dg);
         }
-        Ok(Some((active, manifest)))
+        let map = self.read_centroids(&manifest).await?;
+        Ok(Some(ActiveIndex {
+            active,
+            manifest: Arc::new(manifest),
+            map: Arc::new(map),
+        }))
+    }
+
+    /// The dg's centroid chunks, joined and checked against the manifest's sha256.
+    async fn read_centroids(&self, manifest: &Manifest) -> anyhow::Result<CentroidMap> {
+        let mut bytes = Vec::new();
+        for i in 0..manifest.clusters.centroid_chunks as usize {
+            let key = self.layout.centroid_chunk(&manifest.dg, i);
+            let kv = self.consul.kv_get(&key, None).await?.value.ok_or_else(|| {
+                anyhow::anyhow!("dg {} has no centroid chunk at {key}", manifest.dg)
+            })?;
+            bytes.extend_from_slice(&kv.value);
+        }
+        CentroidMap::from_bytes(manifest, &bytes).map_err(anyhow::Error::msg)
     }
 
     async fn service_loop(self, service: &'static str) {

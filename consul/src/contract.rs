@@ -2,6 +2,8 @@
 //! live in Consul (prefix configurable, default `simq/`).
 //!
 //! - `<prefix>dg/<dg>/manifest`: a [`Manifest`] as JSON (kept under Consul's 512 KB cap).
+//! - `<prefix>dg/<dg>/centroids/<i>`: the dg's cluster centroids as raw little-endian f32,
+//!   cut into values under the cap; the manifest pins their sha256 (see [`crate::routing`]).
 //! - `<prefix>active`: an [`ActiveDg`] as JSON, only ever written by check-and-set.
 
 use serde::{Deserialize, Serialize};
@@ -24,8 +26,9 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Version of the manifest layout.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// Version of the manifest layout. 2: fine clusters ([`ClusterTable`]) replace one
+/// centroid per shard.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// Consul caps KV values at 512 KB; a manifest must fit.
 pub const KV_VALUE_LIMIT: usize = 512 * 1024;
@@ -43,14 +46,33 @@ pub struct ShardEntry {
     pub items: u64,
 }
 
+/// The fine clusters of a dg: the unit a query searches. Each cluster lives in one shard
+/// file as its own arroy index (index id = cluster number); a query probes the clusters
+/// whose centroids are nearest and each shard searches only the clusters it is asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterTable {
+    /// Shard holding each cluster, row i for cluster i.
+    pub shard_of: Vec<u32>,
+    /// sha256 of the centroid bytes: `shard_of.len() x dims` little-endian f32, row i for
+    /// cluster i, each row L2-normalised.
+    pub centroids_sha256: String,
+    /// The centroid bytes are stored in this many KV values (`KvLayout::centroid_chunk`).
+    pub centroid_chunks: u32,
+}
+
+/// Clusters a dg may have at most: arroy index ids are u16.
+pub const MAX_CLUSTERS: usize = u16::MAX as usize + 1;
+
 /// How the generation was built (recorded so a build can be reproduced and compared).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildInfo {
     /// sha256 of the de-duplicated corpus texts, in order.
     pub corpus_sha256: String,
-    pub n_trees: usize,
     pub seed: u64,
+    /// Lloyd iterations of the shard-level k-means.
     pub kmeans_iterations: usize,
+    /// Fine clusters asked for (the table holds about this many).
+    pub clusters_requested: usize,
 }
 
 /// An index generation ("dg"): everything a balancer needs to route, and everything a
@@ -67,8 +89,7 @@ pub struct Manifest {
     pub distance: String,
     pub items: u64,
     pub build: BuildInfo,
-    /// One L2-normalised centroid per shard, row i for shard i.
-    pub centroids: Vec<Vec<f32>>,
+    pub clusters: ClusterTable,
     pub shards: Vec<ShardEntry>,
 }
 
@@ -87,23 +108,6 @@ impl Manifest {
         self
     }
 
-    /// The `nprobe` shards whose centroids are nearest to `vector` (highest dot product
-    /// first; ties go to the lower shard number). The one routing rule of simq.
-    pub fn route(&self, vector: &[f32], nprobe: usize) -> Vec<usize> {
-        let mut scored: Vec<(usize, f32)> = self
-            .centroids
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i, c.iter().zip(vector).map(|(a, b)| a * b).sum()))
-            .collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        scored
-            .into_iter()
-            .take(nprobe.max(1))
-            .map(|(i, _)| i)
-            .collect()
-    }
-
     /// Check the invariants a reader relies on; the message names what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != MANIFEST_FORMAT {
@@ -119,18 +123,37 @@ impl Manifest {
                 self.content_id()
             ));
         }
-        if self.shards.is_empty() || self.centroids.len() != self.shards.len() {
+        if self.shards.is_empty() {
+            return Err("the manifest lists no shards".into());
+        }
+        if self.dims == 0 {
+            return Err("dims is 0".into());
+        }
+        let clusters = self.clusters.shard_of.len();
+        if clusters < self.shards.len() || clusters > MAX_CLUSTERS {
             return Err(format!(
-                "{} centroids for {} shards",
-                self.centroids.len(),
+                "{clusters} clusters for {} shards; need at least one per shard and at most {MAX_CLUSTERS}",
                 self.shards.len()
             ));
         }
-        if let Some(c) = self.centroids.iter().position(|c| c.len() != self.dims) {
+        if let Some((c, s)) = self
+            .clusters
+            .shard_of
+            .iter()
+            .enumerate()
+            .find(|(_, &s)| s as usize >= self.shards.len())
+        {
             return Err(format!(
-                "centroid {c} has {} dims, expected {}",
-                self.centroids[c].len(),
-                self.dims
+                "cluster {c} is in shard {s}, but there are {} shards",
+                self.shards.len()
+            ));
+        }
+        let bytes = clusters * self.dims * 4;
+        let chunks = self.clusters.centroid_chunks as usize;
+        if chunks != bytes.div_ceil(crate::routing::CENTROID_CHUNK_BYTES) {
+            return Err(format!(
+                "{chunks} centroid chunks for {bytes} bytes of centroids; expected {}",
+                bytes.div_ceil(crate::routing::CENTROID_CHUNK_BYTES)
             ));
         }
         if let Some(s) = self
@@ -193,13 +216,21 @@ impl KvLayout {
     pub fn manifest(&self, dg: &str) -> String {
         format!("{}dg/{dg}/manifest", self.prefix)
     }
+
+    /// Part `i` of the dg's centroid bytes.
+    pub fn centroid_chunk(&self, dg: &str, i: usize) -> String {
+        format!("{}dg/{dg}/centroids/{i}", self.prefix)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn manifest() -> Manifest {
+    /// A manifest over 2 shards and 3 clusters of 2 dims (centroids in
+    /// [`crate::routing::tests`]).
+    pub(crate) fn manifest() -> Manifest {
+        let centroids = crate::routing::tests::centroid_bytes();
         Manifest {
             format: MANIFEST_FORMAT,
             dg: String::new(),
@@ -209,11 +240,15 @@ mod tests {
             items: 3,
             build: BuildInfo {
                 corpus_sha256: "c".into(),
-                n_trees: 4,
                 seed: 1,
                 kmeans_iterations: 3,
+                clusters_requested: 3,
             },
-            centroids: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+            clusters: ClusterTable {
+                shard_of: vec![0, 1, 0],
+                centroids_sha256: hex::encode(Sha256::digest(&centroids)),
+                centroid_chunks: 1,
+            },
             shards: vec![
                 ShardEntry {
                     shard: 0,
@@ -244,29 +279,33 @@ mod tests {
     }
 
     #[test]
-    fn centroid_count_must_match_shards() {
+    fn clusters_must_name_existing_shards() {
         let mut m = manifest();
-        m.centroids.pop();
+        m.clusters.shard_of[2] = 5;
         let m = m.seal();
-        assert_eq!(m.validate().unwrap_err(), "1 centroids for 2 shards");
+        assert_eq!(
+            m.validate().unwrap_err(),
+            "cluster 2 is in shard 5, but there are 2 shards"
+        );
     }
 
     #[test]
-    fn route_picks_nearest_centroids_first() {
-        let m = manifest();
-        assert_eq!(m.route(&[0.1, 0.9], 1), vec![1]);
-        assert_eq!(m.route(&[0.9, 0.1], 2), vec![0, 1]);
-        assert_eq!(
-            m.route(&[0.5, 0.5], 1),
-            vec![0],
-            "ties go to the lower shard"
-        );
-        assert_eq!(m.route(&[0.5, 0.5], 0), vec![0], "at least one shard");
+    fn every_shard_needs_a_cluster_and_chunks_match_the_bytes() {
+        let mut m = manifest();
+        m.clusters.shard_of = vec![0];
+        assert!(m.clone().seal().validate().unwrap_err().contains("1 clusters for 2 shards"));
+        let mut m = manifest();
+        m.clusters.centroid_chunks = 2;
+        assert!(m.seal().validate().unwrap_err().contains("2 centroid chunks"));
     }
 
     #[test]
     fn layout_keys_use_the_prefix() {
         assert_eq!(KvLayout::default().active(), "simq/active");
         assert_eq!(KvLayout::new("x").manifest("dg-1"), "x/dg/dg-1/manifest");
+        assert_eq!(
+            KvLayout::new("x").centroid_chunk("dg-1", 3),
+            "x/dg/dg-1/centroids/3"
+        );
     }
 }

@@ -4,6 +4,8 @@
 //!   check-and-set, blocking queries (`?index=&wait=`) and service health.
 //! - [`contract`]: the KV contract: index generation [`Manifest`], [`ActiveDg`] pointer,
 //!   and the key layout.
+//! - [`routing`]: the one routing rule (nearest fine clusters, grouped by shard) and the
+//!   centroid map it reads.
 //! - [`service`]: what every simq service shows Consul and Prometheus (`/health`,
 //!   `/metrics`), its logging set-up and shutdown signal.
 //! - [`error`]: the crate's one error type.
@@ -14,8 +16,10 @@
 pub mod client;
 pub mod contract;
 pub mod error;
+pub mod routing;
 pub mod service;
 
 pub use client::{BlockingQuery, ConsulClient, Indexed, KvPair, ServiceEntry};
-pub use contract::{ActiveDg, KvLayout, Manifest, ShardEntry};
+pub use contract::{ActiveDg, ClusterTable, KvLayout, Manifest, ShardEntry};
+pub use routing::{CentroidMap, ProbePlan};
 pub use error::{Error, Result};

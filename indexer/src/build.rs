@@ -1,14 +1,22 @@
-//! `indexer build`: corpus -> embeddings -> k-means shards -> one LMDB file per shard ->
-//! `manifest.json`, in `<out>/<dg>/`. Same inputs, same bytes, same dg id.
+//! `indexer build`: corpus -> embeddings -> k-means shards -> k-means fine clusters inside
+//! each shard -> one LMDB file per shard (one arroy index per cluster) -> `centroids.f32`
+//! and `manifest.json`, in `<out>/<dg>/`. Same inputs, same bytes, same dg id.
+//!
+//! Why two levels: a query should read a few per cent of the corpus. Shards place data
+//! (one process each, replicated); fine clusters (about a hundred items each) are what a
+//! query probes, so the balancer asks each shard only for the clusters nearest the query.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use simq_consul::contract::{sha256_file, BuildInfo, Manifest, ShardEntry, MANIFEST_FORMAT};
+use simq_consul::contract::{
+    sha256_file, BuildInfo, ClusterTable, Manifest, ShardEntry, MANIFEST_FORMAT, MAX_CLUSTERS,
+};
+use simq_consul::routing::{chunks, CentroidMap};
 use simq_embedder::runtime::Embedder;
-use simq_shard::{build_shard, BuildParams, Item};
+use simq_shard::{build_shard, BuildParams, ClusterItems, Item};
 
 use crate::corpus::Corpus;
 use crate::kmeans::spherical_kmeans;
@@ -17,7 +25,8 @@ use crate::kmeans::spherical_kmeans;
 #[derive(Debug, Clone, Copy)]
 pub struct BuildOptions {
     pub shards: usize,
-    pub n_trees: usize,
+    /// Fine clusters over the whole corpus, spread over the shards by their size.
+    pub clusters: usize,
     pub seed: u64,
     pub kmeans_iterations: usize,
     /// Texts handed to the runtime per call (it buckets them by length inside).
@@ -110,38 +119,20 @@ pub fn build(
     );
 
     let t = Instant::now();
-    let clustering = spherical_kmeans(
-        &vectors,
-        dims,
-        opts.shards,
-        opts.seed,
-        opts.kmeans_iterations,
-    );
+    let plan = cluster(&vectors, dims, &opts)?;
     let kmeans = t.elapsed();
-    tracing::info!(
-        shards = opts.shards,
-        iterations = clustering.iterations,
-        seconds = kmeans.as_secs_f64(),
-        "clustered"
-    );
 
     let t = Instant::now();
     let work = tempfile::Builder::new()
         .prefix(".dg-build-")
         .tempdir_in(out)
         .with_context(|| format!("creating a build directory in {}", out.display()))?;
-    let mut members: Vec<Vec<Item>> = vec![Vec::new(); opts.shards];
-    for (id, &cluster) in clustering.assignment.iter().enumerate() {
-        members[cluster as usize].push(Item {
-            id: id as u32,
-            text: &corpus.texts[id],
-            vector: &vectors[id * dims..(id + 1) * dims],
-        });
-    }
-    let params = BuildParams {
-        n_trees: opts.n_trees,
-        seed: opts.seed,
+    let item = |id: u32| Item {
+        id,
+        text: &corpus.texts[id as usize],
+        vector: &vectors[id as usize * dims..(id as usize + 1) * dims],
     };
+    let params = BuildParams { seed: opts.seed };
     let bar = progress(opts.shards as u64, "indexing");
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> = (0..opts.shards)
@@ -154,26 +145,31 @@ pub fn build(
                 if s >= opts.shards {
                     break;
                 }
-                let path = work.path().join(shard_file_name(s));
-                let entry = build_shard(
-                    &path,
-                    s as u32,
-                    dims,
-                    embedder.model_id(),
-                    &members[s],
-                    params,
-                )
-                .map_err(anyhow::Error::from)
-                .and_then(|()| {
-                    Ok(ShardEntry {
-                        shard: s as u32,
-                        sha256: sha256_file(&path)?,
-                        size: std::fs::metadata(&path)?.len(),
-                        items: members[s].len() as u64,
+                let clusters: Vec<ClusterItems> = plan
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter(|(c, _)| plan.shard_of[*c] as usize == s)
+                    .map(|(c, ids)| ClusterItems {
+                        id: c as u32,
+                        items: ids.iter().map(|&id| item(id)).collect(),
                     })
-                });
+                    .collect();
+                let items: usize = clusters.iter().map(|c| c.items.len()).sum();
+                let path = work.path().join(shard_file_name(s));
+                let entry = build_shard(&path, s as u32, dims, embedder.model_id(), &clusters, params)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| {
+                        Ok(ShardEntry {
+                            shard: s as u32,
+                            sha256: sha256_file(&path)?,
+                            size: std::fs::metadata(&path)?.len(),
+                            items: items as u64,
+                        })
+                    });
                 *results[s].lock().unwrap() = Some(entry);
                 bar.inc(1);
+                tracing::info!(shard = s, of = opts.shards, "shard indexed");
             });
         }
     });
@@ -184,6 +180,8 @@ pub fn build(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let index = t.elapsed();
 
+    let centroid_bytes = plan.map.to_bytes();
+    std::fs::write(work.path().join(CENTROIDS_FILE), &centroid_bytes)?;
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         dg: String::new(),
@@ -193,18 +191,22 @@ pub fn build(
         items: n as u64,
         build: BuildInfo {
             corpus_sha256: corpus.sha256(),
-            n_trees: opts.n_trees,
             seed: opts.seed,
-            kmeans_iterations: clustering.iterations,
+            kmeans_iterations: plan.coarse_iterations,
+            clusters_requested: opts.clusters,
         },
-        centroids: clustering.centroids,
+        clusters: ClusterTable {
+            shard_of: plan.shard_of.clone(),
+            centroids_sha256: plan.map.sha256(),
+            centroid_chunks: chunks(&centroid_bytes).len() as u32,
+        },
         shards,
     }
     .seal();
     let json = serde_json::to_vec_pretty(&manifest)?;
     if json.len() > simq_consul::contract::KV_VALUE_LIMIT {
         bail!(
-            "manifest is {} bytes, over Consul's 512 KB value limit: use fewer shards",
+            "manifest is {} bytes, over Consul's 512 KB value limit: use fewer clusters",
             json.len()
         );
     }
@@ -277,12 +279,13 @@ pub fn find_existing(
         let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
             continue;
         };
-        let complete = (0..m.shards.len()).all(|s| dir.join(shard_file_name(s)).is_file());
+        let complete = (0..m.shards.len()).all(|s| dir.join(shard_file_name(s)).is_file())
+            && dir.join(CENTROIDS_FILE).is_file();
         if complete
             && m.validate().is_ok()
             && m.model_id == model_id
             && m.build.corpus_sha256 == corpus_sha256
-            && m.build.n_trees == opts.n_trees
+            && m.build.clusters_requested == opts.clusters
             && m.build.seed == opts.seed
             && m.shards.len() == opts.shards
         {
@@ -290,6 +293,71 @@ pub fn find_existing(
         }
     }
     None
+}
+
+/// The centroid bytes inside a dg directory (published to KV in chunks).
+pub const CENTROIDS_FILE: &str = "centroids.f32";
+
+/// Fine clusters hold at least about this many items (small corpora get fewer clusters).
+const MIN_CLUSTER_ITEMS: usize = 16;
+
+/// Where every item goes: the fine clusters, their shards and centroids.
+struct ClusterPlan {
+    /// Item ids of each fine cluster, cluster numbers in shard order.
+    members: Vec<Vec<u32>>,
+    shard_of: Vec<u32>,
+    map: CentroidMap,
+    coarse_iterations: usize,
+}
+
+/// Two-level k-means: `opts.shards` groups, then each group into fine clusters in
+/// proportion to its size (at least one). Empty fine clusters are dropped.
+fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<ClusterPlan> {
+    let n = vectors.len() / dims;
+    let coarse = spherical_kmeans(vectors, dims, opts.shards, opts.seed, opts.kmeans_iterations);
+    tracing::info!(shards = opts.shards, iterations = coarse.iterations, "split into shards");
+    let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); opts.shards];
+    for (id, &s) in coarse.assignment.iter().enumerate() {
+        by_shard[s as usize].push(id as u32);
+    }
+    let bar = progress(opts.shards as u64, "clustering");
+    let mut members = Vec::new();
+    let mut shard_of = Vec::new();
+    let mut centroids = Vec::new();
+    for (s, ids) in by_shard.iter().enumerate() {
+        let share = (opts.clusters as f64 * ids.len() as f64 / n as f64).round() as usize;
+        let k = share.clamp(1, (ids.len() / MIN_CLUSTER_ITEMS).max(1));
+        let local: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| &vectors[id as usize * dims..(id as usize + 1) * dims])
+            .copied()
+            .collect();
+        let fine = spherical_kmeans(&local, dims, k, opts.seed.wrapping_add(s as u64 + 1), opts.kmeans_iterations);
+        let mut groups: Vec<Vec<u32>> = vec![Vec::new(); k];
+        for (i, &c) in fine.assignment.iter().enumerate() {
+            groups[c as usize].push(ids[i]);
+        }
+        for (c, group) in groups.into_iter().enumerate() {
+            if !group.is_empty() {
+                members.push(group);
+                shard_of.push(s as u32);
+                centroids.extend_from_slice(&fine.centroids[c]);
+            }
+        }
+        bar.inc(1);
+        tracing::info!(shard = s, of = opts.shards, clusters = k, items = ids.len(), iterations = fine.iterations, "shard clustered");
+    }
+    bar.finish_and_clear();
+    if members.len() > MAX_CLUSTERS {
+        bail!("{} clusters; at most {MAX_CLUSTERS} (arroy index ids are u16): ask for fewer --clusters", members.len());
+    }
+    let map = CentroidMap::new(dims, centroids, shard_of.clone()).map_err(anyhow::Error::msg)?;
+    Ok(ClusterPlan {
+        members,
+        shard_of,
+        map,
+        coarse_iterations: coarse.iterations,
+    })
 }
 
 /// File name of shard `s` inside a dg directory.

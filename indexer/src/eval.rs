@@ -1,5 +1,6 @@
-//! `indexer eval`: recall@k of the sharded ANN path (route to the `nprobe` nearest
-//! centroids, arroy search in those shards, merge) against exact brute-force search over
+//! `indexer eval`: recall@k of the sharded ANN path (probe the `nprobe` nearest fine
+//! clusters with the balancer's routing rule, search them in their shards, merge) against
+//! exact brute-force search over
 //! every stored vector, on queries drawn from the indexed items themselves (each query's
 //! own item is left out of both answers, so the measure is about its true neighbours).
 
@@ -7,50 +8,70 @@ use std::path::Path;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use simq_consul::Manifest;
+use anyhow::Context;
+use simq_consul::{CentroidMap, Manifest};
 use simq_shard::ShardFile;
 
-use crate::build::shard_file_name;
+use crate::build::{shard_file_name, CENTROIDS_FILE};
 use crate::publish::read_manifest;
 
 /// A built dg directory: its manifest and open shard files.
 pub struct DgDir {
     pub manifest: Manifest,
+    pub map: CentroidMap,
     pub shards: Vec<ShardFile>,
 }
 
 impl DgDir {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let (manifest, _) = read_manifest(dir)?;
+        let map = read_centroids(dir, &manifest)?;
         let shards = (0..manifest.shards.len())
             .map(|s| ShardFile::open(&dir.join(shard_file_name(s))))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { manifest, shards })
+        Ok(Self {
+            manifest,
+            map,
+            shards,
+        })
     }
+}
+
+/// The centroid map of a built dg directory, checked against its manifest.
+pub fn read_centroids(dir: &Path, manifest: &Manifest) -> anyhow::Result<CentroidMap> {
+    let path = dir.join(CENTROIDS_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    CentroidMap::from_bytes(manifest, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// One row of the recall table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RecallRow {
+    /// Fine clusters probed per query.
     pub nprobe: usize,
-    /// arroy search_k; 0 means arroy's default (k * n_trees).
-    pub search_k: usize,
+    /// Mean share of the corpus a query searched.
+    pub scanned: f64,
+    /// Mean shards asked per query.
+    pub shards: f64,
     pub recall: f64,
     pub mean_ms: f64,
     pub p99_ms: f64,
 }
 
-/// Measure recall@k for every (nprobe, search_k) pair on `queries` items.
+/// Measure recall@k for every nprobe on `queries` items.
 pub fn recall(
     dg: &DgDir,
     queries: usize,
     k: usize,
     nprobes: &[usize],
-    search_ks: &[usize],
 ) -> anyhow::Result<Vec<RecallRow>> {
     let mut all: Vec<(u32, Vec<f32>)> = Vec::new();
+    let mut cluster_items = vec![0u64; dg.map.clusters()];
     for shard in &dg.shards {
-        all.extend(shard.vectors()?);
+        for (id, cluster, v) in shard.vectors()? {
+            cluster_items[cluster as usize] += 1;
+            all.push((id, v));
+        }
     }
     all.sort_by_key(|(id, _)| *id);
     let step = (all.len() / queries.max(1)).max(1);
@@ -74,35 +95,39 @@ pub fn recall(
 
     let mut rows = Vec::new();
     for &nprobe in nprobes {
-        for &search_k in search_ks {
-            let mut hits = 0usize;
-            let mut times = Vec::with_capacity(sample.len());
-            for ((qid, q), truth) in sample.iter().zip(&truth) {
-                let t = Instant::now();
-                let mut found = Vec::new();
-                for s in dg.manifest.route(q, nprobe) {
-                    let sk = (search_k > 0).then_some(search_k);
-                    found.extend(dg.shards[s].search(q, k + 1, sk)?);
-                }
-                found.sort_by(|a, b| b.score.total_cmp(&a.score));
-                let answer: Vec<u32> = found
-                    .iter()
-                    .map(|h| h.id)
-                    .filter(|id| id != qid)
-                    .take(k)
-                    .collect();
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-                hits += answer.iter().filter(|id| truth.contains(id)).count();
+        let mut hits = 0usize;
+        let mut scanned = 0u64;
+        let mut shards_asked = 0usize;
+        let mut times = Vec::with_capacity(sample.len());
+        for ((qid, q), truth) in sample.iter().zip(&truth) {
+            let t = Instant::now();
+            let plan = dg.map.plan(q, nprobe, |_| true);
+            let mut found = Vec::new();
+            for (s, clusters) in &plan.shards {
+                scanned += clusters.iter().map(|&c| cluster_items[c as usize]).sum::<u64>();
+                found.extend(dg.shards[*s as usize].search(q, k + 1, clusters)?);
             }
-            times.sort_by(f64::total_cmp);
-            rows.push(RecallRow {
-                nprobe,
-                search_k,
-                recall: hits as f64 / (sample.len() * k) as f64,
-                mean_ms: times.iter().sum::<f64>() / times.len() as f64,
-                p99_ms: times[(times.len() * 99 / 100).min(times.len() - 1)],
-            });
+            shards_asked += plan.shards.len();
+            found.sort_by(|a, b| b.score.total_cmp(&a.score));
+            let answer: Vec<u32> = found
+                .iter()
+                .map(|h| h.id)
+                .filter(|id| id != qid)
+                .take(k)
+                .collect();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            hits += answer.iter().filter(|id| truth.contains(id)).count();
         }
+        times.sort_by(f64::total_cmp);
+        let queries = sample.len() as f64;
+        rows.push(RecallRow {
+            nprobe,
+            scanned: scanned as f64 / queries / all.len() as f64,
+            shards: shards_asked as f64 / queries,
+            recall: hits as f64 / (sample.len() * k) as f64,
+            mean_ms: times.iter().sum::<f64>() / times.len() as f64,
+            p99_ms: times[(times.len() * 99 / 100).min(times.len() - 1)],
+        });
     }
     Ok(rows)
 }

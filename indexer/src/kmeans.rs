@@ -1,11 +1,10 @@
 //! Spherical k-means with k-means++ seeding and a fixed seed: splits L2-normalised vectors
-//! into shards by direction. Deterministic: the same vectors and seed give the same
+//! into shards by direction, and each shard into fine clusters. Deterministic: the same vectors and seed give the same
 //! centroids and assignment (assignment runs in parallel, sums run in a fixed order).
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
-
 /// The outcome of a k-means run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Clustering {
@@ -17,9 +16,7 @@ pub struct Clustering {
     pub iterations: usize,
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+use simq_consul::routing::dot;
 
 fn normalize(v: &mut [f32]) {
     let n = dot(v, v).sqrt();

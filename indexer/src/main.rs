@@ -12,9 +12,10 @@ use simq_indexer::eval::{recall, DgDir};
 
 /// Builds index generations ("dg") of a query corpus and rolls them out.
 ///
-/// A dg is a directory named by its content address: one LMDB file per shard (an arroy
-/// index plus the id -> text table) and manifest.json (model id, dims, centroids, and
-/// each shard's sha256, size and item count). Building the same corpus with the same
+/// A dg is a directory named by its content address: one LMDB file per shard (one arroy
+/// index per fine cluster plus the id -> text table), centroids.f32 (the fine clusters'
+/// centroids) and manifest.json (model id, dims, the shard of each cluster, the
+/// centroids' sha256, and each shard's sha256, size and item count). Building the same corpus with the same
 /// model and options gives byte-identical files and the same dg id.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
@@ -26,7 +27,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Build a dg from a corpus file: validate and de-duplicate texts, embed them, split
-    /// them into shards by k-means, index each shard, write the manifest.
+    /// them into shards by k-means and each shard into fine clusters, index each cluster,
+    /// write the centroids and the manifest.
     ///
     /// Corpus formats: one text per line (any extension), TSV with a header row (.tsv,
     /// text column named by --column), JSON lines (.jsonl, text field named by --column).
@@ -34,8 +36,9 @@ enum Command {
     /// JSON, short TSV rows) are listed as FILE:LINE: REASON and stop the build unless
     /// --skip-bad-lines is given. Prints the dg id and the output directory.
     Build(BuildArgs),
-    /// Measure recall@k of the sharded path against exact search, for several nprobe and
-    /// search_k values, with per-query latency.
+    /// Measure recall@k of the sharded path against exact search for several nprobe
+    /// (fine clusters probed per query), with the share of the corpus scanned and the
+    /// per-query latency.
     Eval(EvalArgs),
     /// Publish a built dg: shard files into the blob store (named by sha256), the manifest
     /// into Consul KV (<prefix>dg/<dg>/manifest). Idempotent: says "unchanged" the second time.
@@ -161,9 +164,11 @@ struct BuildArgs {
     /// Number of shards (k of k-means).
     #[arg(long, default_value_t = 8)]
     shards: usize,
-    /// arroy trees per shard: more trees, better recall, bigger files.
-    #[arg(long, default_value_t = 64)]
-    n_trees: usize,
+    /// Fine clusters over the whole corpus (spread over the shards by size). A query
+    /// probes the nearest few; about 150 items per cluster suit 384-dim embeddings
+    /// (indexer/BENCH.md).
+    #[arg(long, default_value_t = 1024)]
+    clusters: usize,
     /// Seed of k-means++ and of the arroy build.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -189,12 +194,9 @@ struct EvalArgs {
     /// Neighbours per query.
     #[arg(long, default_value_t = 10)]
     k: usize,
-    /// nprobe values to try (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
+    /// nprobe values to try (fine clusters probed per query, comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 16, 24, 32, 48, 64])]
     nprobe: Vec<usize>,
-    /// arroy search_k values to try (comma-separated; 0 = arroy's default k * n_trees).
-    #[arg(long, value_delimiter = ',', default_values_t = [0, 1000, 3000, 10000])]
-    search_k: Vec<usize>,
     /// Also write the table as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -451,7 +453,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
     let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
     let opts = BuildOptions {
         shards: args.shards,
-        n_trees: args.n_trees,
+        clusters: args.clusters,
         seed: args.seed,
         kmeans_iterations: args.kmeans_iterations,
         embed_chunk: 256,
@@ -503,30 +505,30 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let dg = DgDir::open(&args.dg_dir)?;
-    let rows = recall(&dg, args.queries, args.k, &args.nprobe, &args.search_k)?;
+    let rows = recall(&dg, args.queries, args.k, &args.nprobe)?;
     println!(
-        "dg {} ({} items, {} shards, {} trees), {} queries, recall@{}",
+        "dg {} ({} items, {} shards, {} clusters), {} queries, recall@{}",
         dg.manifest.dg,
         dg.manifest.items,
         dg.manifest.shards.len(),
-        dg.manifest.build.n_trees,
+        dg.map.clusters(),
         args.queries,
         args.k
     );
     println!(
-        "| nprobe | search_k | recall@{} | mean ms | p99 ms |",
+        "| nprobe | corpus scanned | shards asked | recall@{} | mean ms | p99 ms |",
         args.k
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
-        let sk = if r.search_k == 0 {
-            "default".to_string()
-        } else {
-            r.search_k.to_string()
-        };
         println!(
-            "| {} | {} | {:.4} | {:.2} | {:.2} |",
-            r.nprobe, sk, r.recall, r.mean_ms, r.p99_ms
+            "| {} | {:.2} % | {:.2} | {:.4} | {:.2} | {:.2} |",
+            r.nprobe,
+            r.scanned * 100.0,
+            r.shards,
+            r.recall,
+            r.mean_ms,
+            r.p99_ms
         );
     }
     if let Some(path) = args.json {

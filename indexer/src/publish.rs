@@ -1,5 +1,6 @@
-//! `indexer publish`: shard files into the blob store by sha256, the manifest into Consul
-//! KV. Idempotent: publishing the same dg again changes nothing and says so.
+//! `indexer publish`: shard files into the blob store by sha256, the centroid chunks and
+//! then the manifest into Consul KV. Idempotent: publishing the same dg again changes
+//! nothing and says so. The manifest goes last, so a reader that finds it finds the rest.
 
 use std::path::Path;
 
@@ -8,6 +9,7 @@ use simq_consul::{ConsulClient, KvLayout, Manifest};
 
 use crate::blobs::{BlobStore, Put};
 use crate::build::shard_file_name;
+use crate::eval::read_centroids;
 
 /// What publishing did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,12 +20,17 @@ pub struct PublishReport {
     pub blobs_repaired: usize,
     /// False when Consul already held this exact manifest.
     pub manifest_written: bool,
+    /// Centroid chunks written (0 when all were there).
+    pub chunks_written: usize,
 }
 
 impl PublishReport {
     /// True when nothing had to change.
     pub fn unchanged(&self) -> bool {
-        self.blobs_added == 0 && self.blobs_repaired == 0 && !self.manifest_written
+        self.blobs_added == 0
+            && self.blobs_repaired == 0
+            && !self.manifest_written
+            && self.chunks_written == 0
     }
 }
 
@@ -52,6 +59,7 @@ pub async fn publish(
         blobs_present: 0,
         blobs_repaired: 0,
         manifest_written: false,
+        chunks_written: 0,
     };
     for entry in &manifest.shards {
         let file = dg_dir.join(shard_file_name(entry.shard as usize));
@@ -61,24 +69,43 @@ pub async fn publish(
             Put::Repaired => report.blobs_repaired += 1,
         }
     }
+    // The centroids are checked against the manifest before anything reaches Consul.
+    let centroids = read_centroids(dg_dir, &manifest)?.to_bytes();
+    for (i, chunk) in simq_consul::routing::chunks(&centroids).enumerate() {
+        let key = layout.centroid_chunk(&manifest.dg, i);
+        if put_once(consul, &key, chunk, |existing| existing == chunk).await? {
+            report.chunks_written += 1;
+        }
+    }
     let key = layout.manifest(&manifest.dg);
+    report.manifest_written = put_once(consul, &key, &bytes, |existing| {
+        serde_json::from_slice::<Manifest>(existing).is_ok_and(|m| m == manifest)
+    })
+    .await?;
+    Ok(report)
+}
+
+/// Create `key` with `bytes` unless it exists; an existing value must be `same`. True when
+/// this call wrote it. Content-addressed keys never change, so a different value means a
+/// hand edit.
+async fn put_once(
+    consul: &ConsulClient,
+    key: &str,
+    bytes: &[u8],
+    same: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<bool> {
     for _ in 0..3 {
-        match consul.kv_get(&key, None).await?.value {
+        match consul.kv_get(key, None).await?.value {
             Some(existing) => {
-                let same = existing.value == bytes
-                    || serde_json::from_slice::<Manifest>(&existing.value)
-                        .map(|m| m == manifest)
-                        .unwrap_or(false);
-                if !same {
-                    bail!("{key} holds a different manifest for the same dg id: the KV entry was edited by hand; delete it and publish again");
+                if existing.value != bytes && !same(&existing.value) {
+                    bail!("{key} holds a different value for the same dg id: the KV entry was edited by hand; delete it and publish again");
                 }
-                return Ok(report);
+                return Ok(false);
             }
             None => {
                 // Create-only: a concurrent publisher of the same dg writes the same bytes.
-                if consul.kv_cas(&key, &bytes, 0).await? {
-                    report.manifest_written = true;
-                    return Ok(report);
+                if consul.kv_cas(key, bytes, 0).await? {
+                    return Ok(true);
                 }
             }
         }

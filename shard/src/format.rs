@@ -1,39 +1,52 @@
-//! The shard file: one compact LMDB file holding an arroy index and the id -> text table
-//! of one shard of one index generation.
+//! The shard file: one compact LMDB file holding the fine clusters of one shard of one
+//! index generation, each as its own arroy index, and the id -> text table.
 //!
 //! Databases inside the file:
-//! - `arroy`: the arroy index (index 0, cosine distance) over the shard's vectors;
+//! - `arroy`: one arroy index per cluster (index id = the dg-wide cluster number, cosine
+//!   distance) over the cluster's vectors;
 //! - `texts`: item id (u32, big-endian) -> the query text;
-//! - `meta`:  key `shard` -> [`ShardMeta`] as JSON (format version, dims, model id, ...).
+//! - `meta`:  key `shard` -> [`ShardMeta`] as JSON (format version, dims, model id,
+//!   clusters, ...).
 //!
-//! Same inputs give the same bytes (one rayon thread, fixed seed, trees and map size), so
-//! a file's sha256 is a stable content address. Files are opened read-only and never
-//! modified in place: readers map them.
+//! A query searches only the clusters the balancer asks for. Clusters hold about a hundred
+//! items, so each index is one arroy leaf ("descendants" node) and a search of it is
+//! exact: the approximation lives in which clusters are probed, as in an IVF index. Same
+//! inputs give the same bytes (one rayon thread, fixed seed and map size), so a file's
+//! sha256 is a stable content address. Files are opened read-only and never modified in
+//! place: readers map them.
 
-use std::num::NonZeroUsize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use arroy::distances::Cosine;
 use heed::byteorder::BigEndian;
 use heed::types::{Str, U32};
-use heed::{CommitOrAbort, CompactionOption, Env, EnvFlags, EnvOpenOptions};
+use heed::{CommitOrAbort, CompactionOption, Env, EnvFlags, EnvOpenOptions, RoTxn};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Version of the shard file layout; readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the shard file layout; readers refuse other versions. 2: one arroy index
+/// per fine cluster (1 held one index for the whole shard).
+pub const FORMAT_VERSION: u32 = 2;
 const ARROY_DB: &str = "arroy";
 const TEXTS_DB: &str = "texts";
 const META_DB: &str = "meta";
 const META_KEY: &str = "shard";
-const ARROY_INDEX: u16 = 0;
 
 type ArroyDb = arroy::Database<'static, Cosine>;
 type TextsDb = heed::Database<'static, U32<BigEndian>, Str>;
 type MetaDb = heed::Database<'static, Str, Str>;
+
+/// One cluster of a shard file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    /// The dg-wide cluster number, also its arroy index id.
+    pub id: u32,
+    pub items: u64,
+}
 
 /// What a shard file says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,14 +60,14 @@ pub struct ShardMeta {
     pub items: u64,
     /// Model id of the embedder that made the vectors.
     pub model_id: String,
-    pub n_trees: usize,
     pub seed: u64,
+    /// The clusters in this file, by cluster number.
+    pub clusters: Vec<ClusterMeta>,
 }
 
 /// Parameters of a shard build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildParams {
-    pub n_trees: usize,
     pub seed: u64,
 }
 
@@ -64,6 +77,14 @@ pub struct Item<'a> {
     pub id: u32,
     pub text: &'a str,
     pub vector: &'a [f32],
+}
+
+/// The items of one fine cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterItems<'a> {
+    /// The dg-wide cluster number (< 65536: arroy index ids are u16).
+    pub id: u32,
+    pub items: Vec<Item<'a>>,
 }
 
 /// A search hit.
@@ -77,10 +98,11 @@ pub struct Hit {
 
 /// LMDB map size for a build: a deterministic function of the data (LMDB records the
 /// map size in the file, so it must not vary between builds of the same inputs).
-fn map_size_for(items: usize, dims: usize, text_bytes: usize) -> usize {
+fn map_size_for(items: usize, dims: usize, text_bytes: usize, clusters: usize) -> usize {
     const MIB: usize = 1 << 20;
-    // Vectors are stored once as items and again inside split nodes and leaves; texts once.
-    let estimate = items * dims * 4 * 6 + text_bytes * 2 + 64 * MIB;
+    // Vectors once as items, descendant bitmaps and metadata per cluster, texts once;
+    // doubled for LMDB's copy-on-write pages.
+    let estimate = (items * (dims * 4 + 64) + text_bytes + clusters * 4096) * 2 + 64 * MIB;
     estimate.div_ceil(64 * MIB) * 64 * MIB
 }
 
@@ -91,24 +113,43 @@ fn lmdb(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Build a shard file at `out` (replaced if it exists) from `items`.
+fn arroy_index(cluster: u32, path: &Path) -> Result<u16> {
+    u16::try_from(cluster).map_err(|_| Error::InvalidInput {
+        reason: format!(
+            "cluster {cluster} in {}: cluster numbers must be below 65536",
+            path.display()
+        ),
+    })
+}
+
+/// Build a shard file at `out` (replaced if it exists) from its clusters.
 ///
-/// Runs the arroy build on one rayon thread: multi-threaded builds are not
-/// byte-reproducible. Parallelism comes from building several shards at once.
+/// Runs arroy on one rayon thread: multi-threaded builds are not byte-reproducible.
+/// Parallelism comes from building several shards at once.
 pub fn build_shard(
     out: &Path,
     meta_shard: u32,
     dims: usize,
     model_id: &str,
-    items: &[Item<'_>],
+    clusters: &[ClusterItems<'_>],
     params: BuildParams,
 ) -> Result<()> {
-    if items.is_empty() {
+    let items: usize = clusters.iter().map(|c| c.items.len()).sum();
+    if items == 0 {
         return Err(Error::InvalidInput {
             reason: format!("shard {meta_shard} has no items"),
         });
     }
-    if let Some(bad) = items.iter().find(|i| i.vector.len() != dims) {
+    if let Some(c) = clusters.iter().find(|c| c.items.is_empty()) {
+        return Err(Error::InvalidInput {
+            reason: format!("cluster {} of shard {meta_shard} has no items", c.id),
+        });
+    }
+    if let Some(bad) = clusters
+        .iter()
+        .flat_map(|c| &c.items)
+        .find(|i| i.vector.len() != dims)
+    {
         return Err(Error::InvalidInput {
             reason: format!(
                 "item {} has {} dims, expected {dims}",
@@ -121,10 +162,14 @@ pub fn build_shard(
         .prefix(".shard-build-")
         .tempdir_in(out.parent().unwrap_or(Path::new(".")))
         .map_err(|e| lmdb(out, e))?;
-    let text_bytes: usize = items.iter().map(|i| i.text.len()).sum();
+    let text_bytes: usize = clusters
+        .iter()
+        .flat_map(|c| &c.items)
+        .map(|i| i.text.len())
+        .sum();
     let env = unsafe {
         EnvOpenOptions::new()
-            .map_size(map_size_for(items.len(), dims, text_bytes))
+            .map_size(map_size_for(items, dims, text_bytes, clusters.len()))
             .max_dbs(4)
             .open(work.path())
     }
@@ -134,39 +179,57 @@ pub fn build_shard(
     let texts_db: TextsDb = create_db(&env, TEXTS_DB, work.path())?;
     let meta_db: MetaDb = create_db(&env, META_DB, work.path())?;
 
-    let mut wtxn = env.write_txn().map_err(|e| lmdb(work.path(), e))?;
-    let mut writer = arroy::Writer::<Cosine>::new(arroy_db, ARROY_INDEX, dims);
-    // arroy's temporary files go beside the build, not to /tmp.
-    writer.set_tmpdir(work.path());
-    for item in items {
-        writer
-            .add_item(&mut wtxn, item.id, item.vector)
-            .map_err(|e| lmdb(work.path(), e))?;
-        texts_db
-            .put(&mut wtxn, &item.id, item.text)
-            .map_err(|e| lmdb(work.path(), e))?;
-    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .map_err(|e| lmdb(work.path(), e))?;
     let mut rng = StdRng::seed_from_u64(params.seed);
-    pool.install(|| {
-        writer
-            .builder(&mut rng)
-            .n_trees(params.n_trees)
-            .build(&mut wtxn)
-    })
-    .map_err(|e| lmdb(work.path(), e))?;
+    let mut wtxn = env.write_txn().map_err(|e| lmdb(work.path(), e))?;
+    let mut metas = Vec::with_capacity(clusters.len());
+    for cluster in clusters {
+        let index = arroy_index(cluster.id, out)?;
+        let writer = arroy::Writer::<Cosine>::new(arroy_db, index, dims);
+        // arroy's temporary files go beside the build, not to /tmp.
+        let mut writer = writer;
+        writer.set_tmpdir(work.path());
+        for item in &cluster.items {
+            writer
+                .add_item(&mut wtxn, item.id, item.vector)
+                .map_err(|e| lmdb(work.path(), e))?;
+            texts_db
+                .put(&mut wtxn, &item.id, item.text)
+                .map_err(|e| lmdb(work.path(), e))?;
+        }
+        // One tree whose root holds every item: a search of the cluster is exact.
+        let split_after = cluster.items.len().max(dims);
+        pool.install(|| {
+            writer
+                .builder(&mut rng)
+                .n_trees(1)
+                .split_after(split_after)
+                .build(&mut wtxn)
+        })
+        .map_err(|e| lmdb(work.path(), e))?;
+        metas.push(ClusterMeta {
+            id: cluster.id,
+            items: cluster.items.len() as u64,
+        });
+    }
+    metas.sort_by_key(|c| c.id);
+    if metas.windows(2).any(|w| w[0].id == w[1].id) {
+        return Err(Error::InvalidInput {
+            reason: format!("shard {meta_shard} lists a cluster twice"),
+        });
+    }
     let meta = ShardMeta {
         format_version: FORMAT_VERSION,
         shard: meta_shard,
         dims,
         distance: "cosine".into(),
-        items: items.len() as u64,
+        items: items as u64,
         model_id: model_id.to_string(),
-        n_trees: params.n_trees,
         seed: params.seed,
+        clusters: metas,
     };
     let meta_json = serde_json::to_string(&meta).expect("meta serialises");
     meta_db
@@ -205,6 +268,8 @@ pub struct ShardFile {
     arroy_db: ArroyDb,
     texts_db: TextsDb,
     meta: ShardMeta,
+    /// Cluster number -> items, for request checks.
+    clusters: BTreeMap<u32, u64>,
 }
 
 impl ShardFile {
@@ -223,10 +288,11 @@ impl ShardFile {
                 .open(path)
         }
         .map_err(|e| lmdb(path, e))?;
-        let missing = |what: &str| Error::NotAShard {
+        let not_a_shard = |reason: String| Error::NotAShard {
             path: path.to_path_buf(),
-            reason: format!("database {what:?} is missing"),
+            reason,
         };
+        let missing = |what: &str| not_a_shard(format!("database {what:?} is missing"));
         let arroy_db: ArroyDb = open_db(&env, ARROY_DB, path)?.ok_or_else(|| missing(ARROY_DB))?;
         let texts_db: TextsDb = open_db(&env, TEXTS_DB, path)?.ok_or_else(|| missing(TEXTS_DB))?;
         let meta_db: MetaDb = open_db(&env, META_DB, path)?.ok_or_else(|| missing(META_DB))?;
@@ -235,35 +301,42 @@ impl ShardFile {
             .get(&rtxn, META_KEY)
             .map_err(|e| lmdb(path, e))?
             .ok_or_else(|| missing("meta/shard"))?;
-        let meta: ShardMeta = serde_json::from_str(meta_json).map_err(|e| Error::NotAShard {
-            path: path.to_path_buf(),
-            reason: format!("shard meta is not valid: {e}"),
-        })?;
-        if meta.format_version != FORMAT_VERSION {
-            return Err(Error::NotAShard {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "format version {} (this build reads {FORMAT_VERSION})",
-                    meta.format_version
-                ),
-            });
+        // The version first, so an old file says so instead of failing on a field.
+        let version = serde_json::from_str::<serde_json::Value>(meta_json)
+            .ok()
+            .and_then(|v| v.get("format_version")?.as_u64());
+        if version != Some(FORMAT_VERSION as u64) {
+            return Err(not_a_shard(format!(
+                "format version {} (this build reads {FORMAT_VERSION}); rebuild the dg with this simq-indexer",
+                version.map_or("unknown".to_string(), |v| v.to_string())
+            )));
         }
-        // The index must open with the dims the meta claims.
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, arroy_db)
-            .map_err(|e| lmdb(path, e))?;
-        if reader.dimensions() != meta.dims || reader.n_items() != meta.items {
-            return Err(Error::NotAShard {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "index has {} items of {} dims, meta says {} of {}",
+        let meta: ShardMeta = serde_json::from_str(meta_json)
+            .map_err(|e| not_a_shard(format!("shard meta is not valid: {e}")))?;
+        // Every cluster must open with the dims and item count the meta claims.
+        let mut clusters = BTreeMap::new();
+        for c in &meta.clusters {
+            let reader = arroy::Reader::<Cosine>::open(&rtxn, arroy_index(c.id, path)?, arroy_db)
+                .map_err(|e| not_a_shard(format!("cluster {}: {e}", c.id)))?;
+            if reader.dimensions() != meta.dims || reader.n_items() != c.items {
+                return Err(not_a_shard(format!(
+                    "cluster {} has {} items of {} dims, meta says {} of {}",
+                    c.id,
                     reader.n_items(),
                     reader.dimensions(),
-                    meta.items,
+                    c.items,
                     meta.dims
-                ),
-            });
+                )));
+            }
+            clusters.insert(c.id, c.items);
         }
-        drop(reader);
+        let total: u64 = clusters.values().sum();
+        if total != meta.items || clusters.len() != meta.clusters.len() {
+            return Err(not_a_shard(format!(
+                "clusters hold {total} items, meta says {}",
+                meta.items
+            )));
+        }
         drop(rtxn);
         Ok(Self {
             path: path.to_path_buf(),
@@ -271,6 +344,7 @@ impl ShardFile {
             arroy_db,
             texts_db,
             meta,
+            clusters,
         })
     }
 
@@ -282,9 +356,20 @@ impl ShardFile {
         &self.path
     }
 
-    /// The `k` nearest items to `vector`. `search_k` is arroy's number of nodes to visit
-    /// (None: arroy's default, k * n_trees).
-    pub fn search(&self, vector: &[f32], k: usize, search_k: Option<usize>) -> Result<Vec<Hit>> {
+    /// Does this file hold `cluster`?
+    pub fn has_cluster(&self, cluster: u32) -> bool {
+        self.clusters.contains_key(&cluster)
+    }
+
+    fn reader<'t>(&self, rtxn: &'t RoTxn, cluster: u32) -> Result<arroy::Reader<'t, Cosine>> {
+        let index = arroy_index(cluster, &self.path)?;
+        arroy::Reader::open(rtxn, index, self.arroy_db).map_err(|e| lmdb(&self.path, e))
+    }
+
+    /// The `k` nearest items to `vector` among the given clusters (every cluster of the
+    /// file when `clusters` is empty). Asking for a cluster the file does not hold is an
+    /// error: the caller routes with another dg's map.
+    pub fn search(&self, vector: &[f32], k: usize, clusters: &[u32]) -> Result<Vec<Hit>> {
         if vector.len() != self.meta.dims {
             return Err(Error::InvalidInput {
                 reason: format!(
@@ -294,16 +379,33 @@ impl ShardFile {
                 ),
             });
         }
-        let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db)
-            .map_err(|e| lmdb(&self.path, e))?;
-        let mut query = reader.nns(k.max(1));
-        if let Some(sk) = search_k.and_then(NonZeroUsize::new) {
-            query.search_k(sk);
+        if let Some(c) = clusters.iter().find(|c| !self.has_cluster(**c)) {
+            return Err(Error::InvalidInput {
+                reason: format!("shard {} holds no cluster {c}", self.meta.shard),
+            });
         }
-        let found = query
-            .by_vector(&rtxn, vector)
-            .map_err(|e| lmdb(&self.path, e))?;
+        let all: Vec<u32>;
+        let clusters = if clusters.is_empty() {
+            all = self.clusters.keys().copied().collect();
+            &all
+        } else {
+            clusters
+        };
+        let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
+        let k = k.max(1);
+        let mut found: Vec<(u32, f32)> = Vec::with_capacity(k * clusters.len());
+        for &cluster in clusters {
+            let reader = self.reader(&rtxn, cluster)?;
+            found.extend(
+                reader
+                    .nns(k)
+                    .by_vector(&rtxn, vector)
+                    .map_err(|e| lmdb(&self.path, e))?,
+            );
+        }
+        found.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        found.dedup_by_key(|h| h.0);
+        found.truncate(k);
         let mut hits = Vec::with_capacity(found.len());
         for (id, distance) in found {
             let text = self
@@ -322,30 +424,36 @@ impl ShardFile {
         Ok(hits)
     }
 
-    /// Every item's id and vector, in id order (for evaluation and self-tests).
-    pub fn vectors(&self) -> Result<Vec<(u32, Vec<f32>)>> {
+    /// Every item's id, cluster and vector, in id order (for evaluation and self-tests).
+    pub fn vectors(&self) -> Result<Vec<(u32, u32, Vec<f32>)>> {
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db)
-            .map_err(|e| lmdb(&self.path, e))?;
-        let mut out = Vec::with_capacity(reader.n_items() as usize);
-        for item in reader.iter(&rtxn).map_err(|e| lmdb(&self.path, e))? {
-            let (id, v) = item.map_err(|e| lmdb(&self.path, e))?;
-            out.push((id, v));
+        let mut out = Vec::with_capacity(self.meta.items as usize);
+        for &cluster in self.clusters.keys() {
+            let reader = self.reader(&rtxn, cluster)?;
+            for item in reader.iter(&rtxn).map_err(|e| lmdb(&self.path, e))? {
+                let (id, v) = item.map_err(|e| lmdb(&self.path, e))?;
+                out.push((id, cluster, v));
+            }
         }
+        out.sort_by_key(|(id, _, _)| *id);
         Ok(out)
     }
 
-    /// Self-test: up to `samples` stored items, spread over the id range, must each find
-    /// themselves (or an identical vector) among their 10 nearest neighbours.
+    /// Self-test: up to `samples` stored items, spread over the clusters, must each find
+    /// themselves (or an identical vector) among their 10 nearest neighbours in their
+    /// cluster, and have a text.
     pub fn self_test(&self, samples: usize) -> Result<SelfTest> {
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
-        let reader = arroy::Reader::<Cosine>::open(&rtxn, ARROY_INDEX, self.arroy_db)
-            .map_err(|e| lmdb(&self.path, e))?;
-        let ids: Vec<u32> = reader.item_ids().iter().collect();
-        let step = (ids.len() / samples.max(1)).max(1);
+        let mut all: Vec<(u32, u32)> = Vec::with_capacity(self.meta.items as usize);
+        for &cluster in self.clusters.keys() {
+            let reader = self.reader(&rtxn, cluster)?;
+            all.extend(reader.item_ids().iter().map(|id| (cluster, id)));
+        }
+        let step = (all.len() / samples.max(1)).max(1);
         let mut tested = 0;
         let mut found = 0;
-        for &id in ids.iter().step_by(step).take(samples) {
+        for &(cluster, id) in all.iter().step_by(step).take(samples) {
+            let reader = self.reader(&rtxn, cluster)?;
             let v = reader
                 .item_vector(&rtxn, id)
                 .map_err(|e| lmdb(&self.path, e))?
@@ -423,30 +531,28 @@ mod tests {
             .collect()
     }
 
+    /// Items 1000.. in clusters 7 (even positions) and 9 (odd positions).
     fn build(dir: &Path, name: &str, vs: &[Vec<f32>]) -> PathBuf {
         let texts: Vec<String> = (0..vs.len()).map(|i| format!("query {i}")).collect();
-        let items: Vec<Item> = vs
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Item {
+        let mut clusters = vec![
+            ClusterItems {
+                id: 7,
+                items: Vec::new(),
+            },
+            ClusterItems {
+                id: 9,
+                items: Vec::new(),
+            },
+        ];
+        for (i, v) in vs.iter().enumerate() {
+            clusters[i % 2].items.push(Item {
                 id: 1000 + i as u32,
                 text: &texts[i],
                 vector: v,
-            })
-            .collect();
+            });
+        }
         let out = dir.join(name);
-        build_shard(
-            &out,
-            3,
-            16,
-            "test-model",
-            &items,
-            BuildParams {
-                n_trees: 4,
-                seed: 7,
-            },
-        )
-        .unwrap();
+        build_shard(&out, 3, 16, "test-model", &clusters, BuildParams { seed: 7 }).unwrap();
         out
     }
 
@@ -463,33 +569,65 @@ mod tests {
     }
 
     #[test]
-    fn stored_items_find_themselves_with_cosine_scores() {
+    fn search_is_exact_within_the_asked_clusters() {
         let dir = tempfile::tempdir().unwrap();
         let vs = vectors(200, 16, 3);
         let shard = ShardFile::open(&build(dir.path(), "s.lmdb", &vs)).unwrap();
         assert_eq!(shard.meta().items, 200);
         assert_eq!(shard.meta().shard, 3);
         assert_eq!(shard.meta().model_id, "test-model");
-        let hits = shard.search(&vs[42], 5, None).unwrap();
+        assert_eq!(
+            shard.meta().clusters,
+            vec![ClusterMeta { id: 7, items: 100 }, ClusterMeta { id: 9, items: 100 }]
+        );
+        // Item 42 is in cluster 7: found there, first, with score 1.
+        let hits = shard.search(&vs[42], 5, &[7]).unwrap();
         assert_eq!(hits[0].id, 1042);
         assert_eq!(hits[0].text, "query 42");
-        assert!(
-            (hits[0].score - 1.0).abs() < 1e-4,
-            "self score {}",
-            hits[0].score
-        );
+        assert!((hits[0].score - 1.0).abs() < 1e-4, "self score {}", hits[0].score);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        // Exact: the same top 5 as a brute-force scan of cluster 7.
+        let mut exact: Vec<(u32, f32)> = (0..200)
+            .step_by(2)
+            .map(|i| (1000 + i as u32, vs[i].iter().zip(&vs[42]).map(|(a, b)| a * b).sum()))
+            .collect();
+        exact.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let ids: Vec<u32> = hits.iter().map(|h| h.id).collect();
+        assert_eq!(ids, exact[..5].iter().map(|e| e.0).collect::<Vec<_>>());
+        // Cluster 9 does not hold it; all clusters do.
+        assert!(shard.search(&vs[42], 5, &[9]).unwrap().iter().all(|h| h.id % 2 == 1));
+        assert_eq!(shard.search(&vs[42], 1, &[]).unwrap()[0].id, 1042);
         let t = shard.self_test(50).unwrap();
         assert_eq!(t.tested, 50);
         assert!(t.passed(), "{t:?}");
     }
 
     #[test]
+    fn a_cluster_the_file_does_not_hold_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = vectors(20, 16, 4);
+        let shard = ShardFile::open(&build(dir.path(), "s.lmdb", &vs)).unwrap();
+        let err = shard.search(&vs[0], 5, &[7, 8]).unwrap_err().to_string();
+        assert!(err.contains("holds no cluster 8"), "{err}");
+    }
+
+    #[test]
     fn wrong_dims_query_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let shard = ShardFile::open(&build(dir.path(), "s.lmdb", &vectors(20, 16, 4))).unwrap();
-        let err = shard.search(&[0.0; 8], 5, None).unwrap_err().to_string();
+        let err = shard.search(&[0.0; 8], 5, &[]).unwrap_err().to_string();
         assert!(err.contains("8 dims") && err.contains("16"), "{err}");
+    }
+
+    #[test]
+    fn vectors_lists_every_item_with_its_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = vectors(10, 16, 5);
+        let shard = ShardFile::open(&build(dir.path(), "s.lmdb", &vs)).unwrap();
+        let all = shard.vectors().unwrap();
+        assert_eq!(all.len(), 10);
+        assert_eq!((all[3].0, all[3].1), (1003, 9));
+        assert_eq!(all[4].2, vs[4]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! simq-shard: the shard file format and the shard search service's parts.
 //!
-//! - [`format`]: one compact LMDB file per shard holding an arroy index and the id -> text
+//! - [`format`]: one compact LMDB file per shard holding one arroy index per fine cluster and the id -> text
 //!   table; written by `indexer build`, read by the shard service. Byte-reproducible.
 //! - [`verify`]: what a shard instance checks before it reports healthy.
 //! - [`server`]: the gRPC search service; [`proto`]: its contract (`proto/shard.proto`).
@@ -17,4 +17,6 @@ pub mod proto {
 }
 
 pub use error::{Error, Result};
-pub use format::{build_shard, BuildParams, Hit, Item, SelfTest, ShardFile, ShardMeta};
+pub use format::{
+    build_shard, BuildParams, ClusterItems, ClusterMeta, Hit, Item, SelfTest, ShardFile, ShardMeta,
+};

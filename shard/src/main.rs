@@ -10,17 +10,20 @@ use anyhow::Context;
 use clap::Parser;
 use simq_consul::service::{init_logging, serve_ops, Shutdown};
 use simq_shard::proto::shard_server::ShardServer;
-use simq_shard::server::{SearchLimits, ShardMetrics, ShardService};
+use simq_shard::server::{SearchLimits, SearchPool, ShardMetrics, ShardService};
 use simq_shard::verify::{verify, Expected};
 
 /// Serves nearest-neighbour search over one shard file of one index generation (dg).
 ///
-/// The shard file is one LMDB file holding an arroy index and the id -> text table, as
-/// written by `simq-indexer build`. Before serving, the instance checks that the file's
+/// The shard file is one LMDB file holding one arroy index per fine cluster and the id ->
+/// text table, as written by `simq-indexer build`; a search covers only the clusters the
+/// balancer asks for. Before serving, the instance checks that the file's
 /// sha256 is the content address it was given, that the file is the expected shard,
 /// built by the expected model with the expected dims, and that sampled stored items
-/// find themselves. Until then /health answers 503; if a check fails the process exits
-/// with status 2 and the reason on stderr (so a Nomad canary fails fast).
+/// find themselves. Verification runs at a lower CPU priority (nice 10) so that a rollout
+/// does not starve the shards already serving on the same cores. Until then /health
+/// answers 503; if a check fails the process exits with status 2 and the reason on stderr
+/// (so a Nomad canary fails fast).
 ///
 /// gRPC: simq.shard.v1.Shard/Search and /Info (shard/proto/shard.proto).
 /// HTTP: GET /health and GET /metrics. Stops cleanly on SIGTERM or SIGINT.
@@ -48,9 +51,13 @@ struct Args {
     /// Stored items the start-up self-test searches for.
     #[arg(long, default_value_t = 200)]
     self_test_samples: usize,
-    /// arroy search_k for requests that send 0 (0: arroy's default, k * n_trees).
-    #[arg(long, default_value_t = 0)]
-    default_search_k: usize,
+    /// Threads that run searches at once.
+    #[arg(long, default_value_t = 2)]
+    search_threads: usize,
+    /// Searches that may wait for a thread; beyond them requests are refused at once
+    /// (RESOURCE_EXHAUSTED) and the balancer asks another replica.
+    #[arg(long, default_value_t = 64)]
+    max_waiting_searches: usize,
     /// gRPC listen address.
     #[arg(long, default_value = "127.0.0.1:7101")]
     grpc_listen: SocketAddr,
@@ -100,7 +107,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         self_test_samples: args.self_test_samples,
     };
     let path = args.file.clone();
-    let (file, test) = tokio::task::spawn_blocking(move || verify(&path, &expected))
+    let (done, verified) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("verify".into())
+        .spawn(move || {
+            lower_priority();
+            let _ = done.send(verify(&path, &expected));
+        })?;
+    let (file, test) = verified
         .await?
         .with_context(|| format!("shard {} of dg {} is not servable", args.shard, args.dg))?;
     let items = file.meta().items;
@@ -119,10 +133,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         file: Arc::new(file),
         dg: args.dg,
         sha256: args.sha256,
-        limits: SearchLimits {
-            default_search_k: args.default_search_k,
-            ..SearchLimits::default()
-        },
+        limits: SearchLimits::default(),
+        pool: SearchPool::new(
+            args.search_threads,
+            args.max_waiting_searches,
+            metrics.waiting.clone(),
+        ),
         metrics,
     };
     let grpc_server = tonic::transport::Server::builder()
@@ -142,4 +158,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Nice 10 for the calling thread (Linux: nice values are per thread), so that checking a
+/// new shard file yields the CPU to searches of shards that already serve.
+fn lower_priority() {
+    // SAFETY: setpriority only reads its arguments; `0` names the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not lower the verification priority");
+    }
 }

@@ -1,9 +1,13 @@
-//! The gRPC search service over one verified shard file.
+//! The gRPC search service over one verified shard file. Searches run in a bounded pool
+//! ([`SearchPool`]); a caller that goes away (or whose `grpc-timeout` passes: tonic drops
+//! the handler) before its search starts costs nothing.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::format::ShardFile;
@@ -13,18 +17,85 @@ use crate::proto;
 #[derive(Debug, Clone, Copy)]
 pub struct SearchLimits {
     pub max_k: usize,
-    pub max_search_k: usize,
-    /// search_k used when a request sends 0.
-    pub default_search_k: usize,
+    /// Clusters one request may name.
+    pub max_clusters: usize,
 }
 
 impl Default for SearchLimits {
     fn default() -> Self {
         Self {
             max_k: 100,
-            max_search_k: 100_000,
-            default_search_k: 0,
+            max_clusters: 1024,
         }
+    }
+}
+
+/// Runs searches on at most `workers` blocking threads; at most `max_waiting` more wait
+/// for one, further ones are refused at once (the balancer tries another replica).
+pub struct SearchPool {
+    workers: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    gauge: IntGauge,
+}
+
+/// Counts one waiting search; the count drops when the guard does, also when the waiting
+/// future is dropped (cancelled).
+struct Waiting {
+    count: Arc<AtomicUsize>,
+    gauge: IntGauge,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let now = self.count.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.gauge.set(now as i64);
+    }
+}
+
+impl SearchPool {
+    pub fn new(workers: usize, max_waiting: usize, gauge: IntGauge) -> Self {
+        Self {
+            workers: Arc::new(Semaphore::new(workers.max(1))),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting,
+            gauge,
+        }
+    }
+
+    /// Searches waiting for a worker now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Run `work` on a pool thread; `None` when the pool is full.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting {
+            count: self.waiting.clone(),
+            gauge: self.gauge.clone(),
+        };
+        if before >= self.max_waiting && self.workers.available_permits() == 0 {
+            return None;
+        }
+        self.gauge.set(before as i64 + 1);
+        let permit = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
+        drop(waiting);
+        // The permit moves into the thread: the bound holds even if the caller leaves now.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .ok()
     }
 }
 
@@ -33,6 +104,7 @@ impl Default for SearchLimits {
 pub struct ShardMetrics {
     pub requests: IntCounterVec,
     pub search: Histogram,
+    pub waiting: IntGauge,
 }
 
 impl ShardMetrics {
@@ -41,7 +113,7 @@ impl ShardMetrics {
             requests: IntCounterVec::new(
                 Opts::new(
                     "simq_shard_requests_total",
-                    "Search requests by outcome (ok, invalid, wrong_dg, error).",
+                    "Search requests by outcome (ok, invalid, wrong_dg, overloaded, error).",
                 ),
                 &["outcome"],
             )?,
@@ -49,9 +121,14 @@ impl ShardMetrics {
                 HistogramOpts::new("simq_shard_search_seconds", "Time to answer one search.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
             )?,
+            waiting: IntGauge::new(
+                "simq_shard_waiting_searches",
+                "Searches waiting for a pool thread.",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.search.clone()))?;
+        registry.register(Box::new(m.waiting.clone()))?;
         Ok(m)
     }
 }
@@ -63,6 +140,7 @@ pub struct ShardService {
     pub sha256: String,
     pub limits: SearchLimits,
     pub metrics: ShardMetrics,
+    pub pool: SearchPool,
 }
 
 impl ShardService {
@@ -90,10 +168,18 @@ impl ShardService {
         if req.k == 0 || req.k as usize > self.limits.max_k {
             return invalid(format!("k is {}, must be 1..={}", req.k, self.limits.max_k));
         }
-        if req.search_k as usize > self.limits.max_search_k {
+        if req.clusters.len() > self.limits.max_clusters {
             return invalid(format!(
-                "search_k is {}, at most {}",
-                req.search_k, self.limits.max_search_k
+                "{} clusters asked, at most {}",
+                req.clusters.len(),
+                self.limits.max_clusters
+            ));
+        }
+        if let Some(c) = req.clusters.iter().find(|c| !self.file.has_cluster(**c)) {
+            return invalid(format!(
+                "shard {} of dg {} holds no cluster {c}",
+                self.file.meta().shard,
+                self.dg
             ));
         }
         Ok(())
@@ -113,19 +199,14 @@ impl proto::shard_server::Shard for ShardService {
         }
         let started = Instant::now();
         let file = self.file.clone();
-        let search_k = match req.search_k {
-            0 => self.limits.default_search_k,
-            n => n as usize,
+        let search = move || file.search(&req.vector, req.k as usize, &req.clusters);
+        let Some(hits) = self.pool.run(search).await else {
+            self.metrics.requests.with_label_values(&["overloaded"]).inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} searches already wait for this shard",
+                self.pool.waiting()
+            )));
         };
-        let hits = tokio::task::spawn_blocking(move || {
-            file.search(
-                &req.vector,
-                req.k as usize,
-                (search_k > 0).then_some(search_k),
-            )
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
         self.metrics.search.observe(started.elapsed().as_secs_f64());
         match hits {
             Ok(hits) => {
@@ -163,5 +244,44 @@ impl proto::shard_server::Shard for ShardService {
             items: m.items,
             sha256: self.sha256.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_full_pool_refuses_at_once_and_a_cancelled_wait_gives_its_place_back() {
+        let pool = Arc::new(SearchPool::new(1, 1, IntGauge::new("w", "w").unwrap()));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.run(move || hold.recv().ok()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // One waits for the busy worker...
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.run(|| 1).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.waiting(), 1);
+        // ...so the next is refused at once.
+        assert_eq!(pool.run(|| 2).await, None);
+        assert_eq!(pool.waiting(), 1, "a refusal leaves no count behind");
+        // The waiter's caller goes away: its place is free again.
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(pool.waiting(), 0);
+        let queued = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.run(|| 3).await })
+        };
+        release.send(()).unwrap();
+        assert_eq!(busy.await.unwrap(), Some(Some(())));
+        assert_eq!(queued.await.unwrap(), Some(3));
+        assert_eq!(pool.waiting(), 0);
     }
 }

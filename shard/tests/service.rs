@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use simq_shard::proto::{shard_client::ShardClient, InfoRequest, SearchRequest};
-use simq_shard::{build_shard, BuildParams, Item};
+use simq_shard::{build_shard, BuildParams, ClusterItems, Item};
 
 const DIMS: usize = 32;
 
@@ -23,33 +23,31 @@ fn unit_vectors(n: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// A shard file of 300 items (ids 500..800) and its sha256.
+/// A shard file of 300 items (ids 500..800) in clusters 4 (first half) and 5, and its
+/// sha256.
 fn shard_file(dir: &Path, vectors: &[Vec<f32>]) -> (PathBuf, String) {
     let texts: Vec<String> = (0..vectors.len())
         .map(|i| format!("stored question {i}"))
         .collect();
-    let items: Vec<Item> = vectors
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Item {
+    let mut clusters = vec![
+        ClusterItems {
+            id: 4,
+            items: Vec::new(),
+        },
+        ClusterItems {
+            id: 5,
+            items: Vec::new(),
+        },
+    ];
+    for (i, v) in vectors.iter().enumerate() {
+        clusters[usize::from(i >= vectors.len() / 2)].items.push(Item {
             id: 500 + i as u32,
             text: &texts[i],
             vector: v,
-        })
-        .collect();
+        });
+    }
     let path = dir.join("shard-1.lmdb");
-    build_shard(
-        &path,
-        1,
-        DIMS,
-        "model-a",
-        &items,
-        BuildParams {
-            n_trees: 8,
-            seed: 3,
-        },
-    )
-    .unwrap();
+    build_shard(&path, 1, DIMS, "model-a", &clusters, BuildParams { seed: 3 }).unwrap();
     let sha = simq_consul::contract::sha256_file(&path).unwrap();
     (path, sha)
 }
@@ -166,8 +164,8 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
     let req = |dg: &str, k: u32, v: Vec<f32>| SearchRequest {
         vector: v,
         k,
-        search_k: 0,
         dg: dg.to_string(),
+        clusters: vec![4],
     };
     let r = c
         .search(req("dg-test", 5, vectors[7].clone()))
@@ -179,6 +177,20 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
     assert_eq!(r.hits[0].text, "stored question 7");
     assert!(r.hits[0].score > 0.999);
     assert_eq!((r.dg.as_str(), r.shard), ("dg-test", 1));
+    // Only the asked clusters are searched; a cluster the shard lacks is refused.
+    let in_five = SearchRequest {
+        clusters: vec![5],
+        ..req("dg-test", 5, vectors[7].clone())
+    };
+    let r = c.search(in_five).await.unwrap().into_inner();
+    assert!(r.hits.iter().all(|h| h.id >= 650), "{:?}", r.hits);
+    let elsewhere = SearchRequest {
+        clusters: vec![4, 6],
+        ..req("dg-test", 5, vectors[7].clone())
+    };
+    let e = c.search(elsewhere).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("holds no cluster 6"), "{}", e.message());
 
     let e = c
         .search(req("dg-other", 5, vectors[7].clone()))
@@ -206,7 +218,7 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 1"),
+        metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 2"),
         "{metrics}"
     );
     assert!(

@@ -1,0 +1,249 @@
+//! The one routing rule of simq: a query vector probes the `nprobe` clusters whose
+//! centroids are nearest, and each shard is asked for the probed clusters it holds.
+//! Used by the balancer on every query and by `indexer eval` to measure recall.
+//!
+//! The centroids of a dg are too big for one Consul value (1024 clusters x 384 dims x 4
+//! bytes = 1.5 MiB), so they travel as raw little-endian f32 bytes cut into chunks
+//! (`KvLayout::centroid_chunk`), pinned by their sha256 in the manifest.
+
+use sha2::{Digest, Sha256};
+
+use crate::contract::Manifest;
+
+/// Bytes per centroid chunk in KV, well under Consul's 512 KB value cap.
+pub const CENTROID_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Dot product, summed in 8 lanes so the compiler vectorises it.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The centroids of a dg and the shard of each cluster: everything needed to route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CentroidMap {
+    dims: usize,
+    /// `clusters x dims`, row-major.
+    centroids: Vec<f32>,
+    shard_of: Vec<u32>,
+}
+
+/// Which clusters to ask each shard for, and what had to be routed around.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProbePlan {
+    /// (shard, its probed clusters nearest first), shards in order of their nearest cluster.
+    pub shards: Vec<(u32, Vec<u32>)>,
+    /// Shards that held one of the `nprobe` nearest clusters but could not be asked; their
+    /// clusters were replaced by the next-nearest clusters of shards that can.
+    pub skipped: Vec<u32>,
+}
+
+impl ProbePlan {
+    /// True when the plan is not the one a fully healthy dg would give.
+    pub fn degraded(&self) -> bool {
+        !self.skipped.is_empty()
+    }
+}
+
+impl CentroidMap {
+    /// A map from rows of centroids; `centroids.len()` must be `shard_of.len() * dims`.
+    pub fn new(dims: usize, centroids: Vec<f32>, shard_of: Vec<u32>) -> Result<Self, String> {
+        if dims == 0 || centroids.len() != shard_of.len() * dims {
+            return Err(format!(
+                "{} centroid floats for {} clusters of {dims} dims",
+                centroids.len(),
+                shard_of.len()
+            ));
+        }
+        if centroids.iter().any(|x| !x.is_finite()) {
+            return Err("a centroid has a NaN or infinite component".into());
+        }
+        Ok(Self {
+            dims,
+            centroids,
+            shard_of,
+        })
+    }
+
+    /// The map of `manifest` from its centroid bytes (all chunks joined), checked against
+    /// the manifest's sha256 and sizes.
+    pub fn from_bytes(manifest: &Manifest, bytes: &[u8]) -> Result<Self, String> {
+        let table = &manifest.clusters;
+        let expected = table.shard_of.len() * manifest.dims * 4;
+        if bytes.len() != expected {
+            return Err(format!(
+                "centroids of dg {} are {} bytes, the manifest needs {expected}",
+                manifest.dg,
+                bytes.len()
+            ));
+        }
+        let sha = hex::encode(Sha256::digest(bytes));
+        if sha != table.centroids_sha256 {
+            return Err(format!(
+                "centroids of dg {} have sha256 {sha}, the manifest pins {}",
+                manifest.dg, table.centroids_sha256
+            ));
+        }
+        let floats = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Self::new(manifest.dims, floats, table.shard_of.clone())
+    }
+
+    /// The centroid bytes as stored: little-endian f32, row-major.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.centroids.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// sha256 of [`Self::to_bytes`], as the manifest pins it.
+    pub fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(self.to_bytes()))
+    }
+
+    pub fn clusters(&self) -> usize {
+        self.shard_of.len()
+    }
+
+    pub fn shard_of(&self, cluster: u32) -> u32 {
+        self.shard_of[cluster as usize]
+    }
+
+    pub fn centroid(&self, cluster: usize) -> &[f32] {
+        &self.centroids[cluster * self.dims..(cluster + 1) * self.dims]
+    }
+
+    /// Every cluster, nearest (highest dot product) first; ties go to the lower number.
+    pub fn ranked(&self, vector: &[f32]) -> Vec<u32> {
+        let mut scored: Vec<(u32, f32)> = self
+            .centroids
+            .chunks_exact(self.dims)
+            .enumerate()
+            .map(|(i, c)| (i as u32, dot(c, vector)))
+            .collect();
+        scored.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored.into_iter().map(|(i, _)| i).collect()
+    }
+
+    /// The probe plan for `vector`: the `nprobe` nearest clusters among shards that
+    /// `can_ask`, grouped by shard. A shard that cannot be asked is skipped and its
+    /// clusters are replaced by the next-nearest ones elsewhere.
+    pub fn plan(
+        &self,
+        vector: &[f32],
+        nprobe: usize,
+        can_ask: impl Fn(u32) -> bool,
+    ) -> ProbePlan {
+        let nprobe = nprobe.clamp(1, self.clusters().max(1));
+        let mut plan = ProbePlan::default();
+        let mut taken = 0;
+        for (rank, cluster) in self.ranked(vector).into_iter().enumerate() {
+            if taken == nprobe {
+                break;
+            }
+            let shard = self.shard_of(cluster);
+            if !can_ask(shard) {
+                if rank < nprobe && !plan.skipped.contains(&shard) {
+                    plan.skipped.push(shard);
+                }
+                continue;
+            }
+            match plan.shards.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, clusters)) => clusters.push(cluster),
+                None => plan.shards.push((shard, vec![cluster])),
+            }
+            taken += 1;
+        }
+        plan
+    }
+}
+
+/// Cut centroid bytes into KV-sized chunks.
+pub fn chunks(bytes: &[u8]) -> std::slice::Chunks<'_, u8> {
+    bytes.chunks(CENTROID_CHUNK_BYTES)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Three unit clusters in 2 dims: x axis (shard 0), y axis (shard 1), diagonal (shard 0).
+    pub(crate) fn centroid_bytes() -> Vec<u8> {
+        let d = std::f32::consts::FRAC_1_SQRT_2;
+        [1.0f32, 0.0, 0.0, 1.0, d, d]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect()
+    }
+
+    fn map() -> CentroidMap {
+        let m = crate::contract::tests::manifest();
+        CentroidMap::from_bytes(&m, &centroid_bytes()).unwrap()
+    }
+
+    #[test]
+    fn dot_matches_the_plain_sum_for_any_length() {
+        for n in [0, 1, 7, 8, 9, 384] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.1).collect();
+            let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - plain).abs() <= 1e-3 * plain.abs().max(1.0), "n={n}");
+        }
+    }
+
+    #[test]
+    fn clusters_rank_by_similarity_with_ties_to_the_lower_number() {
+        let m = map();
+        assert_eq!(m.ranked(&[1.0, 0.1]), vec![0, 2, 1]);
+        assert_eq!(m.ranked(&[0.0, 1.0]), vec![1, 2, 0]);
+        let tie = CentroidMap::new(1, vec![1.0, 1.0], vec![0, 0]).unwrap();
+        assert_eq!(tie.ranked(&[1.0]), vec![0, 1]);
+    }
+
+    #[test]
+    fn plan_groups_the_nearest_clusters_by_shard() {
+        let m = map();
+        let plan = m.plan(&[1.0, 0.1], 2, |_| true);
+        assert_eq!(plan.shards, vec![(0, vec![0, 2])]);
+        assert!(!plan.degraded());
+        let plan = m.plan(&[1.0, 0.9], 3, |_| true);
+        assert_eq!(plan.shards, vec![(0, vec![2, 0]), (1, vec![1])]);
+        assert_eq!(m.plan(&[1.0, 0.0], 0, |_| true).shards, vec![(0, vec![0])]);
+    }
+
+    #[test]
+    fn plan_routes_around_a_shard_that_cannot_be_asked() {
+        let m = map();
+        let plan = m.plan(&[1.0, 0.1], 2, |s| s != 0);
+        assert_eq!(plan.shards, vec![(1, vec![1])], "next-nearest cluster elsewhere");
+        assert_eq!(plan.skipped, vec![0]);
+        assert!(plan.degraded());
+        // A shard that held none of the nearest clusters is not a degradation.
+        let plan = m.plan(&[1.0, 0.1], 2, |s| s != 1);
+        assert!(!plan.degraded());
+        assert!(m.plan(&[1.0, 0.1], 2, |_| false).shards.is_empty());
+    }
+
+    #[test]
+    fn centroid_bytes_are_checked_against_the_manifest() {
+        let m = crate::contract::tests::manifest();
+        let mut bytes = centroid_bytes();
+        assert_eq!(map().to_bytes(), bytes);
+        assert_eq!(map().sha256(), m.clusters.centroids_sha256);
+        bytes[0] ^= 1;
+        assert!(CentroidMap::from_bytes(&m, &bytes)
+            .unwrap_err()
+            .contains("the manifest pins"));
+        assert!(CentroidMap::from_bytes(&m, &bytes[..8])
+            .unwrap_err()
+            .contains("8 bytes"));
+    }
+}
