@@ -25,14 +25,14 @@ variable "consul_wait_secs" {
 
 variable "nprobe" {
   type        = number
-  description = "Shards asked per query."
-  default     = 4
+  description = "Fine clusters probed per query (recall vs latency, see indexer/BENCH.md)."
+  default     = 160
 }
 
-variable "search_k" {
+variable "max_inflight" {
   type        = number
-  description = "arroy nodes each shard visits per query (recall vs latency, see indexer/BENCH.md)."
-  default     = 40000
+  description = "Cache-miss queries in flight per balancer; beyond it 503 + Retry-After at once."
+  default     = 32
 }
 
 job "simq-balancer" {
@@ -90,7 +90,7 @@ job "simq-balancer" {
           "--listen", "127.0.0.1:${NOMAD_PORT_http}",
           "--consul", var.consul_addr,
           "--nprobe", "${var.nprobe}",
-          "--search-k", "${var.search_k}",
+          "--max-inflight", "${var.max_inflight}",
           "--consul-wait-secs", "${var.consul_wait_secs}",
         ]
       }

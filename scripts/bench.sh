@@ -3,8 +3,11 @@
 #   scripts/bench.sh embedder   embedder service vs the bare runtime (embedder/BENCH.md)
 #   scripts/bench.sh build      full-corpus dg build: phase times, total vs embedding time
 #   scripts/bench.sh recall     recall@10 table of the built dg (indexer/BENCH.md)
-#   scripts/bench.sh            all three
-# Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --n-trees 16").
+#   scripts/bench.sh serve      the query path on the running scripts/up.sh stack, side by side
+#                               with a plain Python peer and the bare-model bound; writes
+#                               BENCHMARKS.md and bench-latency.png (see BENCHMARKS.md)
+#   scripts/bench.sh            embedder, build and recall
+# Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --clusters 512").
 # The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
 # when present, so delete that to time the embedding too.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -39,13 +42,146 @@ run_recall() {
   dg="$(tail -n1 "$out/build.txt")"
   [ -d "$dg" ] || die "no built dg in $out/build.txt: run scripts/bench.sh build first"
   log "recall@10 on $dg"
-  "$bin/simq-indexer" eval "$dg" --queries 500 --nprobe 1,2,4 --search-k 0,5000,20000,40000 | tee "$out/recall.md"
+  "$bin/simq-indexer" eval "$dg" --queries 1000 --nprobe 32,64,96,128,160,192,256 | tee "$out/recall.md"
+}
+
+# serve: settings SIMQ_PORT (8080), SIMQ_BENCH_SECONDS per measurement (10),
+# SIMQ_BENCH_OVERLOAD_SECS (60), SIMQ_BENCH_CONNECTIONS ("1 2 4 8 16 32 64").
+run_serve() {
+  local port="${SIMQ_PORT:-8080}" secs="${SIMQ_BENCH_SECONDS:-10}" over_secs="${SIMQ_BENCH_OVERLOAD_SECS:-60}"
+  local peer_port=8091 venv="$SIMQ_CACHE/bench-venv" serve="$out/serve" status dg
+  status="$(curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null)" ||
+    die "no simq balancer answers on 127.0.0.1:$port: start the stack with scripts/up.sh first"
+  dg="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["active"]["dg"])' <<<"$status")"
+  local dg_dir="$SIMQ_CACHE/dgs/$dg"
+  [ -d "$dg_dir" ] || die "the active dg $dg has no directory $dg_dir"
+  mkdir -p "$serve"
+  cargo build --release --locked --quiet -p simq-balancer --examples
+
+  local req="$SIMQ_ROOT/scripts/bench/requirements.txt" stamp
+  stamp="$(sha256sum "$req" | cut -c1-16)"
+  if [ "$(cat "$venv/.simq-stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "bench: Python venv for the peer ($venv, once)"
+    python3 -m venv "$venv" || die "python3 -m venv failed: install Debian's python3-venv"
+    "$venv/bin/pip" install -q -r "$req" || die "pip could not install $req: is PyPI reachable?"
+    echo "$stamp" >"$venv/.simq-stamp"
+  fi
+  local export_dir="$out/export/$dg"
+  [ -s "$export_dir/texts.txt" ] || "$bin/simq-indexer" export "$dg_dir" --out "$export_dir"
+  local queries="$out/queries.txt" long="$out/long-queries.txt"
+  if [ ! -s "$queries" ]; then
+    log "bench: 150000 unique perturbed queries (seed 7)"
+    python3 "$SIMQ_ROOT/scripts/bench/queries.py" "$corpus" --n 150000 --seed 7 >"$queries"
+    # Long queries for the overload: four perturbed questions in one.
+    paste -d' ' - - - - <"$queries" >"$long"
+  fi
+
+  log "bench: starting the peer on 127.0.0.1:$peer_port"
+  "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/peer.py" --export "$export_dir" --model-dir "$SIMQ_MODEL_DIR" \
+    --port "$peer_port" --nlist 1024 --nprobe 16 >"$serve/peer.log" 2>&1 &
+  local peer_pid=$!
+  trap 'kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null' EXIT
+  local deadline=$((SECONDS + 180))
+  until curl -fsS "http://127.0.0.1:$peer_port/health" >/dev/null 2>&1; do
+    kill -0 "$peer_pid" 2>/dev/null || { cat "$serve/peer.log" >&2; die "the peer did not start (log above)"; }
+    [ $SECONDS -lt $deadline ] || die "the peer did not answer within 180 s"
+    sleep 1
+  done
+
+  local results="$serve/results.jsonl" next=0
+  : >"$results"
+  tag() { python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' "$1"; }
+  load() { # load SYSTEM PHASE EXTRA_JSON LOADGEN_ARGS...: one measurement, appended to results
+    local system=$1 phase=$2 extra=$3 url line
+    shift 3
+    url="http://127.0.0.1:$port/v1/query"
+    [ "$system" = peer ] && url="http://127.0.0.1:$peer_port/v1/query"
+    line="$("$bin/examples/loadgen" --url "$url" --queries "$queries" --start "$next" "$@")" || die "loadgen failed"
+    next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
+    echo "$line" | tag "{\"system\": \"$system\", \"phase\": \"$phase\"$extra}" | tee -a "$results" |
+      python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"[bench] {r[\"system\"]:4} {r[\"phase\"]:8} conn={r.get(\"connections\")} rate={r.get(\"offered_rate\")}: {r[\"throughput\"]:.1f}/s p50={r[\"p50_ms\"]} p99={r[\"p99_ms\"]} failed={r[\"failed\"]} degraded={r[\"degraded\"]}")' >&2
+  }
+
+  python3 - "$dg_dir" "$(git -C "$SIMQ_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" >>"$results" <<'PY'
+import json, os, sys, datetime
+m = json.load(open(os.path.join(sys.argv[1], "manifest.json")))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
+print(json.dumps({"phase": "machine", "cpus": os.cpu_count(), "cpu": cpu, "memory": f"{int(mem) // 1048576} GiB",
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": sys.argv[2],
+                  "items": m["items"], "shards": len(m["shards"]), "clusters": len(m["clusters"]["shard_of"]),
+                  "peer_nlist": 1024, "peer_nprobe": 16}))
+PY
+  log "bench: bound (bare ONNX Runtime on 1000 of the queries)"
+  "$bin/examples/bench" --texts "$queries" --n 1000 --bound-only | tag '{"phase": "bound"}' | tee -a "$results" >&2
+
+  log "bench: closed loop"
+  local c
+  for c in ${SIMQ_BENCH_CONNECTIONS:-1 2 4 8 16 32 64}; do
+    if [ "$c" = 8 ]; then
+      load simq closed "" --connections "$c" --seconds "$secs" --record "$serve/simq-records.jsonl"
+      load peer closed "" --connections "$c" --seconds "$secs" --record "$serve/peer-records.jsonl"
+    else
+      load simq closed "" --connections "$c" --seconds "$secs"
+      load peer closed "" --connections "$c" --seconds "$secs"
+    fi
+  done
+  local best
+  best="$(python3 -c 'import json,sys; print(max(json.loads(l)["throughput"] for l in open(sys.argv[1]) if "\"closed\"" in l and "\"simq\"" in l))' "$results")"
+  log "bench: open loop at shares of simq's measured capacity ($best/s)"
+  local share rate
+  for share in 0.25 0.5 0.75 0.9 1.1; do
+    rate="$(python3 -c "print(round($best * $share, 1))")"
+    load simq open ", \"share\": $share" --rate "$rate" --seconds "$secs"
+    load peer open ", \"share\": $share" --rate "$rate" --seconds "$secs"
+  done
+  log "bench: cache hits (16 connections repeating 200 queries)"
+  load simq cache_warm "" --connections 4 --repeat 200 --max 200 --seconds 30
+  next=$((next - 200))
+  load simq cache ", \"repeat\": 200" --connections 16 --repeat 200 --seconds 5
+  log "bench: recall@10 against exact search"
+  "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/recall.py" --export "$export_dir" --model-dir "$SIMQ_MODEL_DIR" \
+    "$serve/simq-records.jsonl" "$serve/peer-records.jsonl" |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"phase": "recall", "simq": r["simq-records.jsonl"]["recall"], "peer": r["peer-records.jsonl"]["recall"], "queries": r["simq-records.jsonl"]["queries"]}))' |
+    tee -a "$results" >&2
+
+  kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null || true
+  log "bench: overload: 200 connections of long unique queries for $over_secs s"
+  local q_saved="$queries" n_saved=$next
+  queries="$long" next=0
+  load simq overload "" --connections 200 --seconds "$over_secs" --timeout 5
+  queries="$q_saved" next=$n_saved
+  sleep 5
+  local queued
+  # Every embedder's queue, from its /health (found through Consul).
+  queued="$(python3 - <<'PY'
+import json, urllib.request
+entries = json.load(urllib.request.urlopen("http://127.0.0.1:8500/v1/health/service/simq-embedder"))
+out = []
+for e in entries:
+    s = e["Service"]
+    url = f"http://{s['Address']}:{s['Meta'].get('metrics_port')}/health"
+    try:
+        out.append(str(json.load(urllib.request.urlopen(url, timeout=2)).get("queued_texts")))
+    except Exception as err:
+        out.append(f"? ({err})")
+print("/".join(out) or "none")
+PY
+)"
+  load simq after_overload ", \"after_s\": 5, \"queues\": \"$queued queued texts\"" --connections 8 --seconds 5
+
+  python3 "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
+    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve" 2>&1 ||
+    "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
+      --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve"
+  log "bench: wrote BENCHMARKS.md and bench-latency.png (raw results: $results)"
 }
 
 case "${1:-all}" in
   embedder) run_embedder ;;
   build) run_build ;;
   recall) run_recall ;;
+  serve) run_serve ;;
   all) run_embedder; run_build; run_recall ;;
-  *) die "usage: scripts/bench.sh [embedder|build|recall|all]" ;;
+  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|all]" ;;
 esac

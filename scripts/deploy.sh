@@ -10,9 +10,10 @@
 #   SIMQ_CORPUS    corpus file                  [default: the real corpus, scripts/corpus.sh]
 #   SIMQ_BIN_DIR   directory of simq binaries   [default: release build, built here]
 #   SIMQ_SHARDS    shards (k-means k)           [default: 8]
+#   SIMQ_CLUSTERS  fine clusters over all shards [default: 4096]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
-#   SIMQ_NPROBE    shards asked per query       [default: 4]
+#   SIMQ_NPROBE    fine clusters probed per query [default: 160]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -20,7 +21,8 @@ corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
 shards="${SIMQ_SHARDS:-8}"
 replicas="${SIMQ_REPLICAS:-1}"
 port="${SIMQ_PORT:-8080}"
-nprobe="${SIMQ_NPROBE:-4}"
+clusters="${SIMQ_CLUSTERS:-4096}"
+nprobe="${SIMQ_NPROBE:-160}"
 consul_wait="${SIMQ_CONSUL_WAIT:-30}"
 blobs="$SIMQ_CACHE/blobs"
 if [ -z "${SIMQ_BIN_DIR:-}" ]; then
@@ -42,8 +44,8 @@ nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deploy
     { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }
 }
 
-log "build: $corpus ($shards shards)"
-dg_dir="$("$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --shards "$shards")"
+log "build: $corpus ($shards shards, $clusters clusters)"
+dg_dir="$("$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --shards "$shards" --clusters "$clusters")"
 dg="$(basename "$dg_dir")"
 
 log "blob store"

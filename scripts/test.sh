@@ -16,7 +16,7 @@ cargo_args=()
 log "set-up error cases"
 bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
 
-SIMQ_TEST_CORPUS="$("$SIMQ_ROOT/scripts/corpus.sh" --sample 2000)"
+SIMQ_TEST_CORPUS="$("$SIMQ_ROOT/scripts/corpus.sh" --sample 20000)"
 SIMQ_PROMETHEUS_DIR="$(dirname "$PROMETHEUS_BIN")"
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_TEST_CORPUS SIMQ_CACHE SIMQ_CLUSTER_DIR SIMQ_PROMETHEUS_DIR
 cd "$SIMQ_ROOT"

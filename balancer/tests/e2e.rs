@@ -13,7 +13,7 @@ use serde_json::json;
 async fn queries_through_nomad_deployed_stack_find_their_originals() {
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, lines) = corpus_slice(tmp.path(), "e2e-corpus.txt", 0..600);
-    // 4 shards x 2 replicas, 2 shards asked per query: room for retries and fallbacks.
+    // 4 shards x 2 replicas, 2 fine clusters probed per query: room for retries and fallbacks.
     let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 2))
         .await
         .unwrap();
@@ -178,7 +178,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
             degraded += 1;
             let note = a["notes"][0].as_str().unwrap();
             assert!(
-                note.starts_with("shard 0 has no healthy replica; asked shard"),
+                note.starts_with("shard 0 has no healthy replica; its clusters were replaced"),
                 "{note}"
             );
         }

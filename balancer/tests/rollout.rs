@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use common::{
     build_and_publish, corpus_slice, deploy, indexer, query, start_load, stop_jobs, LoadReport,
+    Pace,
 };
 use simq_consul::{ConsulClient, KvLayout, Manifest};
 use simq_indexer::flip::{flip_from, observe, FlipError, Flipped};
@@ -24,7 +25,7 @@ const FAST: [&str; 4] = [
 /// Run `simq-indexer ARGS` while queries flow; returns the command output and the load.
 async fn under_load(texts: &[String], args: Vec<String>) -> (std::process::Output, LoadReport) {
     let stop = Arc::new(AtomicBool::new(false));
-    let load = start_load(texts.to_vec(), 20_000, stop.clone());
+    let load = start_load(texts.to_vec(), 20_000, Pace::Serial, stop.clone());
     let out = tokio::task::spawn_blocking(move || {
         indexer(&args.iter().map(String::as_str).collect::<Vec<_>>())
     })
@@ -299,7 +300,7 @@ async fn shard_count_changes_roll_out_without_failed_or_degraded_queries() {
     let (corpus, lines) = corpus_slice(tmp.path(), "n.txt", 1200..1800);
     let texts: Vec<String> = lines.iter().step_by(2).cloned().collect();
     let out = tmp.path().join("dgs");
-    // nprobe 2 of 4: a query routed to a shard without replicas would come back degraded.
+    // 2 clusters probed: a query routed to a shard without replicas would come back degraded.
     let corpus_4 = corpus.clone();
     let dg4 = tokio::task::spawn_blocking(move || deploy(&corpus_4, 4, 1, 2))
         .await

@@ -35,6 +35,11 @@ struct Args {
     /// Intra-op threads per session [default: the service's].
     #[arg(long)]
     intra_threads: Option<usize>,
+    /// Only measure the bare-runtime bound of the whole query path and print it as JSON:
+    /// single-query latency (one session, a thread per core) and the best throughput (one
+    /// single-threaded session per core, all texts handed over at once).
+    #[arg(long)]
+    bound_only: bool,
     /// The simq-embedder binary [default: beside this example's target dir].
     #[arg(long)]
     service_bin: Option<PathBuf>,
@@ -65,6 +70,9 @@ async fn main() -> anyhow::Result<()> {
         args.n
     );
     let n = texts.len();
+    if args.bound_only {
+        return bound_only(&args, &texts);
+    }
 
     // Bound: the bare runtime, same session layout as the service.
     let defaults = RuntimeOptions::for_queries();
@@ -243,6 +251,47 @@ async fn main() -> anyhow::Result<()> {
         format!("service, {} clients, 16 texts/request", args.concurrency),
         concurrent_16,
         chunked,
+    );
+    Ok(())
+}
+
+/// The bound for scripts/bench.sh, as one JSON line.
+fn bound_only(args: &Args, texts: &[String]) -> anyhow::Result<()> {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let single = Embedder::load(
+        &default_ort_library(),
+        &args.model_dir,
+        RuntimeOptions::for_queries(),
+    )?;
+    single.embed(&refs[..16.min(refs.len())])?;
+    let mut latencies: Vec<f64> = refs
+        .iter()
+        .map(|t| {
+            let started = Instant::now();
+            single.embed(&[t]).map(|_| started.elapsed().as_secs_f64() * 1000.0)
+        })
+        .collect::<Result<_, _>>()?;
+    latencies.sort_by(f64::total_cmp);
+    drop(single);
+    let per_core = RuntimeOptions {
+        sessions: cores(),
+        intra_threads: 1,
+        ..RuntimeOptions::for_queries()
+    };
+    let bulk = Embedder::load(&default_ort_library(), &args.model_dir, per_core)?;
+    bulk.embed(&refs[..64.min(refs.len())])?;
+    let started = Instant::now();
+    bulk.embed(&refs)?;
+    let best = rate(refs.len(), started.elapsed());
+    println!(
+        "{}",
+        serde_json::json!({
+            "texts": refs.len(),
+            "single_query_p50_ms": percentile(&latencies, 50),
+            "single_query_p99_ms": percentile(&latencies, 99),
+            "best_texts_per_s": best,
+            "best_layout": format!("{} sessions x 1 thread, all texts at once", cores()),
+        })
     );
     Ok(())
 }

@@ -5,11 +5,18 @@
 //! runtime's sessions is free, the batch goes at once: a lone query pays no batching
 //! delay. While every session is busy the batch keeps growing until one frees up, so
 //! batching follows load by itself. `max_wait` optionally holds a batch a little longer
-//! for company even when a session is free (default 0). The number of queued texts is
-//! bounded: past `queue_limit` a request is refused as overloaded at once instead of
-//! waiting without bound.
+//! for company even when a session is free (default 0).
+//!
+//! Overload never wedges it:
+//! - the number of queued texts is bounded: past `queue_limit` a request is refused at
+//!   once; each request's texts are counted by a [`QueueSlots`] guard, so they are given
+//!   back however the request ends, also when its future is dropped (the client went
+//!   away, or its `grpc-timeout` passed and tonic dropped the handler);
+//! - queued work whose caller is gone is skipped, not computed, and work that waited longer
+//!   than `max_queue_wait` is answered "overloaded" instead of being run late;
+//! - [`Batcher::progressing`] tells /health whether queued work is moving.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +35,8 @@ pub struct BatchOptions {
     pub max_wait: Duration,
     /// Texts queued or in flight at most; more are refused as overloaded.
     pub queue_limit: usize,
+    /// Longest a request may wait for its batch to start; later it is refused unrun.
+    pub max_queue_wait: Duration,
 }
 
 impl Default for BatchOptions {
@@ -35,7 +44,8 @@ impl Default for BatchOptions {
         Self {
             max_batch_texts: 64,
             max_wait: Duration::ZERO,
-            queue_limit: 4096,
+            queue_limit: 512,
+            max_queue_wait: Duration::from_secs(1),
         }
     }
 }
@@ -49,6 +59,7 @@ pub struct BatchMetrics {
     pub queue_wait: Histogram,
     pub inference: Histogram,
     pub queued: IntGauge,
+    pub skipped: IntCounterVec,
 }
 
 impl BatchMetrics {
@@ -84,6 +95,13 @@ impl BatchMetrics {
                 "simq_embedder_queued_texts",
                 "Texts queued or being embedded.",
             )?,
+            skipped: IntCounterVec::new(
+                Opts::new(
+                    "simq_embedder_skipped_requests_total",
+                    "Queued requests not computed, by reason (caller_gone, queue_timeout).",
+                ),
+                &["reason"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.texts.clone()))?;
@@ -91,6 +109,7 @@ impl BatchMetrics {
         registry.register(Box::new(m.queue_wait.clone()))?;
         registry.register(Box::new(m.inference.clone()))?;
         registry.register(Box::new(m.queued.clone()))?;
+        registry.register(Box::new(m.skipped.clone()))?;
         Ok(m)
     }
 }
@@ -101,11 +120,49 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<f32>>>,
 }
 
+impl Job {
+    /// Should this job still be computed? Answers (or drops) it when not.
+    fn still_wanted(self, options: &BatchOptions, metrics: &BatchMetrics) -> Option<Job> {
+        if self.reply.is_closed() {
+            metrics.skipped.with_label_values(&["caller_gone"]).inc();
+            return None;
+        }
+        let waited = self.enqueued.elapsed();
+        if waited > options.max_queue_wait {
+            metrics.skipped.with_label_values(&["queue_timeout"]).inc();
+            let _ = self.reply.send(Err(Error::QueueTimeout {
+                waited_ms: waited.as_millis() as u64,
+                limit_ms: options.max_queue_wait.as_millis() as u64,
+            }));
+            return None;
+        }
+        Some(self)
+    }
+}
+
+/// Texts of one request counted in the queue; given back when dropped, however the
+/// request ends.
+pub struct QueueSlots {
+    texts: usize,
+    queued: Arc<AtomicUsize>,
+    gauge: IntGauge,
+}
+
+impl Drop for QueueSlots {
+    fn drop(&mut self) {
+        let now = self.queued.fetch_sub(self.texts, Ordering::AcqRel) - self.texts;
+        self.gauge.set(now as i64);
+    }
+}
+
 /// Handle to the batching queue; cheap to clone.
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
     queued: Arc<AtomicUsize>,
+    /// Milliseconds since `started` when a batch last finished.
+    last_batch_ms: Arc<AtomicU64>,
+    started: Instant,
     embedder: Arc<Embedder>,
     options: BatchOptions,
     metrics: BatchMetrics,
@@ -116,14 +173,32 @@ impl Batcher {
     pub fn start(embedder: Arc<Embedder>, options: BatchOptions, metrics: BatchMetrics) -> Self {
         let (tx, rx) = mpsc::channel(options.queue_limit.max(1));
         let queued = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(collect(rx, embedder.clone(), options, metrics.clone()));
+        let started = Instant::now();
+        let last_batch_ms = Arc::new(AtomicU64::new(0));
+        let progress = Progress {
+            started,
+            last_batch_ms: last_batch_ms.clone(),
+        };
+        tokio::spawn(collect(rx, embedder.clone(), options, metrics.clone(), progress));
         Self {
             tx,
             queued,
+            last_batch_ms,
+            started,
             embedder,
             options,
             metrics,
         }
+    }
+
+    /// False when texts are queued but no batch has finished for `stall`: the service
+    /// cannot do its job and /health says so.
+    pub fn progressing(&self, stall: Duration) -> bool {
+        if self.queued() == 0 {
+            return true;
+        }
+        let last = Duration::from_millis(self.last_batch_ms.load(Ordering::Acquire));
+        self.started.elapsed().saturating_sub(last) < stall
     }
 
     pub fn embedder(&self) -> &Embedder {
@@ -139,22 +214,24 @@ impl Batcher {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Embed `texts` as part of whatever batch they land in.
+    /// Embed `texts` as part of whatever batch they land in. Cancellation-safe: dropping
+    /// the future gives its queue slots back and its queued work is skipped.
     pub async fn embed(&self, texts: &[&str]) -> Result<Vec<f32>> {
         let n = texts.len();
         let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        let _slots = QueueSlots {
+            texts: n,
+            queued: self.queued.clone(),
+            gauge: self.metrics.queued.clone(),
+        };
         if before + n > self.options.queue_limit {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
             return Err(Error::Overloaded {
                 queued: before,
                 limit: self.options.queue_limit,
             });
         }
         self.metrics.queued.set((before + n) as i64);
-        let result = self.enqueue(texts).await;
-        let now = self.queued.fetch_sub(n, Ordering::AcqRel) - n;
-        self.metrics.queued.set(now as i64);
-        result
+        self.enqueue(texts).await
     }
 
     async fn enqueue(&self, texts: &[&str]) -> Result<Vec<f32>> {
@@ -174,19 +251,39 @@ impl Batcher {
     }
 }
 
+/// Where the collector records that batches finish.
+struct Progress {
+    started: Instant,
+    last_batch_ms: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn batch_done(&self) {
+        self.last_batch_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+}
+
 async fn collect(
     mut rx: mpsc::Receiver<Job>,
     embedder: Arc<Embedder>,
     options: BatchOptions,
     metrics: BatchMetrics,
+    progress: Progress,
 ) {
+    let progress = Arc::new(progress);
     let workers = Arc::new(Semaphore::new(embedder.options().sessions));
     while let Some(first) = rx.recv().await {
+        let Some(first) = first.still_wanted(&options, &metrics) else {
+            continue;
+        };
         let mut texts = first.tokens.len();
         let mut jobs = vec![first];
         let mut add = |job: Job, jobs: &mut Vec<Job>| {
-            texts += job.tokens.len();
-            jobs.push(job);
+            if let Some(job) = job.still_wanted(&options, &metrics) {
+                texts += job.tokens.len();
+                jobs.push(job);
+            }
             texts >= options.max_batch_texts
         };
         // What is queued already joins at once.
@@ -224,8 +321,18 @@ async fn collect(
         .expect("semaphore never closes");
         let embedder = embedder.clone();
         let metrics = metrics.clone();
+        let progress = progress.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            // Callers may have left while the batch waited for a session.
+            let jobs: Vec<Job> = jobs
+                .into_iter()
+                .filter_map(|j| j.still_wanted(&options, &metrics))
+                .collect();
+            if jobs.is_empty() {
+                progress.batch_done();
+                return;
+            }
             let started = Instant::now();
             for job in &jobs {
                 metrics
@@ -236,6 +343,7 @@ async fn collect(
             metrics.batch_texts.observe(all.len() as f64);
             let result = embedder.embed_tokens(&all);
             metrics.inference.observe(started.elapsed().as_secs_f64());
+            progress.batch_done();
             let dims = embedder.dims();
             match result {
                 Ok(vectors) => {

@@ -26,6 +26,10 @@ pub enum Error {
     /// The queue of waiting texts is full; retry later or on another instance.
     #[error("embedder overloaded: {queued} texts already queued (limit {limit})")]
     Overloaded { queued: usize, limit: usize },
+
+    /// The request waited in the queue longer than the queue's time bound and was not run.
+    #[error("embedder overloaded: the request waited {waited_ms} ms in the queue (limit {limit_ms} ms)")]
+    QueueTimeout { waited_ms: u64, limit_ms: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

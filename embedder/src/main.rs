@@ -67,8 +67,17 @@ struct Args {
     max_wait_ms: u64,
 
     /// Texts queued or in flight at most; beyond it requests fail with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 512)]
     queue_limit: usize,
+
+    /// Milliseconds a request may wait for its batch; later it fails with
+    /// RESOURCE_EXHAUSTED without being computed.
+    #[arg(long, default_value_t = 1000)]
+    max_queue_wait_ms: u64,
+
+    /// Seconds queued work may go without a finished batch before /health answers 503.
+    #[arg(long, default_value_t = 10)]
+    stall_secs: u64,
 
     /// Texts per request at most.
     #[arg(long, default_value_t = 256)]
@@ -108,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         max_batch_texts: args.max_batch_texts,
         max_wait: Duration::from_millis(args.max_wait_ms),
         queue_limit: args.queue_limit,
+        max_queue_wait: Duration::from_millis(args.max_queue_wait_ms),
     };
     let batcher = Batcher::start(embedder.clone(), batch, metrics);
     let limits = RequestLimits {
@@ -126,14 +136,17 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::default();
     let health_embedder = embedder.clone();
     let health_batcher = batcher.clone();
+    let stall = Duration::from_secs(args.stall_secs);
     let health = Arc::new(move || {
+        // Busy is healthy; queued work that does not move is not.
+        let ok = health_batcher.progressing(stall);
         let report = serde_json::json!({
-            "status": "ok",
+            "status": if ok { "ok" } else { "stalled: queued texts but no batch finished recently" },
             "model_id": health_embedder.model_id(),
             "dims": health_embedder.dims(),
             "queued_texts": health_batcher.queued(),
         });
-        (true, report)
+        (ok, report)
     });
     let ops = serve_ops(http, registry, health, shutdown.wait());
     let grpc_server = tonic::transport::Server::builder()

@@ -71,7 +71,9 @@ impl EmbedService {
 pub fn status_of(e: &Error) -> Status {
     match e {
         Error::InvalidRequest { .. } => Status::invalid_argument(e.to_string()),
-        Error::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
+        Error::Overloaded { .. } | Error::QueueTimeout { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
@@ -100,7 +102,7 @@ impl proto::embedder_server::Embedder for EmbedService {
                 }))
             }
             Err(e) => {
-                let outcome = if matches!(e, Error::Overloaded { .. }) {
+                let outcome = if matches!(e, Error::Overloaded { .. } | Error::QueueTimeout { .. }) {
                     "overloaded"
                 } else {
                     "error"

@@ -38,9 +38,14 @@ impl Drop for Running {
 }
 
 async fn start() -> Running {
+    start_with(&[]).await
+}
+
+async fn start_with(extra: &[&str]) -> Running {
     let (g, h) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
         .args(["--model-dir", model_dir().to_str().unwrap()])
+        .args(extra)
         .args([
             "--grpc-listen",
             &format!("127.0.0.1:{g}"),
@@ -226,4 +231,69 @@ async fn concurrent_requests_share_batches_and_sigterm_stops_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[tokio::test]
+#[ignore = "needs the model and ONNX Runtime from scripts/setup.sh: run scripts/test.sh"]
+async fn cancelled_calls_give_their_queue_slots_back_and_overload_never_wedges() {
+    let server = start_with(&["--queue-limit", "64"]).await;
+    let channel = tonic::transport::Channel::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // 300 long texts at once, each caller giving up after 30 ms (grpc-timeout): far more
+    // than the service can do in that time, so most calls are cancelled while queued.
+    let long = "why did the old lighthouse keeper decide to leave the island after the storm ".repeat(8);
+    let calls = (0..300).map(|i| {
+        let mut client = EmbedderClient::new(channel.clone());
+        let text = format!("{i} {long}");
+        async move {
+            let mut req = tonic::Request::new(EmbedRequest { texts: vec![text] });
+            req.set_timeout(Duration::from_millis(30));
+            client.embed(req).await.map(|_| ()).map_err(|s| s.code())
+        }
+    });
+    let outcomes = futures::future::join_all(calls).await;
+    let refused = outcomes.iter().filter(|o| o.is_err()).count();
+    assert!(refused > 200, "most calls should time out or be refused: {refused} of 300");
+
+    // Within 5 s every slot is back and queued work of gone callers was skipped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health: serde_json::Value = reqwest::get(format!("{}/health", server.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["queued_texts"] == 0 && health["status"] == "ok" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "queue did not drain: {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::get(format!("{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let skipped: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("simq_embedder_skipped_requests_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(skipped > 0.0, "work of callers that left was computed anyway:\n{metrics}");
+
+    // And a normal query answers at normal speed.
+    let mut client = EmbedderClient::new(channel);
+    let started = Instant::now();
+    client
+        .embed(EmbedRequest {
+            texts: vec!["How long did the war last?".into()],
+        })
+        .await
+        .expect("answers after the overload");
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
 }

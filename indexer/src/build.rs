@@ -279,7 +279,9 @@ pub fn find_existing(
         let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
             continue;
         };
-        let complete = (0..m.shards.len()).all(|s| dir.join(shard_file_name(s)).is_file())
+        // Files of an older simq-indexer do not open (format version): build again.
+        let complete = (0..m.shards.len())
+            .all(|s| simq_shard::ShardFile::open(&dir.join(shard_file_name(s))).is_ok())
             && dir.join(CENTROIDS_FILE).is_file();
         if complete
             && m.validate().is_ok()

@@ -131,3 +131,30 @@ pub fn recall(
     }
     Ok(rows)
 }
+
+/// Write every item of a built dg in id order: `vectors.f32` (little-endian f32 rows) and
+/// `texts.txt` (one text per line), so that another system (the benchmark's peer, an exact
+/// search) can index exactly the same items. Returns the item count.
+pub fn export(dg: &DgDir, out: &Path) -> anyhow::Result<usize> {
+    use std::io::Write;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut items: Vec<(u32, usize, Vec<f32>)> = Vec::new();
+    for (s, shard) in dg.shards.iter().enumerate() {
+        items.extend(shard.vectors()?.into_iter().map(|(id, _, v)| (id, s, v)));
+    }
+    items.sort_by_key(|(id, _, _)| *id);
+    let mut vectors = std::io::BufWriter::new(std::fs::File::create(out.join("vectors.f32"))?);
+    let mut texts = std::io::BufWriter::new(std::fs::File::create(out.join("texts.txt"))?);
+    for (id, s, v) in &items {
+        for x in v {
+            vectors.write_all(&x.to_le_bytes())?;
+        }
+        let text = dg.shards[*s]
+            .text(*id)?
+            .with_context(|| format!("item {id} has no text"))?;
+        writeln!(texts, "{}", text.replace('\n', " "))?;
+    }
+    vectors.flush()?;
+    texts.flush()?;
+    Ok(items.len())
+}

@@ -40,6 +40,9 @@ enum Command {
     /// (fine clusters probed per query), with the share of the corpus scanned and the
     /// per-query latency.
     Eval(EvalArgs),
+    /// Write a built dg's items in id order (vectors.f32 and texts.txt) for other tools,
+    /// e.g. the benchmark's peer service and its exact search.
+    Export(ExportArgs),
     /// Publish a built dg: shard files into the blob store (named by sha256), the manifest
     /// into Consul KV (<prefix>dg/<dg>/manifest). Idempotent: says "unchanged" the second time.
     Publish(PublishArgs),
@@ -164,10 +167,10 @@ struct BuildArgs {
     /// Number of shards (k of k-means).
     #[arg(long, default_value_t = 8)]
     shards: usize,
-    /// Fine clusters over the whole corpus (spread over the shards by size). A query
-    /// probes the nearest few; about 150 items per cluster suit 384-dim embeddings
-    /// (indexer/BENCH.md).
-    #[arg(long, default_value_t = 1024)]
+    /// Fine clusters over the whole corpus (spread over the shards by size, at least 16
+    /// items each). A query probes the nearest --nprobe of the balancer; 4096 clusters of
+    /// about 36 questions gave the best recall per item scanned (indexer/BENCH.md).
+    #[arg(long, default_value_t = 4096)]
     clusters: usize,
     /// Seed of k-means++ and of the arroy build.
     #[arg(long, default_value_t = 42)]
@@ -182,6 +185,15 @@ struct BuildArgs {
     /// and options (by default that dg is reused: a rebuild gives the same bytes).
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// A built dg directory.
+    dg_dir: PathBuf,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +238,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build(args) => run_build(args),
         Command::Eval(args) => run_eval(args),
+        Command::Export(args) => {
+            let n = simq_indexer::eval::export(&DgDir::open(&args.dg_dir)?, &args.out)?;
+            eprintln!("{n} items written to {}", args.out.display());
+            Ok(())
+        }
         Command::ModelId(args) => {
             println!(
                 "{}",

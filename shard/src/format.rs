@@ -4,13 +4,17 @@
 //! Databases inside the file:
 //! - `arroy`: one arroy index per cluster (index id = the dg-wide cluster number, cosine
 //!   distance) over the cluster's vectors;
+//! - `scan`: cluster number (u32, big-endian) -> the cluster's scan block: every item's
+//!   vector as int8 codes in one value ([`crate::scan`]);
 //! - `texts`: item id (u32, big-endian) -> the query text;
 //! - `meta`:  key `shard` -> [`ShardMeta`] as JSON (format version, dims, model id,
 //!   clusters, ...).
 //!
-//! A query searches only the clusters the balancer asks for. Clusters hold about a hundred
-//! items, so each index is one arroy leaf ("descendants" node) and a search of it is
-//! exact: the approximation lives in which clusters are probed, as in an IVF index. Same
+//! A query searches only the clusters the balancer asks for. Clusters hold a few dozen
+//! items, so each arroy index is one leaf ("descendants" node). A search reads each probed
+//! cluster's scan block in one pass, ranks every item by its int8 codes, and re-scores the
+//! best candidates exactly with their f32 vectors from arroy: the approximation lives in
+//! which clusters are probed, as in an IVF index (why: indexer/BENCH.md). Same
 //! inputs give the same bytes (one rayon thread, fixed seed and map size), so a file's
 //! sha256 is a stable content address. Files are opened read-only and never modified in
 //! place: readers map them.
@@ -26,19 +30,28 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use simq_consul::routing::dot;
+
 use crate::error::{Error, Result};
+use crate::scan;
+
+/// Candidates re-scored exactly per search: `k * RERANK_FACTOR`, at least `RERANK_MIN`.
+const RERANK_FACTOR: usize = 8;
+const RERANK_MIN: usize = 64;
 
 /// Version of the shard file layout; readers refuse other versions. 2: one arroy index
 /// per fine cluster (1 held one index for the whole shard).
 pub const FORMAT_VERSION: u32 = 2;
 const ARROY_DB: &str = "arroy";
 const TEXTS_DB: &str = "texts";
+const SCAN_DB: &str = "scan";
 const META_DB: &str = "meta";
 const META_KEY: &str = "shard";
 
 type ArroyDb = arroy::Database<'static, Cosine>;
 type TextsDb = heed::Database<'static, U32<BigEndian>, Str>;
 type MetaDb = heed::Database<'static, Str, Str>;
+type ScanDb = heed::Database<'static, U32<BigEndian>, heed::types::Bytes>;
 
 /// One cluster of a shard file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +183,7 @@ pub fn build_shard(
     let env = unsafe {
         EnvOpenOptions::new()
             .map_size(map_size_for(items, dims, text_bytes, clusters.len()))
-            .max_dbs(4)
+            .max_dbs(5)
             .open(work.path())
     }
     .map_err(|e| lmdb(work.path(), e))?;
@@ -178,6 +191,7 @@ pub fn build_shard(
     let arroy_db: ArroyDb = create_db(&env, ARROY_DB, work.path())?;
     let texts_db: TextsDb = create_db(&env, TEXTS_DB, work.path())?;
     let meta_db: MetaDb = create_db(&env, META_DB, work.path())?;
+    let scan_db: ScanDb = create_db(&env, SCAN_DB, work.path())?;
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -200,7 +214,11 @@ pub fn build_shard(
                 .put(&mut wtxn, &item.id, item.text)
                 .map_err(|e| lmdb(work.path(), e))?;
         }
-        // One tree whose root holds every item: a search of the cluster is exact.
+        let block: Vec<(u32, &[f32])> = cluster.items.iter().map(|i| (i.id, i.vector)).collect();
+        scan_db
+            .put(&mut wtxn, &cluster.id, &scan::encode(&block, dims))
+            .map_err(|e| lmdb(work.path(), e))?;
+        // One tree whose root holds every item.
         let split_after = cluster.items.len().max(dims);
         pool.install(|| {
             writer
@@ -267,6 +285,7 @@ pub struct ShardFile {
     env: Env,
     arroy_db: ArroyDb,
     texts_db: TextsDb,
+    scan_db: ScanDb,
     meta: ShardMeta,
     /// Cluster number -> items, for request checks.
     clusters: BTreeMap<u32, u64>,
@@ -283,7 +302,7 @@ impl ShardFile {
         let env = unsafe {
             EnvOpenOptions::new()
                 .map_size(size.max(1 << 20).next_multiple_of(4096))
-                .max_dbs(4)
+                .max_dbs(5)
                 .flags(EnvFlags::READ_ONLY | EnvFlags::NO_SUB_DIR)
                 .open(path)
         }
@@ -296,6 +315,7 @@ impl ShardFile {
         let arroy_db: ArroyDb = open_db(&env, ARROY_DB, path)?.ok_or_else(|| missing(ARROY_DB))?;
         let texts_db: TextsDb = open_db(&env, TEXTS_DB, path)?.ok_or_else(|| missing(TEXTS_DB))?;
         let meta_db: MetaDb = open_db(&env, META_DB, path)?.ok_or_else(|| missing(META_DB))?;
+        let scan_db: ScanDb = open_db(&env, SCAN_DB, path)?.ok_or_else(|| missing(SCAN_DB))?;
         let rtxn = env.read_txn().map_err(|e| lmdb(path, e))?;
         let meta_json = meta_db
             .get(&rtxn, META_KEY)
@@ -328,6 +348,16 @@ impl ShardFile {
                     meta.dims
                 )));
             }
+            let block = scan_db
+                .get(&rtxn, &c.id)
+                .map_err(|e| lmdb(path, e))?
+                .and_then(|b| scan::Block::parse(b, meta.dims));
+            if block.map(|b| b.len() as u64) != Some(c.items) {
+                return Err(not_a_shard(format!(
+                    "cluster {} has no scan block of {} items of {} dims",
+                    c.id, c.items, meta.dims
+                )));
+            }
             clusters.insert(c.id, c.items);
         }
         let total: u64 = clusters.values().sum();
@@ -343,6 +373,7 @@ impl ShardFile {
             env,
             arroy_db,
             texts_db,
+            scan_db,
             meta,
             clusters,
         })
@@ -392,36 +423,78 @@ impl ShardFile {
             clusters
         };
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
+        self.search_in(&rtxn, vector, k, clusters)
+    }
+
+    /// [`Self::search`] inside an open read transaction (LMDB allows one per thread).
+    fn search_in(&self, rtxn: &RoTxn, vector: &[f32], k: usize, clusters: &[u32]) -> Result<Vec<Hit>> {
         let k = k.max(1);
-        let mut found: Vec<(u32, f32)> = Vec::with_capacity(k * clusters.len());
+        // Rank every item of the asked clusters by its int8 codes, one sequential read per
+        // cluster; then re-score the best candidates exactly.
+        let query = scan::quantize(vector);
+        let mut candidates: Vec<(u32, u32, f32)> = Vec::new();
         for &cluster in clusters {
-            let reader = self.reader(&rtxn, cluster)?;
-            found.extend(
-                reader
-                    .nns(k)
-                    .by_vector(&rtxn, vector)
-                    .map_err(|e| lmdb(&self.path, e))?,
-            );
+            let bytes = self
+                .scan_db
+                .get(rtxn, &cluster)
+                .map_err(|e| lmdb(&self.path, e))?
+                .unwrap_or_default();
+            let block = scan::Block::parse(bytes, self.meta.dims).ok_or_else(|| Error::NotAShard {
+                path: self.path.clone(),
+                reason: format!("cluster {cluster} has no valid scan block"),
+            })?;
+            block.scores(&query, |id, approx| candidates.push((id, cluster, approx)));
         }
-        found.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        let rerank = (k * RERANK_FACTOR).max(RERANK_MIN);
+        if candidates.len() > rerank {
+            candidates.select_nth_unstable_by(rerank - 1, |a, b| b.2.total_cmp(&a.2));
+            candidates.truncate(rerank);
+        }
+        let mut found: Vec<(u32, f32)> = Vec::with_capacity(candidates.len());
+        let mut readers: Vec<(u32, arroy::Reader<Cosine>)> = Vec::new();
+        for (id, cluster, _) in candidates {
+            let reader = match readers.iter().position(|(c, _)| *c == cluster) {
+                Some(i) => &readers[i].1,
+                None => {
+                    readers.push((cluster, self.reader(rtxn, cluster)?));
+                    &readers.last().expect("just pushed").1
+                }
+            };
+            let v = reader
+                .item_vector(rtxn, id)
+                .map_err(|e| lmdb(&self.path, e))?
+                .ok_or_else(|| Error::NotAShard {
+                    path: self.path.clone(),
+                    reason: format!("item {id} of cluster {cluster} has no vector"),
+                })?;
+            found.push((id, dot(&v, vector)));
+        }
+        let by_score = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        found.sort_by(by_score);
         found.dedup_by_key(|h| h.0);
         found.truncate(k);
         let mut hits = Vec::with_capacity(found.len());
-        for (id, distance) in found {
+        for (id, score) in found {
             let text = self
                 .texts_db
-                .get(&rtxn, &id)
+                .get(rtxn, &id)
                 .map_err(|e| lmdb(&self.path, e))?
                 .unwrap_or_default()
                 .to_string();
-            // arroy's cosine distance is (1 - cos) / 2.
-            hits.push(Hit {
-                id,
-                text,
-                score: 1.0 - 2.0 * distance,
-            });
+            // Vectors are L2-normalised: the dot product is the cosine similarity.
+            hits.push(Hit { id, text, score });
         }
         Ok(hits)
+    }
+
+    /// The text of item `id`, if this file holds it.
+    pub fn text(&self, id: u32) -> Result<Option<String>> {
+        let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
+        Ok(self
+            .texts_db
+            .get(&rtxn, &id)
+            .map_err(|e| lmdb(&self.path, e))?
+            .map(str::to_string))
     }
 
     /// Every item's id, cluster and vector, in id order (for evaluation and self-tests).
@@ -466,7 +539,11 @@ impl ShardFile {
                 .by_vector(&rtxn, &v)
                 .map_err(|e| lmdb(&self.path, e))?;
             tested += 1;
-            if hits.iter().any(|&(hit, d)| hit == id || d < 1e-6) {
+            // Both arroy's own search and the scan path must find the item.
+            let scanned = self.search_in(&rtxn, &v, 10, &[cluster])?;
+            if hits.iter().any(|&(hit, d)| hit == id || d < 1e-6)
+                && scanned.iter().any(|h| h.id == id || h.score > 1.0 - 1e-5)
+            {
                 found += 1;
             }
             if self

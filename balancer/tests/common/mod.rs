@@ -202,46 +202,107 @@ pub struct LoadReport {
     pub degraded: usize,
 }
 
-/// Bounded query load (at most `max` queries, one at a time with a short pause) until
-/// `stop` is set.
+/// How a load run offers its queries.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// One query at a time with a 20 ms pause, cycling through the texts.
+    Serial,
+    /// Open loop: this many queries per second, each text once (no answer cache hits);
+    /// the run ends when the texts do.
+    Rate(f64),
+}
+
+/// One query and what came back, into `report`.
+async fn send_query(client: &reqwest::Client, text: &str, report: &std::sync::Mutex<LoadReport>) {
+    let body = json!({"query": text, "k": 3}).to_string();
+    let outcome = client
+        .post(format!("http://127.0.0.1:{PORT}/v1/query"))
+        .body(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    let mut entry = match outcome {
+        Ok(r) if r.status().is_success() => Ok(r.json::<Value>().await.unwrap_or(Value::Null)),
+        Ok(r) => Err((r.status().as_u16(), r.text().await.unwrap_or_default())),
+        Err(e) => Err((0, e.to_string())),
+    };
+    let mut report = report.lock().unwrap();
+    match &mut entry {
+        Ok(v) => {
+            report.ok += 1;
+            report.degraded += usize::from(v["degraded"] == true);
+            report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
+        }
+        Err(failure) => report.failed.push(std::mem::take(failure)),
+    }
+}
+
+/// Bounded query load (at most `max` queries, at most 300 s) until `stop` is set.
 pub fn start_load(
     texts: Vec<String>,
     max: usize,
+    pace: Pace,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<LoadReport> {
     tokio::spawn(async move {
         let client = reqwest::Client::new();
-        let mut report = LoadReport::default();
+        let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
         let started = Instant::now();
+        let mut inflight = Vec::new();
         for i in 0..max {
             if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300) {
                 break;
             }
-            let body = json!({"query": texts[i % texts.len()], "k": 3}).to_string();
-            match client
-                .post(format!("http://127.0.0.1:{PORT}/v1/query"))
-                .body(body)
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => {
-                    let v: Value = r.json().await.unwrap_or(Value::Null);
-                    report.ok += 1;
-                    report.degraded += usize::from(v["degraded"] == true);
-                    report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
+            match pace {
+                Pace::Serial => {
+                    send_query(&client, &texts[i % texts.len()], &report).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    report
-                        .failed
-                        .push((status, r.text().await.unwrap_or_default()));
+                Pace::Rate(rate) => {
+                    let Some(text) = texts.get(i).cloned() else { break };
+                    let at = started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(at.into()).await;
+                    let (client, report) = (client.clone(), report.clone());
+                    inflight.push(tokio::spawn(async move {
+                        send_query(&client, &text, &report).await
+                    }));
                 }
-                Err(e) => report.failed.push((0, e.to_string())),
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        futures::future::join_all(inflight).await;
+        let report = std::mem::take(&mut *report.lock().unwrap());
         report
     })
+}
+
+/// Unique questions for load: corpus sample lines from `start` on (lines the tests do not
+/// index), each used once.
+pub fn unique_questions(start: usize, n: usize) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    corpus_slice(dir.path(), "q.txt", start..start + n).1
+}
+
+/// Answered queries per second with `connections` clients for `seconds`, each query
+/// unique (taken from `texts`, which must hold enough).
+pub async fn capacity(texts: &[String], connections: usize, seconds: f64) -> f64 {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let texts = Arc::new(texts.to_vec());
+    let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
+    let started = Instant::now();
+    let workers = (0..connections).map(|_| {
+        let (next, texts, report) = (next.clone(), texts.clone(), report.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while started.elapsed().as_secs_f64() < seconds {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(text) = texts.get(i) else { break };
+                send_query(&client, text, &report).await;
+            }
+        })
+    });
+    futures::future::join_all(workers).await;
+    let ok = report.lock().unwrap().ok;
+    ok as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Pids of the running simq-shard processes serving `shard` of `dg`.

@@ -1,0 +1,245 @@
+//! Bounded HTTP load of unique queries against `POST /v1/query` (simq's balancer or any
+//! service with the same API), for scripts/bench.sh.
+//!
+//! Every request takes the next line of `--queries`, so no query repeats within a run
+//! (`--start` picks where to begin, the summary says where it ended). Closed loop:
+//! `--connections` clients, each sending its next query when the last is answered. Open
+//! loop: `--rate` queries per second on a fixed schedule, latency counted from the
+//! scheduled time (no coordinated omission). Prints one JSON summary line: answers by
+//! status, degraded and cached answers, latency percentiles, and achieved rate;
+//! `--record FILE` also writes the result texts of each answered query (JSON lines) for
+//! recall measurements.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(about, long_about)]
+struct Args {
+    /// Query endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:8080/v1/query")]
+    url: String,
+    /// One query per line.
+    #[arg(long)]
+    queries: PathBuf,
+    /// Line of --queries to start at.
+    #[arg(long, default_value_t = 0)]
+    start: usize,
+    /// Closed loop with this many connections (ignored with --rate).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Open loop at this many queries per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to send, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Requests at most (bounds the run whatever the speed).
+    #[arg(long, default_value_t = 100_000)]
+    max: usize,
+    /// Open loop: requests outstanding at most; beyond it a scheduled request is counted
+    /// as "client_dropped" instead of sent.
+    #[arg(long, default_value_t = 2000)]
+    max_outstanding: usize,
+    /// Request timeout in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Neighbours asked per query.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// Repeat the first N queries of the run instead of moving on (a cache-hit mix).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Write {"query", "results": [texts]} per answered query to this file.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// A label copied into the summary.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_ms: Vec<f64>,
+    by_status: std::collections::BTreeMap<String, usize>,
+    degraded: usize,
+    cached: usize,
+    refused_ms: Vec<f64>,
+    records: Vec<Value>,
+}
+
+struct Shared {
+    args: Args,
+    lines: Vec<String>,
+    next: AtomicUsize,
+    tally: Mutex<Tally>,
+    client: reqwest::Client,
+}
+
+impl Shared {
+    fn take(&self) -> Option<String> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if i - self.args.start >= self.args.max {
+            return None;
+        }
+        let i = match self.args.repeat {
+            Some(n) => self.args.start + (i - self.args.start) % n.max(1),
+            None => i,
+        };
+        Some(self.lines[i % self.lines.len()].clone())
+    }
+
+    async fn send(&self, query: String, started: Instant) {
+        let body = json!({"query": query, "k": self.args.k});
+        let outcome = self
+            .client
+            .post(&self.args.url)
+            .json(&body)
+            .send()
+            .await;
+        let (status, answer) = match outcome {
+            Ok(resp) => {
+                let status = resp.status().as_u16().to_string();
+                (status, resp.json::<Value>().await.ok())
+            }
+            Err(e) if e.is_timeout() => ("timeout".to_string(), None),
+            Err(_) => ("connect_error".to_string(), None),
+        };
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut t = self.tally.lock().unwrap();
+        *t.by_status.entry(status.clone()).or_default() += 1;
+        match (status.as_str(), answer) {
+            ("200", Some(a)) => {
+                t.latencies_ms.push(ms);
+                t.degraded += usize::from(a["degraded"] == true);
+                t.cached += usize::from(a["cached"] == true);
+                if self.args.record.is_some() {
+                    let texts: Vec<Value> = a["results"]
+                        .as_array()
+                        .map(|r| r.iter().map(|x| x["text"].clone()).collect())
+                        .unwrap_or_default();
+                    t.records.push(json!({"query": query, "results": texts}));
+                }
+            }
+            ("429" | "503", _) => t.refused_ms.push(ms),
+            _ => {}
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some((sorted[i] * 100.0).round() / 100.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let lines: Vec<String> = std::fs::read_to_string(&args.queries)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(!lines.is_empty(), "{} has no queries", args.queries.display());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(args.timeout))
+        .pool_max_idle_per_host(args.connections.max(64))
+        .build()?;
+    let shared = Arc::new(Shared {
+        next: AtomicUsize::new(args.start),
+        lines,
+        tally: Mutex::new(Tally::default()),
+        client,
+        args,
+    });
+    let run = Duration::from_secs_f64(shared.args.seconds);
+    let began = Instant::now();
+    let mut client_dropped = 0usize;
+    match shared.args.rate {
+        None => {
+            let workers = (0..shared.args.connections.max(1)).map(|_| {
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    while began.elapsed() < run {
+                        let Some(q) = s.take() else { break };
+                        s.send(q, Instant::now()).await;
+                    }
+                })
+            });
+            futures::future::join_all(workers).await;
+        }
+        Some(rate) => {
+            let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+            let outstanding = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            let mut n = 0u32;
+            loop {
+                let at = began + interval * n;
+                if at.duration_since(began) >= run {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                n += 1;
+                if outstanding.load(Ordering::Acquire) >= shared.args.max_outstanding {
+                    client_dropped += 1;
+                    continue;
+                }
+                let Some(q) = shared.take() else { break };
+                let (s, out) = (shared.clone(), outstanding.clone());
+                out.fetch_add(1, Ordering::AcqRel);
+                tasks.push(tokio::spawn(async move {
+                    s.send(q, at).await;
+                    out.fetch_sub(1, Ordering::AcqRel);
+                }));
+            }
+            futures::future::join_all(tasks).await;
+        }
+    }
+    let elapsed = began.elapsed().as_secs_f64();
+    let mut t = std::mem::take(&mut *shared.tally.lock().unwrap());
+    t.latencies_ms.sort_by(f64::total_cmp);
+    t.refused_ms.sort_by(f64::total_cmp);
+    let sent: usize = t.by_status.values().sum();
+    let ok = t.by_status.get("200").copied().unwrap_or(0);
+    if let Some(path) = &shared.args.record {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for r in &t.records {
+            writeln!(f, "{r}")?;
+        }
+    }
+    let a = &shared.args;
+    println!(
+        "{}",
+        json!({
+            "label": a.label,
+            "mode": if a.rate.is_some() { "open" } else { "closed" },
+            "connections": a.rate.map_or(Some(a.connections), |_| None),
+            "offered_rate": a.rate,
+            "seconds": elapsed,
+            "sent": sent,
+            "ok": ok,
+            "failed": sent - ok,
+            "by_status": t.by_status,
+            "client_dropped": client_dropped,
+            "degraded": t.degraded,
+            "cached": t.cached,
+            "throughput": ok as f64 / elapsed,
+            "p50_ms": percentile(&t.latencies_ms, 0.50),
+            "p90_ms": percentile(&t.latencies_ms, 0.90),
+            "p99_ms": percentile(&t.latencies_ms, 0.99),
+            "max_ms": t.latencies_ms.last(),
+            "refused_p99_ms": percentile(&t.refused_ms, 0.99),
+            "next": shared.next.load(Ordering::Relaxed).min(a.start + a.max),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The query path under unique-query load, all real (Consul, Nomad, model, LMDB, every
+//! service a Nomad job): overload is refused fast and the stack recovers by itself, and a
+//! rollout at half the measured capacity fails and degrades nothing. Every query is a
+//! corpus question used once, so the answer cache never helps. Needs the cluster
+//! (scripts/test.sh runs this).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{
+    build_and_publish, capacity, corpus_slice, deploy, indexer, start_load, stop_jobs,
+    unique_questions, Pace, PORT,
+};
+use serde_json::{json, Value};
+
+/// Queued texts of every embedder, from their /health (found through Consul).
+async fn embedder_queues() -> Vec<u64> {
+    let consul = std::env::var("CONSUL_HTTP_ADDR").unwrap_or("http://127.0.0.1:8500".into());
+    let entries: Value = reqwest::get(format!("{consul}/v1/health/service/simq-embedder"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut queues = Vec::new();
+    for e in entries.as_array().unwrap() {
+        let s = &e["Service"];
+        let url = format!(
+            "http://{}:{}/health",
+            s["Address"].as_str().unwrap(),
+            s["Meta"]["metrics_port"].as_str().unwrap()
+        );
+        let health: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        queues.push(health["queued_texts"].as_u64().unwrap());
+    }
+    queues
+}
+
+#[derive(Default)]
+struct Overload {
+    ok_ms: Vec<f64>,
+    refused_ms: Vec<f64>,
+    /// Answers that are neither 200 nor a 503 with Retry-After: (status, body).
+    other: Vec<(u16, String)>,
+}
+
+fn p99(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+#[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
+async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = corpus_slice(tmp.path(), "corpus.txt", 0..600);
+    tokio::task::spawn_blocking(move || deploy(&corpus, 4, 1, 8))
+        .await
+        .unwrap();
+
+    // 200 connections of long unique queries (four questions each) for 10 s.
+    let long: Vec<String> = unique_questions(2000, 16_000)
+        .chunks(4)
+        .map(|c| c.join(" "))
+        .collect();
+    let long = Arc::new(long);
+    let next = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Overload::default()));
+    let started = Instant::now();
+    let workers = (0..200).map(|_| {
+        let (long, next, seen) = (long.clone(), next.clone(), seen.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while started.elapsed() < Duration::from_secs(10) {
+                let Some(text) = long.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                let t = Instant::now();
+                let resp = client
+                    .post(format!("http://127.0.0.1:{PORT}/v1/query"))
+                    .body(json!({"query": text}).to_string())
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                let mut seen = seen.lock().unwrap();
+                match resp {
+                    Ok(r) if r.status() == 200 => seen.ok_ms.push(ms),
+                    Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
+                        seen.refused_ms.push(ms)
+                    }
+                    Ok(r) => seen.other.push((r.status().as_u16(), String::new())),
+                    Err(e) => seen.other.push((0, e.to_string())),
+                }
+            }
+        })
+    });
+    futures::future::join_all(workers).await;
+    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    let (ok, refused) = (seen.ok_ms.len(), seen.refused_ms.len());
+    let (ok_p99, refused_p99) = (p99(&mut seen.ok_ms), p99(&mut seen.refused_ms));
+    eprintln!(
+        "overload: {ok} answered (p99 {ok_p99:.0} ms), {refused} refused (p99 {refused_p99:.1} ms), other {:?}",
+        seen.other
+    );
+    assert!(seen.other.is_empty(), "only answers and fast refusals: {:?}", seen.other);
+    assert!(refused > 0, "200 connections are beyond capacity: some must be refused");
+    assert!(ok > 0, "the admitted queries are answered");
+    assert!(ok_p99 < 2500.0, "admitted queries answer within the deadline: p99 {ok_p99} ms");
+    assert!(refused_p99 < 250.0, "refusals are fast: p99 {refused_p99} ms");
+
+    // Within 5 s of the end, normal queries answer normally and every queue is empty.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        embedder_queues().await.iter().all(|&q| q == 0),
+        "embedder queues drained"
+    );
+    let mut ms = Vec::new();
+    for text in unique_questions(19_000, 20) {
+        let t = Instant::now();
+        let (status, body) = common::post("/v1/query", json!({"query": text}).to_string()).await;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["degraded"], false, "{body}");
+    }
+    ms.sort_by(f64::total_cmp);
+    assert!(ms[10] < 200.0, "normal latency after the overload: p50 {} ms", ms[10]);
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
+async fn a_rollout_at_half_capacity_of_unique_queries_fails_and_degrades_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus_a, _) = corpus_slice(tmp.path(), "a.txt", 0..600);
+    let (corpus_b, _) = corpus_slice(tmp.path(), "b.txt", 600..1200);
+    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 4, 1, 8))
+        .await
+        .unwrap();
+    let (dg_b, _) = build_and_publish(&corpus_b, &tmp.path().join("dgs"), 4);
+
+    let measured = capacity(&unique_questions(2000, 4000), 8, 4.0).await;
+    let rate = measured / 2.0;
+    eprintln!("capacity {measured:.0} unique queries/s; rollout under {rate:.0}/s");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(unique_questions(6000, 13_000), 13_000, Pace::Rate(rate), stop.clone());
+    let out = tokio::task::spawn_blocking(move || indexer(&["rollout", &dg_b]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "rollout under load: {} answered, {} failed, {} degraded",
+        report.ok,
+        report.failed.len(),
+        report.degraded
+    );
+    assert!(report.failed.is_empty(), "failed queries: {:?}", report.failed);
+    assert_eq!(report.degraded, 0, "degraded answers during the rollout");
+    assert!(report.dgs.iter().any(|d| *d == dg_a) && report.dgs.last() == Some(&dg_b));
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
+}

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Turns the JSON lines of scripts/bench.sh serve into BENCHMARKS.md and a plot.
+
+    report.py RESULTS.jsonl --md BENCHMARKS.md --plot bench-latency.png --command "..."
+
+Each line is a loadgen summary with "system" (simq or peer) and "phase" (closed, open,
+cache, overload, bound, recall, scale, machine) added by bench.sh."""
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("results")
+p.add_argument("--md", required=True)
+p.add_argument("--plot", required=True)
+p.add_argument("--command", required=True)
+a = p.parse_args()
+rows = [json.loads(l) for l in open(a.results) if l.strip()]
+
+
+def phase(name, system=None):
+    return [r for r in rows if r.get("phase") == name and (system is None or r.get("system") == system)]
+
+
+def one(name, system=None):
+    found = phase(name, system)
+    return found[-1] if found else {}
+
+
+def fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(x, y):
+    return "-" if not x or not y else f"{x / y:.2f}"
+
+
+machine = one("machine")
+bound = one("bound")
+recall = one("recall")
+md = []
+md.append("# simq benchmarks\n")
+md.append(f"Reproduce: `{a.command}` (with the `scripts/up.sh` stack running).\n")
+md.append(f"Machine: {machine.get('cpus', '?')} cores ({machine.get('cpu', '?')}), {machine.get('memory', '?')}; "
+          f"run {machine.get('date', '?')}; simq {machine.get('commit', '?')}; corpus {machine.get('items', '?')} questions.\n")
+md.append("Everything below comes from one run on this machine: simq (the `up.sh` stack: balancer, embedder, "
+          f"{machine.get('shards', '?')} shards under Nomad), the peer (`scripts/bench/peer.py`: FastAPI in one uvicorn "
+          "process, onnxruntime with one thread per core, faiss `IndexIVFFlat` with "
+          f"{machine.get('peer_nlist', '?')} lists and nprobe {machine.get('peer_nprobe', '?')}, same model file, "
+          "tokenizer and items), and the bound (bare ONNX Runtime on the same queries, no service). "
+          "Load: unique perturbed corpus questions (`scripts/bench/queries.py`, fixed seed), none repeated, so every "
+          "simq query misses its answer cache unless the table says otherwise. Load generator: "
+          "`balancer/examples/loadgen.rs` on the same 2 cores.\n")
+
+md.append("## Targets\n")
+simq_unloaded = one("closed", "simq") if False else next((r for r in phase("closed", "simq") if r.get("connections") == 1), {})
+peer_unloaded = next((r for r in phase("closed", "peer") if r.get("connections") == 1), {})
+simq_best = max((r.get("throughput", 0) for r in phase("closed", "simq")), default=0)
+peer_best = max((r.get("throughput", 0) for r in phase("closed", "peer")), default=0)
+cache = one("cache", "simq")
+over = one("overload", "simq")
+after = one("after_overload", "simq")
+md.append("| target | measured | met |")
+md.append("|---|---|---|")
+t1 = simq_unloaded.get("p50_ms"), peer_unloaded.get("p50_ms")
+md.append(f"| unloaded p50 <= peer's p50 | simq {fmt(t1[0], 2)} ms, peer {fmt(t1[1], 2)} ms | {'yes' if t1[0] and t1[1] and t1[0] <= t1[1] else 'no'} |")
+md.append(f"| saturated throughput >= 1.6 x peer | simq {fmt(simq_best)} /s, peer {fmt(peer_best)} /s, ratio {ratio(simq_best, peer_best)} | {'yes' if peer_best and simq_best >= 1.6 * peer_best else 'no'} |")
+b = bound.get("best_texts_per_s")
+md.append(f"| saturated throughput >= 0.85 x bare-model bound | bound {fmt(b)} /s, ratio {ratio(simq_best, b)} | {'yes' if b and simq_best >= 0.85 * b else 'no'} |")
+rs = recall.get("simq")
+md.append(f"| recall@10 >= 0.98 at the defaults | simq {fmt(rs, 4)}, peer {fmt(recall.get('peer'), 4)} | {'yes' if rs and rs >= 0.98 else 'no'} |")
+md.append(f"| cache hits >= 20,000 /s | {fmt(cache.get('throughput'), 0)} /s | {'yes' if cache.get('throughput', 0) >= 20000 else 'no'} |")
+if over:
+    md.append(f"| overload: refusals < 50 ms, accepted answer in the deadline | refused p99 {fmt(over.get('refused_p99_ms'))} ms, accepted p99 {fmt(over.get('p99_ms'))} ms, {over.get('by_status')} | "
+              f"{'yes' if (over.get('refused_p99_ms') or 0) < 50 and (over.get('p99_ms') or 0) < 2000 else 'no'} |")
+if after:
+    md.append(f"| normal service within 5 s after overload | p50 {fmt(after.get('p50_ms'), 2)} ms, failed {after.get('failed')}, queues {after.get('queues', '?')} | "
+              f"{'yes' if after.get('failed') == 0 else 'no'} |")
+md.append("")
+
+md.append("## Bound: bare ONNX Runtime, same queries\n")
+md.append(f"Single query (one session, a thread per core): p50 {fmt(bound.get('single_query_p50_ms'), 2)} ms, "
+          f"p99 {fmt(bound.get('single_query_p99_ms'), 2)} ms. Best throughput ({bound.get('best_layout', '?')}): "
+          f"{fmt(bound.get('best_texts_per_s'))} texts/s.\n")
+
+md.append("## Closed loop, unique queries\n")
+md.append("| connections | simq q/s | simq p50 / p90 / p99 ms | simq failed / degraded | peer q/s | peer p50 / p90 / p99 ms | peer failed | simq / peer | simq / bound |")
+md.append("|---:|---:|---|---|---:|---|---|---:|---:|")
+for s in phase("closed", "simq"):
+    c = s.get("connections")
+    q = next((r for r in phase("closed", "peer") if r.get("connections") == c), {})
+    md.append(f"| {c} | {fmt(s.get('throughput'))} | {fmt(s.get('p50_ms'))} / {fmt(s.get('p90_ms'))} / {fmt(s.get('p99_ms'))} | "
+              f"{s.get('failed')} / {s.get('degraded')} | {fmt(q.get('throughput'))} | "
+              f"{fmt(q.get('p50_ms'))} / {fmt(q.get('p90_ms'))} / {fmt(q.get('p99_ms'))} | {q.get('failed', '-')} | "
+              f"{ratio(s.get('throughput'), q.get('throughput'))} | {ratio(s.get('throughput'), b)} |")
+md.append("")
+
+md.append("## Open loop, unique queries\n")
+md.append("Latency counted from each query's scheduled send time.\n")
+md.append("| offered q/s | simq answered q/s | simq p50 / p99 ms | simq failed (by status) | peer answered q/s | peer p50 / p99 ms | peer failed |")
+md.append("|---:|---:|---|---|---:|---|---|")
+for s in phase("open", "simq"):
+    rate = s.get("offered_rate")
+    q = next((r for r in phase("open", "peer") if r.get("offered_rate") == rate), {})
+    md.append(f"| {fmt(rate, 0)} | {fmt(s.get('throughput'))} | {fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))} | "
+              f"{s.get('failed')} {s.get('by_status')} | {fmt(q.get('throughput'))} | {fmt(q.get('p50_ms'))} / {fmt(q.get('p99_ms'))} | {q.get('failed', '-')} |")
+md.append("")
+
+md.append("## Cache hits\n")
+md.append(f"{cache.get('connections', '?')} connections repeating {cache.get('repeat', '?')} queries: "
+          f"{fmt(cache.get('throughput'), 0)} answers/s, p50 {fmt(cache.get('p50_ms'), 2)} ms, p99 {fmt(cache.get('p99_ms'), 2)} ms, "
+          f"{cache.get('cached')} of {cache.get('ok')} from the cache.\n")
+
+md.append("## Recall@10 against exact search\n")
+md.append(f"Over {recall.get('queries', '?')} answered unique queries of the closed-loop runs, exact top 10 by brute force "
+          f"over every item (`scripts/bench/recall.py`): simq {fmt(rs, 4)}, peer {fmt(recall.get('peer'), 4)}.\n")
+
+scale = phase("scale")
+if scale:
+    md.append("## Cost as the corpus grows\n")
+    md.append("| items | shards | clusters | build s (embeddings cached) | corpus scanned per query | recall@10 (eval) | search ms per query (eval, one thread) |")
+    md.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in scale:
+        md.append(f"| {r.get('items')} | {r.get('shards')} | {r.get('clusters')} | {fmt(r.get('build_s'))} | {r.get('scanned')} | {r.get('recall')} | {r.get('mean_ms')} |")
+    md.append("")
+
+if over:
+    md.append("## Overload and recovery\n")
+    md.append(f"{over.get('connections')} connections of long unique queries for {fmt(over.get('seconds'), 0)} s: "
+              f"answers by status {over.get('by_status')}, accepted p50 {fmt(over.get('p50_ms'))} ms / p99 {fmt(over.get('p99_ms'))} ms, "
+              f"refusals p99 {fmt(over.get('refused_p99_ms'))} ms.")
+    if after:
+        md.append(f" Then, {after.get('after_s', '?')} s after the load stopped, 8 connections of normal unique queries: "
+                  f"{fmt(after.get('throughput'))} q/s, p50 {fmt(after.get('p50_ms'), 2)} ms, failed {after.get('failed')}; "
+                  f"embedder queue {after.get('queues', '?')}.")
+    md.append("\n")
+
+md.append(f"![latency against offered load]({a.plot.split('/')[-1]})\n")
+open(a.md, "w").write("\n".join(md))
+
+fig, ax = plt.subplots(figsize=(7, 4.5))
+for system, style in (("simq", "o-"), ("peer", "s--")):
+    pts = sorted((r["offered_rate"], r.get("p50_ms"), r.get("p99_ms")) for r in phase("open", system) if r.get("p50_ms"))
+    if pts:
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, label=f"{system} p50")
+        ax.plot([x for x, _, _ in pts], [z for _, _, z in pts], style, alpha=0.5, label=f"{system} p99")
+ax.set_xlabel("offered load (unique queries/s)")
+ax.set_ylabel("latency (ms)")
+ax.set_yscale("log")
+ax.grid(True, which="both", alpha=0.3)
+ax.legend()
+ax.set_title("Latency against offered load (open loop, unique queries)")
+fig.tight_layout()
+fig.savefig(a.plot, dpi=110)
