@@ -27,6 +27,12 @@ variable "count" {
   default     = 1
 }
 
+variable "nice" {
+  type        = number
+  description = "CPU priority of the embedder (nice). On hosts it shares with balancers and shards, 5 keeps their short work (answers, fast refusals) ahead of inference batches under overload."
+  default     = 5
+}
+
 job "simq-embedder" {
   datacenters = ["*"]
   type        = "service"
@@ -84,6 +90,7 @@ job "simq-embedder" {
           "--ort-library", var.ort_library,
           "--grpc-listen", "127.0.0.1:${NOMAD_PORT_grpc}",
           "--http-listen", "127.0.0.1:${NOMAD_PORT_http}",
+          "--nice", "${var.nice}",
         ]
       }
 

@@ -68,5 +68,5 @@ check_loopback_only
 
 log "integration tests (real Consul, Nomad, model, LMDB)"
 # One test at a time: they share one cluster and the machine's two cores.
-cargo test --workspace --locked --quiet "${cargo_args[@]}" -- --ignored --test-threads=1
+cargo test --workspace --locked --quiet --no-fail-fast "${cargo_args[@]}" -- --ignored --test-threads=1
 log "all tests passed"

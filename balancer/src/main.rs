@@ -61,9 +61,13 @@ struct Args {
     /// Whole-request deadline in milliseconds.
     #[arg(long, default_value_t = 2000)]
     deadline_ms: u64,
-    /// Timeout of one upstream attempt in milliseconds (a retry goes to another replica).
+    /// Timeout of one shard attempt in milliseconds (a retry goes to another replica).
     #[arg(long, default_value_t = 500)]
     attempt_timeout_ms: u64,
+    /// Timeout of one embedder call in milliseconds: under load a call waits for its
+    /// batch, so it gets more than a shard attempt.
+    #[arg(long, default_value_t = 1500)]
+    embed_timeout_ms: u64,
     /// Answers kept in the cache (0 turns it off).
     #[arg(long, default_value_t = 10_000)]
     cache_entries: usize,
@@ -109,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         max_inflight: args.max_inflight,
         deadline: Duration::from_millis(args.deadline_ms),
         attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
+        embed_timeout: Duration::from_millis(args.embed_timeout_ms),
     };
     let executor = Arc::new(Executor::new(
         options,

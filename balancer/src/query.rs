@@ -54,8 +54,11 @@ pub struct QueryOptions {
     pub nprobe: usize,
     /// Whole-request deadline.
     pub deadline: Duration,
-    /// Per-attempt timeout of one upstream call.
+    /// Per-attempt timeout of one shard call (a retry goes to another replica).
     pub attempt_timeout: Duration,
+    /// Timeout of one embedder call. Longer than a shard attempt: under load a call
+    /// waits for its batch, and another embedder is as busy.
+    pub embed_timeout: Duration,
     /// Cache-miss queries in flight at most; more are refused with 503 and Retry-After.
     pub max_inflight: usize,
 }
@@ -273,7 +276,7 @@ impl<U: Upstreams> Executor<U> {
         let started = Instant::now();
         let mut last = String::from("no attempt fit in the deadline");
         for (n, up) in self.candidates(&routing.embedders, 0).into_iter().enumerate() {
-            let Some(timeout) = self.attempt_timeout(deadline) else {
+            let Some(timeout) = self.attempt_timeout(deadline, self.options.embed_timeout) else {
                 break;
             };
             let Some(_attempt) = self.attempt(n) else {
@@ -313,9 +316,10 @@ impl<U: Upstreams> Executor<U> {
         .with_retry_after(1))
     }
 
-    fn attempt_timeout(&self, deadline: Instant) -> Option<Duration> {
+    /// What is left of the deadline, at most `limit`; None when nothing is left.
+    fn attempt_timeout(&self, deadline: Instant, limit: Duration) -> Option<Duration> {
         let left = deadline.saturating_duration_since(Instant::now());
-        (!left.is_zero()).then(|| left.min(self.options.attempt_timeout))
+        (!left.is_zero()).then(|| left.min(limit))
     }
 
     /// Probe the nearest clusters on their shards and merge; notes say what was degraded.
@@ -380,7 +384,7 @@ impl<U: Upstreams> Executor<U> {
         let mut last = String::from("no attempt fit in the deadline");
         let replicas = &routing.shards[shard as usize];
         for (n, up) in self.candidates(replicas, 1 + shard as usize).into_iter().enumerate() {
-            let Some(timeout) = self.attempt_timeout(deadline) else {
+            let Some(timeout) = self.attempt_timeout(deadline, self.options.attempt_timeout) else {
                 break;
             };
             let Some(_attempt) = self.attempt(n) else {
@@ -567,6 +571,7 @@ mod tests {
                 nprobe,
                 deadline: Duration::from_millis(300),
                 attempt_timeout: Duration::from_millis(100),
+                embed_timeout: Duration::from_millis(100),
                 max_inflight,
             },
             Metrics::new().unwrap(),

@@ -57,7 +57,7 @@ async fn balancer_serves_through_a_consul_outage_and_recovers() {
     let (_, questions) = corpus_slice(tmp.path(), "questions.txt", 600..2000);
     // A 2 s blocking wait, so a hung Consul is noticed after ~12 s instead of ~42 s.
     let dg = tokio::task::spawn_blocking(move || {
-        deploy_with(&corpus, 4, 2, 2, &[("SIMQ_CONSUL_WAIT", "2")])
+        deploy_with(&corpus, 4, 2, 8, &[("SIMQ_CONSUL_WAIT", "2")])
     })
     .await
     .unwrap();

@@ -13,8 +13,9 @@ use serde_json::json;
 async fn queries_through_nomad_deployed_stack_find_their_originals() {
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, lines) = corpus_slice(tmp.path(), "e2e-corpus.txt", 0..600);
-    // 4 shards x 2 replicas, 2 fine clusters probed per query: room for retries and fallbacks.
-    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 2))
+    // 4 shards x 2 replicas, 8 of about 37 fine clusters probed per query: room for retries
+    // and fallbacks.
+    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 8))
         .await
         .unwrap();
 

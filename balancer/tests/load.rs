@@ -63,9 +63,10 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
         .await
         .unwrap();
 
-    // 200 connections of long unique queries (four questions each) for 10 s.
-    let long: Vec<String> = unique_questions(2000, 16_000)
-        .chunks(4)
+    // 200 connections of long unique queries (three questions each) for 10 s; like
+    // polite clients they wait the Retry-After second after a refusal.
+    let long: Vec<String> = unique_questions(2000, 16_500)
+        .chunks(3)
         .map(|c| c.join(" "))
         .collect();
     let long = Arc::new(long);
@@ -88,14 +89,28 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
                     .send()
                     .await;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
-                let mut seen = seen.lock().unwrap();
-                match resp {
-                    Ok(r) if r.status() == 200 => seen.ok_ms.push(ms),
-                    Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
-                        seen.refused_ms.push(ms)
+                let refused = match resp {
+                    Ok(r) if r.status() == 200 => {
+                        seen.lock().unwrap().ok_ms.push(ms);
+                        false
                     }
-                    Ok(r) => seen.other.push((r.status().as_u16(), String::new())),
-                    Err(e) => seen.other.push((0, e.to_string())),
+                    Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
+                        seen.lock().unwrap().refused_ms.push(ms);
+                        true
+                    }
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body = r.text().await.unwrap_or_default();
+                        seen.lock().unwrap().other.push((status, body));
+                        false
+                    }
+                    Err(e) => {
+                        seen.lock().unwrap().other.push((0, e.to_string()));
+                        false
+                    }
+                };
+                if refused {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         })
@@ -149,7 +164,8 @@ async fn a_rollout_at_half_capacity_of_unique_queries_fails_and_degrades_nothing
     eprintln!("capacity {measured:.0} unique queries/s; rollout under {rate:.0}/s");
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(unique_questions(6000, 13_000), 13_000, Pace::Rate(rate), stop.clone());
-    let out = tokio::task::spawn_blocking(move || indexer(&["rollout", &dg_b]))
+    let target = dg_b.clone();
+    let out = tokio::task::spawn_blocking(move || indexer(&["rollout", &target]))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -64,7 +64,7 @@ async fn eventually<T>(
 async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, lines) = corpus_slice(tmp.path(), "e2e-corpus.txt", 0..600);
-    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 2))
+    let dg = tokio::task::spawn_blocking(move || deploy(&corpus, 4, 2, 8))
         .await
         .unwrap();
     for l in lines.iter().take(5) {

@@ -85,7 +85,7 @@ async fn rollout_lifecycle_has_zero_failed_queries() {
     let texts: Vec<String> = lines_a.iter().chain(&lines_b).step_by(3).cloned().collect();
     let out = tmp.path().join("dgs");
 
-    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 3, 1, 4))
+    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 3, 1, 8))
         .await
         .unwrap();
     assert_eq!(query(&lines_a[5]).await["dg"], dg_a.as_str());
@@ -300,9 +300,10 @@ async fn shard_count_changes_roll_out_without_failed_or_degraded_queries() {
     let (corpus, lines) = corpus_slice(tmp.path(), "n.txt", 1200..1800);
     let texts: Vec<String> = lines.iter().step_by(2).cloned().collect();
     let out = tmp.path().join("dgs");
-    // 2 clusters probed: a query routed to a shard without replicas would come back degraded.
+    // 8 of about 37 clusters probed: a query routed to a shard without replicas would come
+    // back degraded.
     let corpus_4 = corpus.clone();
-    let dg4 = tokio::task::spawn_blocking(move || deploy(&corpus_4, 4, 1, 2))
+    let dg4 = tokio::task::spawn_blocking(move || deploy(&corpus_4, 4, 1, 8))
         .await
         .unwrap();
     let expect = |n: usize| {

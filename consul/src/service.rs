@@ -1,6 +1,6 @@
 //! What every simq service shows to Consul and Prometheus, in one place: `GET /health`
-//! (the target of the Consul check Nomad registers), `GET /metrics`, structured logging
-//! and the shutdown signal.
+//! (the target of the Consul check Nomad registers), `GET /metrics`, structured logging,
+//! the shutdown signal, and CPU priority.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -185,4 +185,19 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("static response")
+}
+
+/// Lower the calling thread's CPU priority to `nice` (Linux: nice values are per thread,
+/// and threads created afterwards inherit it). Used so that background work (a shard
+/// checking its file) or a CPU-bound service (the embedder) yields to latency-critical
+/// work on the same cores. A failure is logged, not fatal.
+pub fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: setpriority only reads its arguments; `0` names the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the CPU priority");
+    }
 }

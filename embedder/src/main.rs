@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use simq_consul::service::{init_logging, serve_ops, Shutdown};
+use simq_consul::service::{init_logging, lower_priority, serve_ops, Shutdown};
 use simq_embedder::batcher::{BatchMetrics, BatchOptions, Batcher};
 use simq_embedder::proto::embedder_server::EmbedderServer;
 use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
@@ -83,15 +83,29 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     max_texts: usize,
 
+    /// CPU priority (nice, 0-19) of the whole service. On machines shared with the
+    /// balancer and shards, a positive value keeps their short work (answers, fast
+    /// refusals) ahead of long inference batches under overload.
+    #[arg(long, default_value_t = 0)]
+    nice: i32,
+
     /// Seconds to let in-flight requests finish after SIGTERM.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_secs: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     init_logging();
     let args = Args::parse();
+    // Before any thread starts, so that every runtime and ONNX thread inherits it.
+    lower_priority(args.nice);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let defaults = RuntimeOptions::for_queries();
     let options = RuntimeOptions {
         sessions: args.sessions.unwrap_or(defaults.sessions),

@@ -286,14 +286,22 @@ async fn cancelled_calls_give_their_queue_slots_back_and_overload_never_wedges()
         .sum();
     assert!(skipped > 0.0, "work of callers that left was computed anyway:\n{metrics}");
 
-    // And a normal query answers at normal speed.
+    // And within 5 s of the end a normal query answers at normal speed (a batch that
+    // started before its callers left may still finish first).
     let mut client = EmbedderClient::new(channel);
-    let started = Instant::now();
-    client
-        .embed(EmbedRequest {
-            texts: vec!["How long did the war last?".into()],
-        })
-        .await
-        .expect("answers after the overload");
-    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    let ended = Instant::now();
+    loop {
+        let started = Instant::now();
+        client
+            .embed(EmbedRequest {
+                texts: vec!["How long did the war last?".into()],
+            })
+            .await
+            .expect("answers after the overload");
+        if started.elapsed() < Duration::from_millis(100) {
+            break;
+        }
+        assert!(ended.elapsed() < Duration::from_secs(5), "still slow: {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

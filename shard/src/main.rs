@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use simq_consul::service::{init_logging, serve_ops, Shutdown};
+use simq_consul::service::{init_logging, lower_priority, serve_ops, Shutdown};
 use simq_shard::proto::shard_server::ShardServer;
 use simq_shard::server::{SearchLimits, SearchPool, ShardMetrics, ShardService};
 use simq_shard::verify::{verify, Expected};
@@ -85,13 +85,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = ShardMetrics::register(&registry)?;
     let shutdown = Shutdown::default();
 
-    // /health answers from the start: 503 while verifying, 200 once serving.
+    // /health answers from the start: 503 while verifying, 200 once serving, 503 again
+    // when searches wait but none finishes (a stuck shard).
+    let pool = Arc::new(SearchPool::new(
+        args.search_threads,
+        args.max_waiting_searches,
+        metrics.waiting.clone(),
+    ));
     let readiness = Arc::new(Mutex::new(
         serde_json::json!({"status": "verifying", "dg": args.dg, "shard": args.shard}),
     ));
-    let health_state = readiness.clone();
+    let (health_state, health_pool) = (readiness.clone(), pool.clone());
+    let stall = Duration::from_secs(STALL_SECS);
     let health = Arc::new(move || {
-        let report = health_state.lock().unwrap().clone();
+        let mut report = health_state.lock().unwrap().clone();
+        if report["status"] == "ok" && !health_pool.progressing(stall) {
+            report["status"] = "stalled: searches wait but none finished recently".into();
+        }
+        report["waiting_searches"] = health_pool.waiting().into();
         (report["status"] == "ok", report)
     });
     let http = tokio::net::TcpListener::bind(args.http_listen)
@@ -111,7 +122,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("verify".into())
         .spawn(move || {
-            lower_priority();
+            // Checking a new file yields the CPU to shards that already serve.
+            lower_priority(10);
             let _ = done.send(verify(&path, &expected));
         })?;
     let (file, test) = verified
@@ -134,11 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dg: args.dg,
         sha256: args.sha256,
         limits: SearchLimits::default(),
-        pool: SearchPool::new(
-            args.search_threads,
-            args.max_waiting_searches,
-            metrics.waiting.clone(),
-        ),
+        pool,
         metrics,
     };
     let grpc_server = tonic::transport::Server::builder()
@@ -160,12 +168,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Nice 10 for the calling thread (Linux: nice values are per thread), so that checking a
-/// new shard file yields the CPU to searches of shards that already serve.
-fn lower_priority() {
-    // SAFETY: setpriority only reads its arguments; `0` names the calling thread.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "could not lower the verification priority");
-    }
-}
+/// Seconds searches may wait without any finishing before /health answers 503.
+const STALL_SECS: u64 = 10;

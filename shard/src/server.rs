@@ -2,7 +2,7 @@
 //! ([`SearchPool`]); a caller that goes away (or whose `grpc-timeout` passes: tonic drops
 //! the handler) before its search starts costs nothing.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,6 +37,9 @@ pub struct SearchPool {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     gauge: IntGauge,
+    started: Instant,
+    /// Milliseconds since `started` when a search last finished.
+    last_done_ms: Arc<AtomicU64>,
 }
 
 /// Counts one waiting search; the count drops when the guard does, also when the waiting
@@ -60,7 +63,19 @@ impl SearchPool {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting,
             gauge,
+            started: Instant::now(),
+            last_done_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// False when searches wait but none has finished for `stall`: the shard cannot do
+    /// its job and /health says so.
+    pub fn progressing(&self, stall: std::time::Duration) -> bool {
+        if self.waiting() == 0 {
+            return true;
+        }
+        let last = std::time::Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
+        self.started.elapsed().saturating_sub(last) < stall
     }
 
     /// Searches waiting for a worker now.
@@ -90,9 +105,12 @@ impl SearchPool {
             .expect("the pool's semaphore is never closed");
         drop(waiting);
         // The permit moves into the thread: the bound holds even if the caller leaves now.
+        let (started, last_done) = (self.started, self.last_done_ms.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            work()
+            let out = work();
+            last_done.store(started.elapsed().as_millis() as u64, Ordering::Release);
+            out
         })
         .await
         .ok()
@@ -140,7 +158,7 @@ pub struct ShardService {
     pub sha256: String,
     pub limits: SearchLimits,
     pub metrics: ShardMetrics,
-    pub pool: SearchPool,
+    pub pool: Arc<SearchPool>,
 }
 
 impl ShardService {
@@ -271,6 +289,7 @@ mod tests {
         // ...so the next is refused at once.
         assert_eq!(pool.run(|| 2).await, None);
         assert_eq!(pool.waiting(), 1, "a refusal leaves no count behind");
+        assert!(!pool.progressing(Duration::from_millis(10)), "waiting, nothing finishes");
         // The waiter's caller goes away: its place is free again.
         waiter.abort();
         let _ = waiter.await;
@@ -283,5 +302,6 @@ mod tests {
         assert_eq!(busy.await.unwrap(), Some(Some(())));
         assert_eq!(queued.await.unwrap(), Some(3));
         assert_eq!(pool.waiting(), 0);
+        assert!(pool.progressing(Duration::from_millis(10)));
     }
 }
