@@ -26,7 +26,7 @@ variable "consul_wait_secs" {
 variable "nprobe" {
   type        = number
   description = "Fine clusters probed per query (recall vs latency, see indexer/BENCH.md)."
-  default     = 160
+  default     = 192
 }
 
 variable "max_inflight" {

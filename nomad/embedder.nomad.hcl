@@ -27,6 +27,12 @@ variable "count" {
   default     = 1
 }
 
+variable "max_batch" {
+  type        = number
+  description = "Texts per inference call at most (simq-embedder --max-batch)."
+  default     = 16
+}
+
 variable "nice" {
   type        = number
   description = "CPU priority of the embedder (nice). On hosts it shares with balancers and shards, 5 keeps their short work (answers, fast refusals) ahead of inference batches under overload."
@@ -91,6 +97,7 @@ job "simq-embedder" {
           "--grpc-listen", "127.0.0.1:${NOMAD_PORT_grpc}",
           "--http-listen", "127.0.0.1:${NOMAD_PORT_http}",
           "--nice", "${var.nice}",
+          "--max-batch", "${var.max_batch}",
         ]
       }
 

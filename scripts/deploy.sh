@@ -13,7 +13,7 @@
 #   SIMQ_CLUSTERS  fine clusters over all shards [default: 4096]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
-#   SIMQ_NPROBE    fine clusters probed per query [default: 160]
+#   SIMQ_NPROBE    fine clusters probed per query [default: 192]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -22,7 +22,7 @@ shards="${SIMQ_SHARDS:-8}"
 replicas="${SIMQ_REPLICAS:-1}"
 port="${SIMQ_PORT:-8080}"
 clusters="${SIMQ_CLUSTERS:-4096}"
-nprobe="${SIMQ_NPROBE:-160}"
+nprobe="${SIMQ_NPROBE:-192}"
 consul_wait="${SIMQ_CONSUL_WAIT:-30}"
 blobs="$SIMQ_CACHE/blobs"
 if [ -z "${SIMQ_BIN_DIR:-}" ]; then

@@ -51,9 +51,9 @@ struct Args {
     /// Consul KV prefix of simq's keys.
     #[arg(long, default_value = "simq/")]
     kv_prefix: String,
-    /// Fine clusters probed per query. With the default 4096 clusters, 160 scan about 4.6 %
-    /// of the corpus for recall@10 0.984 against exact search (indexer/BENCH.md).
-    #[arg(long, default_value_t = 160)]
+    /// Fine clusters probed per query. With the default 4096 clusters, 192 read about 5.5 %
+    /// of the corpus for recall@10 0.986 against exact search (indexer/BENCH.md).
+    #[arg(long, default_value_t = 192)]
     nprobe: usize,
     /// Cache-miss queries in flight at most; beyond it 503 + Retry-After at once.
     #[arg(long, default_value_t = 32)]

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::request::{ApiError, QueryRequest};
 use crate::state::{Routing, Upstream};
 use crate::upstream::{
-    Admission, Attempt, CallError, Grpc, Outliers, RetryBudget, Upstreams,
+    Admission, Attempt, CallError, Grpc, Outliers, Refusal, RetryBudget, Upstreams,
 };
 
 /// One result row.
@@ -59,9 +59,13 @@ pub struct QueryOptions {
     /// Timeout of one embedder call. Longer than a shard attempt: under load a call
     /// waits for its batch, and another embedder is as busy.
     pub embed_timeout: Duration,
-    /// Cache-miss queries in flight at most; more are refused with 503 and Retry-After.
+    /// Cache-miss queries in flight at most; up to as many more wait [`ADMISSION_WAIT`]
+    /// for a place, the rest are refused at once with 503 and Retry-After.
     pub max_inflight: usize,
 }
+
+/// Longest a query waits for a place in flight before it is refused.
+pub const ADMISSION_WAIT: Duration = Duration::from_millis(500);
 
 /// Retries may be at most this share of the calls in flight (and at least
 /// [`RETRY_BUDGET_MIN`] at a time), as in Envoy's default retry budget.
@@ -152,7 +156,7 @@ impl<U: Upstreams> Executor<U> {
         upstreams: U,
     ) -> Self {
         Self {
-            admission: Admission::new(options.max_inflight),
+            admission: Admission::new(options.max_inflight, options.max_inflight, ADMISSION_WAIT),
             budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN),
             outliers: Outliers::new(EJECT_AFTER_FAILURES, EJECTION),
             options,
@@ -224,18 +228,24 @@ impl<U: Upstreams> Executor<U> {
             return Ok(hit);
         }
         self.metrics.cache_misses.inc();
-        let Some(_ticket) = self.admission.try_admit() else {
-            self.metrics.shed.with_label_values(&["overloaded"]).inc();
-            return Err(ApiError::new(
-                503,
-                "overloaded",
-                format!(
-                    "{} queries are being answered, the limit is {}; try again shortly",
-                    self.admission.limit(),
-                    self.admission.limit()
-                ),
-            )
-            .with_retry_after(1));
+        let _ticket = match self.admission.admit().await {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                self.metrics.shed.with_label_values(&["overloaded"]).inc();
+                let why = match refusal {
+                    Refusal::LineFull => "and as many wait",
+                    Refusal::WaitedTooLong => "and none finished in time",
+                };
+                return Err(ApiError::new(
+                    503,
+                    "overloaded",
+                    format!(
+                        "{} queries are being answered {why}; try again shortly",
+                        self.admission.limit()
+                    ),
+                )
+                .with_retry_after(1));
+            }
         };
 
         let vector = self.embed(routing, &req.query, deadline).await?;
@@ -677,14 +687,22 @@ mod tests {
             tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // The second waits in line (for up to ADMISSION_WAIT), the third is refused at once.
+        let second = {
+            let (ex, r) = (ex.clone(), r.clone());
+            tokio::spawn(async move { ex.answer(&r, &query("second")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let started = Instant::now();
-        let e = ex.answer(&r, &query("second")).await.unwrap_err();
+        let e = ex.answer(&r, &query("third")).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_millis(5));
         assert_eq!((e.status, e.kind, e.retry_after), (503, "overloaded", Some(1)));
+        second.abort();
+        let _ = second.await;
         // A cancelled query gives its place back.
         slow.abort();
         let _ = slow.await;
         fake.set(100, Behaviour::Answer);
-        assert!(ex.answer(&r, &query("third")).await.is_ok());
+        assert!(ex.answer(&r, &query("fourth")).await.is_ok());
     }
 }

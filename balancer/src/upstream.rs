@@ -142,43 +142,76 @@ impl Upstreams for Grpc {
     }
 }
 
-/// Bounded queries in flight. A [`Ticket`] holds one place until it is dropped.
+/// Bounded queries in flight, with a short bounded line in front: a query beyond `limit`
+/// waits at most `max_wait` for a place, and when `max_waiting` already wait it is refused
+/// at once. A [`Ticket`] holds its place until dropped, also when the query's future is
+/// dropped mid-way.
 pub struct Admission {
     limit: usize,
-    inflight: Arc<AtomicUsize>,
+    places: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    max_wait: Duration,
 }
 
-/// One admitted query; its place is given back on drop (also when the query's future is
-/// dropped mid-way).
+/// One admitted query.
 pub struct Ticket {
-    inflight: Arc<AtomicUsize>,
+    _place: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for Ticket {
+/// Why a query was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_waiting` queries already wait.
+    LineFull,
+    /// No place freed up within `max_wait`.
+    WaitedTooLong,
+}
+
+/// Counts one waiting query until dropped.
+struct InLine(Arc<AtomicUsize>);
+
+impl Drop for InLine {
     fn drop(&mut self) {
-        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Admission {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, max_waiting: usize, max_wait: Duration) -> Self {
         Self {
             limit: limit.max(1),
-            inflight: Arc::new(AtomicUsize::new(0)),
+            places: Arc::new(tokio::sync::Semaphore::new(limit.max(1))),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting,
+            max_wait,
         }
     }
 
-    /// A place, or None when `limit` queries are already in flight.
-    pub fn try_admit(&self) -> Option<Ticket> {
-        let before = self.inflight.fetch_add(1, Ordering::AcqRel);
-        let ticket = Ticket {
-            inflight: self.inflight.clone(),
-        };
-        (before < self.limit).then_some(ticket)
+    /// A place now, or after a short wait, or a refusal.
+    pub async fn admit(&self) -> Result<Ticket, Refusal> {
+        if let Ok(place) = self.places.clone().try_acquire_owned() {
+            return Ok(Ticket { _place: place });
+        }
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _in_line = InLine(self.waiting.clone());
+        if before >= self.max_waiting {
+            return Err(Refusal::LineFull);
+        }
+        match tokio::time::timeout(self.max_wait, self.places.clone().acquire_owned()).await {
+            Ok(Ok(place)) => Ok(Ticket { _place: place }),
+            _ => Err(Refusal::WaitedTooLong),
+        }
     }
 
+    /// Queries holding a place now.
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Acquire)
+        self.limit - self.places.available_permits()
+    }
+
+    /// Queries waiting for a place now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     pub fn limit(&self) -> usize {
@@ -310,15 +343,36 @@ impl Outliers {
 mod tests {
     use super::*;
 
-    #[test]
-    fn admission_refuses_past_the_limit_and_tickets_give_places_back() {
-        let a = Admission::new(2);
-        let t1 = a.try_admit().unwrap();
-        let _t2 = a.try_admit().unwrap();
-        assert!(a.try_admit().is_none());
-        assert_eq!(a.inflight(), 2, "a refusal leaves no count behind");
+    #[tokio::test]
+    async fn admission_queues_a_few_briefly_refuses_the_rest_and_tickets_give_places_back() {
+        let a = Arc::new(Admission::new(2, 1, Duration::from_millis(200)));
+        let t1 = a.admit().await.unwrap();
+        let _t2 = a.admit().await.unwrap();
+        // The third waits in line; the fourth finds the line full and is refused at once.
+        let third = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(a.waiting(), 1);
+        let started = Instant::now();
+        assert_eq!(a.admit().await.err(), Some(Refusal::LineFull));
+        assert!(started.elapsed() < Duration::from_millis(5));
+        // A place frees up: the waiting one gets it.
         drop(t1);
-        assert!(a.try_admit().is_some());
+        assert_eq!(third.await.unwrap(), Ok(()));
+        assert_eq!((a.inflight(), a.waiting()), (1, 0), "the third's ticket was dropped");
+        // A wait is bounded in time, and a cancelled wait leaves the line.
+        let _t3 = a.admit().await.unwrap();
+        assert_eq!(a.admit().await.err(), Some(Refusal::WaitedTooLong));
+        let cancelled = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit().await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cancelled.abort();
+        let _ = cancelled.await;
+        assert_eq!(a.waiting(), 0);
     }
 
     #[test]

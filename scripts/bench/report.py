@@ -87,6 +87,13 @@ md.append(f"Single query (one session, a thread per core): p50 {fmt(bound.get('s
           f"p99 {fmt(bound.get('single_query_p99_ms'), 2)} ms. Best throughput ({bound.get('best_layout', '?')}): "
           f"{fmt(bound.get('best_texts_per_s'))} texts/s.\n")
 
+cpu = one("cpu_share")
+if cpu:
+    numbers = {k: v for k, v in cpu.items() if isinstance(v, (int, float)) and v > 0.005}
+    shares = ", ".join(f"{k} {v * 100:.0f} %" for k, v in sorted(numbers.items(), key=lambda kv: -kv[1]))
+    md.append("## Where the CPU goes at saturation\n")
+    md.append(f"simq under 32 closed-loop connections, share of the whole machine per program: {shares}.\n")
+
 md.append("## Closed loop, unique queries\n")
 md.append("| connections | simq q/s | simq p50 / p90 / p99 ms | simq failed / degraded | peer q/s | peer p50 / p90 / p99 ms | peer failed | simq / peer | simq / bound |")
 md.append("|---:|---:|---|---|---:|---|---|---:|---:|")
