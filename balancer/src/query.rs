@@ -64,8 +64,9 @@ pub struct QueryOptions {
     pub max_inflight: usize,
 }
 
-/// Longest a query waits for a place in flight before it is refused.
-pub const ADMISSION_WAIT: Duration = Duration::from_millis(500);
+/// Longest a query waits for a place in flight before it is refused: short, so that
+/// every refusal stays fast; long enough to smooth a burst.
+pub const ADMISSION_WAIT: Duration = Duration::from_millis(40);
 
 /// Retries may be at most this share of the calls in flight (and at least
 /// [`RETRY_BUDGET_MIN`] at a time), as in Envoy's default retry budget.
@@ -692,7 +693,7 @@ mod tests {
             let (ex, r) = (ex.clone(), r.clone());
             tokio::spawn(async move { ex.answer(&r, &query("second")).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let started = Instant::now();
         let e = ex.answer(&r, &query("third")).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_millis(5));
