@@ -6,6 +6,9 @@
 #   scripts/bench.sh serve      the query path on the running scripts/up.sh stack, side by side
 #                               with a plain Python peer and the bare-model bound; writes
 #                               BENCHMARKS.md and bench-latency.png (see BENCHMARKS.md)
+#   scripts/bench.sh scale      build time, recall and search cost at 10k, 50k and all
+#                               questions, and at 4, 8 and 16 shards (rows added to the
+#                               serve results; run after serve, then the report is redone)
 #   scripts/bench.sh            embedder, build and recall
 # Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --clusters 512").
 # The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
@@ -181,11 +184,55 @@ PY
   log "bench: wrote BENCHMARKS.md and bench-latency.png (raw results: $results)"
 }
 
+run_scale() {
+  local results="$out/serve/results.jsonl" venv="$SIMQ_CACHE/bench-venv" n shards file line
+  [ -s "$results" ] || die "run scripts/bench.sh serve first (the scale rows join its results)"
+  # Reuse the cached embeddings of the full corpus; the subsets' are kept beside them.
+  mkdir -p "$out/scale/dgs/.embeddings"
+  local cached
+  for cached in "$SIMQ_CACHE"/dgs/.embeddings/*.f32; do
+    [ -e "$cached" ] && ln -sf "$cached" "$out/scale/dgs/.embeddings/"
+  done
+  sed -i '/"phase": "scale"/d' "$results"
+  for n in 10000 50000 all; do
+    file="$corpus"
+    if [ "$n" != all ]; then
+      file="$out/scale/questions-$n.txt"
+      head -n "$n" "$corpus" >"$file"
+    fi
+    for shards in 4 8 16; do
+      [ "$n" = all ] || [ "$shards" = 8 ] || continue
+      log "bench: scale: $n questions, $shards shards"
+      "$bin/simq-indexer" build "$file" --out "$out/scale/dgs" --shards "$shards" --force >"$out/scale/dir" 2>"$out/scale/build.log"
+      "$bin/simq-indexer" eval "$(cat "$out/scale/dir")" --queries 500 --nprobe 192 --json "$out/scale/eval.json" >/dev/null
+      line="$(python3 - "$out/scale/build.log" "$out/scale/eval.json" "$(cat "$out/scale/dir")" "$shards" <<'PY'
+import json, re, sys
+log = open(sys.argv[1]).read()
+m = re.search(r"time: total ([0-9.]+) s = embed ([0-9.]+) s .* k-means ([0-9.]+) s \+ index ([0-9.]+) s", log)
+row = json.load(open(sys.argv[2]))[0]
+manifest = json.load(open(sys.argv[3] + "/manifest.json"))
+print(json.dumps({"phase": "scale", "items": manifest["items"], "shards": int(sys.argv[4]),
+                  "clusters": len(manifest["clusters"]["shard_of"]),
+                  "build_s": float(m.group(3)) + float(m.group(4)), "embed_s": float(m.group(2)),
+                  "scanned": f"{row['scanned'] * 100:.1f} %", "recall": round(row["recall"], 4),
+                  "mean_ms": round(row["mean_ms"], 2)}))
+PY
+)"
+      echo "$line" | tee -a "$results" >&2
+    done
+  done
+  rm -rf "$out/scale/dgs"/dg-*
+  "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
+    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve && scripts/bench.sh scale"
+  log "bench: scale rows added to BENCHMARKS.md"
+}
+
 case "${1:-all}" in
   embedder) run_embedder ;;
   build) run_build ;;
   recall) run_recall ;;
   serve) run_serve ;;
+  scale) run_scale ;;
   all) run_embedder; run_build; run_recall ;;
-  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|all]" ;;
+  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|all]" ;;
 esac

@@ -97,12 +97,7 @@ impl Shared {
 
     async fn send(&self, query: String, started: Instant) {
         let body = json!({"query": query, "k": self.args.k});
-        let outcome = self
-            .client
-            .post(&self.args.url)
-            .json(&body)
-            .send()
-            .await;
+        let outcome = self.client.post(&self.args.url).json(&body).send().await;
         let (status, answer) = match outcome {
             Ok(resp) => {
                 let status = resp.status().as_u16().to_string();
@@ -149,7 +144,11 @@ async fn main() -> anyhow::Result<()> {
         .filter(|l| !l.trim().is_empty())
         .map(String::from)
         .collect();
-    anyhow::ensure!(!lines.is_empty(), "{} has no queries", args.queries.display());
+    anyhow::ensure!(
+        !lines.is_empty(),
+        "{} has no queries",
+        args.queries.display()
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs_f64(args.timeout))
         .pool_max_idle_per_host(args.connections.max(64))

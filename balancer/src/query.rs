@@ -286,7 +286,11 @@ impl<U: Upstreams> Executor<U> {
         }
         let started = Instant::now();
         let mut last = String::from("no attempt fit in the deadline");
-        for (n, up) in self.candidates(&routing.embedders, 0).into_iter().enumerate() {
+        for (n, up) in self
+            .candidates(&routing.embedders, 0)
+            .into_iter()
+            .enumerate()
+        {
             let Some(timeout) = self.attempt_timeout(deadline, self.options.embed_timeout) else {
                 break;
             };
@@ -343,7 +347,10 @@ impl<U: Upstreams> Executor<U> {
     ) -> Result<(Vec<ResultRow>, Vec<String>), ApiError> {
         let manifest = &routing.manifest;
         let plan = routing.map.plan(vector, self.options.nprobe, |s| {
-            routing.shards.get(s as usize).is_some_and(|r| !r.is_empty())
+            routing
+                .shards
+                .get(s as usize)
+                .is_some_and(|r| !r.is_empty())
         });
         let mut notes: Vec<String> = plan
             .skipped
@@ -394,7 +401,11 @@ impl<U: Upstreams> Executor<U> {
     ) -> Result<Vec<ResultRow>, String> {
         let mut last = String::from("no attempt fit in the deadline");
         let replicas = &routing.shards[shard as usize];
-        for (n, up) in self.candidates(replicas, 1 + shard as usize).into_iter().enumerate() {
+        for (n, up) in self
+            .candidates(replicas, 1 + shard as usize)
+            .into_iter()
+            .enumerate()
+        {
             let Some(timeout) = self.attempt_timeout(deadline, self.options.attempt_timeout) else {
                 break;
             };
@@ -411,10 +422,9 @@ impl<U: Upstreams> Executor<U> {
             };
             let outcome = match self.upstreams.search(up, req, timeout).await {
                 // Shards refuse other dgs; this check makes mixing impossible by construction.
-                Ok(resp) if resp.dg != routing.manifest.dg => Err(CallError::WrongDg(format!(
-                    "answered for dg {}",
-                    resp.dg
-                ))),
+                Ok(resp) if resp.dg != routing.manifest.dg => {
+                    Err(CallError::WrongDg(format!("answered for dg {}", resp.dg)))
+                }
                 other => other,
             };
             self.record("shard", up, outcome.as_ref().map(|_| ()));
@@ -507,12 +517,21 @@ mod tests {
 
         fn calls_to(&self, port: u16) -> Vec<Vec<u32>> {
             let calls = self.calls.lock().unwrap();
-            calls.iter().filter(|c| c.0 == port).map(|c| c.1.clone()).collect()
+            calls
+                .iter()
+                .filter(|c| c.0 == port)
+                .map(|c| c.1.clone())
+                .collect()
         }
     }
 
     impl Upstreams for Arc<Fake> {
-        async fn embed(&self, up: &Upstream, _: &str, timeout: Duration) -> Result<Embedded, CallError> {
+        async fn embed(
+            &self,
+            up: &Upstream,
+            _: &str,
+            timeout: Duration,
+        ) -> Result<Embedded, CallError> {
             match self.act(up, Vec::new(), timeout).await {
                 Behaviour::Answer | Behaviour::OtherDg => Ok(Embedded {
                     vector: self.vector.clone(),
@@ -541,7 +560,11 @@ mod tests {
                             score: 1.0 - *c as f32 * 0.1,
                         })
                         .collect(),
-                    dg: if b == Behaviour::OtherDg { "dg-other".into() } else { req.dg },
+                    dg: if b == Behaviour::OtherDg {
+                        "dg-other".into()
+                    } else {
+                        req.dg
+                    },
                     shard,
                 }),
                 Behaviour::Fail => Err(CallError::Failed("boom".into())),
@@ -603,14 +626,19 @@ mod tests {
         // Near +x: clusters 0 and 2, both in shard 0; shard 1 is not asked at all.
         let fake = Arc::new(Fake::new([1.0, 0.1]));
         let ex = executor(&fake, 2, 8);
-        let a = ex.answer(&routing(&[100], &[200]), &query("q")).await.unwrap();
+        let a = ex
+            .answer(&routing(&[100], &[200]), &query("q"))
+            .await
+            .unwrap();
         assert_eq!(fake.calls_to(100), vec![vec![0, 2]]);
         assert!(fake.calls_to(200).is_empty());
         assert!(!a.degraded);
         assert_eq!(a.similar.as_deref(), Some("from cluster 0"));
         // Three clusters reach shard 1's nearest one too, in one call per shard.
         let ex = executor(&fake, 3, 8);
-        ex.answer(&routing(&[100], &[200]), &query("q2")).await.unwrap();
+        ex.answer(&routing(&[100], &[200]), &query("q2"))
+            .await
+            .unwrap();
         assert_eq!(fake.calls_to(200), vec![vec![1]]);
     }
 
@@ -625,7 +653,11 @@ mod tests {
             assert!(!a.degraded, "the other replica answers");
         }
         // Round robin starts at 100 every other query; after 3 failures it goes last.
-        assert_eq!(fake.calls_to(100).len(), 3, "ejected after 3 failures in a row");
+        assert_eq!(
+            fake.calls_to(100).len(),
+            3,
+            "ejected after 3 failures in a row"
+        );
         assert_eq!(ex.ejected_replicas(), 1);
     }
 
@@ -635,8 +667,16 @@ mod tests {
         let ex = executor(&fake, 2, 8);
         let a = ex.answer(&routing(&[], &[200]), &query("q")).await.unwrap();
         assert!(a.degraded);
-        assert!(a.notes[0].contains("shard 0 has no healthy replica"), "{:?}", a.notes);
-        assert_eq!(fake.calls_to(200), vec![vec![1, 3]], "next-nearest clusters instead");
+        assert!(
+            a.notes[0].contains("shard 0 has no healthy replica"),
+            "{:?}",
+            a.notes
+        );
+        assert_eq!(
+            fake.calls_to(200),
+            vec![vec![1, 3]],
+            "next-nearest clusters instead"
+        );
     }
 
     #[tokio::test]
@@ -669,7 +709,10 @@ mod tests {
             .unwrap_err();
         let took = started.elapsed();
         assert_eq!((e.status, e.kind), (503, "shards_failed"));
-        assert!(took < Duration::from_millis(450), "took {took:?} for a 300 ms deadline");
+        assert!(
+            took < Duration::from_millis(450),
+            "took {took:?} for a 300 ms deadline"
+        );
         let calls = fake.calls.lock().unwrap();
         assert!(calls.iter().all(|c| c.2 <= Duration::from_millis(100)));
         // The embed call and then 100 ms attempts: the third gets what is left.
@@ -697,7 +740,10 @@ mod tests {
         let started = Instant::now();
         let e = ex.answer(&r, &query("third")).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_millis(5));
-        assert_eq!((e.status, e.kind, e.retry_after), (503, "overloaded", Some(1)));
+        assert_eq!(
+            (e.status, e.kind, e.retry_after),
+            (503, "overloaded", Some(1))
+        );
         second.abort();
         let _ = second.await;
         // A cancelled query gives its place back.

@@ -13,7 +13,13 @@ use crate::state::ActiveIndex;
 pub const CLUSTERS: [([f32; 2], u32); 4] = [
     ([1.0, 0.0], 0),
     ([0.0, 1.0], 1),
-    ([std::f32::consts::FRAC_1_SQRT_2, std::f32::consts::FRAC_1_SQRT_2], 0),
+    (
+        [
+            std::f32::consts::FRAC_1_SQRT_2,
+            std::f32::consts::FRAC_1_SQRT_2,
+        ],
+        0,
+    ),
     ([-1.0, 0.0], 1),
 ];
 

@@ -324,8 +324,9 @@ impl Outliers {
     /// `list` with ejected replicas moved to the end (still tried when nothing else is
     /// left: ejection never makes a shard unreachable on its own).
     pub fn order<'a>(&self, list: Vec<&'a Upstream>, now: Instant) -> Vec<&'a Upstream> {
-        let (mut ok, ejected): (Vec<_>, Vec<_>) =
-            list.into_iter().partition(|u| !self.is_ejected(&u.addr, now));
+        let (mut ok, ejected): (Vec<_>, Vec<_>) = list
+            .into_iter()
+            .partition(|u| !self.is_ejected(&u.addr, now));
         ok.extend(ejected);
         ok
     }
@@ -361,7 +362,11 @@ mod tests {
         // A place frees up: the waiting one gets it.
         drop(t1);
         assert_eq!(third.await.unwrap(), Ok(()));
-        assert_eq!((a.inflight(), a.waiting()), (1, 0), "the third's ticket was dropped");
+        assert_eq!(
+            (a.inflight(), a.waiting()),
+            (1, 0),
+            "the third's ticket was dropped"
+        );
         // A wait is bounded in time, and a cancelled wait leaves the line.
         let _t3 = a.admit().await.unwrap();
         assert_eq!(a.admit().await.err(), Some(Refusal::WaitedTooLong));
@@ -386,7 +391,10 @@ mod tests {
         assert!(b.retry().is_some(), "a finished retry frees budget");
         drop(calls);
         let idle = RetryBudget::new(0.2, 1);
-        assert!(idle.retry().is_some(), "min_concurrent allows a retry when idle");
+        assert!(
+            idle.retry().is_some(),
+            "min_concurrent allows a retry when idle"
+        );
     }
 
     #[test]

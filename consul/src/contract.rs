@@ -293,10 +293,19 @@ pub(crate) mod tests {
     fn every_shard_needs_a_cluster_and_chunks_match_the_bytes() {
         let mut m = manifest();
         m.clusters.shard_of = vec![0];
-        assert!(m.clone().seal().validate().unwrap_err().contains("1 clusters for 2 shards"));
+        assert!(m
+            .clone()
+            .seal()
+            .validate()
+            .unwrap_err()
+            .contains("1 clusters for 2 shards"));
         let mut m = manifest();
         m.clusters.centroid_chunks = 2;
-        assert!(m.seal().validate().unwrap_err().contains("2 centroid chunks"));
+        assert!(m
+            .seal()
+            .validate()
+            .unwrap_err()
+            .contains("2 centroid chunks"));
     }
 
     #[test]

@@ -21,5 +21,5 @@ pub mod service;
 
 pub use client::{BlockingQuery, ConsulClient, Indexed, KvPair, ServiceEntry};
 pub use contract::{ActiveDg, ClusterTable, KvLayout, Manifest, ShardEntry};
-pub use routing::{CentroidMap, ProbePlan};
 pub use error::{Error, Result};
+pub use routing::{CentroidMap, ProbePlan};

@@ -30,7 +30,8 @@ pub fn has_avx2_fma() -> bool {
     {
         use std::sync::OnceLock;
         static AVX2_FMA: OnceLock<bool> = OnceLock::new();
-        *AVX2_FMA.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *AVX2_FMA
+            .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -132,7 +133,10 @@ impl CentroidMap {
 
     /// The centroid bytes as stored: little-endian f32, row-major.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.centroids.iter().flat_map(|x| x.to_le_bytes()).collect()
+        self.centroids
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect()
     }
 
     /// sha256 of [`Self::to_bytes`], as the manifest pins it.
@@ -177,12 +181,7 @@ impl CentroidMap {
     /// The probe plan for `vector`: the `nprobe` nearest clusters among shards that
     /// `can_ask`, grouped by shard. A shard that cannot be asked is skipped and its
     /// clusters are replaced by the next-nearest ones elsewhere.
-    pub fn plan(
-        &self,
-        vector: &[f32],
-        nprobe: usize,
-        can_ask: impl Fn(u32) -> bool,
-    ) -> ProbePlan {
+    pub fn plan(&self, vector: &[f32], nprobe: usize, can_ask: impl Fn(u32) -> bool) -> ProbePlan {
         let nprobe = nprobe.clamp(1, self.clusters().max(1));
         let mut plan = ProbePlan::default();
         let mut taken = 0;
@@ -244,7 +243,10 @@ pub(crate) mod tests {
             let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
             let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.1).collect();
             let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - plain).abs() <= 1e-3 * plain.abs().max(1.0), "n={n}");
+            assert!(
+                (dot(&a, &b) - plain).abs() <= 1e-3 * plain.abs().max(1.0),
+                "n={n}"
+            );
         }
     }
 
@@ -272,7 +274,11 @@ pub(crate) mod tests {
     fn plan_routes_around_a_shard_that_cannot_be_asked() {
         let m = map();
         let plan = m.plan(&[1.0, 0.1], 2, |s| s != 0);
-        assert_eq!(plan.shards, vec![(1, vec![1])], "next-nearest cluster elsewhere");
+        assert_eq!(
+            plan.shards,
+            vec![(1, vec![1])],
+            "next-nearest cluster elsewhere"
+        );
         assert_eq!(plan.skipped, vec![0]);
         assert!(plan.degraded());
         // A shard that held none of the nearest clusters is not a degradation.

@@ -268,7 +268,9 @@ fn bound_only(args: &Args, texts: &[String]) -> anyhow::Result<()> {
         .iter()
         .map(|t| {
             let started = Instant::now();
-            single.embed(&[t]).map(|_| started.elapsed().as_secs_f64() * 1000.0)
+            single
+                .embed(&[t])
+                .map(|_| started.elapsed().as_secs_f64() * 1000.0)
         })
         .collect::<Result<_, _>>()?;
     latencies.sort_by(f64::total_cmp);

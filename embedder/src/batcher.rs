@@ -179,7 +179,13 @@ impl Batcher {
             started,
             last_batch_ms: last_batch_ms.clone(),
         };
-        tokio::spawn(collect(rx, embedder.clone(), options, metrics.clone(), progress));
+        tokio::spawn(collect(
+            rx,
+            embedder.clone(),
+            options,
+            metrics.clone(),
+            progress,
+        ));
         Self {
             tx,
             queued,

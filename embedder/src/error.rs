@@ -28,7 +28,9 @@ pub enum Error {
     Overloaded { queued: usize, limit: usize },
 
     /// The request waited in the queue longer than the queue's time bound and was not run.
-    #[error("embedder overloaded: the request waited {waited_ms} ms in the queue (limit {limit_ms} ms)")]
+    #[error(
+        "embedder overloaded: the request waited {waited_ms} ms in the queue (limit {limit_ms} ms)"
+    )]
     QueueTimeout { waited_ms: u64, limit_ms: u64 },
 }
 

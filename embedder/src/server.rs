@@ -102,7 +102,8 @@ impl proto::embedder_server::Embedder for EmbedService {
                 }))
             }
             Err(e) => {
-                let outcome = if matches!(e, Error::Overloaded { .. } | Error::QueueTimeout { .. }) {
+                let outcome = if matches!(e, Error::Overloaded { .. } | Error::QueueTimeout { .. })
+                {
                     "overloaded"
                 } else {
                     "error"

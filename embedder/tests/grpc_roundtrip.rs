@@ -75,14 +75,19 @@ async fn start_with(extra: &[&str]) -> Running {
     running
 }
 
-/// The sum of every series of metric `name` (all label sets), and the whole scrape.
-async fn metric_sum(server: &Running, name: &str) -> (f64, String) {
-    let metrics = reqwest::get(format!("{}/metrics", server.http))
+/// The service's /metrics text.
+async fn scrape(server: &Running) -> String {
+    reqwest::get(format!("{}/metrics", server.http))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The sum of every series of metric `name` (all label sets), and the whole scrape.
+async fn metric_sum(server: &Running, name: &str) -> (f64, String) {
+    let metrics = scrape(server).await;
     let sum = metrics
         .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
@@ -175,12 +180,7 @@ async fn grpc_roundtrip_embeds_similar_texts_close_and_reports_model_id() {
         .await
         .unwrap();
     assert_eq!(health["model_id"], expected_id);
-    let metrics = reqwest::get(format!("{}/metrics", server.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     assert!(
         metrics.contains("simq_embedder_requests_total{outcome=\"ok\"} 2"),
         "{metrics}"
@@ -248,7 +248,8 @@ async fn cancelled_calls_give_their_queue_slots_back_and_overload_never_wedges()
         .unwrap();
     // 300 long texts at once, each caller giving up after 30 ms (grpc-timeout): far more
     // than the service can do in that time, so most calls are cancelled while queued.
-    let long = "why did the old lighthouse keeper decide to leave the island after the storm ".repeat(8);
+    let long =
+        "why did the old lighthouse keeper decide to leave the island after the storm ".repeat(8);
     let calls = (0..300).map(|i| {
         let mut client = EmbedderClient::new(channel.clone());
         let text = format!("{i} {long}");
@@ -260,7 +261,10 @@ async fn cancelled_calls_give_their_queue_slots_back_and_overload_never_wedges()
     });
     let outcomes = futures::future::join_all(calls).await;
     let refused = outcomes.iter().filter(|o| o.is_err()).count();
-    assert!(refused > 200, "most calls should time out or be refused: {refused} of 300");
+    assert!(
+        refused > 200,
+        "most calls should time out or be refused: {refused} of 300"
+    );
 
     // Within 5 s every slot is back and queued work of gone callers was skipped.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -278,7 +282,10 @@ async fn cancelled_calls_give_their_queue_slots_back_and_overload_never_wedges()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (skipped, metrics) = metric_sum(&server, "simq_embedder_skipped_requests_total").await;
-    assert!(skipped > 0.0, "work of callers that left was computed anyway:\n{metrics}");
+    assert!(
+        skipped > 0.0,
+        "work of callers that left was computed anyway:\n{metrics}"
+    );
 
     // And within 5 s of the end a normal query answers at normal speed (a batch that
     // started before its callers left may still finish first).

@@ -157,16 +157,23 @@ pub fn build(
                     .collect();
                 let items: usize = clusters.iter().map(|c| c.items.len()).sum();
                 let path = work.path().join(shard_file_name(s));
-                let entry = build_shard(&path, s as u32, dims, embedder.model_id(), &clusters, params)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| {
-                        Ok(ShardEntry {
-                            shard: s as u32,
-                            sha256: sha256_file(&path)?,
-                            size: std::fs::metadata(&path)?.len(),
-                            items: items as u64,
-                        })
-                    });
+                let entry = build_shard(
+                    &path,
+                    s as u32,
+                    dims,
+                    embedder.model_id(),
+                    &clusters,
+                    params,
+                )
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    Ok(ShardEntry {
+                        shard: s as u32,
+                        sha256: sha256_file(&path)?,
+                        size: std::fs::metadata(&path)?.len(),
+                        items: items as u64,
+                    })
+                });
                 *results[s].lock().unwrap() = Some(entry);
                 bar.inc(1);
                 tracing::info!(shard = s, of = opts.shards, "shard indexed");
@@ -316,8 +323,18 @@ struct ClusterPlan {
 /// proportion to its size (at least one). Empty fine clusters are dropped.
 fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<ClusterPlan> {
     let n = vectors.len() / dims;
-    let coarse = spherical_kmeans(vectors, dims, opts.shards, opts.seed, opts.kmeans_iterations);
-    tracing::info!(shards = opts.shards, iterations = coarse.iterations, "split into shards");
+    let coarse = spherical_kmeans(
+        vectors,
+        dims,
+        opts.shards,
+        opts.seed,
+        opts.kmeans_iterations,
+    );
+    tracing::info!(
+        shards = opts.shards,
+        iterations = coarse.iterations,
+        "split into shards"
+    );
     let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); opts.shards];
     for (id, &s) in coarse.assignment.iter().enumerate() {
         by_shard[s as usize].push(id as u32);
@@ -334,7 +351,13 @@ fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<
             .flat_map(|&id| &vectors[id as usize * dims..(id as usize + 1) * dims])
             .copied()
             .collect();
-        let fine = spherical_kmeans(&local, dims, k, opts.seed.wrapping_add(s as u64 + 1), opts.kmeans_iterations);
+        let fine = spherical_kmeans(
+            &local,
+            dims,
+            k,
+            opts.seed.wrapping_add(s as u64 + 1),
+            opts.kmeans_iterations,
+        );
         let mut groups: Vec<Vec<u32>> = vec![Vec::new(); k];
         for (i, &c) in fine.assignment.iter().enumerate() {
             groups[c as usize].push(ids[i]);
@@ -347,7 +370,14 @@ fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<
             }
         }
         bar.inc(1);
-        tracing::info!(shard = s, of = opts.shards, clusters = k, items = ids.len(), iterations = fine.iterations, "shard clustered");
+        tracing::info!(
+            shard = s,
+            of = opts.shards,
+            clusters = k,
+            items = ids.len(),
+            iterations = fine.iterations,
+            "shard clustered"
+        );
     }
     bar.finish_and_clear();
     if members.len() > MAX_CLUSTERS {

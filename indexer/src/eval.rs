@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use anyhow::Context;
+use rayon::prelude::*;
 use simq_consul::{CentroidMap, Manifest};
 use simq_shard::ShardFile;
 
@@ -41,7 +41,8 @@ impl DgDir {
 pub fn read_centroids(dir: &Path, manifest: &Manifest) -> anyhow::Result<CentroidMap> {
     let path = dir.join(CENTROIDS_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    CentroidMap::from_bytes(manifest, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    CentroidMap::from_bytes(manifest, &bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// One row of the recall table.
@@ -104,7 +105,10 @@ pub fn recall(
             let plan = dg.map.plan(q, nprobe, |_| true);
             let mut found = Vec::new();
             for (s, clusters) in &plan.shards {
-                scanned += clusters.iter().map(|&c| cluster_items[c as usize]).sum::<u64>();
+                scanned += clusters
+                    .iter()
+                    .map(|&c| cluster_items[c as usize])
+                    .sum::<u64>();
                 found.extend(dg.shards[*s as usize].search(q, k + 1, clusters)?);
             }
             shards_asked += plan.shards.len();

@@ -129,7 +129,10 @@ fn building_twice_gives_byte_identical_files_and_the_same_dg() {
     assert!(e.status.success(), "{}", stderr(&e));
     let row = stdout(&e).lines().last().unwrap().to_string();
     let recall: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
-    assert!(recall > 0.99, "recall@10 probing every cluster is exact, got {recall}: {row}");
+    assert!(
+        recall > 0.99,
+        "recall@10 probing every cluster is exact, got {recall}: {row}"
+    );
 }
 
 #[test]

@@ -427,7 +427,13 @@ impl ShardFile {
     }
 
     /// [`Self::search`] inside an open read transaction (LMDB allows one per thread).
-    fn search_in(&self, rtxn: &RoTxn, vector: &[f32], k: usize, clusters: &[u32]) -> Result<Vec<Hit>> {
+    fn search_in(
+        &self,
+        rtxn: &RoTxn,
+        vector: &[f32],
+        k: usize,
+        clusters: &[u32],
+    ) -> Result<Vec<Hit>> {
         let k = k.max(1);
         // Rank every item of the asked clusters by its int8 codes, one sequential read per
         // cluster; then re-score the best candidates exactly.
@@ -439,10 +445,11 @@ impl ShardFile {
                 .get(rtxn, &cluster)
                 .map_err(|e| lmdb(&self.path, e))?
                 .unwrap_or_default();
-            let block = scan::Block::parse(bytes, self.meta.dims).ok_or_else(|| Error::NotAShard {
-                path: self.path.clone(),
-                reason: format!("cluster {cluster} has no valid scan block"),
-            })?;
+            let block =
+                scan::Block::parse(bytes, self.meta.dims).ok_or_else(|| Error::NotAShard {
+                    path: self.path.clone(),
+                    reason: format!("cluster {cluster} has no valid scan block"),
+                })?;
             block.scores(&query, |id, approx| candidates.push((id, cluster, approx)));
         }
         let rerank = (k * RERANK_FACTOR).max(RERANK_MIN);
@@ -629,7 +636,15 @@ mod tests {
             });
         }
         let out = dir.join(name);
-        build_shard(&out, 3, 16, "test-model", &clusters, BuildParams { seed: 7 }).unwrap();
+        build_shard(
+            &out,
+            3,
+            16,
+            "test-model",
+            &clusters,
+            BuildParams { seed: 7 },
+        )
+        .unwrap();
         out
     }
 
@@ -655,24 +670,40 @@ mod tests {
         assert_eq!(shard.meta().model_id, "test-model");
         assert_eq!(
             shard.meta().clusters,
-            vec![ClusterMeta { id: 7, items: 100 }, ClusterMeta { id: 9, items: 100 }]
+            vec![
+                ClusterMeta { id: 7, items: 100 },
+                ClusterMeta { id: 9, items: 100 }
+            ]
         );
         // Item 42 is in cluster 7: found there, first, with score 1.
         let hits = shard.search(&vs[42], 5, &[7]).unwrap();
         assert_eq!(hits[0].id, 1042);
         assert_eq!(hits[0].text, "query 42");
-        assert!((hits[0].score - 1.0).abs() < 1e-4, "self score {}", hits[0].score);
+        assert!(
+            (hits[0].score - 1.0).abs() < 1e-4,
+            "self score {}",
+            hits[0].score
+        );
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
         // Exact: the same top 5 as a brute-force scan of cluster 7.
         let mut exact: Vec<(u32, f32)> = (0..200)
             .step_by(2)
-            .map(|i| (1000 + i as u32, vs[i].iter().zip(&vs[42]).map(|(a, b)| a * b).sum()))
+            .map(|i| {
+                (
+                    1000 + i as u32,
+                    vs[i].iter().zip(&vs[42]).map(|(a, b)| a * b).sum(),
+                )
+            })
             .collect();
         exact.sort_by(|a, b| b.1.total_cmp(&a.1));
         let ids: Vec<u32> = hits.iter().map(|h| h.id).collect();
         assert_eq!(ids, exact[..5].iter().map(|e| e.0).collect::<Vec<_>>());
         // Cluster 9 does not hold it; all clusters do.
-        assert!(shard.search(&vs[42], 5, &[9]).unwrap().iter().all(|h| h.id % 2 == 1));
+        assert!(shard
+            .search(&vs[42], 5, &[9])
+            .unwrap()
+            .iter()
+            .all(|h| h.id % 2 == 1));
         assert_eq!(shard.search(&vs[42], 1, &[]).unwrap()[0].id, 1042);
         let t = shard.self_test(50).unwrap();
         assert_eq!(t.tested, 50);

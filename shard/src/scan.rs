@@ -113,13 +113,20 @@ mod tests {
 
     #[test]
     fn quantised_dot_products_are_close_to_exact_ones() {
-        let a: Vec<f32> = (0..384).map(|i| ((i * 7 % 13) as f32 - 6.0) / 40.0).collect();
-        let b: Vec<f32> = (0..384).map(|i| ((i * 5 % 11) as f32 - 5.0) / 35.0).collect();
+        let a: Vec<f32> = (0..384)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 40.0)
+            .collect();
+        let b: Vec<f32> = (0..384)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 35.0)
+            .collect();
         let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         let (qa, qb) = (quantize(&a), quantize(&b));
         let bytes: Vec<u8> = qa.codes.iter().map(|&c| c as u8).collect();
         let approx = dot_i8(&bytes, &qb.codes) as f32 * qa.scale * qb.scale;
-        assert!((approx - exact).abs() < 0.01 * exact.abs().max(1.0), "{approx} vs {exact}");
+        assert!(
+            (approx - exact).abs() < 0.01 * exact.abs().max(1.0),
+            "{approx} vs {exact}"
+        );
     }
 
     #[test]
@@ -135,7 +142,10 @@ mod tests {
         assert!(got[0].1.abs() < 1e-3);
         assert_eq!(got[1].0, 9);
         assert!((got[1].1 - 1.0).abs() < 0.01, "{got:?}");
-        assert!(Block::parse(&bytes[..bytes.len() - 1], 4).is_none(), "size is checked");
+        assert!(
+            Block::parse(&bytes[..bytes.len() - 1], 4).is_none(),
+            "size is checked"
+        );
         assert!(Block::parse(&bytes, 5).is_none(), "dims are checked");
     }
 

@@ -219,7 +219,10 @@ impl proto::shard_server::Shard for ShardService {
         let file = self.file.clone();
         let search = move || file.search(&req.vector, req.k as usize, &req.clusters);
         let Some(hits) = self.pool.run(search).await else {
-            self.metrics.requests.with_label_values(&["overloaded"]).inc();
+            self.metrics
+                .requests
+                .with_label_values(&["overloaded"])
+                .inc();
             return Err(Status::resource_exhausted(format!(
                 "{} searches already wait for this shard",
                 self.pool.waiting()
@@ -289,7 +292,10 @@ mod tests {
         // ...so the next is refused at once.
         assert_eq!(pool.run(|| 2).await, None);
         assert_eq!(pool.waiting(), 1, "a refusal leaves no count behind");
-        assert!(!pool.progressing(Duration::from_millis(10)), "waiting, nothing finishes");
+        assert!(
+            !pool.progressing(Duration::from_millis(10)),
+            "waiting, nothing finishes"
+        );
         // The waiter's caller goes away: its place is free again.
         waiter.abort();
         let _ = waiter.await;

@@ -40,14 +40,24 @@ fn shard_file(dir: &Path, vectors: &[Vec<f32>]) -> (PathBuf, String) {
         },
     ];
     for (i, v) in vectors.iter().enumerate() {
-        clusters[usize::from(i >= vectors.len() / 2)].items.push(Item {
-            id: 500 + i as u32,
-            text: &texts[i],
-            vector: v,
-        });
+        clusters[usize::from(i >= vectors.len() / 2)]
+            .items
+            .push(Item {
+                id: 500 + i as u32,
+                text: &texts[i],
+                vector: v,
+            });
     }
     let path = dir.join("shard-1.lmdb");
-    build_shard(&path, 1, DIMS, "model-a", &clusters, BuildParams { seed: 3 }).unwrap();
+    build_shard(
+        &path,
+        1,
+        DIMS,
+        "model-a",
+        &clusters,
+        BuildParams { seed: 3 },
+    )
+    .unwrap();
     let sha = simq_consul::contract::sha256_file(&path).unwrap();
     (path, sha)
 }
@@ -190,7 +200,11 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
     };
     let e = c.search(elsewhere).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("holds no cluster 6"), "{}", e.message());
+    assert!(
+        e.message().contains("holds no cluster 6"),
+        "{}",
+        e.message()
+    );
 
     let e = c
         .search(req("dg-other", 5, vectors[7].clone()))

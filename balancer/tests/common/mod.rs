@@ -259,7 +259,9 @@ pub fn start_load(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Pace::Rate(rate) => {
-                    let Some(text) = texts.get(i).cloned() else { break };
+                    let Some(text) = texts.get(i).cloned() else {
+                        break;
+                    };
                     let at = started + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(at.into()).await;
                     let (client, report) = (client.clone(), report.clone());
