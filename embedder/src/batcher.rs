@@ -197,8 +197,14 @@ impl Batcher {
         }
     }
 
-    /// False when texts are queued but no batch has finished for `stall`: the service
-    /// cannot do its job and /health says so.
+    fn mark_progress(&self) {
+        self.last_batch_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// False when texts are queued but no batch has started or finished for `stall`
+    /// (counted from when the queue last became busy): the service cannot do its job and
+    /// /health says so.
     pub fn progressing(&self, stall: Duration) -> bool {
         if self.queued() == 0 {
             return true;
@@ -236,6 +242,11 @@ impl Batcher {
                 limit: self.options.queue_limit,
             });
         }
+        if before == 0 {
+            // Work arrives at an idle queue: the stall clock starts now, not at the last
+            // batch (which may be long ago).
+            self.mark_progress();
+        }
         self.metrics.queued.set((before + n) as i64);
         self.enqueue(texts).await
     }
@@ -257,7 +268,7 @@ impl Batcher {
     }
 }
 
-/// Where the collector records that batches finish.
+/// Where the collector records that batches start and finish.
 struct Progress {
     started: Instant,
     last_batch_ms: Arc<AtomicU64>,
@@ -335,8 +346,8 @@ async fn collect(
                 .into_iter()
                 .filter_map(|j| j.still_wanted(&options, &metrics))
                 .collect();
+            progress.batch_done();
             if jobs.is_empty() {
-                progress.batch_done();
                 return;
             }
             let started = Instant::now();

@@ -124,6 +124,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ?options,
         "model loaded"
     );
+    // The first inference of a session is slow (kernel set-up); pay it before serving.
+    let warm = embedder.clone();
+    tokio::task::spawn_blocking(move || warm.embed(&["warm up the model"]))
+        .await?
+        .context("a first inference")?;
 
     let registry = prometheus::Registry::new();
     let metrics = BatchMetrics::register(&registry)?;

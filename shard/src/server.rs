@@ -68,8 +68,8 @@ impl SearchPool {
         }
     }
 
-    /// False when searches wait but none has finished for `stall`: the shard cannot do
-    /// its job and /health says so.
+    /// False when searches wait but none has finished for `stall` (counted from when the
+    /// pool last became busy): the shard cannot do its job and /health says so.
     pub fn progressing(&self, stall: std::time::Duration) -> bool {
         if self.waiting() == 0 {
             return true;
@@ -95,6 +95,11 @@ impl SearchPool {
         };
         if before >= self.max_waiting && self.workers.available_permits() == 0 {
             return None;
+        }
+        if before == 0 {
+            // An idle pool gets work: the stall clock starts now.
+            self.last_done_ms
+                .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
         }
         self.gauge.set(before as i64 + 1);
         let permit = self
