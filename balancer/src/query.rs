@@ -285,50 +285,80 @@ impl<U: Upstreams> Executor<U> {
             ));
         }
         let started = Instant::now();
+        let dims = routing.manifest.dims;
+        let vector = self
+            .first_answer(
+                "embedder",
+                &routing.embedders,
+                0,
+                self.options.embed_timeout,
+                deadline,
+                |up, timeout| async move {
+                    match self.upstreams.embed(up, text, timeout).await? {
+                        e if &e.model_id != model => Err(CallError::Failed(format!(
+                            "runs model {}, dg needs {model}",
+                            e.model_id
+                        ))),
+                        e if e.vector.len() != dims => Err(CallError::Failed(format!(
+                            "returned {} floats",
+                            e.vector.len()
+                        ))),
+                        e => Ok(e.vector),
+                    }
+                },
+            )
+            .await
+            .map_err(|last| {
+                ApiError::new(
+                    503,
+                    "embedder_failed",
+                    format!("no embedder answered: {last}"),
+                )
+                .with_retry_after(1)
+            })?;
+        self.metrics
+            .embed_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(vector)
+    }
+
+    /// Call the replicas of one list in turn (round robin from rotation `position`,
+    /// ejected ones last) until one answers: each attempt gets what is left of `deadline`,
+    /// at most `limit`; a retry needs the retry budget; every outcome is recorded for
+    /// `service` (errors metric, outlier ejection). The error is what the last attempt
+    /// said. The embedder call and the shard calls both go through here.
+    async fn first_answer<'u, T, Fut>(
+        &self,
+        service: &'static str,
+        replicas: &'u [Upstream],
+        position: usize,
+        limit: Duration,
+        deadline: Instant,
+        mut call: impl FnMut(&'u Upstream, Duration) -> Fut,
+    ) -> Result<T, String>
+    where
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
         let mut last = String::from("no attempt fit in the deadline");
-        for (n, up) in self
-            .candidates(&routing.embedders, 0)
-            .into_iter()
-            .enumerate()
-        {
-            let Some(timeout) = self.attempt_timeout(deadline, self.options.embed_timeout) else {
+        for (n, up) in self.candidates(replicas, position).into_iter().enumerate() {
+            let Some(timeout) = self.attempt_timeout(deadline, limit) else {
                 break;
             };
             let Some(_attempt) = self.attempt(n) else {
                 last = format!("{last}; no retry: the retry budget is spent");
                 break;
             };
-            let outcome = match self.upstreams.embed(up, text, timeout).await {
-                Err(e) => Err(e),
-                Ok(e) if &e.model_id != model => Err(CallError::Failed(format!(
-                    "runs model {}, dg needs {model}",
-                    e.model_id
-                ))),
-                Ok(e) if e.vector.len() != routing.manifest.dims => Err(CallError::Failed(
-                    format!("returned {} floats", e.vector.len()),
-                )),
-                Ok(e) => Ok(e.vector),
-            };
-            self.record("embedder", up, outcome.as_ref().map(|_| ()));
+            let outcome = call(up, timeout).await;
+            self.record(service, up, outcome.as_ref().map(|_| ()));
             match outcome {
-                Ok(v) => {
-                    self.metrics
-                        .embed_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    return Ok(v);
-                }
+                Ok(answer) => return Ok(answer),
                 Err(e) => {
-                    tracing::warn!(embedder = %up.addr, error = %e, "embedder attempt failed");
-                    last = format!("embedder {}: {e}", up.addr);
+                    tracing::warn!(service, position, replica = %up.addr, error = %e, "upstream attempt failed");
+                    last = format!("{service} {}: {e}", up.addr);
                 }
             }
         }
-        Err(ApiError::new(
-            503,
-            "embedder_failed",
-            format!("no embedder answered: {last}"),
-        )
-        .with_retry_after(1))
+        Err(last)
     }
 
     /// What is left of the deadline, at most `limit`; None when nothing is left.
@@ -399,57 +429,41 @@ impl<U: Upstreams> Executor<U> {
         k: usize,
         deadline: Instant,
     ) -> Result<Vec<ResultRow>, String> {
-        let mut last = String::from("no attempt fit in the deadline");
-        let replicas = &routing.shards[shard as usize];
-        for (n, up) in self
-            .candidates(replicas, 1 + shard as usize)
-            .into_iter()
-            .enumerate()
-        {
-            let Some(timeout) = self.attempt_timeout(deadline, self.options.attempt_timeout) else {
-                break;
-            };
-            let Some(_attempt) = self.attempt(n) else {
-                last = format!("{last}; no retry: the retry budget is spent");
-                break;
-            };
-            let started = Instant::now();
-            let req = SearchRequest {
-                vector: vector.to_vec(),
-                k: k as u32,
-                dg: routing.manifest.dg.clone(),
-                clusters: clusters.to_vec(),
-            };
-            let outcome = match self.upstreams.search(up, req, timeout).await {
+        let dg = &routing.manifest.dg;
+        self.first_answer(
+            "shard",
+            &routing.shards[shard as usize],
+            1 + shard as usize,
+            self.options.attempt_timeout,
+            deadline,
+            |up, timeout| async move {
+                let started = Instant::now();
+                let req = SearchRequest {
+                    vector: vector.to_vec(),
+                    k: k as u32,
+                    dg: dg.clone(),
+                    clusters: clusters.to_vec(),
+                };
+                let resp = self.upstreams.search(up, req, timeout).await?;
                 // Shards refuse other dgs; this check makes mixing impossible by construction.
-                Ok(resp) if resp.dg != routing.manifest.dg => {
-                    Err(CallError::WrongDg(format!("answered for dg {}", resp.dg)))
+                if &resp.dg != dg {
+                    return Err(CallError::WrongDg(format!("answered for dg {}", resp.dg)));
                 }
-                other => other,
-            };
-            self.record("shard", up, outcome.as_ref().map(|_| ()));
-            match outcome {
-                Ok(resp) => {
-                    self.metrics
-                        .shard_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    return Ok(resp
-                        .hits
-                        .into_iter()
-                        .map(|h| ResultRow {
-                            text: h.text,
-                            score: h.score,
-                            shard: resp.shard,
-                        })
-                        .collect());
-                }
-                Err(e) => {
-                    tracing::warn!(shard, replica = %up.addr, error = %e, "shard attempt failed");
-                    last = format!("replica {}: {e}", up.addr);
-                }
-            }
-        }
-        Err(last)
+                self.metrics
+                    .shard_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(resp
+                    .hits
+                    .into_iter()
+                    .map(|h| ResultRow {
+                        text: h.text,
+                        score: h.score,
+                        shard: resp.shard,
+                    })
+                    .collect())
+            },
+        )
+        .await
     }
 }
 

@@ -66,6 +66,8 @@ pub struct CentroidMap {
     /// `clusters x dims`, row-major.
     centroids: Vec<f32>,
     shard_of: Vec<u32>,
+    /// Shards the clusters live in: 1 + the highest shard number.
+    shards: u32,
 }
 
 /// Which clusters to ask each shard for, and what had to be routed around.
@@ -98,10 +100,12 @@ impl CentroidMap {
         if centroids.iter().any(|x| !x.is_finite()) {
             return Err("a centroid has a NaN or infinite component".into());
         }
+        let shards = shard_of.iter().max().map_or(0, |&s| s + 1);
         Ok(Self {
             dims,
             centroids,
             shard_of,
+            shards,
         })
     }
 
@@ -186,8 +190,7 @@ impl CentroidMap {
         let mut plan = ProbePlan::default();
         let mut taken = 0;
         // The nearest few suffice unless a shard has to be routed around.
-        let shards = self.shard_of.iter().max().map_or(0, |&s| s + 1);
-        let all_askable = (0..shards).all(&can_ask);
+        let all_askable = (0..self.shards).all(&can_ask);
         let candidates = if all_askable {
             self.nearest(vector, nprobe)
         } else {

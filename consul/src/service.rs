@@ -201,3 +201,58 @@ pub fn lower_priority(nice: i32) {
         tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the CPU priority");
     }
 }
+
+/// When a service last made progress, for a `/health` that says "stalled" when work waits
+/// but nothing moves. Mark it when work reaches an idle queue and whenever a unit of work
+/// starts or finishes; lock-free, cheap to share.
+#[derive(Debug)]
+pub struct StallClock {
+    started: std::time::Instant,
+    /// Milliseconds since `started` of the last mark.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for StallClock {
+    fn default() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl StallClock {
+    /// Progress now.
+    pub fn mark(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Release);
+    }
+
+    /// False when `busy` (work waits) and the last mark is older than `stall`.
+    pub fn progressing(&self, busy: bool, stall: std::time::Duration) -> bool {
+        let last = std::time::Duration::from_millis(
+            self.last_ms.load(std::sync::atomic::Ordering::Acquire),
+        );
+        !busy || self.started.elapsed().saturating_sub(last) < stall
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::StallClock;
+    use std::time::Duration;
+
+    #[test]
+    fn a_busy_service_without_marks_stalls_and_a_mark_clears_it() {
+        let clock = StallClock::default();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            clock.progressing(false, Duration::from_millis(10)),
+            "idle is fine"
+        );
+        assert!(!clock.progressing(true, Duration::from_millis(10)));
+        clock.mark();
+        assert!(clock.progressing(true, Duration::from_millis(10)));
+    }
+}

@@ -16,12 +16,14 @@
 //!   than `max_queue_wait` is answered "overloaded" instead of being run late;
 //! - [`Batcher::progressing`] tells /health whether queued work is moving.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use simq_consul::service::StallClock;
 
 use crate::error::{Error, Result};
 use crate::runtime::{Embedder, Tokens};
@@ -160,9 +162,8 @@ impl Drop for QueueSlots {
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
     queued: Arc<AtomicUsize>,
-    /// Milliseconds since `started` when a batch last finished.
-    last_batch_ms: Arc<AtomicU64>,
-    started: Instant,
+    /// Marked when work reaches an idle queue and when a batch starts or finishes.
+    progress: Arc<StallClock>,
     embedder: Arc<Embedder>,
     options: BatchOptions,
     metrics: BatchMetrics,
@@ -173,44 +174,29 @@ impl Batcher {
     pub fn start(embedder: Arc<Embedder>, options: BatchOptions, metrics: BatchMetrics) -> Self {
         let (tx, rx) = mpsc::channel(options.queue_limit.max(1));
         let queued = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
-        let last_batch_ms = Arc::new(AtomicU64::new(0));
-        let progress = Progress {
-            started,
-            last_batch_ms: last_batch_ms.clone(),
-        };
+        let progress = Arc::new(StallClock::default());
         tokio::spawn(collect(
             rx,
             embedder.clone(),
             options,
             metrics.clone(),
-            progress,
+            progress.clone(),
         ));
         Self {
             tx,
             queued,
-            last_batch_ms,
-            started,
+            progress,
             embedder,
             options,
             metrics,
         }
     }
 
-    fn mark_progress(&self) {
-        self.last_batch_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
-    }
-
     /// False when texts are queued but no batch has started or finished for `stall`
     /// (counted from when the queue last became busy): the service cannot do its job and
     /// /health says so.
     pub fn progressing(&self, stall: Duration) -> bool {
-        if self.queued() == 0 {
-            return true;
-        }
-        let last = Duration::from_millis(self.last_batch_ms.load(Ordering::Acquire));
-        self.started.elapsed().saturating_sub(last) < stall
+        self.progress.progressing(self.queued() > 0, stall)
     }
 
     pub fn embedder(&self) -> &Embedder {
@@ -245,7 +231,7 @@ impl Batcher {
         if before == 0 {
             // Work arrives at an idle queue: the stall clock starts now, not at the last
             // batch (which may be long ago).
-            self.mark_progress();
+            self.progress.mark();
         }
         self.metrics.queued.set((before + n) as i64);
         self.enqueue(texts).await
@@ -268,27 +254,13 @@ impl Batcher {
     }
 }
 
-/// Where the collector records that batches start and finish.
-struct Progress {
-    started: Instant,
-    last_batch_ms: Arc<AtomicU64>,
-}
-
-impl Progress {
-    fn batch_done(&self) {
-        self.last_batch_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
-    }
-}
-
 async fn collect(
     mut rx: mpsc::Receiver<Job>,
     embedder: Arc<Embedder>,
     options: BatchOptions,
     metrics: BatchMetrics,
-    progress: Progress,
+    progress: Arc<StallClock>,
 ) {
-    let progress = Arc::new(progress);
     let workers = Arc::new(Semaphore::new(embedder.options().sessions));
     while let Some(first) = rx.recv().await {
         let Some(first) = first.still_wanted(&options, &metrics) else {
@@ -346,7 +318,7 @@ async fn collect(
                 .into_iter()
                 .filter_map(|j| j.still_wanted(&options, &metrics))
                 .collect();
-            progress.batch_done();
+            progress.mark();
             if jobs.is_empty() {
                 return;
             }
@@ -360,7 +332,7 @@ async fn collect(
             metrics.batch_texts.observe(all.len() as f64);
             let result = embedder.embed_tokens(&all);
             metrics.inference.observe(started.elapsed().as_secs_f64());
-            progress.batch_done();
+            progress.mark();
             let dims = embedder.dims();
             match result {
                 Ok(vectors) => {

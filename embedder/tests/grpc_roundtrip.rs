@@ -75,6 +75,16 @@ async fn start_with(extra: &[&str]) -> Running {
     running
 }
 
+/// The service's /health answer.
+async fn health(server: &Running) -> serde_json::Value {
+    reqwest::get(format!("{}/health", server.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The service's /metrics text.
 async fn scrape(server: &Running) -> String {
     reqwest::get(format!("{}/metrics", server.http))
@@ -173,12 +183,7 @@ async fn grpc_roundtrip_embeds_similar_texts_close_and_reports_model_id() {
         err.message()
     );
 
-    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = health(&server).await;
     assert_eq!(health["model_id"], expected_id);
     let metrics = scrape(&server).await;
     assert!(
@@ -269,12 +274,7 @@ async fn cancelled_calls_give_their_queue_slots_back_and_overload_never_wedges()
     // Within 5 s every slot is back and queued work of gone callers was skipped.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let health: serde_json::Value = reqwest::get(format!("{}/health", server.http))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health = health(&server).await;
         if health["queued_texts"] == 0 && health["status"] == "ok" {
             break;
         }

@@ -2,11 +2,12 @@
 //! ([`SearchPool`]); a caller that goes away (or whose `grpc-timeout` passes: tonic drops
 //! the handler) before its search starts costs nothing.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use simq_consul::service::StallClock;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
@@ -37,9 +38,8 @@ pub struct SearchPool {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     gauge: IntGauge,
-    started: Instant,
-    /// Milliseconds since `started` when a search last finished.
-    last_done_ms: Arc<AtomicU64>,
+    /// Marked when searches reach an idle pool and when one finishes.
+    progress: Arc<StallClock>,
 }
 
 /// Counts one waiting search; the count drops when the guard does, also when the waiting
@@ -63,19 +63,14 @@ impl SearchPool {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting,
             gauge,
-            started: Instant::now(),
-            last_done_ms: Arc::new(AtomicU64::new(0)),
+            progress: Arc::new(StallClock::default()),
         }
     }
 
     /// False when searches wait but none has finished for `stall` (counted from when the
     /// pool last became busy): the shard cannot do its job and /health says so.
     pub fn progressing(&self, stall: std::time::Duration) -> bool {
-        if self.waiting() == 0 {
-            return true;
-        }
-        let last = std::time::Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
-        self.started.elapsed().saturating_sub(last) < stall
+        self.progress.progressing(self.waiting() > 0, stall)
     }
 
     /// Searches waiting for a worker now.
@@ -98,8 +93,7 @@ impl SearchPool {
         }
         if before == 0 {
             // An idle pool gets work: the stall clock starts now.
-            self.last_done_ms
-                .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+            self.progress.mark();
         }
         self.gauge.set(before as i64 + 1);
         let permit = self
@@ -110,11 +104,11 @@ impl SearchPool {
             .expect("the pool's semaphore is never closed");
         drop(waiting);
         // The permit moves into the thread: the bound holds even if the caller leaves now.
-        let (started, last_done) = (self.started, self.last_done_ms.clone());
+        let progress = self.progress.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let out = work();
-            last_done.store(started.elapsed().as_millis() as u64, Ordering::Release);
+            progress.mark();
             out
         })
         .await
