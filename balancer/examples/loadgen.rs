@@ -64,6 +64,22 @@ struct Args {
     label: String,
 }
 
+/// One request counted as outstanding until dropped.
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Outstanding {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     latencies_ms: Vec<f64>,
@@ -193,11 +209,11 @@ async fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 let Some(q) = shared.take() else { break };
-                let (s, out) = (shared.clone(), outstanding.clone());
-                out.fetch_add(1, Ordering::AcqRel);
+                let s = shared.clone();
+                let counted = Outstanding::enter(&outstanding);
                 tasks.push(tokio::spawn(async move {
+                    let _counted = counted;
                     s.send(q, at).await;
-                    out.fetch_sub(1, Ordering::AcqRel);
                 }));
             }
             futures::future::join_all(tasks).await;
