@@ -236,6 +236,7 @@ impl<U: Upstreams> Executor<U> {
                 let why = match refusal {
                     Refusal::LineFull => "and as many wait",
                     Refusal::WaitedTooLong => "and none finished in time",
+                    Refusal::Congested => "and the waiting line is closed under sustained load",
                 };
                 return Err(ApiError::new(
                     503,

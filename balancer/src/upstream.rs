@@ -146,13 +146,24 @@ impl Upstreams for Grpc {
 /// waits at most `max_wait` for a place, and when `max_waiting` already wait it is refused
 /// at once. A [`Ticket`] holds its place until dropped, also when the query's future is
 /// dropped mid-way.
+///
+/// The line absorbs bursts, not sustained overload: once a waiter has been refused for
+/// waiting too long, queries that find no free place are refused at once for
+/// `max_wait * CONGESTED_WAITS` (as CoDel stops queueing once the queue stays full), so
+/// under sustained overload a refusal costs milliseconds, not `max_wait`.
 pub struct Admission {
     limit: usize,
     places: Arc<tokio::sync::Semaphore>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     max_wait: Duration,
+    /// When the last waiter was refused for waiting too long (ms since `epoch`, 0 = never).
+    last_timeout_ms: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
+
+/// How long (in multiples of `max_wait`) the line stays closed after a waiter timed out.
+const CONGESTED_WAITS: u32 = 25;
 
 /// One admitted query.
 pub struct Ticket {
@@ -166,6 +177,8 @@ pub enum Refusal {
     LineFull,
     /// No place freed up within `max_wait`.
     WaitedTooLong,
+    /// No place free, and a waiter ran out of time a moment ago: no use waiting.
+    Congested,
 }
 
 /// Counts one waiting query until dropped.
@@ -185,6 +198,8 @@ impl Admission {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting,
             max_wait,
+            last_timeout_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -193,6 +208,9 @@ impl Admission {
         if let Ok(place) = self.places.clone().try_acquire_owned() {
             return Ok(Ticket { _place: place });
         }
+        if self.congested() {
+            return Err(Refusal::Congested);
+        }
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
         let _in_line = InLine(self.waiting.clone());
         if before >= self.max_waiting {
@@ -200,8 +218,19 @@ impl Admission {
         }
         match tokio::time::timeout(self.max_wait, self.places.clone().acquire_owned()).await {
             Ok(Ok(place)) => Ok(Ticket { _place: place }),
-            _ => Err(Refusal::WaitedTooLong),
+            _ => {
+                let now = self.epoch.elapsed().as_millis() as u64;
+                self.last_timeout_ms.store(now.max(1), Ordering::Release);
+                Err(Refusal::WaitedTooLong)
+            }
         }
+    }
+
+    /// Did a waiter run out of time within the last `max_wait * CONGESTED_WAITS`?
+    fn congested(&self) -> bool {
+        let last = self.last_timeout_ms.load(Ordering::Acquire);
+        let window = (self.max_wait * CONGESTED_WAITS).as_millis() as u64;
+        last != 0 && (self.epoch.elapsed().as_millis() as u64) < last + window
     }
 
     /// Queries holding a place now.
@@ -378,6 +407,24 @@ mod tests {
         cancelled.abort();
         let _ = cancelled.await;
         assert_eq!(a.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_wait_runs_out_the_line_closes_for_a_while_then_opens_again() {
+        let a = Admission::new(1, 4, Duration::from_millis(10));
+        let held = a.admit().await.unwrap();
+        assert_eq!(a.admit().await.err(), Some(Refusal::WaitedTooLong));
+        // Sustained overload: no more waiting, refusals are immediate.
+        let started = Instant::now();
+        assert_eq!(a.admit().await.err(), Some(Refusal::Congested));
+        assert!(started.elapsed() < Duration::from_millis(5));
+        // A free place is still taken at once while congested.
+        drop(held);
+        let held = a.admit().await.expect("a free place admits");
+        // After the window the line opens again (and the wait runs out again).
+        tokio::time::sleep(Duration::from_millis(10) * CONGESTED_WAITS).await;
+        assert_eq!(a.admit().await.err(), Some(Refusal::WaitedTooLong));
+        drop(held);
     }
 
     #[test]

@@ -143,6 +143,10 @@ impl Embedder {
             let session = Session::builder(&env)
                 .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
                 .and_then(|b| Ok(b.with_intra_threads(options.intra_threads)?))
+                // Idle intra-op threads sleep instead of spinning: on a machine the
+                // embedder shares with shards and the balancer, spinning burns the CPU
+                // they need (embedder/BENCH.md: 8.5 against 9.8 ms of CPU per text).
+                .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
                 .and_then(|mut b| b.commit_from_file(model.onnx_path()))
                 .map_err(|e| Error::ModelFile {
                     path: model.onnx_path(),
