@@ -9,6 +9,9 @@
 #   scripts/bench.sh scale      build time, recall and search cost at 10k, 50k and all
 #                               questions, and at 4, 8 and 16 shards (rows added to the
 #                               serve results; run after serve, then the report is redone)
+#   scripts/bench.sh rollout    a rollout of a second full-corpus dg and the rollback, each
+#                               under unique-query load at half of serve's capacity (rows
+#                               added to the serve results; run after serve)
 #   scripts/bench.sh            embedder, build and recall
 # Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --clusters 512").
 # The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
@@ -184,6 +187,54 @@ PY
   log "bench: wrote BENCHMARKS.md and bench-latency.png (raw results: $results)"
 }
 
+# rollout: with the up.sh stack and serve's results: a rollout of another full-corpus dg
+# and the rollback to the active one, each under open-loop unique-query load at half of
+# the capacity serve measured (SIMQ_BENCH_ROLLOUT_SHARE, 0.5); counts failed and degraded.
+run_rollout() {
+  local port="${SIMQ_PORT:-8080}" results="$out/serve/results.jsonl" share="${SIMQ_BENCH_ROLLOUT_SHARE:-0.5}"
+  local status active best rate other queries="$out/rollout-queries.txt" next=0
+  [ -s "$results" ] || die "run scripts/bench.sh serve first (the rollout runs at a share of its measured capacity)"
+  status="$(curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null)" ||
+    die "no simq balancer answers on 127.0.0.1:$port: start the stack with scripts/up.sh first"
+  active="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["active"]["dg"])' <<<"$status")"
+  cargo build --release --locked --quiet -p simq-balancer --examples
+  best="$(python3 -c 'import json,sys; print(max(json.loads(l)["throughput"] for l in open(sys.argv[1]) if "\"closed\"" in l and "\"simq\"" in l))' "$results")"
+  rate="$(python3 -c "print(round($best * $share, 1))")"
+  [ -s "$queries" ] || python3 "$SIMQ_ROOT/scripts/bench/queries.py" "$corpus" --n 100000 --seed 8 >"$queries"
+  # Another dg of the same corpus: 4000 fine clusters instead of the default 4096.
+  log "bench: rollout: building a second full-corpus dg (4000 clusters)"
+  other="$("$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --clusters 4000)"
+  [ "$(basename "$other")" != "$active" ] || die "the second dg equals the active one ($active)"
+  "$bin/simq-indexer" publish "$other" --blobs "$SIMQ_CACHE/blobs" >/dev/null
+  sed -i '/"phase": "rollout"/d' "$results"
+  under_load() { # under_load STEP COMMAND...: COMMAND under open-loop load; one result line
+    local step=$1 pid started took line
+    shift
+    "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 \
+      --timeout 5 --url "http://127.0.0.1:$port/v1/query" >"$out/rollout-load.json" &
+    pid=$!
+    sleep 5
+    started=$SECONDS
+    log "bench: $step under $rate unique queries/s ($share of $best/s)"
+    "$@" >"$out/rollout-$step.log" 2>&1 || { kill -TERM "$pid"; wait "$pid"; cat "$out/rollout-$step.log" >&2; die "$step failed (log above)"; }
+    took=$((SECONDS - started))
+    sleep 5
+    kill -TERM "$pid"
+    wait "$pid" || die "loadgen failed"
+    line="$(cat "$out/rollout-load.json")"
+    next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
+    echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' \
+      "{\"system\": \"simq\", \"phase\": \"rollout\", \"step\": \"$step\", \"step_s\": $took, \"share\": $share}" |
+      tee -a "$results" >&2
+  }
+  under_load "rollout" "$bin/simq-indexer" rollout "$(basename "$other")"
+  under_load "rollback" "$bin/simq-indexer" rollback
+  local venv="$SIMQ_CACHE/bench-venv"
+  "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
+    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve && scripts/bench.sh scale && scripts/bench.sh rollout"
+  log "bench: rollout rows added to BENCHMARKS.md"
+}
+
 run_scale() {
   local results="$out/serve/results.jsonl" venv="$SIMQ_CACHE/bench-venv" n shards file line
   [ -s "$results" ] || die "run scripts/bench.sh serve first (the scale rows join its results)"
@@ -233,6 +284,7 @@ case "${1:-all}" in
   recall) run_recall ;;
   serve) run_serve ;;
   scale) run_scale ;;
+  rollout) run_rollout ;;
   all) run_embedder; run_build; run_recall ;;
-  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|all]" ;;
+  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|rollout|all]" ;;
 esac

@@ -8,11 +8,13 @@
 //! scheduled time (no coordinated omission). Prints one JSON summary line: answers by
 //! status, degraded and cached answers, latency percentiles, and achieved rate;
 //! `--record FILE` also writes the result texts of each answered query (JSON lines) for
-//! recall measurements.
+//! recall measurements. SIGTERM or SIGINT ends the sending early (outstanding requests
+//! still finish and are counted), so a load can span work of unknown length such as a
+//! rollout: start it with a long `--seconds`, stop it with `kill -TERM`.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -178,13 +180,27 @@ async fn main() -> anyhow::Result<()> {
     });
     let run = Duration::from_secs_f64(shared.args.seconds);
     let began = Instant::now();
+    let stopped = Arc::new(AtomicBool::new(false));
+    {
+        let stopped = stopped.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            stopped.store(true, Ordering::Release);
+        });
+    }
+    let sending = move || began.elapsed() < run && !stopped.load(Ordering::Acquire);
     let mut client_dropped = 0usize;
     match shared.args.rate {
         None => {
             let workers = (0..shared.args.connections.max(1)).map(|_| {
                 let s = shared.clone();
+                let sending = sending.clone();
                 tokio::spawn(async move {
-                    while began.elapsed() < run {
+                    while sending() {
                         let Some(q) = s.take() else { break };
                         s.send(q, Instant::now()).await;
                     }
@@ -203,6 +219,9 @@ async fn main() -> anyhow::Result<()> {
                     break;
                 }
                 tokio::time::sleep_until(at.into()).await;
+                if !sending() {
+                    break;
+                }
                 n += 1;
                 if outstanding.load(Ordering::Acquire) >= shared.args.max_outstanding {
                     client_dropped += 1;

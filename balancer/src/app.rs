@@ -128,6 +128,7 @@ impl BalancerApp {
                     "healthy_replicas": reps.iter().map(|u| u.addr.clone()).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "healthy_embedders": r.embedders.iter().map(|u| u.addr.clone()).collect::<Vec<_>>(),
+                "rejected_entries": r.rejected,
             })
         });
         json!({
@@ -135,7 +136,7 @@ impl BalancerApp {
             "instances": {"simq-shard": instances(&s.parts.shards), "simq-embedder": instances(&s.parts.embedders)},
             "consul": {
                 "last_ok": s.consul_ok_at.map(|t| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
-                "error": s.consul_error,
+                "errors": s.consul_errors,
             },
             "inflight_queries": self.executor.metrics.inflight.get(),
             "cache": {"entries": self.executor.cache.len(), "capacity": self.executor.cache.capacity()},

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub consul_errors: IntCounter,
+    /// Catalog entries the balancer cannot use (bad address, port or shard tag).
+    pub consul_rejected: IntGauge,
     /// Unix time of the last Consul answer (alert on its age: see consul/prometheus/).
     pub consul_last_ok: Gauge,
     /// Queries being answered right now.
@@ -78,6 +80,10 @@ impl Metrics {
                 "simq_balancer_consul_errors_total",
                 "Failed Consul watch calls.",
             )?,
+            consul_rejected: IntGauge::new(
+                "simq_balancer_consul_rejected_entries",
+                "Consul catalog entries left out because they cannot be used (see /v1/status).",
+            )?,
             consul_last_ok: Gauge::new(
                 "simq_balancer_consul_last_ok_timestamp_seconds",
                 "Unix time of the last successful Consul watch answer.",
@@ -118,6 +124,7 @@ impl Metrics {
         m.registry.register(Box::new(m.cache_hits.clone()))?;
         m.registry.register(Box::new(m.cache_misses.clone()))?;
         m.registry.register(Box::new(m.consul_errors.clone()))?;
+        m.registry.register(Box::new(m.consul_rejected.clone()))?;
         m.registry.register(Box::new(m.consul_last_ok.clone()))?;
         m.registry.register(Box::new(m.inflight.clone()))?;
         m.registry.register(Box::new(m.shed.clone()))?;

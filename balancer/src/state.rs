@@ -1,8 +1,13 @@
 //! The balancer's view of the cluster: the active dg, its manifest, and the healthy
 //! instances that may serve it, swapped atomically as one [`Snapshot`]. A request reads
 //! one snapshot and uses only it, so one query never mixes generations.
+//!
+//! What Consul says is input, not truth: a catalog entry the balancer cannot use (an
+//! address that is no IP or host name, a port of 0, a shard number that is no shard of
+//! the dg) is left out and reported in [`Routing::rejected`] (`/v1/status`, the metric
+//! `simq_balancer_consul_rejected_entries`, one log line per new entry), never a panic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -41,6 +46,8 @@ pub struct Routing {
     pub embedders: Vec<Upstream>,
     /// Passing replicas of each shard of the active dg, indexed by shard number.
     pub shards: Vec<Vec<Upstream>>,
+    /// Catalog entries left out because they cannot be used, each with the reason.
+    pub rejected: Vec<String>,
 }
 
 /// The active pointer and what it names, read from Consul as one.
@@ -66,10 +73,11 @@ pub struct Parts {
 pub struct Snapshot {
     pub routing: Option<Routing>,
     pub parts: Parts,
-    /// When Consul last answered each watcher without error.
+    /// When Consul last answered a watcher without error.
     pub consul_ok_at: Option<SystemTime>,
-    /// The last Consul error, if the latest attempt failed.
-    pub consul_error: Option<String>,
+    /// The last error of each watcher ("active dg", a service name) whose latest attempt
+    /// failed; cleared only by that watcher's next success.
+    pub consul_errors: BTreeMap<String, String>,
 }
 
 /// Shared, lock-free-for-readers state: watchers write, requests load.
@@ -85,7 +93,7 @@ struct Writer {
     parts: Parts,
     channels: HashMap<String, Channel>,
     consul_ok_at: Option<SystemTime>,
-    consul_error: Option<String>,
+    consul_errors: BTreeMap<String, String>,
 }
 
 impl SharedState {
@@ -93,19 +101,19 @@ impl SharedState {
         self.snapshot.load_full()
     }
 
-    /// Apply a change read from Consul and publish a new snapshot.
-    pub fn update(&self, change: impl FnOnce(&mut Parts)) {
+    /// Apply a change that `source` (a watcher) read from Consul; publish a new snapshot.
+    pub fn update(&self, source: &str, change: impl FnOnce(&mut Parts)) {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut w.parts);
         w.consul_ok_at = Some(SystemTime::now());
-        w.consul_error = None;
+        w.consul_errors.remove(source);
         self.publish(&mut w);
     }
 
-    /// Record a Consul failure; the routing stays as it was (last known good state).
-    pub fn consul_failed(&self, error: String) {
+    /// Record a failure of `source`; the routing stays as it was (last known good state).
+    pub fn consul_failed(&self, source: &str, error: String) {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.consul_error = Some(error);
+        w.consul_errors.insert(source.to_string(), error);
         self.publish(&mut w);
     }
 
@@ -114,7 +122,7 @@ impl SharedState {
             parts,
             channels,
             consul_ok_at,
-            consul_error,
+            consul_errors,
         } = w;
         let mut routing = build_routing(parts, channels);
         // A flip takes effect here once every shard of the new dg has a healthy replica
@@ -146,13 +154,47 @@ impl SharedState {
                 }
             }
         }
+        let before: &[String] = current.routing.as_ref().map_or(&[], |r| &r.rejected);
+        for why in routing.iter().flat_map(|r| &r.rejected) {
+            if !before.contains(why) {
+                tracing::warn!(entry = %why, "consul catalog entry left out");
+            }
+        }
         self.snapshot.store(Arc::new(Snapshot {
             routing,
             parts: parts.clone(),
             consul_ok_at: *consul_ok_at,
-            consul_error: consul_error.clone(),
+            consul_errors: consul_errors.clone(),
         }));
     }
+}
+
+/// The gRPC endpoint `host:port` of a catalog entry's address and port: IPv6 literals in
+/// brackets; an address that is neither an IP address nor a host name is refused.
+pub fn endpoint(address: &str, port: u16) -> Result<String, String> {
+    if port == 0 {
+        return Err("port 0".into());
+    }
+    let host = address.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(match ip {
+            std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        });
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if address.is_empty() || address.len() > 253 || !address.split('.').all(label_ok) {
+        return Err(format!(
+            "address {address:?} is not an IP address or host name"
+        ));
+    }
+    Ok(format!("{address}:{port}"))
 }
 
 /// The routing for the parts: instances filtered to the active dg and its model.
@@ -162,20 +204,28 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
         manifest,
         map,
     } = parts.active.clone()?;
-    let mut upstream = |e: &ServiceEntry| {
-        let addr = format!("{}:{}", e.address, e.port);
-        let channel = channels
-            .entry(addr.clone())
-            .or_insert_with(|| {
-                Channel::from_shared(format!("http://{addr}"))
-                    .expect("host:port is a valid URI")
-                    .connect_lazy()
-            })
-            .clone();
-        Upstream {
-            id: e.id.clone(),
-            addr,
-            channel,
+    let mut rejected = Vec::new();
+    let mut upstream = |service: &str, e: &ServiceEntry| -> Option<Upstream> {
+        let made = endpoint(&e.address, e.port).and_then(|addr| {
+            if let Some(channel) = channels.get(&addr) {
+                return Ok((addr, channel.clone()));
+            }
+            let channel = Channel::from_shared(format!("http://{addr}"))
+                .map_err(|err| format!("{addr} is not a usable endpoint: {err}"))?
+                .connect_lazy();
+            channels.insert(addr.clone(), channel.clone());
+            Ok((addr, channel))
+        });
+        match made {
+            Ok((addr, channel)) => Some(Upstream {
+                id: e.id.clone(),
+                addr,
+                channel,
+            }),
+            Err(why) => {
+                rejected.push(format!("{service} {:?}: {why}", e.id));
+                None
+            }
         }
     };
     let embedders = parts
@@ -184,26 +234,38 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
         .filter(|e| {
             e.status == "passing" && tag_value(&e.tags, "model") == Some(manifest.model_id.as_str())
         })
-        .map(&mut upstream)
+        .filter_map(|e| upstream(EMBEDDER_SERVICE, e))
         .collect();
     let mut shards = vec![Vec::new(); manifest.shards.len()];
+    let mut bad_shard = Vec::new();
     for e in parts
         .shards
         .iter()
         .filter(|e| e.status == "passing" && tag_value(&e.tags, "dg") == Some(manifest.dg.as_str()))
     {
-        if let Some(n) = tag_value(&e.tags, "shard").and_then(|s| s.parse::<usize>().ok()) {
-            if n < shards.len() {
-                shards[n].push(upstream(e));
+        match tag_value(&e.tags, "shard").and_then(|s| s.parse::<usize>().ok()) {
+            Some(n) if n < shards.len() => {
+                if let Some(u) = upstream(SHARD_SERVICE, e) {
+                    shards[n].push(u);
+                }
             }
+            _ => bad_shard.push(format!(
+                "{SHARD_SERVICE} {:?}: tag shard={} is not a shard of {} ({} shards)",
+                e.id,
+                tag_value(&e.tags, "shard").unwrap_or("(missing)"),
+                manifest.dg,
+                shards.len()
+            )),
         }
     }
+    rejected.extend(bad_shard);
     Some(Routing {
         active,
         manifest,
         map,
         embedders,
         shards,
+        rejected,
     })
 }
 
@@ -262,6 +324,57 @@ mod tests {
             r.shards[1].is_empty(),
             "another dg's shard never serves this dg"
         );
+    }
+
+    #[tokio::test]
+    async fn unusable_catalog_entries_are_left_out_and_reported_never_a_panic() {
+        let index = two_shard_index("model-a");
+        let dg = index.manifest.dg.clone();
+        let with_address = |id: &str, address: &str, port: u16, tags: &[&str]| ServiceEntry {
+            address: address.into(),
+            ..entry(id, port, "passing", tags)
+        };
+        let dg_tag = format!("dg={dg}");
+        let parts = Parts {
+            active: Some(index),
+            embedders: vec![
+                with_address("e-v6", "::1", 7000, &["model=model-a"]),
+                with_address("e-junk", "http://x y", 7001, &["model=model-a"]),
+                with_address("e-port0", "127.0.0.1", 0, &["model=model-a"]),
+            ],
+            shards: vec![
+                with_address("s-name", "shard-0.local", 7100, &[&dg_tag, "shard=0"]),
+                with_address("s-bad-n", "127.0.0.1", 7101, &[&dg_tag, "shard=x"]),
+                with_address("s-far", "127.0.0.1", 7102, &[&dg_tag, "shard=7"]),
+            ],
+        };
+        let r = build_routing(&parts, &mut HashMap::new()).unwrap();
+        let addrs = |u: &[Upstream]| u.iter().map(|u| u.addr.clone()).collect::<Vec<_>>();
+        assert_eq!(addrs(&r.embedders), vec!["[::1]:7000"]);
+        assert_eq!(addrs(&r.shards[0]), vec!["shard-0.local:7100"]);
+        assert_eq!(r.rejected.len(), 4, "{:?}", r.rejected);
+        for id in ["e-junk", "e-port0", "s-bad-n", "s-far"] {
+            assert!(
+                r.rejected.iter().any(|w| w.contains(id)),
+                "{id} reported: {:?}",
+                r.rejected
+            );
+        }
+    }
+
+    #[test]
+    fn endpoints_bracket_ipv6_and_refuse_what_is_no_host() {
+        assert_eq!(endpoint("10.0.0.1", 80).unwrap(), "10.0.0.1:80");
+        assert_eq!(endpoint("::1", 80).unwrap(), "[::1]:80");
+        assert_eq!(endpoint("[fe80::1]", 80).unwrap(), "[fe80::1]:80");
+        assert_eq!(
+            endpoint("node-1.dc1.consul", 80).unwrap(),
+            "node-1.dc1.consul:80"
+        );
+        for bad in ["", "a b", "x/y", "-a.b", "a..b", "user:pw@host", "h\u{0}"] {
+            assert!(endpoint(bad, 80).is_err(), "{bad:?} refused");
+        }
+        assert!(endpoint("127.0.0.1", 0).is_err());
     }
 
     #[test]

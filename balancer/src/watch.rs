@@ -21,6 +21,8 @@ pub struct Watcher {
     pub wait: Duration,
 }
 
+/// The watcher of the active pointer, as named in errors and `/v1/status`.
+const ACTIVE: &str = "active dg";
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -39,7 +41,19 @@ impl Watcher {
         let msg = format!("{what}: {e}");
         tracing::warn!(error = %msg, "consul watch failed; serving from the last known state");
         self.metrics.consul_errors.inc();
-        self.state.consul_failed(msg);
+        self.state.consul_failed(what, msg);
+    }
+
+    /// Apply what `source` read and refresh the gauge of entries left out.
+    fn update(&self, source: &str, change: impl FnOnce(&mut crate::state::Parts)) {
+        self.state.update(source, change);
+        let rejected = self
+            .state
+            .load()
+            .routing
+            .as_ref()
+            .map_or(0, |r| r.rejected.len());
+        self.metrics.consul_rejected.set(rejected as i64);
     }
 
     fn succeeded(&self) {
@@ -75,23 +89,23 @@ impl Watcher {
                             if changed {
                                 tracing::info!(dg = %index.active.dg, previous = ?index.active.previous, clusters = index.map.clusters(), "active dg");
                             }
-                            self.state.update(|p| p.active = Some(index));
+                            self.update(ACTIVE, |p| p.active = Some(index));
                             backoff = MIN_BACKOFF;
                         }
                         Ok(None) => {
-                            self.state.update(|_| {});
+                            self.update(ACTIVE, |_| {});
                             backoff = MIN_BACKOFF;
                         }
                         Err(e) => {
                             // A pointer we cannot follow keeps the previous dg serving.
-                            self.failed("active dg", e);
+                            self.failed(ACTIVE, e);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(MAX_BACKOFF);
                         }
                     }
                 }
                 Err(e) => {
-                    self.failed("active dg", e);
+                    self.failed(ACTIVE, e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -105,6 +119,9 @@ impl Watcher {
         let active: ActiveDg = serde_json::from_slice(&raw).map_err(|e| {
             anyhow::anyhow!("{} is not an active pointer: {e}", self.layout.active())
         })?;
+        active
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.layout.active()))?;
         if let Some(routing) = self.state.load().routing.as_ref() {
             if routing.active.dg == active.dg {
                 return Ok(Some(ActiveIndex {
@@ -173,7 +190,7 @@ impl Watcher {
                         .healthy_instances
                         .with_label_values(&[service])
                         .set(passing as i64);
-                    self.state.update(|p| match service {
+                    self.update(service, |p| match service {
                         SHARD_SERVICE => p.shards = answer.value,
                         _ => p.embedders = answer.value,
                     });

@@ -177,6 +177,31 @@ pub struct ActiveDg {
     pub flipped_at: String,
 }
 
+/// Is `name` a dg id as [`Manifest::content_id`] makes them (`dg-` and 16 hex digits)?
+/// Anything else read from Consul is refused before it becomes part of a key or a path.
+pub fn is_dg_name(name: &str) -> bool {
+    name.strip_prefix("dg-").is_some_and(|hex| {
+        hex.len() == 16
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+impl ActiveDg {
+    /// The pointer names dgs only (its values become Consul keys and file paths).
+    pub fn validate(&self) -> Result<(), String> {
+        for name in std::iter::once(&self.dg).chain(&self.previous) {
+            if !is_dg_name(name) {
+                return Err(format!(
+                    "{name:?} is not a dg id (dg- and 16 lowercase hex digits)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// "dg-b (previous dg-a)", or "dg-b (no previous dg)": how the CLI reports a pointer.
 impl std::fmt::Display for ActiveDg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,6 +251,34 @@ impl KvLayout {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_name_dgs_only() {
+        let ok = ActiveDg {
+            dg: "dg-0123456789abcdef".into(),
+            previous: Some("dg-fedcba9876543210".into()),
+            flipped_at: String::new(),
+        };
+        assert!(ok.validate().is_ok());
+        for bad in [
+            "dg-0123",
+            "../../x",
+            "dg-0123456789ABCDEF",
+            "dg-0123456789abcdeg",
+            "",
+        ] {
+            let p = ActiveDg {
+                dg: bad.into(),
+                ..ok.clone()
+            };
+            assert!(p.validate().unwrap_err().contains("not a dg id"), "{bad}");
+            let p = ActiveDg {
+                previous: Some(bad.into()),
+                ..ok.clone()
+            };
+            assert!(p.validate().is_err(), "previous {bad}");
+        }
+    }
 
     /// A manifest over 2 shards and 3 clusters of 2 dims (centroids in
     /// [`crate::routing::tests`]).

@@ -41,9 +41,14 @@ pub async fn observe(consul: &ConsulClient, layout: &KvLayout) -> Result<Observe
             modify_index: 0,
         }),
         Some(kv) => {
-            let active = serde_json::from_slice(&kv.value).map_err(|e| FlipError::Corrupt {
+            let active: ActiveDg =
+                serde_json::from_slice(&kv.value).map_err(|e| FlipError::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            active.validate().map_err(|reason| FlipError::Corrupt {
                 key: key.clone(),
-                reason: e.to_string(),
+                reason,
             })?;
             Ok(Observed {
                 active: Some(active),

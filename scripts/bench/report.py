@@ -80,6 +80,10 @@ if over:
 if after:
     md.append(f"| normal service within 5 s after overload | p50 {fmt(after.get('p50_ms'), 2)} ms, failed {after.get('failed')}, queues {after.get('queues', '?')} | "
               f"{'yes' if after.get('failed') == 0 else 'no'} |")
+for r in phase("rollout", "simq"):
+    md.append(f"| {r.get('step')} under unique-query load at {r.get('share')} of capacity: zero failed, zero degraded | "
+              f"{r.get('ok')} answered, {r.get('failed')} failed {r.get('by_status')}, {r.get('degraded')} degraded, "
+              f"p99 {fmt(r.get('p99_ms'))} ms | {'yes' if r.get('failed') == 0 and r.get('degraded') == 0 else 'no'} |")
 md.append("")
 
 md.append("## Bound: bare ONNX Runtime, same queries\n")
@@ -161,6 +165,20 @@ if over:
                   f"{fmt(after.get('throughput'))} q/s, p50 {fmt(after.get('p50_ms'), 2)} ms, failed {after.get('failed')}; "
                   f"embedder queue {after.get('queues', '?')}.")
     md.append("\n")
+
+rollouts = phase("rollout", "simq")
+if rollouts:
+    md.append("## Rollout and rollback under load\n")
+    md.append("`scripts/bench.sh rollout`: a second dg of the full corpus (4000 fine clusters instead of 4096) rolled "
+              "out with `simq-indexer rollout` (new shards as canaries beside the old, verified, one flip, promotion), "
+              "then `simq-indexer rollback`, each under open-loop unique queries at a share of the best closed-loop "
+              "throughput above; the load starts 5 s before the step and ends 5 s after it.\n")
+    md.append("| step | step took s | offered q/s | answered | failed (by status) | degraded | p50 / p99 ms |")
+    md.append("|---|---:|---:|---:|---|---:|---|")
+    for r in rollouts:
+        md.append(f"| {r.get('step')} | {r.get('step_s')} | {fmt(r.get('offered_rate'))} | {r.get('ok')} | {r.get('failed')} {r.get('by_status')} | "
+                  f"{r.get('degraded')} | {fmt(r.get('p50_ms'))} / {fmt(r.get('p99_ms'))} |")
+    md.append("")
 
 md.append(f"![latency against offered load]({a.plot.split('/')[-1]})\n")
 open(a.md, "w").write("\n".join(md))
