@@ -1,4 +1,8 @@
-# The public entry: the Pingora balancer on a fixed loopback port.
+# The public entry: Pingora balancers sharing one fixed loopback port (SO_REUSEPORT: the
+# kernel spreads new connections over the instances; one that stops leaves the others
+# serving). Each instance also listens on its own dynamic "admin" port, where Consul
+# checks it and Prometheus scrapes it. The public port is not reserved in Nomad (two
+# allocations of one job cannot reserve the same static port on one node).
 
 variable "balancer_bin" {
   type        = string
@@ -9,6 +13,12 @@ variable "port" {
   type        = number
   description = "Port the balancer listens on (127.0.0.1)."
   default     = 8080
+}
+
+variable "count" {
+  type        = number
+  description = "Balancer instances on the shared port."
+  default     = 2
 }
 
 variable "consul_addr" {
@@ -40,22 +50,31 @@ job "simq-balancer" {
   type        = "service"
 
   group "balancer" {
-    count = 1
+    count = var.count
 
     network {
-      port "http" {
-        static = var.port
-      }
+      port "admin" {}
     }
 
+    # A new version starts as a canary beside the running ones (all share the port), is
+    # promoted once healthy, then replaces the old ones one at a time; reverted if never
+    # healthy.
     update {
+      canary            = 1
+      auto_promote      = true
       max_parallel      = 1
       health_check      = "checks"
-      min_healthy_time  = "1s"
+      min_healthy_time  = "2s"
       healthy_deadline  = "30s"
       progress_deadline = "40s"
       auto_revert       = true
     }
+
+    # Leave Consul before the signal; then SIGTERM: Pingora closes this instance's
+    # listeners at once (new connections go to the others), answers in-flight queries
+    # (at most the 2 s query deadline) within --shutdown-grace-secs and closes kept-alive
+    # connections after their current answer.
+    shutdown_delay = "2s"
 
     restart {
       attempts = 3
@@ -66,11 +85,11 @@ job "simq-balancer" {
 
     service {
       name     = "simq-balancer"
-      port     = "http"
+      port     = "admin"
       provider = "consul"
       # Where Prometheus scrapes /metrics (consul/prometheus/prometheus.yml).
       meta {
-        metrics_port = "${NOMAD_PORT_http}"
+        metrics_port = "${NOMAD_PORT_admin}"
       }
 
       check {
@@ -87,7 +106,11 @@ job "simq-balancer" {
       config {
         command = var.balancer_bin
         args = [
-          "--listen", "127.0.0.1:${NOMAD_PORT_http}",
+          "--listen", "127.0.0.1:${var.port}",
+          "--reuse-port",
+          "--admin-listen", "127.0.0.1:${NOMAD_PORT_admin}",
+          "--upgrade-sock", "${NOMAD_ALLOC_DIR}/pingora-upgrade.sock",
+          "--shutdown-grace-secs", "5",
           "--consul", var.consul_addr,
           "--nprobe", "${var.nprobe}",
           "--max-inflight", "${var.max_inflight}",
@@ -99,6 +122,7 @@ job "simq-balancer" {
         SIMQ_LOG_FORMAT = "json"
       }
 
+      kill_signal  = "SIGTERM"
       kill_timeout = "10s"
 
       resources {

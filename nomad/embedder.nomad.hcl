@@ -23,8 +23,8 @@ variable "ort_library" {
 
 variable "count" {
   type        = number
-  description = "Embedder instances."
-  default     = 1
+  description = "Embedder instances: two, so that one can stop (update, crash) while the other answers."
+  default     = 2
 }
 
 variable "max_batch" {
@@ -51,14 +51,24 @@ job "simq-embedder" {
       port "http" {}
     }
 
+    # A new version starts as a canary beside the running ones; once its checks pass it
+    # is promoted and the old instances are replaced one at a time; one that never gets
+    # healthy is reverted.
     update {
+      canary            = 1
+      auto_promote      = true
       max_parallel      = 1
       health_check      = "checks"
-      min_healthy_time  = "1s"
+      min_healthy_time  = "2s"
       healthy_deadline  = "60s"
       progress_deadline = "70s"
       auto_revert       = true
     }
+
+    # A stopping instance leaves Consul first; balancers see that within their blocking
+    # query and stop sending before the signal arrives. The signal then drains: queued
+    # and running batches finish (simq-embedder --shutdown-grace-secs).
+    shutdown_delay = "3s"
 
     restart {
       attempts = 2
@@ -105,6 +115,7 @@ job "simq-embedder" {
         SIMQ_LOG_FORMAT = "json"
       }
 
+      kill_signal  = "SIGTERM"
       kill_timeout = "10s"
 
       resources {

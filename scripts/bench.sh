@@ -51,6 +51,11 @@ run_recall() {
   "$bin/simq-indexer" eval "$dg" --queries 1000 --nprobe 32,64,96,128,160,192,256 | tee "$out/recall.md"
 }
 
+# The best answered rate of simq's closed-loop sweep (not the cache-hit runs) in RESULTS.
+best_closed_loop() {
+  python3 -c 'import json,sys; print(max(r["throughput"] for r in map(json.loads, open(sys.argv[1])) if r.get("phase") == "closed" and r.get("system") == "simq"))' "$1"
+}
+
 # serve: settings SIMQ_PORT (8080), SIMQ_BENCH_SECONDS per measurement (10),
 # SIMQ_BENCH_OVERLOAD_SECS (60), SIMQ_BENCH_CONNECTIONS ("1 2 4 8 16 32 64").
 run_serve() {
@@ -139,7 +144,7 @@ PY
   python3 "$SIMQ_ROOT/scripts/bench/cpu.py" --diff "$serve/cpu-before.json" "$serve/cpu-after.json" "$secs" |
     tag '{"phase": "cpu_share"}' | tee -a "$results" >&2
   local best
-  best="$(python3 -c 'import json,sys; print(max(json.loads(l)["throughput"] for l in open(sys.argv[1]) if "\"closed\"" in l and "\"simq\"" in l))' "$results")"
+  best="$(best_closed_loop "$results")"
   log "bench: open loop at shares of simq's measured capacity ($best/s)"
   local share rate
   for share in 0.25 0.5 0.75 0.9 1.1; do
@@ -158,10 +163,13 @@ PY
     tee -a "$results" >&2
 
   kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null || true
-  log "bench: overload: 200 connections of long unique queries for $over_secs s"
+  log "bench: overload: 200 connections of long unique queries for $over_secs s, twice"
   local q_saved="$queries" n_saved=$next
   queries="$long" next=0
+  # Clients that wait the Retry-After of a refusal (as well-behaved HTTP clients do), then
+  # clients that resend at once (the worst case: refusals themselves load the machine).
   load simq overload "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000
+  load simq overload_hostile "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 --ignore-retry-after
   queries="$q_saved" next=$n_saved
   sleep 5
   local queued
@@ -198,7 +206,7 @@ run_rollout() {
     die "no simq balancer answers on 127.0.0.1:$port: start the stack with scripts/up.sh first"
   active="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["active"]["dg"])' <<<"$status")"
   cargo build --release --locked --quiet -p simq-balancer --examples
-  best="$(python3 -c 'import json,sys; print(max(json.loads(l)["throughput"] for l in open(sys.argv[1]) if "\"closed\"" in l and "\"simq\"" in l))' "$results")"
+  best="$(best_closed_loop "$results")"
   rate="$(python3 -c "print(round($best * $share, 1))")"
   [ -s "$queries" ] || python3 "$SIMQ_ROOT/scripts/bench/queries.py" "$corpus" --n 100000 --seed 8 >"$queries"
   # Another dg of the same corpus: 4000 fine clusters instead of the default 4096.

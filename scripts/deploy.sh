@@ -12,6 +12,8 @@
 #   SIMQ_SHARDS    shards (k-means k)           [default: 8]
 #   SIMQ_CLUSTERS  fine clusters over all shards [default: 4096]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
+#   SIMQ_EMBEDDERS embedder instances           [default: 2]
+#   SIMQ_BALANCERS balancer instances sharing SIMQ_PORT [default: 2]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
 #   SIMQ_NPROBE    fine clusters probed per query [default: 192]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
@@ -20,6 +22,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
 shards="${SIMQ_SHARDS:-8}"
 replicas="${SIMQ_REPLICAS:-1}"
+embedders="${SIMQ_EMBEDDERS:-2}"
+balancers="${SIMQ_BALANCERS:-2}"
 port="${SIMQ_PORT:-8080}"
 clusters="${SIMQ_CLUSTERS:-4096}"
 nprobe="${SIMQ_NPROBE:-192}"
@@ -54,13 +58,13 @@ nomad_run blobs.nomad.hcl "indexer_bin=$bin/simq-indexer" "dir=$blobs"
 
 log "embedder"
 model_id="$("$bin/simq-indexer" model-id)"
-nomad_run embedder.nomad.hcl "model_id=$model_id" "model_dir=$SIMQ_MODEL_DIR" "embedder_bin=$bin/simq-embedder" "ort_library=$ORT_LIB"
+nomad_run embedder.nomad.hcl "model_id=$model_id" "model_dir=$SIMQ_MODEL_DIR" "embedder_bin=$bin/simq-embedder" "ort_library=$ORT_LIB" "count=$embedders"
 
 log "shards of $dg"
 "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
 
 log "balancer on 127.0.0.1:$port"
-nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait"
+nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers"
 deadline=$((SECONDS + 60))
 # Ready means this balancer routes with this dg (not merely that something answers).
 until curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -q "\"dg\":\"$dg\""; do

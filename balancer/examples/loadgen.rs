@@ -61,6 +61,11 @@ struct Args {
     /// Write {"query", "results": [texts]} per answered query to this file.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Closed loop: send the next query at once after a refusal, ignoring its
+    /// Retry-After (a client that hammers an overloaded service). By default a connection
+    /// that gets 429/503 with Retry-After waits that long, as a well-behaved client does.
+    #[arg(long)]
+    ignore_retry_after: bool,
     /// A label copied into the summary.
     #[arg(long, default_value = "")]
     label: String,
@@ -113,12 +118,20 @@ impl Shared {
         Some(self.lines[i % self.lines.len()].clone())
     }
 
-    async fn send(&self, query: String, started: Instant) {
+    /// Send one query and tally the outcome; returns the Retry-After of a refusal.
+    async fn send(&self, query: String, started: Instant) -> Option<Duration> {
         let body = json!({"query": query, "k": self.args.k});
         let outcome = self.client.post(&self.args.url).json(&body).send().await;
+        let mut retry_after = None;
         let (status, answer) = match outcome {
             Ok(resp) => {
                 let status = resp.status().as_u16().to_string();
+                retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
                 (status, resp.json::<Value>().await.ok())
             }
             Err(e) if e.is_timeout() => ("timeout".to_string(), None),
@@ -143,6 +156,7 @@ impl Shared {
             ("429" | "503", _) => t.refused_ms.push(ms),
             _ => {}
         }
+        retry_after
     }
 }
 
@@ -202,7 +216,11 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     while sending() {
                         let Some(q) = s.take() else { break };
-                        s.send(q, Instant::now()).await;
+                        let retry_after = s.send(q, Instant::now()).await;
+                        if let Some(wait) = retry_after.filter(|_| !s.args.ignore_retry_after) {
+                            let left = run.saturating_sub(began.elapsed());
+                            tokio::time::sleep(wait.min(left)).await;
+                        }
                     }
                 })
             });
@@ -256,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
         json!({
             "label": a.label,
             "mode": if a.rate.is_some() { "open" } else { "closed" },
+            "honours_retry_after": a.rate.is_none() && !a.ignore_retry_after,
             "connections": a.rate.map_or(Some(a.connections), |_| None),
             "offered_rate": a.rate,
             "seconds": elapsed,

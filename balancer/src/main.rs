@@ -34,13 +34,32 @@ use simq_consul::{ConsulClient, KvLayout};
 /// Retry-After at once. A replica failing 3 calls in a row is skipped for 10 s. If
 /// Consul becomes unreachable it keeps serving from the last state it read.
 ///
-/// Stops on SIGTERM (graceful: in-flight requests finish) or SIGINT (fast).
+/// Stops on SIGTERM (graceful: the listeners close at once, in-flight requests get
+/// --shutdown-grace-secs to finish, answers on kept-alive connections say
+/// "Connection: close") or SIGINT (fast: in-flight requests are cut).
+///
+/// Several balancers can share one public port (--reuse-port, SO_REUSEPORT: the kernel
+/// spreads new connections over them, and one that stops leaves the others serving);
+/// each then answers its own /health, /metrics and /v1/status on --admin-listen too, so
+/// Consul checks every instance, not whichever one the kernel picks.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Share --listen with other balancers (SO_REUSEPORT).
+    #[arg(long)]
+    reuse_port: bool,
+    /// A second address of this instance alone (same routes), for health checks and
+    /// scraping when --listen is shared.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Pingora's socket for handing listeners to a new process (graceful upgrade); keep it
+    /// in the cluster's own directory [default: pingora-upgrade.sock in the working
+    /// directory].
+    #[arg(long, default_value = "pingora-upgrade.sock")]
+    upgrade_sock: String,
     /// Consul HTTP address.
     #[arg(
         long,
@@ -77,7 +96,8 @@ struct Args {
     /// Worker threads of the HTTP server.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds in-flight requests get to finish after SIGTERM (longer than
+    /// --deadline-ms, so every query admitted before the signal is answered).
     #[arg(long, default_value_t = 5)]
     shutdown_grace_secs: u64,
 }
@@ -123,8 +143,11 @@ fn main() -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads: args.threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(args.shutdown_grace_secs),
+        upgrade_sock: args.upgrade_sock.clone(),
+        // On SIGTERM Pingora stops accepting at once, then keeps its runtimes (and the
+        // queries they run) going for the grace period, then drops what is left.
+        grace_period_seconds: Some(args.shutdown_grace_secs),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -133,9 +156,18 @@ fn main() -> anyhow::Result<()> {
         "simq balancer".to_string(),
         BalancerApp { state, executor },
     );
-    http.add_tcp(&args.listen);
+    if args.reuse_port {
+        let mut shared = pingora::listeners::TcpSocketOptions::default();
+        shared.so_reuseport = Some(true);
+        http.add_tcp_with_settings(&args.listen, shared);
+    } else {
+        http.add_tcp(&args.listen);
+    }
+    if let Some(admin) = &args.admin_listen {
+        http.add_tcp(admin);
+    }
     server.add_service(http);
     server.add_service(background_service("consul watch", WatchService(watcher)));
-    tracing::info!(listen = %args.listen, consul = %args.consul, "balancer starting");
+    tracing::info!(listen = %args.listen, reuse_port = args.reuse_port, admin = ?args.admin_listen, consul = %args.consul, "balancer starting");
     server.run_forever();
 }

@@ -8,7 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cluster_dir, corpus_slice, deploy_with, post, shard_pids, status, stop_jobs};
+use common::{
+    cluster_dir, corpus_slice, deploy_with, metric, post, shard_pids, signal, status, stop_jobs,
+};
 use serde_json::json;
 
 /// Freezes the Consul agent; thaws it when dropped, also when an assertion fails (a frozen
@@ -32,14 +34,6 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         signal("-CONT", self.0);
     }
-}
-
-fn signal(sig: &str, pid: u32) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid}");
 }
 
 /// Ask one query that is not in the balancer's cache; (status, dg).
@@ -119,18 +113,10 @@ async fn balancer_serves_through_a_consul_outage_and_recovers() {
         assert_eq!(code, 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", common::PORT))
+    let errors = metric("simq_balancer_consul_errors_total")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let errors: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("simq_balancer_consul_errors_total "))
-        .and_then(|v| v.parse().ok())
         .expect("consul error counter");
-    assert!(errors >= 1.0, "{metrics}");
+    assert!(errors >= 1.0, "{errors} Consul errors counted");
 
     // ... and the watchers follow changes again: a replica killed now leaves the routing.
     let pids = shard_pids(&dg, 0);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{corpus_slice, deploy, post, query, shard_pids, stop_jobs, PORT};
+use common::{corpus_slice, deploy, post, query, shard_pids, signal, stop_jobs, PORT};
 use serde_json::json;
 
 #[tokio::test]
@@ -127,11 +127,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
     // replica while Consul has not yet seen the loss), none degraded.
     let pids = shard_pids(&dg, 0);
     assert_eq!(pids.len(), 2, "two replicas of shard 0 run: {pids:?}");
-    assert!(std::process::Command::new("kill")
-        .args(["-KILL", &pids[0].to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal("-KILL", pids[0]);
     for t in lines.iter().skip(300).take(40) {
         let a = query(t).await;
         assert_eq!(

@@ -129,7 +129,7 @@ async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
         per_service,
         BTreeMap::from([
             ("simq-balancer".to_string(), 1),
-            ("simq-embedder".to_string(), 1),
+            ("simq-embedder".to_string(), 2),
             ("simq-shard".to_string(), 8)
         ])
     );

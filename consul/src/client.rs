@@ -196,6 +196,66 @@ impl ConsulClient {
         Ok(())
     }
 
+    /// Create a session that Consul deletes `ttl` after its last renewal (10 s to 24 h),
+    /// deleting the keys it holds (behavior "delete"); returns its id.
+    pub async fn session_create(&self, name: &str, ttl: Duration) -> Result<String> {
+        let path = "/v1/session/create";
+        let body = serde_json::json!({
+            "Name": name,
+            "TTL": format!("{}s", ttl.as_secs().max(10)),
+            "Behavior": "delete",
+            "LockDelay": "0s",
+        });
+        let (_, answer) = self
+            .call(
+                Method::PUT,
+                path,
+                &[],
+                Some(body.to_string().into_bytes()),
+                None,
+            )
+            .await?;
+        #[derive(serde::Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        Ok(decode::<Created>(path, &answer.unwrap_or_default())?.id)
+    }
+
+    /// Renew a session's TTL; `Ok(false)` when the session no longer exists.
+    pub async fn session_renew(&self, id: &str) -> Result<bool> {
+        let path = format!("/v1/session/renew/{id}");
+        match self.call(Method::PUT, &path, &[], None, None).await {
+            Ok(_) => Ok(true),
+            Err(Error::Status { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// End a session (its keys are deleted, releasing what it held).
+    pub async fn session_destroy(&self, id: &str) -> Result<()> {
+        let path = format!("/v1/session/destroy/{id}");
+        self.call(Method::PUT, &path, &[], None, None).await?;
+        Ok(())
+    }
+
+    /// Take the lock `key` for `session`, writing `value`; `Ok(false)` when another
+    /// session holds it.
+    pub async fn kv_acquire(&self, key: &str, value: &[u8], session: &str) -> Result<bool> {
+        let path = format!("/v1/kv/{key}");
+        let (_, body) = self
+            .call(
+                Method::PUT,
+                &path,
+                &[("acquire", session)],
+                Some(value.to_vec()),
+                None,
+            )
+            .await?;
+        decode(&path, &body.unwrap_or_default())
+    }
+
     /// Instances of a service with their aggregated check status; `passing_only` asks
     /// Consul to drop every instance with a non-passing check.
     pub async fn health_service(

@@ -242,6 +242,11 @@ impl KvLayout {
         format!("{}dg/{dg}/manifest", self.prefix)
     }
 
+    /// The lock that lets one rollout (or rollback, or flip) run at a time.
+    pub fn rollout_lock(&self) -> String {
+        format!("{}rollout/lock", self.prefix)
+    }
+
     /// Part `i` of the dg's centroid bytes.
     pub fn centroid_chunk(&self, dg: &str, i: usize) -> String {
         format!("{}dg/{dg}/centroids/{i}", self.prefix)

@@ -66,6 +66,19 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f[11] + f[12]) / ticks
 }
 
+/// The service under test; stopped (SIGTERM, then waited for) when dropped, also when a
+/// phase fails with `?`.
+struct Service(std::process::Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 fn percentile(sorted_ms: &[f64], p: usize) -> f64 {
     sorted_ms[(sorted_ms.len() * p / 100).min(sorted_ms.len() - 1)]
 }
@@ -131,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
     let http = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut child = Command::new(&bin)
+    let child = Command::new(&bin)
         .args(["--model-dir", args.model_dir.to_str().unwrap()])
         .args([
             "--grpc-listen",
@@ -153,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
                 bin.display()
             )
         })?;
+    let child = Service(child);
     let addr = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let client = loop {
@@ -217,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
             Ok::<_, tonic::Status>(rate(texts.len(), t.elapsed()))
         }
     };
-    let pid = child.id();
+    let pid = child.0.id();
     let cpu = cpu_seconds(pid);
     let concurrent_single = load(1).await?;
     let cpu_single = (cpu_seconds(pid) - cpu) * 1000.0 / n as f64;
@@ -225,10 +239,7 @@ async fn main() -> anyhow::Result<()> {
     let concurrent_16 = load(16).await?;
     let cpu_16 = (cpu_seconds(pid) - cpu) * 1000.0 / n as f64;
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    drop(child);
 
     println!(
         "embedder throughput, {n} real corpus texts, {} session(s) x {} intra-op thread(s), {} cores",

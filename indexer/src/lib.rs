@@ -16,5 +16,6 @@ pub mod corpus;
 pub mod eval;
 pub mod flip;
 pub mod kmeans;
+pub mod lock;
 pub mod publish;
 pub mod rollout;

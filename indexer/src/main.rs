@@ -267,6 +267,7 @@ mod cluster {
     use simq_consul::{ConsulClient, KvLayout};
     use simq_indexer::blobs::{serve, BlobStore};
     use simq_indexer::flip::{self, Flipped};
+    use simq_indexer::lock::{Holder, RolloutLock};
     use simq_indexer::publish::publish as publish_dg;
     use simq_indexer::rollout::{
         rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID,
@@ -309,8 +310,44 @@ mod cluster {
         Ok(())
     }
 
+    /// Run `work` holding the rollout lock (one rollout, rollback or flip at a time).
+    /// SIGINT (Ctrl-C) or SIGTERM stops the work at its next await and releases the lock;
+    /// running the command again (or `rollback`) converges from wherever it stopped.
+    async fn locked<T>(
+        consul: &ConsulClient,
+        layout: &KvLayout,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let lock = RolloutLock::acquire(consul, layout, &command).await?;
+        let outcome = tokio::select! {
+            r = work => r,
+            _ = simq_consul::service::shutdown_signal() => Err(anyhow::anyhow!(
+                "interrupted: the rollout lock is released; run the command again (or rollback) to converge"
+            )),
+        };
+        lock.release().await;
+        outcome
+    }
+
     pub async fn rollout(args: RolloutArgs, back: bool) -> anyhow::Result<()> {
         let (consul, nomad, layout) = clients(&args.cluster)?;
+        locked(
+            &consul,
+            &layout,
+            rollout_locked(&consul, &nomad, &layout, args, back),
+        )
+        .await
+    }
+
+    async fn rollout_locked(
+        consul: &ConsulClient,
+        nomad: &NomadClient,
+        layout: &KvLayout,
+        args: RolloutArgs,
+        back: bool,
+    ) -> anyhow::Result<()> {
+        let (consul, nomad, layout) = (consul.clone(), nomad.clone(), layout.clone());
         let dg = if back {
             let observed = flip::observe(&consul, &layout).await?;
             let active = observed
@@ -369,7 +406,11 @@ mod cluster {
 
     pub async fn flip(args: FlipArgs) -> anyhow::Result<()> {
         let (consul, _, layout) = clients(&args.cluster)?;
-        match flip::flip(&consul, &layout, &args.dg).await? {
+        let flipped = locked(&consul, &layout, async {
+            Ok(flip::flip(&consul, &layout, &args.dg).await?)
+        })
+        .await?;
+        match flipped {
             Flipped::Now(a) => eprintln!("active dg is now {a}"),
             Flipped::AlreadyActive(a) => eprintln!("{} is already active; nothing changed", a.dg),
         }
@@ -388,6 +429,15 @@ mod cluster {
             ),
             None => println!("active:   - (no dg was ever activated)"),
         }
+        let lock = consul
+            .kv_get(&layout.rollout_lock(), None)
+            .await?
+            .value
+            .map(|kv| match serde_json::from_slice::<Holder>(&kv.value) {
+                Ok(h) => format!("held by {} since {} ({})", h.who, h.since, h.command),
+                Err(_) => "held (unreadable holder)".into(),
+            });
+        println!("rollout lock: {}", lock.as_deref().unwrap_or("free"));
         println!(
             "shards job runs: {}",
             running_dg(&nomad).await?.as_deref().unwrap_or("-")

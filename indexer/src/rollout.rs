@@ -316,29 +316,51 @@ pub async fn rollout(
 ) -> anyhow::Result<RolloutOutcome> {
     let started = Instant::now();
     let manifest = published_manifest(consul, layout, dg).await?;
+    // What the job spec names and what the balancers route with can differ after an
+    // interrupted rollout: the spec may already name `dg` while the pointer still names
+    // the dg whose shards serve. Canaries are needed whenever another dg serves.
     let current = running_dg(nomad).await?;
-    let canary = match &current {
-        Some(cur) if cur != dg => opts.replicas,
-        _ => 0,
+    let active = crate::flip::observe(consul, layout)
+        .await?
+        .active
+        .map(|a| a.dg);
+    let another_serves =
+        active.as_deref().is_some_and(|a| a != dg) || current.as_deref().is_some_and(|c| c != dg);
+    let canary = if another_serves { opts.replicas } else { 0 };
+    // An interrupted rollout of `dg` whose deployment still runs is picked up where it is,
+    // not registered again (which would cancel it and start its canaries over).
+    let resumed = match nomad.latest_deployment(SHARDS_JOB_ID).await? {
+        Some(d)
+            if current.as_deref() == Some(dg)
+                && matches!(d.status.as_str(), "running" | "paused" | "pending")
+                && d.task_groups.values().any(|g| g.desired_canaries > 0) =>
+        {
+            Some(d.job_version)
+        }
+        _ => None,
     };
     progress(&format!(
         "rolling out {dg} ({} shards x {} replicas){}",
         manifest.shards.len(),
         opts.replicas,
-        match &current {
-            Some(cur) if cur != dg => format!(", canaries beside running {cur}"),
-            Some(_) => ", same dg already running".into(),
-            None => String::new(),
+        match (&active, &current) {
+            (Some(a), _) if a != dg => format!(", canaries beside {a}, which serves"),
+            (_, Some(c)) if c != dg => format!(", canaries beside running {c}"),
+            (_, Some(_)) => ", same dg already running".into(),
+            _ => String::new(),
         }
     ));
     // Retrying a dg whose last deployment failed needs a new job version, else Nomad sees
     // no change and nothing is placed again.
+    // So does a spec that names `dg` while another dg serves (an interrupted rollout whose
+    // deployment ended): its canaries must be placed again.
     let last_failed = current.as_deref() == Some(dg)
         && nomad
             .latest_deployment(SHARDS_JOB_ID)
             .await?
             .is_some_and(|d| d.status == "failed" || d.status == "cancelled");
-    let attempt = if last_failed {
+    let stale_spec = current.as_deref() == Some(dg) && another_serves;
+    let attempt = if last_failed || stale_spec {
         crate::flip::now_rfc3339()
     } else {
         String::new()
@@ -353,7 +375,15 @@ pub async fn rollout(
         Some(cur) if cur != dg => groups_beyond(nomad, &new_groups).await?,
         _ => Vec::new(),
     };
-    let version = register_shards(nomad, &manifest, canary, &attempt, opts, &keep).await?;
+    let version = match resumed {
+        Some(version) => {
+            progress(&format!(
+                "resuming the running deployment of {dg} (job version {version})"
+            ));
+            version
+        }
+        None => register_shards(nomad, &manifest, canary, &attempt, opts, &keep).await?,
+    };
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
     let mut flipped = None;

@@ -68,7 +68,8 @@ pub fn deploy(corpus: &Path, shards: usize, replicas: usize, nprobe: usize) -> S
     deploy_with(corpus, shards, replicas, nprobe, &[])
 }
 
-/// `deploy` with more scripts/deploy.sh settings, e.g. ("SIMQ_CONSUL_WAIT", "2").
+/// `deploy` with more scripts/deploy.sh settings, e.g. ("SIMQ_CONSUL_WAIT", "2") or
+/// ("SIMQ_BALANCERS", "2").
 pub fn deploy_with(
     corpus: &Path,
     shards: usize,
@@ -78,6 +79,9 @@ pub fn deploy_with(
 ) -> String {
     let out = Command::new("bash")
         .arg(repo_root().join("scripts/deploy.sh"))
+        // One balancer unless a test asks for more: most tests read one instance's
+        // counters and status (with several, the kernel picks which one answers).
+        .env("SIMQ_BALANCERS", "1")
         .envs(settings.iter().copied())
         .env("SIMQ_BIN_DIR", bin_dir())
         .env("SIMQ_CORPUS", corpus)
@@ -145,6 +149,19 @@ pub async fn status() -> Value {
         .json()
         .await
         .expect("status is JSON")
+}
+
+/// The value of an unlabelled metric on the balancer's /metrics, if it is there.
+pub async fn metric(name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{PORT}/metrics"))
+        .await
+        .expect("balancer answers")
+        .text()
+        .await
+        .expect("metrics are text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 pub async fn query(text: &str) -> Value {
@@ -307,8 +324,9 @@ pub async fn capacity(texts: &[String], connections: usize, seconds: f64) -> f64
     ok as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Pids of the running simq-shard processes serving `shard` of `dg`.
-pub fn shard_pids(dg: &str, shard: u32) -> Vec<u32> {
+/// Pids of the running processes of `binary` (a file name such as "simq-shard") whose
+/// arguments satisfy `wanted` (called with a lookup of an option's value).
+pub fn pids_of(binary: &str, wanted: impl Fn(&dyn Fn(&str) -> Option<String>) -> bool) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -327,12 +345,29 @@ pub fn shard_pids(dg: &str, shard: u32) -> Vec<u32> {
                 .and_then(|i| args.get(i + 1))
                 .cloned()
         };
-        if args.first().is_some_and(|a| a.ends_with("simq-shard"))
-            && arg("--dg").as_deref() == Some(dg)
-            && arg("--shard") == Some(shard.to_string())
+        if args
+            .first()
+            .is_some_and(|a| a.ends_with(&format!("/{binary}")))
+            && wanted(&arg)
         {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// Pids of the running simq-shard processes serving `shard` of `dg`.
+pub fn shard_pids(dg: &str, shard: u32) -> Vec<u32> {
+    pids_of("simq-shard", |arg| {
+        arg("--dg").as_deref() == Some(dg) && arg("--shard") == Some(shard.to_string())
+    })
+}
+
+/// Send `signal` (e.g. "-KILL") to `pid`.
+pub fn signal(signal: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {signal} {pid}");
 }

@@ -1,0 +1,119 @@
+//! One rollout at a time, and an interrupted rollout converges when run again: under
+//! unique-query load, a rollout is started, a second one is refused naming the first, the
+//! first is interrupted with SIGINT (Ctrl-C) while it waits for its canaries, and the same
+//! command run again finishes the rollout. Zero failed queries throughout. All real:
+//! Consul sessions and KV, Nomad deployments, the stack under Nomad.
+//! Needs the cluster (scripts/test.sh starts it and runs this).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{
+    bin_dir, build_and_publish, corpus_slice, deploy, indexer, signal, start_load, stop_jobs,
+    unique_questions, Pace,
+};
+use simq_consul::{ConsulClient, KvLayout};
+
+async fn lock_held(consul: &ConsulClient) -> bool {
+    let key = KvLayout::default().rollout_lock();
+    consul.kv_get(&key, None).await.unwrap().value.is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
+async fn a_second_rollout_is_refused_and_an_interrupted_one_converges_when_run_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let consul = ConsulClient::from_env().unwrap();
+    let (corpus_a, _) = corpus_slice(tmp.path(), "a.txt", 0..600);
+    let (corpus_b, _) = corpus_slice(tmp.path(), "b.txt", 600..1200);
+    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 4, 1, 8))
+        .await
+        .unwrap();
+    let (dg_b, _) = build_and_publish(&corpus_b, &tmp.path().join("dgs"), 4);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(
+        unique_questions(2000, 6000),
+        6000,
+        Pace::Rate(10.0),
+        stop.clone(),
+    );
+
+    // The first rollout takes the lock ...
+    let first = Command::new(bin_dir().join("simq-indexer"))
+        .args(["rollout", &dg_b])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !lock_held(&consul).await {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the rollout took no lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... a second one is refused and says who holds it ...
+    let target = dg_b.clone();
+    let second = tokio::task::spawn_blocking(move || indexer(&["rollout", &target]))
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr).to_string();
+    assert!(
+        !second.status.success(),
+        "a second rollout ran beside the first"
+    );
+    assert!(
+        said.contains("another rollout is running")
+            && said.contains(&format!("pid {}", first.id())),
+        "{said}"
+    );
+    // ... the first is interrupted (Ctrl-C) mid-way and gives the lock back at once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal("-INT", first.id());
+    let out = tokio::task::spawn_blocking(move || first.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && said.contains("interrupted"),
+        "{said}"
+    );
+    assert!(!lock_held(&consul).await, "the lock is released on Ctrl-C");
+
+    // The same command again converges: the new dg serves.
+    let target = dg_b.clone();
+    let again = tokio::task::spawn_blocking(move || indexer(&["rollout", &target]))
+        .await
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "interrupted and resumed rollout under 10 unique queries/s: {} answered, {} failed, {} degraded",
+        report.ok,
+        report.failed.len(),
+        report.degraded
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed queries: {:?}",
+        report.failed
+    );
+    assert_eq!(report.degraded, 0);
+    assert!(report.dgs.iter().all(|d| *d == dg_a || *d == dg_b));
+    assert_eq!(report.dgs.last(), Some(&dg_b));
+    assert!(!lock_held(&consul).await, "the lock is released at the end");
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
+}

@@ -1,0 +1,152 @@
+//! One rollout at a time: `rollout`, `rollback` and `flip` hold a Consul lock
+//! (`<prefix>rollout/lock`, taken with a session) for as long as they change the cluster.
+//! A second command finds the lock held and says by whom, since when and doing what.
+//! The holder renews its session every few seconds; a holder that dies (kill -9, a lost
+//! machine) stops renewing and Consul frees the lock when the session's TTL runs out.
+//! Ctrl-C releases it at once (see `main.rs`).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use simq_consul::{ConsulClient, KvLayout};
+
+/// How long a lock outlives its holder's last renewal.
+pub const LOCK_TTL: Duration = Duration::from_secs(15);
+
+/// Who holds the lock, as stored in its value.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    /// `user@host pid N`.
+    pub who: String,
+    /// The command line.
+    pub command: String,
+    /// RFC 3339 time it was taken.
+    pub since: String,
+}
+
+impl Holder {
+    /// This process, running `command`.
+    pub fn this_process(command: &str) -> Self {
+        let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        Self {
+            who: format!("{user}@{host} pid {}", std::process::id()),
+            command: command.to_string(),
+            since: crate::flip::now_rfc3339(),
+        }
+    }
+}
+
+/// The message for a lock somebody else holds.
+pub fn held_by(holder: Option<&Holder>) -> String {
+    match holder {
+        Some(h) => format!(
+            "another rollout is running: {} has held the rollout lock since {} ({}). Wait for it to end; \
+             if that process is gone, the lock frees itself within {} s",
+            h.who,
+            h.since,
+            h.command,
+            LOCK_TTL.as_secs()
+        ),
+        None => "another rollout is running (the rollout lock is held)".into(),
+    }
+}
+
+/// The lock, held until [`RolloutLock::release`] (or until the process dies and the TTL
+/// runs out).
+pub struct RolloutLock {
+    consul: ConsulClient,
+    session: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl RolloutLock {
+    /// Take the lock for `command`, or fail naming its holder.
+    pub async fn acquire(
+        consul: &ConsulClient,
+        layout: &KvLayout,
+        command: &str,
+    ) -> anyhow::Result<Self> {
+        let key = layout.rollout_lock();
+        let session = consul
+            .session_create("simq rollout lock", LOCK_TTL)
+            .await
+            .context("creating a Consul session for the rollout lock")?;
+        let me = serde_json::to_vec(&Holder::this_process(command))?;
+        let taken = consul.kv_acquire(&key, &me, &session).await;
+        if !matches!(taken, Ok(true)) {
+            let _ = consul.session_destroy(&session).await;
+            let holder = consul
+                .kv_get(&key, None)
+                .await
+                .ok()
+                .and_then(|kv| kv.value)
+                .and_then(|kv| serde_json::from_slice::<Holder>(&kv.value).ok());
+            taken.context("taking the rollout lock")?;
+            bail!("{}", held_by(holder.as_ref()));
+        }
+        let renew = {
+            let (consul, session) = (consul.clone(), session.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LOCK_TTL / 3).await;
+                    match consul.session_renew(&session).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(
+                                "the rollout lock's session expired; another rollout may start"
+                            );
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not renew the rollout lock"),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            consul: consul.clone(),
+            session,
+            renew,
+        })
+    }
+
+    /// Give the lock back now.
+    pub async fn release(self) {
+        self.renew.abort();
+        if let Err(e) = self.consul.session_destroy(&self.session).await {
+            tracing::warn!(error = %e, "could not release the rollout lock; it frees itself when its session expires");
+        }
+    }
+}
+
+impl Drop for RolloutLock {
+    fn drop(&mut self) {
+        // Not released explicitly (an error path): stop renewing, so the TTL frees it.
+        self.renew.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_names_the_holder_and_the_way_out() {
+        let h = Holder {
+            who: "ann@box pid 42".into(),
+            command: "simq-indexer rollout dg-1".into(),
+            since: "2026-11-24T06:00:00Z".into(),
+        };
+        let m = held_by(Some(&h));
+        for part in [
+            "ann@box pid 42",
+            "2026-11-24T06:00:00Z",
+            "rollout dg-1",
+            "15 s",
+        ] {
+            assert!(m.contains(part), "{m}");
+        }
+    }
+}
