@@ -221,18 +221,24 @@ run_rollout() {
     "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 \
       --timeout 5 --url "http://127.0.0.1:$port/v1/query" >"$out/rollout-load.json" &
     pid=$!
+    python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-before.json"
     sleep 5
     started=$SECONDS
     log "bench: $step under $rate unique queries/s ($share of $best/s)"
     "$@" >"$out/rollout-$step.log" 2>&1 || { kill -TERM "$pid"; wait "$pid"; cat "$out/rollout-$step.log" >&2; die "$step failed (log above)"; }
     took=$((SECONDS - started))
     sleep 5
+    python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-after.json"
+    local cpu
+    # Each program's share of the machine over the step and the 10 s around it (processes
+    # that ended during it, such as the old shards, are missed).
+    cpu="$(python3 "$SIMQ_ROOT/scripts/bench/cpu.py" --diff "$out/rollout-cpu-before.json" "$out/rollout-cpu-after.json" "$((took + 10))")"
     kill -TERM "$pid"
     wait "$pid" || die "loadgen failed"
     line="$(cat "$out/rollout-load.json")"
     next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
     echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' \
-      "{\"system\": \"simq\", \"phase\": \"rollout\", \"step\": \"$step\", \"step_s\": $took, \"share\": $share}" |
+      "{\"system\": \"simq\", \"phase\": \"rollout\", \"step\": \"$step\", \"step_s\": $took, \"share\": $share, \"cpu\": $cpu}" |
       tee -a "$results" >&2
   }
   under_load "rollout" "$bin/simq-indexer" rollout "$(basename "$other")"

@@ -181,11 +181,12 @@ if rollouts:
               "out with `simq-indexer rollout` (new shards as canaries beside the old, verified, one flip, promotion), "
               "then `simq-indexer rollback`, each under open-loop unique queries at a share of the best closed-loop "
               "throughput above; the load starts 5 s before the step and ends 5 s after it.\n")
-    md.append("| step | step took s | offered q/s | answered | failed (by status) | degraded | p50 / p99 ms |")
-    md.append("|---|---:|---:|---:|---|---:|---|")
+    md.append("| step | step took s | offered q/s | answered | failed (by status) | degraded | p50 / p99 ms | CPU share by program over the step |")
+    md.append("|---|---:|---:|---:|---|---:|---|---|")
     for r in rollouts:
+        cpu = ", ".join(f"{k} {v * 100:.0f} %" for k, v in sorted((r.get("cpu") or {}).items(), key=lambda kv: -kv[1]) if v >= 0.01)
         md.append(f"| {r.get('step')} | {r.get('step_s')} | {fmt(r.get('offered_rate'))} | {r.get('ok')} | {r.get('failed')} {r.get('by_status')} | "
-                  f"{r.get('degraded')} | {fmt(r.get('p50_ms'))} / {fmt(r.get('p99_ms'))} |")
+                  f"{r.get('degraded')} | {fmt(r.get('p50_ms'))} / {fmt(r.get('p99_ms'))} | {cpu} |")
     md.append("")
 
 md.append(f"![latency against offered load]({a.plot.split('/')[-1]})\n")
