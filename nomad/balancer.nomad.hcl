@@ -126,7 +126,7 @@ job "simq-balancer" {
       kill_timeout = "10s"
 
       resources {
-        cpu    = 300
+        cpu    = 200
         memory = 256
       }
     }

@@ -119,7 +119,10 @@ job "simq-embedder" {
       kill_timeout = "10s"
 
       resources {
-        cpu    = 1000
+        # A scheduling reservation (raw_exec does not enforce it): two embedders, two
+        # balancers and two full shard sets during a rollout fit nomad/dev-agent.hcl's
+        # 4000 MHz.
+        cpu    = 600
         memory = 1024
       }
     }

@@ -202,6 +202,20 @@ pub fn lower_priority(nice: i32) {
     }
 }
 
+/// Make the calling thread background work: Linux SCHED_IDLE, which runs only on CPU
+/// time nothing else wants (nice 19 where that is refused). Several threads at nice 10
+/// together still outweigh one service at nice 5 (CFS adds their weights); SCHED_IDLE
+/// threads do not, however many there are. Threads created afterwards inherit it.
+pub fn background_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads `param`; `0` names the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "SCHED_IDLE refused; using nice 19");
+        lower_priority(19);
+    }
+}
+
 /// When a service last made progress, for a `/health` that says "stalled" when work waits
 /// but nothing moves. Mark it when work reaches an idle queue and whenever a unit of work
 /// starts or finishes; lock-free, cheap to share.

@@ -255,7 +255,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => rt()?.block_on(cluster::rollout(args, true)),
         Command::Flip(args) => rt()?.block_on(cluster::flip(args)),
         Command::Status(args) => rt()?.block_on(cluster::status(args)),
-        Command::ServeBlobs(args) => rt()?.block_on(cluster::serve_blobs(args)),
+        Command::ServeBlobs(args) => {
+            // Handing out shard files is background work: serving queries comes first.
+            simq_consul::service::lower_priority(10);
+            rt()?.block_on(cluster::serve_blobs(args))
+        }
     }
 }
 

@@ -254,7 +254,9 @@ pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration
 
 /// Why the deployment of `version` failed, per shard, from the allocations' task events.
 pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result<Vec<String>> {
-    let mut causes = Vec::new();
+    // Groups Nomad could not place at all (no allocation to read events from), e.g. the
+    // node's CPU or memory reservations are used up.
+    let mut causes = nomad.placement_failures(SHARDS_JOB_ID).await?;
     for stub in nomad.job_allocations(SHARDS_JOB_ID).await? {
         if stub.job_version != version {
             continue;

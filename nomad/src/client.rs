@@ -251,6 +251,29 @@ impl NomadClient {
         }
     }
 
+    /// Why task groups of `job` could not be placed, from its evaluations (newest
+    /// first): "group: dimension exhausted ..." lines, empty when everything was placed.
+    pub async fn placement_failures(&self, job: &str) -> Result<Vec<String>> {
+        let path = format!("/v1/job/{job}/evaluations");
+        let evals = self.call(Method::GET, &path, None).await?;
+        let mut out = Vec::new();
+        for eval in evals.as_array().into_iter().flatten().take(5) {
+            for (group, metric) in eval["FailedTGAllocs"].as_object().into_iter().flatten() {
+                let mut why: Vec<String> = Vec::new();
+                for key in ["DimensionExhausted", "ConstraintFiltered", "ClassExhausted"] {
+                    for (what, n) in metric[key].as_object().into_iter().flatten() {
+                        why.push(format!("{what} ({n} node(s))"));
+                    }
+                }
+                let line = format!("{group} not placed: {}", why.join(", "));
+                if !out.contains(&line) {
+                    out.push(line);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// A job's allocations (all versions, including stopped ones).
     pub async fn job_allocations(&self, id: &str) -> Result<Vec<Allocation>> {
         let path = format!("/v1/job/{id}/allocations");

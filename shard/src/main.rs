@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use simq_consul::service::{init_logging, lower_priority, serve_ops, Shutdown};
+use simq_consul::service::{background_priority, init_logging, serve_ops, Shutdown};
 use simq_shard::proto::shard_server::ShardServer;
 use simq_shard::server::{SearchLimits, SearchPool, ShardMetrics, ShardService};
 use simq_shard::verify::{verify, Expected};
@@ -122,8 +122,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("verify".into())
         .spawn(move || {
-            // Checking a new file yields the CPU to shards that already serve.
-            lower_priority(10);
+            // Checking a new file uses only CPU time that serving does not want: a rollout
+            // starts every shard of the new dg at once, and eight files checked at nice 10
+            // took the embedder's CPU under load (BENCHMARKS.md, rollout).
+            background_priority();
             let _ = done.send(verify(&path, &expected));
         })?;
     let (file, test) = verified
