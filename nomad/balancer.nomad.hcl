@@ -41,8 +41,20 @@ variable "nprobe" {
 
 variable "max_inflight" {
   type        = number
-  description = "Cache-miss queries in flight per balancer; beyond it 503 + Retry-After at once."
-  default     = 32
+  description = "Cache-miss queries in flight per balancer; beyond it 503 + Retry-After at once. The instances share the embedders and shards: 2 x 16 keeps one balancer's former 32."
+  default     = 16
+}
+
+variable "threads" {
+  type        = number
+  description = "HTTP worker threads per balancer (2 instances x 1 on a 2-core host)."
+  default     = 1
+}
+
+variable "embedder_order" {
+  type        = string
+  description = "spread (round robin over embedders) or stable (the first healthy one gets every call, the others stand by). The local cluster runs every embedder on one host's cores, where spreading only makes smaller batches: stable."
+  default     = "stable"
 }
 
 job "simq-balancer" {
@@ -114,6 +126,8 @@ job "simq-balancer" {
           "--consul", var.consul_addr,
           "--nprobe", "${var.nprobe}",
           "--max-inflight", "${var.max_inflight}",
+          "--threads", "${var.threads}",
+          "--embedder-order", var.embedder_order,
           "--consul-wait-secs", "${var.consul_wait_secs}",
         ]
       }

@@ -91,7 +91,7 @@ run_serve() {
   "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/peer.py" --export "$export_dir" --model-dir "$SIMQ_MODEL_DIR" \
     --port "$peer_port" --nlist 1024 --nprobe 16 >"$serve/peer.log" 2>&1 &
   peer_pid=$!
-  trap 'kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null' EXIT
+  trap 'kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null || true' EXIT
   local deadline=$((SECONDS + 180))
   until curl -fsS "http://127.0.0.1:$peer_port/health" >/dev/null 2>&1; do
     kill -0 "$peer_pid" 2>/dev/null || { cat "$serve/peer.log" >&2; die "the peer did not start (log above)"; }

@@ -11,7 +11,7 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use simq_balancer::app::BalancerApp;
 use simq_balancer::metrics::Metrics;
-use simq_balancer::query::{AnswerCache, Executor, QueryOptions};
+use simq_balancer::query::{AnswerCache, EmbedderOrder, Executor, QueryOptions};
 use simq_balancer::state::SharedState;
 use simq_balancer::watch::Watcher;
 use simq_consul::{ConsulClient, KvLayout};
@@ -77,6 +77,11 @@ struct Args {
     /// Cache-miss queries in flight at most; beyond it 503 + Retry-After at once.
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
+    /// How embedders share the calls: spread (round robin) or stable (the first healthy
+    /// embedder by Consul id gets every call, the others stand by; for embedders that
+    /// share one host's cores).
+    #[arg(long, value_enum, default_value = "spread")]
+    embedder_order: EmbedderOrder,
     /// Whole-request deadline in milliseconds.
     #[arg(long, default_value_t = 2000)]
     deadline_ms: u64,
@@ -131,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     let options = QueryOptions {
         nprobe: args.nprobe,
         max_inflight: args.max_inflight,
+        embedder_order: args.embedder_order,
         deadline: Duration::from_millis(args.deadline_ms),
         attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
         embed_timeout: Duration::from_millis(args.embed_timeout_ms),

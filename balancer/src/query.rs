@@ -62,6 +62,20 @@ pub struct QueryOptions {
     /// Cache-miss queries in flight at most; up to as many more wait [`ADMISSION_WAIT`]
     /// for a place, the rest are refused at once with 503 and Retry-After.
     pub max_inflight: usize,
+    /// How embedders share the calls.
+    pub embedder_order: EmbedderOrder,
+}
+
+/// How the balancer picks an embedder for each query (ejected ones always come last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmbedderOrder {
+    /// Round robin: every embedder gets a share (embedders on their own hosts).
+    Spread,
+    /// The same order for every query and every balancer (by Consul service id): the
+    /// first healthy embedder gets every call, the others take over when it fails or is
+    /// ejected. For embedders sharing one host's cores, where splitting the calls only
+    /// makes smaller batches (BENCHMARKS.md: 147 against 163 queries/s on 2 cores).
+    Stable,
 }
 
 /// Longest a query waits for a place in flight before it is refused: short, so that
@@ -176,6 +190,11 @@ impl<U: Upstreams> Executor<U> {
     /// Upstreams in round-robin order starting at a moving offset, ejected ones last.
     /// `position` 0 is the embedders' rotation, `1 + shard` a shard's.
     fn candidates<'a>(&self, list: &'a [Upstream], position: usize) -> Vec<&'a Upstream> {
+        if position == 0 && self.options.embedder_order == EmbedderOrder::Stable {
+            let mut stable: Vec<&Upstream> = list.iter().collect();
+            stable.sort_by(|a, b| a.id.cmp(&b.id));
+            return self.outliers.order(stable, Instant::now());
+        }
         let start = if list.is_empty() {
             0
         } else {
@@ -617,6 +636,7 @@ mod tests {
     fn executor(fake: &Arc<Fake>, nprobe: usize, max_inflight: usize) -> Executor<Arc<Fake>> {
         Executor::with_upstreams(
             QueryOptions {
+                embedder_order: EmbedderOrder::Spread,
                 nprobe,
                 deadline: Duration::from_millis(300),
                 attempt_timeout: Duration::from_millis(100),
@@ -674,6 +694,45 @@ mod tests {
             "ejected after 3 failures in a row"
         );
         assert_eq!(ex.ejected_replicas(), 1);
+    }
+
+    #[tokio::test]
+    async fn stable_embedder_order_sends_every_call_to_one_embedder_and_fails_over() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let mut r = routing(&[100], &[200]);
+        let mut second = r.embedders[0].clone();
+        (second.id, second.addr) = ("i0".into(), "127.0.0.1:2".into());
+        r.embedders.insert(0, r.embedders[0].clone()); // i1 listed first ...
+        r.embedders[1] = second; // ... i0 sorts first
+        let spread = executor(&fake, 2, 8);
+        for i in 0..4 {
+            spread.answer(&r, &query(&format!("s{i}"))).await.unwrap();
+        }
+        assert_eq!(
+            (fake.calls_to(1).len(), fake.calls_to(2).len()),
+            (2, 2),
+            "round robin"
+        );
+
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let mut ex = executor(&fake, 2, 8);
+        ex.options.embedder_order = EmbedderOrder::Stable;
+        for i in 0..4 {
+            ex.answer(&r, &query(&format!("a{i}"))).await.unwrap();
+        }
+        assert_eq!(
+            (fake.calls_to(1).len(), fake.calls_to(2).len()),
+            (0, 4),
+            "all to i0"
+        );
+        // The first fails: every query is still answered (by the other), and after 3
+        // failures in a row it is ejected and no longer tried first.
+        fake.set(2, Behaviour::Fail);
+        for i in 0..6 {
+            ex.answer(&r, &query(&format!("b{i}"))).await.unwrap();
+        }
+        assert_eq!(fake.calls_to(2).len(), 4 + 3);
+        assert_eq!(fake.calls_to(1).len(), 6);
     }
 
     #[tokio::test]

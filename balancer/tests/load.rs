@@ -201,18 +201,7 @@ async fn a_rollout_at_half_capacity_of_unique_queries_fails_and_degrades_nothing
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!(
-        "rollout under load: {} answered, {} failed, {} degraded",
-        report.ok,
-        report.failed.len(),
-        report.degraded
-    );
-    assert!(
-        report.failed.is_empty(),
-        "failed queries: {:?}",
-        report.failed
-    );
-    assert_eq!(report.degraded, 0, "degraded answers during the rollout");
+    report.assert_clean("the rollout under load");
     assert!(report.dgs.contains(&dg_a) && report.dgs.last() == Some(&dg_b));
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();
 }

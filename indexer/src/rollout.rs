@@ -307,6 +307,26 @@ pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result
     Ok(causes)
 }
 
+/// After a failure: if this rollout flipped the pointer, flip it back to the dg that
+/// served before (whose shards Nomad's revert keeps or brings back) and say so; `None`
+/// when nothing was flipped.
+async fn flip_back(
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    flipped: &Option<(Flipped, f64)>,
+) -> Option<String> {
+    let Some((Flipped::Now(now), _)) = flipped else {
+        return None;
+    };
+    Some(match &now.previous {
+        Some(previous) => match flip(consul, layout, previous).await {
+            Ok(_) => format!("The active dg was flipped back to {previous}"),
+            Err(e) => format!("Flipping back to {previous} failed too: {e}"),
+        },
+        None => "There is no previous dg to flip back to".into(),
+    })
+}
+
 /// Roll `dg` out; `progress` receives one line per change of state.
 pub async fn rollout(
     nomad: &NomadClient,
@@ -413,6 +433,13 @@ pub async fn rollout(
         if dep.job_version > version {
             // Nomad registered a newer version: the auto-revert of ours.
             let causes = failure_causes(nomad, version).await?;
+            if let Some(back) = flip_back(consul, layout, &flipped).await {
+                bail!(
+                    "rollout of {dg} failed after the flip and Nomad reverted the job (version {version} -> {}): {}. {back}",
+                    dep.job_version,
+                    causes.join("; ")
+                );
+            }
             bail!(
                 "rollout of {dg} failed and Nomad reverted the job (version {version} -> {}): {}",
                 dep.job_version,
@@ -448,6 +475,13 @@ pub async fn rollout(
             "successful" => break,
             "failed" | "cancelled" => {
                 let causes = failure_causes(nomad, version).await?;
+                if let Some(back) = flip_back(consul, layout, &flipped).await {
+                    bail!(
+                        "rollout of {dg} failed after the flip: {}; {}. {back}",
+                        dep.status_description,
+                        causes.join("; ")
+                    );
+                }
                 bail!(
                     "rollout of {dg} failed: {}; {}. The active dg was not changed{}",
                     dep.status_description,

@@ -219,6 +219,25 @@ pub struct LoadReport {
     pub degraded: usize,
 }
 
+impl LoadReport {
+    /// Print what the run saw under `what` and assert that no query failed and none was
+    /// degraded.
+    pub fn assert_clean(&self, what: &str) {
+        eprintln!(
+            "{what}: {} answered, {} failed, {} degraded",
+            self.ok,
+            self.failed.len(),
+            self.degraded
+        );
+        assert!(
+            self.failed.is_empty(),
+            "failed queries during {what}: {:?}",
+            self.failed
+        );
+        assert_eq!(self.degraded, 0, "degraded answers during {what}");
+    }
+}
+
 /// How a load run offers its queries.
 #[derive(Debug, Clone, Copy)]
 pub enum Pace {
