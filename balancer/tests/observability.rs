@@ -91,8 +91,9 @@ async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
             .expect("prometheus starts (scripts/setup.sh prometheus builds it)"),
     );
 
-    // Every instance is discovered and up: 1 balancer, 1 embedder, 4 shards x 2 replicas.
-    let targets = eventually(Duration::from_secs(60), "all 10 targets up", async || {
+    // Every instance is discovered and up: 1 balancer (the tests' default), 2 embedders,
+    // 4 shards x 2 replicas.
+    let targets = eventually(Duration::from_secs(60), "all 11 targets up", async || {
         let t = reqwest::get(format!("http://{PROMETHEUS}/api/v1/targets"))
             .await
             .map_err(|e| e.to_string())?
@@ -104,7 +105,7 @@ async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
             .cloned()
             .unwrap_or_default();
         let up = active.iter().filter(|x| x["health"] == "up").count();
-        if up == 10 && active.len() == 10 {
+        if up == 11 && active.len() == 11 {
             Ok(active)
         } else {
             Err(format!("{up} of {} up: {t}", active.len()))

@@ -47,8 +47,10 @@ md.append("# simq benchmarks\n")
 md.append(f"Reproduce: `{a.command}` (with the `scripts/up.sh` stack running).\n")
 md.append(f"Machine: {machine.get('cpus', '?')} cores ({machine.get('cpu', '?')}), {machine.get('memory', '?')}; "
           f"run {machine.get('date', '?')}; simq {machine.get('commit', '?')}; corpus {machine.get('items', '?')} questions.\n")
-md.append("Everything below comes from one run on this machine: simq (the `up.sh` stack: balancer, embedder, "
-          f"{machine.get('shards', '?')} shards under Nomad), the peer (`scripts/bench/peer.py`: FastAPI in one uvicorn "
+md.append("Everything below comes from one run on this machine: simq (the `up.sh` stack under Nomad: 2 balancers "
+          "sharing port 8080 with 1 thread and 16 queries in flight each, 2 embedders of which the balancers call the "
+          "first while the second stands by (`--embedder-order stable`), "
+          f"{machine.get('shards', '?')} shards), the peer (`scripts/bench/peer.py`: FastAPI in one uvicorn "
           "process, onnxruntime with one thread per core, faiss `IndexIVFFlat` with "
           f"{machine.get('peer_nlist', '?')} lists and nprobe {machine.get('peer_nprobe', '?')}, same model file, "
           "tokenizer and items), and the bound (bare ONNX Runtime on the same queries, no service). "
