@@ -245,7 +245,7 @@ run_rollout() {
   under_load "rollback" "$bin/simq-indexer" rollback
   local venv="$SIMQ_CACHE/bench-venv"
   "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
-    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve && scripts/bench.sh scale && scripts/bench.sh rollout"
+    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve && scripts/bench.sh rollout && scripts/bench.sh scale"
   log "bench: rollout rows added to BENCHMARKS.md"
 }
 
@@ -288,7 +288,7 @@ PY
   done
   rm -rf "$out/scale/dgs"/dg-*
   "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
-    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve && scripts/bench.sh scale"
+    --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve && scripts/bench.sh rollout && scripts/bench.sh scale"
   log "bench: scale rows added to BENCHMARKS.md"
 }
 

@@ -183,6 +183,15 @@ if rollouts:
               "out with `simq-indexer rollout` (new shards as canaries beside the old, verified, one flip, promotion), "
               "then `simq-indexer rollback`, each under open-loop unique queries at a share of the best closed-loop "
               "throughput above; the load starts 5 s before the step and ends 5 s after it.\n")
+    md.append("What limits it (measured by hand on 2026-11-24 with `vmstat 1` and `top -H` during a rollout under "
+              "81 queries/s): for about 5 s after the new shards are placed the machine is 100 % busy with 23-75 "
+              "runnable threads and 20-260 MB/s read: Nomad starts an executor and a logmon process per allocation "
+              "(16 Go processes for 8 shards, about 5 % of a core each), copies 675 MB of shard files out of the blob "
+              "store (the blob server took 23-27 % of a core before it ran at nice 10), and the embedder loses its "
+              "share; queries queue past the balancers' in-flight limit and are refused (503). The shards' own file "
+              "checks run under SCHED_IDLE and barely show. With 2 x 32 queries in flight instead of 2 x 16 the same "
+              "rollout lost 1 query of 1,361 and degraded 16, but then accepted long queries ran into the 2 s deadline "
+              "under overload; the defaults keep the overload target.\n")
     md.append("| step | step took s | offered q/s | answered | failed (by status) | degraded | p50 / p99 ms | CPU share by program over the step |")
     md.append("|---|---:|---:|---:|---|---:|---|---|")
     for r in rollouts:
