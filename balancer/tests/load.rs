@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    build_and_publish, capacity, corpus_slice, deploy, indexer, start_load, stop_jobs,
+    capacity, corpus_slice, deploy, indexer, serving_a_with_b_published, start_load, stop_jobs,
     unique_questions, Pace, PORT,
 };
 use serde_json::{json, Value};
@@ -172,12 +172,7 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
 #[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
 async fn a_rollout_at_half_capacity_of_unique_queries_fails_and_degrades_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (corpus_a, _) = corpus_slice(tmp.path(), "a.txt", 0..600);
-    let (corpus_b, _) = corpus_slice(tmp.path(), "b.txt", 600..1200);
-    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 4, 1, 8))
-        .await
-        .unwrap();
-    let (dg_b, _) = build_and_publish(&corpus_b, &tmp.path().join("dgs"), 4);
+    let (dg_a, dg_b) = serving_a_with_b_published(tmp.path()).await;
 
     let measured = capacity(&unique_questions(2000, 4000), 8, 4.0).await;
     let rate = measured / 2.0;

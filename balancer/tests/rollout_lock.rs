@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    bin_dir, build_and_publish, corpus_slice, deploy, indexer, signal, start_load, stop_jobs,
-    unique_questions, Pace,
+    bin_dir, indexer, serving_a_with_b_published, signal, start_load, stop_jobs, unique_questions,
+    Pace,
 };
 use simq_consul::{ConsulClient, KvLayout};
 
@@ -28,12 +28,7 @@ async fn lock_held(consul: &ConsulClient) -> bool {
 async fn a_second_rollout_is_refused_and_an_interrupted_one_converges_when_run_again() {
     let tmp = tempfile::tempdir().unwrap();
     let consul = ConsulClient::from_env().unwrap();
-    let (corpus_a, _) = corpus_slice(tmp.path(), "a.txt", 0..600);
-    let (corpus_b, _) = corpus_slice(tmp.path(), "b.txt", 600..1200);
-    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 4, 1, 8))
-        .await
-        .unwrap();
-    let (dg_b, _) = build_and_publish(&corpus_b, &tmp.path().join("dgs"), 4);
+    let (dg_a, dg_b) = serving_a_with_b_published(tmp.path()).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(

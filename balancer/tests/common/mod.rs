@@ -131,6 +131,18 @@ pub fn build_and_publish(corpus: &Path, out: &Path, shards: usize) -> (String, P
     (String::from_utf8_lossy(&p.stdout).trim().to_string(), dir)
 }
 
+/// The stack serving dg A (corpus sample lines 0..600: 4 shards, 1 replica, nprobe 8),
+/// and dg B (lines 600..1200, 4 shards) built and published beside it; (A, B).
+pub async fn serving_a_with_b_published(dir: &Path) -> (String, String) {
+    let (corpus_a, _) = corpus_slice(dir, "a.txt", 0..600);
+    let (corpus_b, _) = corpus_slice(dir, "b.txt", 600..1200);
+    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 4, 1, 8))
+        .await
+        .unwrap();
+    let (dg_b, _) = build_and_publish(&corpus_b, &dir.join("dgs"), 4);
+    (dg_a, dg_b)
+}
+
 pub async fn post(path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
     let resp = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{PORT}{path}"))
