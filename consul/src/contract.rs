@@ -30,6 +30,13 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
 /// centroid per shard.
 pub const MANIFEST_FORMAT: u32 = 2;
 
+/// Manifest formats this build reads: a newer simq opens the dgs an older one published
+/// (`testdata/format-2/` is kept as written and must keep its dg id). Rule for changing
+/// the manifest: never rename, reorder or remove a field; a new field is an `Option` with
+/// `#[serde(default, skip_serializing_if = "Option::is_none")]`, so manifests written
+/// before it hash to the ids they were published under.
+pub const READABLE_MANIFEST_FORMATS: std::ops::RangeInclusive<u32> = 2..=MANIFEST_FORMAT;
+
 /// Consul caps KV values at 512 KB; a manifest must fit.
 pub const KV_VALUE_LIMIT: usize = 512 * 1024;
 
@@ -110,10 +117,12 @@ impl Manifest {
 
     /// Check the invariants a reader relies on; the message names what is wrong.
     pub fn validate(&self) -> Result<(), String> {
-        if self.format != MANIFEST_FORMAT {
+        if !READABLE_MANIFEST_FORMATS.contains(&self.format) {
             return Err(format!(
-                "manifest format {} (this build reads {MANIFEST_FORMAT})",
-                self.format
+                "manifest format {} (this build reads formats {} to {})",
+                self.format,
+                READABLE_MANIFEST_FORMATS.start(),
+                READABLE_MANIFEST_FORMATS.end()
             ));
         }
         if self.dg != self.content_id() {
@@ -256,6 +265,32 @@ impl KvLayout {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The dg of `testdata/format-2/`, as it was published.
+    const FORMAT_2_DG: &str = "dg-cefd5fb3d5bba8c0";
+
+    fn testdata(file: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/format-2")
+            .join(file)
+    }
+
+    #[test]
+    fn a_format_2_dg_keeps_its_id_and_its_centroids() {
+        let bytes = std::fs::read(testdata("manifest.json")).unwrap();
+        let m: Manifest = serde_json::from_slice(&bytes).expect("a format-2 manifest parses");
+        assert_eq!(m.format, 2);
+        m.validate().expect("a format-2 manifest validates");
+        assert_eq!(m.dg, FORMAT_2_DG);
+        assert_eq!(
+            m.content_id(),
+            FORMAT_2_DG,
+            "the id of a published dg never changes"
+        );
+        let centroids = std::fs::read(testdata("centroids.f32")).unwrap();
+        let map = crate::CentroidMap::from_bytes(&m, &centroids).expect("its centroids load");
+        assert_eq!(map.clusters(), 2);
+    }
 
     #[test]
     fn pointers_name_dgs_only() {
