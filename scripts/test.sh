@@ -5,12 +5,21 @@
 #   scripts/test.sh              everything
 #   scripts/test.sh -- FILTER    pass a test-name filter to cargo test
 #
-# A cluster that was already running is left running; one this script started is stopped,
-# also when a test fails.
+# The tests deploy and purge simq's jobs, so they never run on a cluster somebody else
+# started (scripts/up.sh's stack): with one running, this script refuses and says how to
+# proceed. SIMQ_TEST_REUSE_CLUSTER=1 runs them on it anyway (its jobs are replaced). The
+# cluster this script starts is stopped at the end, also when a test fails.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cargo_args=()
 [ "${1:-}" = "--" ] && { shift; cargo_args=("$@"); }
+
+# (The status is read whole first: `status | grep -q` under pipefail fails when grep stops
+# reading early.)
+cluster_state="$("$SIMQ_ROOT/scripts/cluster.sh" status 2>/dev/null || true)"
+if [ "${SIMQ_TEST_REUSE_CLUSTER:-0}" != 1 ] && [[ "$cluster_state" == *running* ]]; then
+  die "a simq cluster is running in $SIMQ_CLUSTER_DIR (scripts/up.sh?): the tests would replace its jobs and dgs. Stop it with scripts/down.sh first, or run the tests on it anyway with SIMQ_TEST_REUSE_CLUSTER=1"
+fi
 
 "$SIMQ_ROOT/scripts/setup.sh"
 log "set-up error cases"
