@@ -49,7 +49,6 @@ with tarfile.open(archive) as tar:
 with open(out, "w", encoding="utf-8") as f:
     for q in rows:
         f.write(q + "\n")
-print(len(rows), file=sys.stderr)
 PY
   mv "$corpus.tmp" "$corpus"
   log "corpus: $(wc -l <"$corpus") questions in $corpus"
