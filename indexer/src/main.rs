@@ -455,32 +455,35 @@ mod cluster {
                 d.status_description
             );
         }
-        for e in consul
-            .health_service("simq-shard", false, None)
-            .await?
-            .value
-        {
-            println!(
-                "  simq-shard {}:{} {} [{}]",
-                e.address,
-                e.port,
-                e.status,
-                e.tags.join(", ")
-            );
+        // Every instance as Consul sees it; balancers also say which dg they route with.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        for service in ["simq-balancer", "simq-embedder", "simq-shard"] {
+            let entries = consul.health_service(service, false, None).await?.value;
+            println!("{service}: {} instance(s)", entries.len());
+            for e in entries {
+                let mut line = format!("  {}:{} {}", e.address, e.port, e.status);
+                if !e.tags.is_empty() {
+                    line.push_str(&format!(" [{}]", e.tags.join(", ")));
+                }
+                if service == "simq-balancer" {
+                    let url = format!("http://{}:{}/v1/status", e.address, e.port);
+                    let routes = match http.get(&url).send().await {
+                        Ok(r) => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| v["active"]["dg"].as_str().map(String::from))
+                            .unwrap_or_else(|| "no dg".into()),
+                        Err(e) => format!("unreachable: {e}"),
+                    };
+                    line.push_str(&format!(", routes with {routes}"));
+                }
+                println!("{line}");
+            }
         }
-        for e in consul
-            .health_service("simq-embedder", false, None)
-            .await?
-            .value
-        {
-            println!(
-                "  simq-embedder {}:{} {} [{}]",
-                e.address,
-                e.port,
-                e.status,
-                e.tags.join(", ")
-            );
-        }
+        println!("consul: {}/ui  nomad: {}/ui", consul.addr(), nomad.addr());
         Ok(())
     }
 
