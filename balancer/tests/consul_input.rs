@@ -8,12 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{corpus_slice, deploy, metric, post, status, stop_jobs};
+use common::{consul_addr, corpus_slice, deploy, metric, post, status, stop_jobs};
 use serde_json::{json, Value};
-
-fn consul_addr() -> String {
-    std::env::var("CONSUL_HTTP_ADDR").unwrap_or("http://127.0.0.1:8500".into())
-}
 
 async fn consul_put(path: &str, body: String) {
     let resp = reqwest::Client::new()

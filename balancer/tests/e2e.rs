@@ -138,7 +138,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
 
     // A shard with no healthy replica: its queries go to the next-nearest shard instead,
     // say so, and still answer 200.
-    let nomad = std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into());
+    let nomad = common::nomad_addr();
     let scale =
         json!({"Count": 0, "Target": {"Group": "shard-0"}, "Message": "e2e: take shard 0 away"});
     let r = reqwest::Client::new()

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 /// Queued texts of every embedder, from their /health (found through Consul).
 async fn embedder_queues() -> Vec<u64> {
-    let consul = std::env::var("CONSUL_HTTP_ADDR").unwrap_or("http://127.0.0.1:8500".into());
+    let consul = common::consul_addr();
     let entries: Value = reqwest::get(format!("{consul}/v1/health/service/simq-embedder"))
         .await
         .unwrap()

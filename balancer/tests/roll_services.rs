@@ -12,17 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    corpus_slice, deploy_with, pids_of, signal, start_load, stop_jobs, unique_questions, Pace,
+    consul_addr, corpus_slice, deploy_with, nomad_addr, pids_of, signal, start_load, stop_jobs,
+    unique_questions, Pace,
 };
 use serde_json::Value;
-
-fn nomad() -> String {
-    std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into())
-}
-
-fn consul() -> String {
-    std::env::var("CONSUL_HTTP_ADDR").unwrap_or("http://127.0.0.1:8500".into())
-}
 
 async fn get(url: String) -> Value {
     reqwest::get(&url).await.unwrap().json().await.unwrap()
@@ -31,7 +24,7 @@ async fn get(url: String) -> Value {
 async fn passing(service: &str) -> usize {
     get(format!(
         "{}/v1/health/service/{service}?passing=true",
-        consul()
+        consul_addr()
     ))
     .await
     .as_array()
@@ -41,14 +34,14 @@ async fn passing(service: &str) -> usize {
 /// Register `job` again with one environment variable changed: a new version, which Nomad
 /// rolls out with the job's update block. Returns when that deployment succeeded.
 async fn roll(job: &str, round: &str) {
-    let mut spec = get(format!("{}/v1/job/{job}", nomad())).await;
+    let mut spec = get(format!("{}/v1/job/{job}", nomad_addr())).await;
     let env = &mut spec["TaskGroups"][0]["Tasks"][0]["Env"];
     if env.is_null() {
         *env = serde_json::json!({});
     }
     env["SIMQ_TEST_ROLL"] = Value::String(round.into());
     let resp = reqwest::Client::new()
-        .post(format!("{}/v1/jobs", nomad()))
+        .post(format!("{}/v1/jobs", nomad_addr()))
         .json(&serde_json::json!({ "Job": spec }))
         .send()
         .await
@@ -58,12 +51,12 @@ async fn roll(job: &str, round: &str) {
         "register {job}: {}",
         resp.text().await.unwrap()
     );
-    let version = get(format!("{}/v1/job/{job}", nomad())).await["Version"]
+    let version = get(format!("{}/v1/job/{job}", nomad_addr())).await["Version"]
         .as_u64()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let d = get(format!("{}/v1/job/{job}/deployment", nomad())).await;
+        let d = get(format!("{}/v1/job/{job}/deployment", nomad_addr())).await;
         if d["JobVersion"].as_u64() == Some(version) {
             match d["Status"].as_str() {
                 Some("successful") => return,

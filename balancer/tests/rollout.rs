@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{
-    build_and_publish, corpus_slice, deploy, indexer, query, start_load, stop_jobs, LoadReport,
-    Pace,
+    build_and_publish, corpus_slice, deploy, indexer, nomad_addr, query, start_load, stop_jobs,
+    LoadReport, Pace,
 };
 use simq_consul::{ConsulClient, KvLayout, Manifest};
 use simq_indexer::flip::{flip_from, observe, FlipError, Flipped};
@@ -229,10 +229,6 @@ async fn published(consul: &ConsulClient, layout: &KvLayout, dg: &str) -> Manife
         .value
         .unwrap();
     serde_json::from_slice(&kv.value).unwrap()
-}
-
-fn nomad_addr() -> String {
-    std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into())
 }
 
 async fn job_versions() -> usize {

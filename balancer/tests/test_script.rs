@@ -9,7 +9,7 @@ use std::process::Command;
 use common::repo_root;
 
 fn nomad_jobs() -> String {
-    let nomad = std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into());
+    let nomad = common::nomad_addr();
     reqwest::blocking::get(format!("{nomad}/v1/jobs"))
         .and_then(|r| r.text())
         .expect("nomad answers")

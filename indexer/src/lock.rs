@@ -54,6 +54,16 @@ pub fn held_by(holder: Option<&Holder>) -> String {
     }
 }
 
+/// Who holds the lock now: `None` when it is free, `Some(Err)` when its value is not a
+/// holder.
+pub async fn read_holder(
+    consul: &ConsulClient,
+    layout: &KvLayout,
+) -> simq_consul::Result<Option<Result<Holder, serde_json::Error>>> {
+    let kv = consul.kv_get(&layout.rollout_lock(), None).await?.value;
+    Ok(kv.map(|kv| serde_json::from_slice::<Holder>(&kv.value)))
+}
+
 /// The lock, held until [`RolloutLock::release`] (or until the process dies and the TTL
 /// runs out).
 pub struct RolloutLock {
@@ -78,12 +88,11 @@ impl RolloutLock {
         let taken = consul.kv_acquire(&key, &me, &session).await;
         if !matches!(taken, Ok(true)) {
             let _ = consul.session_destroy(&session).await;
-            let holder = consul
-                .kv_get(&key, None)
+            let holder = read_holder(consul, layout)
                 .await
                 .ok()
-                .and_then(|kv| kv.value)
-                .and_then(|kv| serde_json::from_slice::<Holder>(&kv.value).ok());
+                .flatten()
+                .and_then(Result::ok);
             taken.context("taking the rollout lock")?;
             bail!("{}", held_by(holder.as_ref()));
         }

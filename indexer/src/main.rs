@@ -271,7 +271,7 @@ mod cluster {
     use simq_consul::{ConsulClient, KvLayout};
     use simq_indexer::blobs::{serve, BlobStore};
     use simq_indexer::flip::{self, Flipped};
-    use simq_indexer::lock::{Holder, RolloutLock};
+    use simq_indexer::lock::{read_holder, RolloutLock};
     use simq_indexer::publish::publish as publish_dg;
     use simq_indexer::rollout::{
         rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID,
@@ -433,14 +433,10 @@ mod cluster {
             ),
             None => println!("active:   - (no dg was ever activated)"),
         }
-        let lock = consul
-            .kv_get(&layout.rollout_lock(), None)
-            .await?
-            .value
-            .map(|kv| match serde_json::from_slice::<Holder>(&kv.value) {
-                Ok(h) => format!("held by {} since {} ({})", h.who, h.since, h.command),
-                Err(_) => "held (unreadable holder)".into(),
-            });
+        let lock = read_holder(&consul, &layout).await?.map(|h| match h {
+            Ok(h) => format!("held by {} since {} ({})", h.who, h.since, h.command),
+            Err(_) => "held (unreadable holder)".into(),
+        });
         println!("rollout lock: {}", lock.as_deref().unwrap_or("free"));
         println!(
             "shards job runs: {}",
@@ -456,9 +452,7 @@ mod cluster {
             );
         }
         // Every instance as Consul sees it; balancers also say which dg they route with.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
+        let http = simq_indexer::rollout::status_client();
         for service in ["simq-balancer", "simq-embedder", "simq-shard"] {
             let entries = consul.health_service(service, false, None).await?.value;
             println!("{service}: {} instance(s)", entries.len());
@@ -468,14 +462,8 @@ mod cluster {
                     line.push_str(&format!(" [{}]", e.tags.join(", ")));
                 }
                 if service == "simq-balancer" {
-                    let url = format!("http://{}:{}/v1/status", e.address, e.port);
-                    let routes = match http.get(&url).send().await {
-                        Ok(r) => r
-                            .json::<serde_json::Value>()
-                            .await
-                            .ok()
-                            .and_then(|v| v["active"]["dg"].as_str().map(String::from))
-                            .unwrap_or_else(|| "no dg".into()),
+                    let routes = match simq_indexer::rollout::balancer_dg(&http, &e).await {
+                        Ok(dg) => dg.unwrap_or_else(|| "no dg".into()),
                         Err(e) => format!("unreachable: {e}"),
                     };
                     line.push_str(&format!(", routes with {routes}"));

@@ -209,13 +209,33 @@ async fn drop_groups(
     Ok(())
 }
 
+/// An HTTP client for balancers' `/v1/status` (2 s timeout).
+pub fn status_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("static client")
+}
+
+/// The dg a balancer routes with, from its `/v1/status`: `Ok(None)` when it answers but
+/// routes with none, `Err` when it does not answer.
+pub async fn balancer_dg(
+    http: &reqwest::Client,
+    balancer: &simq_consul::ServiceEntry,
+) -> Result<Option<String>, reqwest::Error> {
+    let url = format!("http://{}:{}/v1/status", balancer.address, balancer.port);
+    let resp = http.get(&url).send().await?;
+    Ok(resp
+        .json::<serde_json::Value>()
+        .await
+        .ok()
+        .and_then(|v| v["active"]["dg"].as_str().map(String::from)))
+}
+
 /// Wait until every passing `simq-balancer` reports `dg` as its active dg in
 /// `/v1/status` (or `limit` passes); says what it saw.
 pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration) -> String {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("static client");
+    let http = status_client();
     let deadline = Instant::now() + limit;
     loop {
         let balancers = consul
@@ -225,15 +245,7 @@ pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration
             .unwrap_or_default();
         let mut behind = Vec::new();
         for b in &balancers {
-            let url = format!("http://{}:{}/v1/status", b.address, b.port);
-            let current = match http.get(&url).send().await {
-                Ok(r) => r
-                    .json::<serde_json::Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["active"]["dg"].as_str().map(String::from)),
-                Err(_) => None,
-            };
+            let current = balancer_dg(&http, b).await.ok().flatten();
             if current.as_deref() != Some(dg) {
                 behind.push(format!("{}:{}", b.address, b.port));
             }

@@ -182,10 +182,20 @@ pub async fn query(text: &str) -> Value {
     body
 }
 
+/// The Consul agent's HTTP address (CONSUL_HTTP_ADDR, as the binaries read it).
+pub fn consul_addr() -> String {
+    std::env::var("CONSUL_HTTP_ADDR").unwrap_or("http://127.0.0.1:8500".into())
+}
+
+/// The Nomad agent's HTTP address (NOMAD_ADDR).
+pub fn nomad_addr() -> String {
+    std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into())
+}
+
 /// Stop every simq job and wait until their tasks really ended (a purge alone returns at
 /// once while the old balancer can still hold the port), then purge them.
 pub fn stop_jobs() {
-    let nomad = std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into());
+    let nomad = nomad_addr();
     let http = reqwest::blocking::Client::new();
     let jobs = [
         "simq-balancer",
