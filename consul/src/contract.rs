@@ -270,7 +270,11 @@ pub(crate) mod tests {
     const FORMAT_2_DG: &str = "dg-cefd5fb3d5bba8c0";
 
     fn testdata(file: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        // Read at run time (cargo test sets it): a binary reused from another checkout
+        // through a shared target dir must not look in that checkout.
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
             .join("../testdata/format-2")
             .join(file)
     }

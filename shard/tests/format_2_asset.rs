@@ -2,14 +2,17 @@
 //! `testdata/format-2/` passes every check a shard runs before it reports healthy (content
 //! address, shard number, model, dims, self-test) and answers searches.
 
-use std::path::Path;
-
 use simq_shard::format::ShardFile;
 use simq_shard::verify::{verify, Expected};
 
 #[test]
 fn the_format_2_shard_file_verifies_and_answers() {
-    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/format-2");
+    // CARGO_MANIFEST_DIR read at run time (cargo test sets it): a binary reused from
+    // another checkout through a shared target dir must not look in that checkout.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let testdata = crate_dir.join("../testdata/format-2");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(testdata.join("manifest.json")).unwrap()).unwrap();
     // LMDB writes a lock file beside the data file: work on a copy, not in the repo.

@@ -13,7 +13,11 @@ use serde_json::{json, Value};
 pub const PORT: u16 = 18080;
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // Read at run time (cargo test sets it): a binary reused from another checkout
+    // through a shared target dir must not run that checkout's scripts.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
         .parent()
         .unwrap()
         .to_path_buf()
