@@ -140,7 +140,21 @@ cmd_start() {
   log "cluster ready: consul $CONSUL_HTTP_ADDR, nomad $NOMAD_ADDR, state in $SIMQ_CLUSTER_DIR"
 }
 
+# The full-corpus build scripts/up.sh started in the background: its whole process group.
+stop_full_corpus() {
+  pid_alive "$FULL_CORPUS_PID" || { rm -f "$FULL_CORPUS_PID"; return 0; }
+  local pid
+  pid="$(cat "$FULL_CORPUS_PID")"
+  log "full-corpus build and rollout: stopping (process group $pid)"
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 10))
+  while kill -0 -- "-$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$FULL_CORPUS_PID"
+}
+
 cmd_stop() {
+  stop_full_corpus
   stop_jobs
   stop_pid nomad "$NOMAD_DIR/nomad.pid"
   kill_strays
@@ -151,6 +165,8 @@ cmd_stop() {
 
 cmd_status() {
   local rc=0
+  pid_alive "$FULL_CORPUS_PID" &&
+    echo "full corpus: being built and rolled out, process group $(cat "$FULL_CORPUS_PID"), log $SIMQ_CLUSTER_DIR/full-corpus.log"
   if pid_alive "$CONSUL_DIR/consul.pid"; then
     echo "consul: running, pid $(cat "$CONSUL_DIR/consul.pid"), $CONSUL_HTTP_ADDR, $(first_line "$CONSUL_BIN" version)"
   else

@@ -20,9 +20,9 @@ if [ ! -s "$corpus" ]; then
   if [ ! -f "$archive" ]; then
     mkdir -p "$SIMQ_CACHE/downloads"
     log "corpus: downloading bigbench==1.0.0 source archive from PyPI (358 MB, once)"
-    python3 -m pip download -q --no-deps --no-binary :all: -d "$SIMQ_CACHE/downloads" bigbench==1.0.0 >&2 2>/dev/null ||
+    pip_download "corpus: bigbench-1.0.0.tar.gz" 342 --no-deps --no-binary :all: -d "$SIMQ_CACHE/downloads" bigbench==1.0.0 ||
       [ -f "$archive" ] ||
-      die "could not download bigbench==1.0.0 from PyPI: is the index reachable (pip config list; PIP_INDEX_URL)?"
+      die "could not download bigbench==1.0.0 from PyPI (pip's output: $SIMQ_CACHE/downloads/pip.log): is the index reachable (pip config list; PIP_INDEX_URL)?"
   fi
   verify_sha256 "$archive" "$BIGBENCH_SHA256" "bigbench-1.0.0.tar.gz"
   mkdir -p "$out_dir"

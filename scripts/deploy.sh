@@ -17,6 +17,7 @@
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
 #   SIMQ_NPROBE    fine clusters probed per query [default: 192]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
+#   SIMQ_API_KEYS  off, or required: queries need an API key (simq-indexer keys create) [default: off]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
@@ -28,10 +29,11 @@ port="${SIMQ_PORT:-8080}"
 clusters="${SIMQ_CLUSTERS:-4096}"
 nprobe="${SIMQ_NPROBE:-192}"
 consul_wait="${SIMQ_CONSUL_WAIT:-30}"
+api_keys="${SIMQ_API_KEYS:-off}"
 blobs="$SIMQ_CACHE/blobs"
 if [ -z "${SIMQ_BIN_DIR:-}" ]; then
-  log "building release binaries"
-  (cd "$SIMQ_ROOT" && cargo build --release --locked --quiet --workspace --bins)
+  log "building release binaries (cargo build --release; several minutes the first time)"
+  cargo_build "cargo build --release" --release --workspace --bins
   SIMQ_BIN_DIR="$CARGO_TARGET_DIR/release"
 fi
 bin="$SIMQ_BIN_DIR"
@@ -64,10 +66,22 @@ log "shards of $dg"
 "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
 
 log "balancer on 127.0.0.1:$port"
-nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers"
+nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys"
+# Ready means the balancers route with this dg (not merely that something answers): on the
+# public port's /v1/status, or, when that needs an admin key, on each instance's own
+# admin port as simq-indexer status reads them.
+ready() {
+  local out
+  if [ "$api_keys" = required ]; then
+    out="$("$bin/simq-indexer" status 2>/dev/null)" || return 1
+    [ "$(grep -c "passing, routes with $dg" <<<"$out")" -ge "$balancers" ]
+  else
+    out="$(curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null)" || return 1
+    [[ "$out" == *"\"dg\":\"$dg\""* ]]
+  fi
+}
 deadline=$((SECONDS + 60))
-# Ready means this balancer routes with this dg (not merely that something answers).
-until curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -q "\"dg\":\"$dg\""; do
+until ready; do
   [ $SECONDS -lt $deadline ] || die "balancer did not serve $dg within 60 s (see nomad alloc logs)"
   sleep 0.5
 done

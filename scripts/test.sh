@@ -31,7 +31,7 @@ export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_TEST_CORPUS SIMQ_CACHE SIMQ
 cd "$SIMQ_ROOT"
 
 log "build: cargo build --workspace --all-targets (target dir $CARGO_TARGET_DIR)"
-cargo build --workspace --all-targets --locked --quiet
+cargo_build "cargo build" --workspace --all-targets
 
 log "unit tests"
 cargo test --workspace --locked --quiet "${cargo_args[@]}"

@@ -21,8 +21,10 @@ pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SIMQ_LOG_FORMAT").is_ok_and(|v| v == "json");
+    // Colours only for a person at a terminal, not in log files.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second call (tests) keeps the first subscriber.
     let _ = if json {

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use simq_consul::contract::{
     sha256_file, BuildInfo, ClusterTable, Manifest, ShardEntry, MANIFEST_FORMAT, MAX_CLUSTERS,
 };
@@ -20,6 +19,7 @@ use simq_shard::{build_shard, BuildParams, ClusterItems, Item};
 
 use crate::corpus::Corpus;
 use crate::kmeans::spherical_kmeans;
+use crate::progress::Progress;
 
 /// Knobs of a build; defaults chosen from the recall measurements in indexer/BENCH.md.
 #[derive(Debug, Clone, Copy)]
@@ -50,27 +50,15 @@ pub struct BuildReport {
     pub embeddings_cached: bool,
 }
 
-fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
-
 /// Embed every text with the shared runtime: `texts.len() * dims` floats.
 pub fn embed_all(embedder: &Embedder, texts: &[String], chunk: usize) -> anyhow::Result<Vec<f32>> {
-    let bar = progress(texts.len() as u64, "embedding");
+    let bar = Progress::new("embedding", texts.len() as u64);
     let mut out = Vec::with_capacity(texts.len() * embedder.dims());
     for part in texts.chunks(chunk.max(1)) {
         let refs: Vec<&str> = part.iter().map(String::as_str).collect();
         out.extend(embedder.embed(&refs)?);
         bar.inc(part.len() as u64);
     }
-    bar.finish_and_clear();
     Ok(out)
 }
 
@@ -133,7 +121,7 @@ pub fn build(
         vector: &vectors[id as usize * dims..(id as usize + 1) * dims],
     };
     let params = BuildParams { seed: opts.seed };
-    let bar = progress(opts.shards as u64, "indexing");
+    let bar = Progress::new("indexing", opts.shards as u64);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> = (0..opts.shards)
         .map(|_| std::sync::Mutex::new(None))
@@ -180,7 +168,7 @@ pub fn build(
             });
         }
     });
-    bar.finish_and_clear();
+    drop(bar);
     let shards = results
         .into_iter()
         .map(|r| r.into_inner().unwrap().expect("every shard was built"))
@@ -323,6 +311,8 @@ struct ClusterPlan {
 /// proportion to its size (at least one). Empty fine clusters are dropped.
 fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<ClusterPlan> {
     let n = vectors.len() / dims;
+    // One unit for the split into shards, one per shard's fine clusters.
+    let bar = Progress::new("clustering", opts.shards as u64 + 1);
     let coarse = spherical_kmeans(
         vectors,
         dims,
@@ -335,11 +325,11 @@ fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<
         iterations = coarse.iterations,
         "split into shards"
     );
+    bar.inc(1);
     let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); opts.shards];
     for (id, &s) in coarse.assignment.iter().enumerate() {
         by_shard[s as usize].push(id as u32);
     }
-    let bar = progress(opts.shards as u64, "clustering");
     let mut members = Vec::new();
     let mut shard_of = Vec::new();
     let mut centroids = Vec::new();
@@ -379,7 +369,7 @@ fn cluster(vectors: &[f32], dims: usize, opts: &BuildOptions) -> anyhow::Result<
             "shard clustered"
         );
     }
-    bar.finish_and_clear();
+    drop(bar);
     if members.len() > MAX_CLUSTERS {
         bail!("{} clusters; at most {MAX_CLUSTERS} (arroy index ids are u16): ask for fewer --clusters", members.len());
     }

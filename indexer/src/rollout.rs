@@ -420,6 +420,7 @@ pub async fn rollout(
     };
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
+    let mut last_at = Instant::now();
     let mut flipped = None;
     loop {
         if Instant::now() > deadline {
@@ -479,9 +480,14 @@ pub async fn rollout(
             dep.status,
             groups.join(", ")
         );
-        if line != last_line {
-            progress(&line);
+        // A line on each change, and at least every LOG_EVERY while nothing changes.
+        if line != last_line || last_at.elapsed() >= crate::progress::LOG_EVERY {
+            progress(&format!(
+                "{line} ({} elapsed)",
+                crate::progress::human(started.elapsed())
+            ));
             last_line = line;
+            last_at = Instant::now();
         }
         match dep.status.as_str() {
             "successful" => break,
