@@ -57,6 +57,12 @@ variable "embedder_order" {
   default     = "stable"
 }
 
+variable "api_keys" {
+  type        = string
+  description = "off (every endpoint open) or required (queries need an API key from simq-indexer keys create; /metrics and /v1/status on the public port an admin key)."
+  default     = "off"
+}
+
 job "simq-balancer" {
   datacenters = ["*"]
   type        = "service"
@@ -129,6 +135,7 @@ job "simq-balancer" {
           "--threads", "${var.threads}",
           "--embedder-order", var.embedder_order,
           "--consul-wait-secs", "${var.consul_wait_secs}",
+          "--api-keys", var.api_keys,
         ]
       }
 

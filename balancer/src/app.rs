@@ -10,6 +10,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::auth::{presented_key, Access, Auth};
 use crate::query::Executor;
 use crate::request::{parse, ApiError, MAX_BODY_BYTES};
 use crate::state::SharedState;
@@ -17,6 +18,10 @@ use crate::state::SharedState;
 pub struct BalancerApp {
     pub state: Arc<SharedState>,
     pub executor: Arc<Executor>,
+    pub auth: Arc<Auth>,
+    /// Port of this instance's own `--admin-listen`, where /metrics and /v1/status stay
+    /// open (Consul checks and Prometheus scrape there).
+    pub admin_port: Option<u16>,
 }
 
 fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
@@ -33,6 +38,12 @@ fn error_response(e: &ApiError) -> Response<Vec<u8>> {
     let mut resp = json_response(e.status, &e.body());
     if let Some(secs) = e.retry_after {
         resp.headers_mut().insert("retry-after", secs.into());
+    }
+    if e.status == 401 {
+        resp.headers_mut().insert(
+            "www-authenticate",
+            http::HeaderValue::from_static("Bearer realm=\"simq\""),
+        );
     }
     resp
 }
@@ -106,6 +117,14 @@ impl BalancerApp {
         }
     }
 
+    fn on_admin_port(&self, session: &ServerSession) -> bool {
+        let port = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.port());
+        self.admin_port.is_some() && port == self.admin_port
+    }
+
     fn status(&self) -> Value {
         let s = self.state.load();
         let instances = |entries: &[simq_consul::ServiceEntry]| {
@@ -146,6 +165,11 @@ impl BalancerApp {
                 "max_inflight": self.executor.options.max_inflight,
             },
             "ejected_replicas": self.executor.ejected_replicas(),
+            "api_keys": {
+                "mode": format!("{:?}", self.auth.mode).to_lowercase(),
+                "keys": self.auth.counts().0,
+                "rejected_entries": self.auth.counts().1,
+            },
         })
     }
 }
@@ -172,6 +196,31 @@ impl ServeHttp for BalancerApp {
         let started = Instant::now();
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        let m = &self.executor.metrics;
+        let access = match (method.as_str(), path.as_str()) {
+            ("POST", "/v1/query" | "/query") => Some(Access::Query),
+            ("GET", "/metrics" | "/v1/status") if !self.on_admin_port(session) => {
+                Some(Access::Admin)
+            }
+            _ => None,
+        };
+        if let Some(access) = access {
+            let headers = &session.req_header().headers;
+            match self.auth.check(presented_key(headers), access, started) {
+                Ok(Some(key_id)) if access == Access::Query => {
+                    m.key_queries.with_label_values(&[&key_id]).inc();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(kind = e.kind, key_id = presented_key(headers).and_then(simq_consul::apikeys::key_id), %path, "request refused");
+                    m.auth_refusals.with_label_values(&[e.kind]).inc();
+                    m.requests
+                        .with_label_values(&[&e.status.to_string()])
+                        .inc();
+                    return error_response(&e);
+                }
+            }
+        }
         let resp = match (method.as_str(), path.as_str()) {
             ("POST", "/v1/query" | "/query") => {
                 let _inflight = InFlight::enter(&self.executor.metrics.inflight);
@@ -206,7 +255,6 @@ impl ServeHttp for BalancerApp {
                 format!("no route {path}; try POST /v1/query"),
             )),
         };
-        let m = &self.executor.metrics;
         m.requests
             .with_label_values(&[resp.status().as_str()])
             .inc();

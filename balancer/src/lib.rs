@@ -11,9 +11,11 @@
 //! - [`upstream`]: the calls to embedders and shards (gRPC, deadline sent as
 //!   `grpc-timeout`), and what protects them: admission control, retry budget, ejection
 //!   of replicas that keep failing.
+//! - [`auth`]: API keys (hashed records in Consul KV) and per-key rate limits.
 //! - [`app`]: the HTTP routes; [`metrics`]: Prometheus metrics.
 
 pub mod app;
+pub mod auth;
 pub mod metrics;
 pub mod query;
 pub mod request;

@@ -10,6 +10,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use simq_balancer::app::BalancerApp;
+use simq_balancer::auth::Auth;
 use simq_balancer::metrics::Metrics;
 use simq_balancer::query::{AnswerCache, EmbedderOrder, Executor, QueryOptions};
 use simq_balancer::state::SharedState;
@@ -101,6 +102,12 @@ struct Args {
     /// Worker threads of the HTTP server.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// API keys: off (every endpoint open; the quick local set-up) or required (queries
+    /// need a key made by `simq-indexer keys create`, read from Consul KV <prefix>keys/;
+    /// /metrics and /v1/status on --listen need an admin key, on --admin-listen they stay
+    /// open; /health is always open).
+    #[arg(long, value_enum, env = "SIMQ_API_KEYS", default_value = "off")]
+    api_keys: simq_balancer::auth::Mode,
     /// Seconds in-flight requests get to finish after SIGTERM (longer than
     /// --deadline-ms, so every query admitted before the signal is answered).
     #[arg(long, default_value_t = 5)]
@@ -126,12 +133,24 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let metrics = Metrics::new()?;
     let state = Arc::new(SharedState::default());
+    let auth = Arc::new(Auth::new(args.api_keys));
+    let admin_port = match &args.admin_listen {
+        Some(a) => Some(
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("--admin-listen {a:?} is not an address like 127.0.0.1:9101: {e}"))?
+                .port(),
+        ),
+        None => None,
+    };
     let watcher = Watcher {
-        consul: ConsulClient::new(&args.consul)?,
+        consul: ConsulClient::new(&args.consul)?
+            .with_env_token()
+            .map_err(anyhow::Error::msg)?,
         layout: KvLayout::new(&args.kv_prefix),
         state: state.clone(),
         metrics: metrics.clone(),
         wait: Duration::from_secs(args.consul_wait_secs),
+        auth: auth.clone(),
     };
     let options = QueryOptions {
         nprobe: args.nprobe,
@@ -160,7 +179,12 @@ fn main() -> anyhow::Result<()> {
     server.bootstrap();
     let mut http = pingora::services::listening::Service::new(
         "simq balancer".to_string(),
-        BalancerApp { state, executor },
+        BalancerApp {
+            state,
+            executor,
+            auth,
+            admin_port,
+        },
     );
     if args.reuse_port {
         let mut shared = pingora::listeners::TcpSocketOptions::default();
@@ -174,6 +198,6 @@ fn main() -> anyhow::Result<()> {
     }
     server.add_service(http);
     server.add_service(background_service("consul watch", WatchService(watcher)));
-    tracing::info!(listen = %args.listen, reuse_port = args.reuse_port, admin = ?args.admin_listen, consul = %args.consul, "balancer starting");
+    tracing::info!(listen = %args.listen, reuse_port = args.reuse_port, admin = ?args.admin_listen, consul = %simq_consul::redact::redact(&args.consul), api_keys = ?args.api_keys, "balancer starting");
     server.run_forever();
 }

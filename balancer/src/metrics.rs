@@ -32,6 +32,13 @@ pub struct Metrics {
     pub ejections: IntCounterVec,
     /// Passing instances per service, as Consul reports them.
     pub healthy_instances: IntGaugeVec,
+    /// Requests refused by the API key check, by kind (missing_api_key, invalid_api_key,
+    /// forbidden, rate_limited).
+    pub auth_refusals: IntCounterVec,
+    /// Queries let through per API key id (the id, never the key).
+    pub key_queries: IntCounterVec,
+    /// API key records in use (state="valid") and skipped (state="rejected").
+    pub api_keys: IntGaugeVec,
 }
 
 impl Metrics {
@@ -113,6 +120,27 @@ impl Metrics {
                 ),
                 &["service"],
             )?,
+            auth_refusals: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_auth_refusals_total",
+                    "Requests refused by the API key check, by kind.",
+                ),
+                &["kind"],
+            )?,
+            key_queries: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_key_queries_total",
+                    "Queries let through, by API key id.",
+                ),
+                &["key_id"],
+            )?,
+            api_keys: IntGaugeVec::new(
+                Opts::new(
+                    "simq_balancer_api_keys",
+                    "API key records read from Consul: in use (valid) and skipped (rejected).",
+                ),
+                &["state"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -130,6 +158,9 @@ impl Metrics {
         m.registry.register(Box::new(m.shed.clone()))?;
         m.registry.register(Box::new(m.ejections.clone()))?;
         m.registry.register(Box::new(m.healthy_instances.clone()))?;
+        m.registry.register(Box::new(m.auth_refusals.clone()))?;
+        m.registry.register(Box::new(m.key_queries.clone()))?;
+        m.registry.register(Box::new(m.api_keys.clone()))?;
         Ok(m)
     }
 

@@ -84,6 +84,21 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
             "body must be a JSON object like {\"query\": \"...\"}".into(),
         );
     };
+    let unknown: Vec<String> = obj
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .map(|k| format!("{:?}", k.chars().take(40).collect::<String>()))
+        .collect();
+    if !unknown.is_empty() {
+        return bad(
+            "unknown_field",
+            format!(
+                "unknown field{} {}; a query body has only \"query\" and \"k\"",
+                if unknown.len() == 1 { "" } else { "s" },
+                unknown.join(", ")
+            ),
+        );
+    }
     let query = match obj.get("query") {
         None => return bad("missing_field", "field \"query\" is missing".into()),
         Some(Value::String(s)) => s.trim().to_string(),
@@ -94,8 +109,11 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
             )
         }
     };
-    if query.is_empty() {
-        return bad("empty_query", "field \"query\" is empty".into());
+    if query.chars().all(invisible) {
+        return bad(
+            "empty_query",
+            "field \"query\" is empty (or only spaces, control or zero-width characters)".into(),
+        );
     }
     let chars = query.chars().count();
     if chars > MAX_QUERY_CHARS {
@@ -123,6 +141,21 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         }
     };
     Ok(QueryRequest { query, k })
+}
+
+/// The fields of a query body.
+const FIELDS: [&str; 2] = ["query", "k"];
+
+/// Characters that show nothing: whitespace, control characters and the zero-width and
+/// direction marks (a query of only these is empty).
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+            | '\u{FFA0}' | '\u{E0000}'..='\u{E007F}')
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -167,7 +200,19 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"query": "   "}"#).message,
-            "field \"query\" is empty"
+            "field \"query\" is empty (or only spaces, control or zero-width characters)"
+        );
+        for invisible in ["\u{200b}\u{200d}", "\u{0007}\t", "\u{feff} \u{2060}", "\u{3000}\u{00ad}"] {
+            let body = serde_json::json!({ "query": invisible }).to_string();
+            assert_eq!(err(&body).kind, "empty_query", "{invisible:?}");
+        }
+        assert_eq!(
+            err(r#"{"query": "x", "top_k": 3}"#).message,
+            "unknown field \"top_k\"; a query body has only \"query\" and \"k\""
+        );
+        assert_eq!(
+            err(r#"{"query": "x", "a": 1, "b": 2}"#).message,
+            "unknown fields \"a\", \"b\"; a query body has only \"query\" and \"k\""
         );
         let long = format!(r#"{{"query": "{}"}}"#, "a".repeat(1001));
         assert_eq!(
@@ -194,5 +239,43 @@ mod tests {
     fn normalized_folds_case_and_space() {
         let q = parse(br#"{"query": "How  DO i\tSort?"}"#).unwrap();
         assert_eq!(q.normalized(), "how do i sort?");
+    }
+}
+
+/// Hostile input: whatever the body, `parse` answers a request or a 4xx, never a panic.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_bytes_give_a_request_or_a_4xx(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Err(e) = parse(&body) {
+                prop_assert!((400..500).contains(&e.status), "{e:?}");
+            }
+        }
+
+        #[test]
+        fn any_object_gives_a_valid_request_or_a_4xx(
+            query in proptest::option::of(any::<String>()),
+            k in proptest::option::of(any::<i64>()),
+            extra in proptest::option::of("[a-z_]{1,8}"),
+        ) {
+            let mut obj = serde_json::Map::new();
+            if let Some(q) = &query { obj.insert("query".into(), q.clone().into()); }
+            if let Some(k) = k { obj.insert("k".into(), k.into()); }
+            if let Some(f) = &extra { obj.insert(f.clone(), 1.into()); }
+            match parse(serde_json::to_string(&obj).unwrap().as_bytes()) {
+                Ok(r) => {
+                    prop_assert!((1..=MAX_K).contains(&r.k));
+                    prop_assert!(!r.query.chars().all(invisible));
+                    prop_assert!(r.query.chars().count() <= MAX_QUERY_CHARS);
+                }
+                Err(e) => prop_assert!((400..500).contains(&e.status), "{e:?}"),
+            }
+        }
     }
 }

@@ -19,10 +19,14 @@ pub struct Watcher {
     pub metrics: Metrics,
     /// How long one blocking query may wait.
     pub wait: Duration,
+    /// The API keys, followed under `<prefix>keys/` when keys are required.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// The watcher of the active pointer, as named in errors and `/v1/status`.
 const ACTIVE: &str = "active dg";
+/// The watcher of the API key records.
+const KEYS: &str = "api keys";
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -33,6 +37,7 @@ impl Watcher {
             _ = self.clone().active_loop() => {}
             _ = self.clone().service_loop(SHARD_SERVICE) => {}
             _ = self.clone().service_loop(EMBEDDER_SERVICE) => {}
+            _ = self.clone().keys_loop(), if self.auth.mode == crate::auth::Mode::Required => {}
             _ = stop => {}
         }
     }
@@ -163,6 +168,51 @@ impl Watcher {
             bytes.extend_from_slice(&kv.value);
         }
         CentroidMap::from_bytes(manifest, &bytes).map_err(anyhow::Error::msg)
+    }
+
+    async fn keys_loop(self) {
+        let prefix = self.layout.api_keys();
+        let mut index = 0;
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let block = BlockingQuery {
+                index,
+                wait: self.wait,
+            };
+            match self.consul.kv_list(&prefix, Some(block)).await {
+                Ok(answer) => {
+                    self.succeeded();
+                    let changed = answer.index != index;
+                    index = BlockingQuery::next_index(index, answer.index);
+                    let entries: Vec<(String, Vec<u8>)> = answer
+                        .value
+                        .into_iter()
+                        .map(|kv| (kv.key, kv.value))
+                        .collect();
+                    self.auth.load(&entries);
+                    let (valid, rejected) = self.auth.counts();
+                    self.metrics
+                        .api_keys
+                        .with_label_values(&["valid"])
+                        .set(valid as i64);
+                    self.metrics
+                        .api_keys
+                        .with_label_values(&["rejected"])
+                        .set(rejected.len() as i64);
+                    if changed {
+                        tracing::info!(valid, rejected = rejected.len(), "API keys read");
+                    }
+                    self.update(KEYS, |_| {});
+                    backoff = MIN_BACKOFF;
+                }
+                Err(e) => {
+                    // The last keys read stay in force.
+                    self.failed(KEYS, e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     async fn service_loop(self, service: &'static str) {

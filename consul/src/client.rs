@@ -7,6 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// Timeout of a request that is not a blocking query.
 const PLAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,12 +83,12 @@ impl ConsulClient {
             format!("http://{}", addr.trim_end_matches('/'))
         };
         let url = reqwest::Url::parse(&base).map_err(|e| Error::InvalidAddress {
-            addr: addr.to_string(),
+            addr: redact(addr),
             reason: e.to_string(),
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(Error::InvalidAddress {
-                addr: addr.to_string(),
+                addr: redact(addr),
                 reason: "not an http(s) URL with a host".into(),
             });
         }
@@ -95,7 +96,7 @@ impl ConsulClient {
             .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| Error::InvalidAddress {
-                addr: addr.to_string(),
+                addr: redact(addr),
                 reason: e.to_string(),
             })?;
         Ok(Self {
@@ -117,15 +118,25 @@ impl ConsulClient {
         Ok(client)
     }
 
+    /// Take the ACL token the way the `consul` CLI does: `CONSUL_HTTP_TOKEN`, else the
+    /// file named by `CONSUL_HTTP_TOKEN_FILE`; no token when neither is set. The token is
+    /// sent, never printed.
+    pub fn with_env_token(self) -> std::result::Result<Self, String> {
+        match token_from_env("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")? {
+            Some(t) => Ok(self.with_token(t)),
+            None => Ok(self),
+        }
+    }
+
     /// Use an ACL token for every request.
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
     }
 
-    /// The agent's base URL.
-    pub fn addr(&self) -> &str {
-        &self.base
+    /// The agent's base URL, without any user:password (fit to print).
+    pub fn addr(&self) -> String {
+        redact(&self.base)
     }
 
     /// The address of the Raft leader, empty while there is none.
@@ -154,6 +165,33 @@ impl ConsulClient {
             .map(|kv| kv.into_pair(&path))
             .transpose()?;
         Ok(Indexed { index, value: pair })
+    }
+
+    /// Read every key under `prefix` (recursive), in key order; empty when there is none.
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        block: Option<BlockingQuery>,
+    ) -> Result<Indexed<Vec<KvPair>>> {
+        let path = format!("/v1/kv/{prefix}");
+        let (index, body) = self
+            .call(Method::GET, &path, &[("recurse", "true")], None, block)
+            .await?;
+        let Some(body) = body else {
+            return Ok(Indexed {
+                index,
+                value: Vec::new(),
+            });
+        };
+        let raw: Vec<RawKv> = decode(&path, &body)?;
+        let pairs = raw
+            .into_iter()
+            .map(|kv| kv.into_pair(&path))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Indexed {
+            index,
+            value: pairs,
+        })
     }
 
     /// Write one key unconditionally.
@@ -305,8 +343,8 @@ impl ConsulClient {
             req = req.body(body);
         }
         let resp = req.send().await.map_err(|source| Error::Unreachable {
-            addr: self.base.clone(),
-            source,
+            addr: redact(&self.base),
+            source: source.without_url(),
         })?;
         let status = resp.status();
         let index = resp
@@ -316,8 +354,8 @@ impl ConsulClient {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
-            addr: self.base.clone(),
-            source,
+            addr: redact(&self.base),
+            source: source.without_url(),
         })?;
         if status == StatusCode::NOT_FOUND {
             return Ok((index, None));
@@ -336,6 +374,28 @@ impl ConsulClient {
         }
         Ok((index, Some(bytes.to_vec())))
     }
+}
+
+/// A token from the variable `var`, else from the file named by `file_var` (trimmed);
+/// `Ok(None)` when neither is set. Errors name the variable or the file, never the token.
+pub fn token_from_env(var: &str, file_var: &str) -> std::result::Result<Option<String>, String> {
+    if let Some(t) = std::env::var(var).ok().filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(t.trim().to_string()));
+    }
+    let Some(path) = std::env::var_os(file_var).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{file_var}: cannot read {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(format!(
+            "{file_var}: {} must hold one token on one line",
+            path.display()
+        ));
+    }
+    Ok(Some(token.to_string()))
 }
 
 fn method_name(m: &Method) -> &'static str {

@@ -67,6 +67,10 @@ pub struct ClusterTable {
     pub centroid_chunks: u32,
 }
 
+/// Vector dimensions a manifest may name at most (sentence-embedding models have 384 to
+/// 4096); bounds every size computed from a manifest.
+pub const MAX_DIMS: usize = 8192;
+
 /// Clusters a dg may have at most: arroy index ids are u16.
 pub const MAX_CLUSTERS: usize = u16::MAX as usize + 1;
 
@@ -135,8 +139,8 @@ impl Manifest {
         if self.shards.is_empty() {
             return Err("the manifest lists no shards".into());
         }
-        if self.dims == 0 {
-            return Err("dims is 0".into());
+        if self.dims == 0 || self.dims > MAX_DIMS {
+            return Err(format!("dims is {}; must be 1 to {MAX_DIMS}", self.dims));
         }
         let clusters = self.clusters.shard_of.len();
         if clusters < self.shards.len() || clusters > MAX_CLUSTERS {
@@ -254,6 +258,16 @@ impl KvLayout {
     /// The lock that lets one rollout (or rollback, or flip) run at a time.
     pub fn rollout_lock(&self) -> String {
         format!("{}rollout/lock", self.prefix)
+    }
+
+    /// The record of API key `id` (see [`crate::apikeys`]).
+    pub fn api_key(&self, id: &str) -> String {
+        format!("{}keys/{id}", self.prefix)
+    }
+
+    /// Where every API key record lives (read recursively).
+    pub fn api_keys(&self) -> String {
+        format!("{}keys/", self.prefix)
     }
 
     /// Part `i` of the dg's centroid bytes.
@@ -413,5 +427,86 @@ pub(crate) mod tests {
             KvLayout::new("x").centroid_chunk("dg-1", 3),
             "x/dg/dg-1/centroids/3"
         );
+    }
+}
+
+/// Hostile input: manifests, pointers and key records from KV (any bytes, or well-formed
+/// JSON with any values, sealed so the content check passes) are refused with a reason
+/// or accepted, never a panic; an accepted manifest's centroid map rejects wrong bytes.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn manifest() -> impl Strategy<Value = Manifest> {
+        (
+            0u32..5,
+            prop_oneof![Just(0usize), 1usize..600, Just(usize::MAX / 2), any::<usize>()],
+            proptest::collection::vec(any::<u32>().prop_map(|s| s % 6), 0..40),
+            any::<u32>().prop_map(|c| c % 8),
+            1usize..6,
+        )
+            .prop_map(|(format, dims, shard_of, centroid_chunks, shards)| {
+                Manifest {
+                    format,
+                    dg: String::new(),
+                    model_id: "m".into(),
+                    dims,
+                    distance: "cosine".into(),
+                    items: 10,
+                    build: BuildInfo {
+                        corpus_sha256: String::new(),
+                        seed: 1,
+                        kmeans_iterations: 1,
+                        clusters_requested: 1,
+                    },
+                    clusters: ClusterTable {
+                        shard_of,
+                        centroids_sha256: String::new(),
+                        centroid_chunks,
+                    },
+                    shards: (0..shards as u32)
+                        .map(|shard| ShardEntry {
+                            shard,
+                            sha256: String::new(),
+                            size: 1,
+                            items: 1,
+                        })
+                        .collect(),
+                }
+                .seal()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn any_bytes_are_refused_or_read(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+                let _ = m.validate();
+            }
+            if let Ok(p) = serde_json::from_slice::<ActiveDg>(&bytes) {
+                let _ = p.validate();
+            }
+            if let Ok(r) = serde_json::from_slice::<crate::apikeys::ApiKeyRecord>(&bytes) {
+                let _ = r.validate();
+            }
+        }
+
+        #[test]
+        fn sealed_manifests_with_any_values_validate_or_say_why(
+            m in manifest(),
+            centroids in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            match m.validate() {
+                Ok(()) => {
+                    prop_assert!(m.dims >= 1 && m.dims <= MAX_DIMS);
+                    // Random bytes are never taken for its centroids.
+                    prop_assert!(crate::CentroidMap::from_bytes(&m, &centroids).is_err());
+                }
+                Err(reason) => prop_assert!(!reason.is_empty()),
+            }
+        }
     }
 }

@@ -8,14 +8,19 @@
 //!   centroid map it reads.
 //! - [`service`]: what every simq service shows Consul and Prometheus (`/health`,
 //!   `/metrics`), its logging set-up and shutdown signal.
+//! - [`apikeys`]: API keys: their format, their KV records (hashes, never keys) and the
+//!   constant-time check.
+//! - [`redact`]: user:password removed from URLs in anything simq prints.
 //! - [`error`]: the crate's one error type.
 //!
 //! The agent configuration for local clusters sits beside this crate in `consul/dev-agent.hcl`,
 //! and the pinned Go wrapper module that builds the agent in `consul/build/`.
 
+pub mod apikeys;
 pub mod client;
 pub mod contract;
 pub mod error;
+pub mod redact;
 pub mod routing;
 pub mod service;
 

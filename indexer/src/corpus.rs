@@ -325,3 +325,53 @@ mod tests {
         assert!(err.contains("/no/such/corpus.txt"), "{err}");
     }
 }
+
+/// Hostile input: a corpus file of any bytes, in every format, is read into good texts and
+/// numbered bad lines, never a panic; every kept text passes the rules.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_file_gives_texts_and_numbered_bad_lines(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    any::<String>().prop_map(String::into_bytes),
+                    proptest::collection::vec(any::<u8>(), 0..80),
+                    Just(b"text\tother".to_vec()),
+                    Just(br#"{"text": "a question?"}"#.to_vec()),
+                ],
+                0..30,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("corpus");
+            let content = lines.join(&b'\n');
+            std::fs::write(&path, &content).unwrap();
+            // (Generated lines may hold newlines of their own.)
+            let line_count = content.split(|&b| b == b'\n').count();
+            for format in [
+                Format::Lines,
+                Format::Tsv { column: "text".into() },
+                Format::Jsonl { field: "text".into() },
+            ] {
+                match read(&path, &format) {
+                    Ok(c) => {
+                        for t in &c.texts {
+                            prop_assert!(!t.trim().is_empty());
+                            prop_assert!(!t.chars().any(char::is_control));
+                        }
+                        for b in &c.bad {
+                            prop_assert!(b.line >= 1 && b.line <= line_count, "line {} of {line_count}", b.line);
+                        }
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+    }
+}

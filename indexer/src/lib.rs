@@ -9,13 +9,17 @@
 //! - [`publish`]: blobs into the store, the manifest into Consul KV; idempotent.
 //! - [`flip`]: the active pointer's single CAS write.
 //! - [`rollout`]: the shards' Nomad deployment with canaries, flip, promote.
+//! - [`keys`]: API keys: create (printed once), list, revoke.
+//! - [`progress`]: progress of long steps: a bar on a terminal, log lines otherwise.
 
 pub mod blobs;
 pub mod build;
 pub mod corpus;
 pub mod eval;
 pub mod flip;
+pub mod keys;
 pub mod kmeans;
 pub mod lock;
+pub mod progress;
 pub mod publish;
 pub mod rollout;

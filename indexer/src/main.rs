@@ -64,6 +64,66 @@ enum Command {
     ServeBlobs(ServeBlobsArgs),
     /// Print the model id of a model directory.
     ModelId(ModelArgs),
+    /// API keys for balancers run with --api-keys required: create (prints the key once;
+    /// Consul keeps only its SHA-256), list (ids, labels, rates; never keys), revoke.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Make a new key and print it once on stdout (store it now: it cannot be shown again).
+    Create(KeysCreateArgs),
+    /// List the keys: id, label, rate, burst, admin, creation time.
+    List(KeysListArgs),
+    /// Revoke a key by id: balancers refuse it within a Consul round trip.
+    Revoke(KeysRevokeArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeysCreateArgs {
+    /// Who or what the key is for (shown by keys list).
+    #[arg(long)]
+    label: String,
+    /// Sustained queries per second (per balancer instance).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Queries at once above the rate.
+    #[arg(long, default_value_t = 40)]
+    burst: u32,
+    /// May also read /metrics and /v1/status on the balancer's public port.
+    #[arg(long)]
+    admin: bool,
+    #[command(flatten)]
+    consul: ConsulArgs,
+}
+
+#[derive(Args, Debug)]
+struct KeysListArgs {
+    #[command(flatten)]
+    consul: ConsulArgs,
+}
+
+#[derive(Args, Debug)]
+struct KeysRevokeArgs {
+    /// The key's id (8 hex digits, as keys list shows it).
+    id: String,
+    #[command(flatten)]
+    consul: ConsulArgs,
+}
+
+#[derive(Args, Debug)]
+struct ConsulArgs {
+    /// Consul HTTP address (its ACL token: CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE).
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
+    consul: String,
+    /// Consul KV prefix of simq's keys.
+    #[arg(long, default_value = "simq/")]
+    kv_prefix: String,
 }
 
 #[derive(Args, Debug)]
@@ -185,6 +245,11 @@ struct BuildArgs {
     /// and options (by default that dg is reused: a rebuild gives the same bytes).
     #[arg(long)]
     force: bool,
+    /// Only look: print the directory of a dg already built from the same corpus, model
+    /// and options and exit 0, or exit 3 (building nothing) when there is none.
+    /// `scripts/up.sh` asks this to decide whether to serve a small slice first.
+    #[arg(long, conflicts_with = "force")]
+    only_if_built: bool,
 }
 
 #[derive(Args, Debug)]
@@ -255,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => rt()?.block_on(cluster::rollout(args, true)),
         Command::Flip(args) => rt()?.block_on(cluster::flip(args)),
         Command::Status(args) => rt()?.block_on(cluster::status(args)),
+        Command::Keys(cmd) => rt()?.block_on(cluster::keys(cmd)),
         Command::ServeBlobs(args) => {
             // Handing out shard files is background work: serving queries comes first.
             simq_consul::service::lower_priority(10);
@@ -278,12 +344,18 @@ mod cluster {
     };
     use simq_nomad::NomadClient;
 
-    use super::{ClusterArgs, FlipArgs, PublishArgs, RolloutArgs, ServeBlobsArgs};
+    use super::{
+        ClusterArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs, ServeBlobsArgs,
+    };
 
     fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
         Ok((
-            ConsulClient::new(&c.consul)?,
-            NomadClient::new(&c.nomad)?,
+            ConsulClient::new(&c.consul)?
+                .with_env_token()
+                .map_err(anyhow::Error::msg)?,
+            NomadClient::new(&c.nomad)?
+                .with_env_token()
+                .map_err(anyhow::Error::msg)?,
             KvLayout::new(&c.kv_prefix),
         ))
     }
@@ -421,6 +493,66 @@ mod cluster {
         Ok(())
     }
 
+    pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+        use simq_indexer::keys;
+        let consul_of = |c: &ConsulArgs| -> anyhow::Result<(ConsulClient, KvLayout)> {
+            Ok((
+                ConsulClient::new(&c.consul)?
+                    .with_env_token()
+                    .map_err(anyhow::Error::msg)?,
+                KvLayout::new(&c.kv_prefix),
+            ))
+        };
+        match cmd {
+            KeysCommand::Create(a) => {
+                let (consul, layout) = consul_of(&a.consul)?;
+                let new = keys::NewKey {
+                    label: a.label,
+                    rate: a.rate,
+                    burst: a.burst,
+                    admin: a.admin,
+                };
+                let (key, r) = keys::create(&consul, &layout, &new).await?;
+                eprintln!(
+                    "key {} created ({}, {} queries/s, burst {}{}); it is printed once, below: store it now",
+                    r.id,
+                    r.label,
+                    r.rate,
+                    r.burst,
+                    if r.admin { ", admin" } else { "" }
+                );
+                println!("{key}");
+            }
+            KeysCommand::List(a) => {
+                let (consul, layout) = consul_of(&a.consul)?;
+                let (records, bad) = keys::list(&consul, &layout).await?;
+                if records.is_empty() {
+                    eprintln!("no API keys under {}", layout.api_keys());
+                }
+                for r in records {
+                    println!(
+                        "{}  rate {}/s  burst {}  {}  created {}  {}",
+                        r.id,
+                        r.rate,
+                        r.burst,
+                        if r.admin { "admin" } else { "query" },
+                        r.created_at,
+                        r.label
+                    );
+                }
+                for b in bad {
+                    eprintln!("skipped (balancers ignore it too): {b}");
+                }
+            }
+            KeysCommand::Revoke(a) => {
+                let (consul, layout) = consul_of(&a.consul)?;
+                keys::revoke(&consul, &layout, &a.id).await?;
+                eprintln!("key {} revoked", a.id);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn status(args: ClusterArgs) -> anyhow::Result<()> {
         let (consul, nomad, layout) = clients(&args)?;
         let observed = flip::observe(&consul, &layout).await?;
@@ -529,6 +661,14 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
             println!("{}", dir.display());
             return Ok(());
         }
+    }
+    if args.only_if_built {
+        eprintln!(
+            "no dg in {} was built from {} with this model and these options",
+            args.out.display(),
+            args.corpus.display()
+        );
+        std::process::exit(3);
     }
     let report = build(&corpus, &embedder, &args.out, opts)?;
     let m = &report.manifest;

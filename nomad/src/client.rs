@@ -146,6 +146,7 @@ pub fn hcl_variables<'a>(vars: impl IntoIterator<Item = (&'a str, &'a str)>) -> 
 pub struct NomadClient {
     http: reqwest::Client,
     base: String,
+    token: Option<String>,
 }
 
 impl NomadClient {
@@ -157,7 +158,7 @@ impl NomadClient {
             format!("http://{}", addr.trim_end_matches('/'))
         };
         let invalid = |reason: String| Error::InvalidAddress {
-            addr: addr.to_string(),
+            addr: simq_consul::redact::redact(addr),
             reason,
         };
         let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
@@ -168,7 +169,18 @@ impl NomadClient {
             .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| invalid(e.to_string()))?;
-        Ok(Self { http, base })
+        Ok(Self {
+            http,
+            base,
+            token: None,
+        })
+    }
+
+    /// Take the ACL token from `NOMAD_TOKEN` (as the `nomad` CLI does), else from the file
+    /// named by `NOMAD_TOKEN_FILE`; none when neither is set. Sent, never printed.
+    pub fn with_env_token(mut self) -> std::result::Result<Self, String> {
+        self.token = simq_consul::client::token_from_env("NOMAD_TOKEN", "NOMAD_TOKEN_FILE")?;
+        Ok(self)
     }
 
     /// A client configured like the `nomad` CLI: `NOMAD_ADDR`, default `http://127.0.0.1:4646`.
@@ -176,8 +188,9 @@ impl NomadClient {
         Self::new(&std::env::var("NOMAD_ADDR").unwrap_or_else(|_| "http://127.0.0.1:4646".into()))
     }
 
-    pub fn addr(&self) -> &str {
-        &self.base
+    /// The agent's base URL, without any user:password (fit to print).
+    pub fn addr(&self) -> String {
+        simq_consul::redact::redact(&self.base)
     }
 
     /// Parse an HCL2 job file with variables (see [`hcl_variables`]) into job JSON.
@@ -321,20 +334,12 @@ impl NomadClient {
         let kind = if stderr { "stderr" } else { "stdout" };
         let path = format!("/v1/client/fs/logs/{alloc}?task={task}&type={kind}&plain=true&origin=end&offset={bytes}");
         let resp = self
-            .http
-            .get(format!("{}{}", self.base, path))
-            .timeout(PLAIN_TIMEOUT)
+            .request(Method::GET, &path)
             .send()
             .await
-            .map_err(|source| Error::Unreachable {
-                addr: self.base.clone(),
-                source,
-            })?;
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|source| Error::Unreachable {
-            addr: self.base.clone(),
-            source,
-        })?;
+        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
         if !status.is_success() {
             return Err(Error::Status {
                 method: "GET".into(),
@@ -346,23 +351,34 @@ impl NomadClient {
         Ok(text)
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut req = self
+    /// A request to `path` with the timeout and the token (`X-Nomad-Token`) set.
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self
             .http
-            .request(method.clone(), format!("{}{}", self.base, path))
+            .request(method, format!("{}{}", self.base, path))
             .timeout(PLAIN_TIMEOUT);
+        match &self.token {
+            Some(t) => req.header("X-Nomad-Token", t),
+            None => req,
+        }
+    }
+
+    /// A transport error, with no credentials in the address or the URL.
+    fn unreachable(&self, source: reqwest::Error) -> Error {
+        Error::Unreachable {
+            addr: self.addr(),
+            source: source.without_url(),
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut req = self.request(method.clone(), path);
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req.send().await.map_err(|source| Error::Unreachable {
-            addr: self.base.clone(),
-            source,
-        })?;
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
-            addr: self.base.clone(),
-            source,
-        })?;
+        let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
         if !status.is_success() {
             return Err(Error::Status {
                 method: method.to_string(),

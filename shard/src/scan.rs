@@ -156,3 +156,27 @@ mod tests {
         assert!(q.scale.is_finite());
     }
 }
+
+/// Hostile input: a scan block of any bytes is refused or read within its bounds.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_block_bytes_are_refused_or_scored_in_bounds(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            dims in 1usize..16,
+        ) {
+            if let Some(block) = Block::parse(&bytes, dims) {
+                let query = quantize(&vec![0.5; dims]);
+                let mut seen = 0;
+                block.scores(&query, |_, _| seen += 1);
+                prop_assert_eq!(seen, block.len());
+            }
+        }
+    }
+}
