@@ -141,5 +141,5 @@ async fn queries_need_a_valid_key_within_its_rate_and_a_revoked_key_stops_workin
     assert_eq!(code, 200, "other keys keep working: {body}");
 
     let _ = indexer(&["keys", "revoke", &admin[5..13]]);
-    stop_jobs();
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
 }
