@@ -63,6 +63,12 @@ variable "api_keys" {
   default     = "off"
 }
 
+variable "consul_token_file" {
+  type        = string
+  description = "File holding the balancer's Consul ACL token (secure mode: scripts/cluster.sh with SIMQ_ACL=1 makes it); empty for none."
+  default     = ""
+}
+
 job "simq-balancer" {
   datacenters = ["*"]
   type        = "service"
@@ -140,7 +146,8 @@ job "simq-balancer" {
       }
 
       env {
-        SIMQ_LOG_FORMAT = "json"
+        SIMQ_LOG_FORMAT        = "json"
+        CONSUL_HTTP_TOKEN_FILE = var.consul_token_file
       }
 
       kill_signal  = "SIGTERM"

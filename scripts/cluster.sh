@@ -3,7 +3,9 @@
 # loopback only. State, logs and pid files live in $SIMQ_CLUSTER_DIR
 # (default ~/.cache/simq/cluster).
 #
-#   scripts/cluster.sh start    start both agents (Consul first) and wait until ready
+#   scripts/cluster.sh start    start both agents (Consul first) and wait until ready;
+#                               with SIMQ_ACL=1, Consul ACLs on with default deny and one
+#                               least-privilege token per consul/acl/ policy (see there)
 #   scripts/cluster.sh stop     stop every Nomad job, then Nomad, then Consul; no strays
 #   scripts/cluster.sh status   say what runs, with pids and addresses
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -23,10 +25,63 @@ wait_until() {
   done
 }
 
+# consul_curl ARGS...: curl to Consul, with the management token (from a header file, so
+# it never appears in a process list) in secure mode.
+consul_curl() {
+  if acl_enabled; then
+    curl -H @"$SIMQ_SECRETS/management.header" "$@"
+  else
+    curl "$@"
+  fi
+}
+
 consul_ready() {
   # A leader is elected and the agent answers KV reads.
   [ -n "$(curl -fsS "$CONSUL_HTTP_ADDR/v1/status/leader" | tr -d '"')" ] &&
-    curl -fsS -o /dev/null "$CONSUL_HTTP_ADDR/v1/kv/?keys"
+    consul_curl -fsS -o /dev/null "$CONSUL_HTTP_ADDR/v1/kv/?keys"
+}
+
+# Secure mode, before Consul starts: a fresh management token and the ACL config naming it.
+prepare_acl() {
+  rm -rf "$SIMQ_SECRETS"
+  mkdir -p -m 700 "$SIMQ_SECRETS"
+  local token
+  token="$(cat /proc/sys/kernel/random/uuid)"
+  (
+    umask 077
+    printf '%s\n' "$token" >"$SIMQ_SECRETS/consul-management.token"
+    printf 'X-Consul-Token: %s\n' "$token" >"$SIMQ_SECRETS/management.header"
+    cat >"$SIMQ_SECRETS/consul-acl.hcl" <<HCL
+acl {
+  enabled                  = true
+  default_policy           = "deny"
+  enable_token_persistence = true
+  tokens {
+    initial_management = "$token"
+  }
+}
+HCL
+  )
+}
+
+# Secure mode, once Consul is ready: one policy and one token per consul/acl/*.hcl, the
+# Consul agent's own token, and the Nomad agent's Consul token in its config.
+make_acl_tokens() {
+  local p json secret
+  for p in balancer indexer nomad-agent consul-agent; do
+    json="$(python3 -c 'import json,sys; print(json.dumps({"Name": "simq-" + sys.argv[1], "Rules": open(sys.argv[2]).read()}))' "$p" "$SIMQ_ROOT/consul/acl/$p.hcl")"
+    consul_curl -fsS -X PUT --data-binary "$json" "$CONSUL_HTTP_ADDR/v1/acl/policy" >/dev/null ||
+      die "consul: could not create policy simq-$p"
+    secret="$(consul_curl -fsS -X PUT --data-binary "{\"Description\": \"simq $p\", \"Policies\": [{\"Name\": \"simq-$p\"}]}" "$CONSUL_HTTP_ADDR/v1/acl/token" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])')" || die "consul: could not create the $p token"
+    (umask 077 && printf '%s\n' "$secret" >"$SIMQ_SECRETS/$p.token")
+  done
+  # (Tokens go through stdin, never a command line that ps would show.)
+  printf '{"Token": "%s"}' "$(cat "$SIMQ_SECRETS/consul-agent.token")" |
+    consul_curl -fsS -X PUT --data-binary @- "$CONSUL_HTTP_ADDR/v1/agent/token/agent" >/dev/null ||
+    die "consul: could not set the agent token"
+  (umask 077 && printf 'consul {\n  token = "%s"\n}\n' "$(cat "$SIMQ_SECRETS/nomad-agent.token")" >"$SIMQ_SECRETS/nomad-consul.hcl")
+  log "consul: ACLs on (default deny); tokens for balancer, indexer, nomad-agent, consul-agent in $SIMQ_SECRETS"
 }
 
 nomad_ready() {
@@ -46,12 +101,20 @@ start_consul() {
     die "something else already answers on $CONSUL_HTTP_ADDR: stop it first (simq's cluster did not start it)"
   fi
   mkdir -p "$CONSUL_DIR"
+  local acl=()
+  if [ "${SIMQ_ACL:-0}" = 1 ]; then
+    prepare_acl
+    acl=(-config-file "$SIMQ_SECRETS/consul-acl.hcl")
+  else
+    rm -rf "$SIMQ_SECRETS"
+  fi
   log "consul: starting v$CONSUL_VERSION, log $CONSUL_DIR/consul.log"
-  setsid "$CONSUL_BIN" agent -dev -config-file "$SIMQ_ROOT/consul/dev-agent.hcl" \
+  setsid "$CONSUL_BIN" agent -dev -config-file "$SIMQ_ROOT/consul/dev-agent.hcl" "${acl[@]}" \
     -pid-file "$CONSUL_DIR/consul.pid" >"$CONSUL_DIR/consul.log" 2>&1 </dev/null &
   wait_until "$READY_TIMEOUT" "consul" consul_ready ||
     { tail -n 20 "$CONSUL_DIR/consul.log" >&2; die "consul did not become ready within ${READY_TIMEOUT}s (log above)"; }
   log "consul: ready at $CONSUL_HTTP_ADDR (pid $(cat "$CONSUL_DIR/consul.pid"))"
+  if acl_enabled; then make_acl_tokens; fi
 }
 
 start_nomad() {
@@ -67,7 +130,9 @@ start_nomad() {
   log "nomad: starting v$NOMAD_VERSION, log $NOMAD_DIR/nomad.log"
   # -dev creates alloc_mounts/ in the working directory: run it from its state dir.
   # Exec'd directly by setsid (no wrapper shell), so $! is the agent's own pid.
-  (cd "$NOMAD_DIR" && exec setsid "$NOMAD_BIN" agent -dev -config "$SIMQ_ROOT/nomad/dev-agent.hcl" \
+  local acl=()
+  if acl_enabled; then acl=(-config "$SIMQ_SECRETS/nomad-consul.hcl"); fi
+  (cd "$NOMAD_DIR" && exec setsid "$NOMAD_BIN" agent -dev -config "$SIMQ_ROOT/nomad/dev-agent.hcl" "${acl[@]}" \
     -data-dir "$NOMAD_DIR/data" >"$NOMAD_DIR/nomad.log" 2>&1 </dev/null) &
   echo $! >"$NOMAD_DIR/nomad.pid"
   wait_until "$READY_TIMEOUT" "nomad" nomad_ready ||
@@ -160,6 +225,8 @@ cmd_stop() {
   kill_strays
   unmount_leftovers
   stop_pid consul "$CONSUL_DIR/consul.pid"
+  # A dev Consul forgets its tokens when it stops: the files are worthless now.
+  rm -rf "$SIMQ_SECRETS"
   log "cluster stopped"
 }
 
@@ -169,6 +236,7 @@ cmd_status() {
     echo "full corpus: being built and rolled out, process group $(cat "$FULL_CORPUS_PID"), log $SIMQ_CLUSTER_DIR/full-corpus.log"
   if pid_alive "$CONSUL_DIR/consul.pid"; then
     echo "consul: running, pid $(cat "$CONSUL_DIR/consul.pid"), $CONSUL_HTTP_ADDR, $(first_line "$CONSUL_BIN" version)"
+    acl_enabled && echo "consul ACLs: on, default deny; tokens in $SIMQ_SECRETS"
   else
     echo "consul: stopped"; rc=1
   fi

@@ -41,6 +41,13 @@ for b in simq-indexer simq-embedder simq-shard simq-balancer; do
   [ -x "$bin/$b" ] || die "$bin/$b is missing: build with cargo build --release"
 done
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
+# Secure mode: simq-indexer acts with the indexer's token, the balancers with theirs.
+balancer_token=""
+if acl_enabled; then
+  export CONSUL_HTTP_TOKEN_FILE="$SIMQ_SECRETS/indexer.token"
+  unset CONSUL_HTTP_TOKEN
+  balancer_token="$SIMQ_SECRETS/balancer.token"
+fi
 nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deployment
   local file=$1
   shift
@@ -66,7 +73,7 @@ log "shards of $dg"
 "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
 
 log "balancer on 127.0.0.1:$port"
-nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys"
+nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys" "consul_token_file=$balancer_token"
 # Ready means the balancers route with this dg (not merely that something answers): on the
 # public port's /v1/status, or, when that needs an admin key, on each instance's own
 # admin port as simq-indexer status reads them.

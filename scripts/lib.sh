@@ -32,6 +32,11 @@ PROMETHEUS_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/prometheus"
 ORT_LIB="$SIMQ_CACHE/ort/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
 SIMQ_MODEL_DIR="${SIMQ_MODEL_DIR:-$SIMQ_CACHE/models/minilm-l6-v2-int8}"
 SIMQ_CLUSTER_DIR="${SIMQ_CLUSTER_DIR:-$SIMQ_CACHE/cluster}"
+# Secure mode (SIMQ_ACL=1 scripts/cluster.sh start): Consul ACLs on, default deny; the
+# management token and one token per consul/acl/ policy are files here (mode 600).
+SIMQ_SECRETS="$SIMQ_CLUSTER_DIR/secrets"
+acl_enabled() { [ -f "$SIMQ_SECRETS/consul-management.token" ]; }
+
 # The background build and rollout of the full corpus that scripts/up.sh starts after
 # serving a slice (a process group of its own; scripts/cluster.sh stop ends it).
 FULL_CORPUS_PID="$SIMQ_CLUSTER_DIR/full-corpus.pid"

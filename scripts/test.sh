@@ -78,4 +78,19 @@ check_loopback_only
 log "integration tests (real Consul, Nomad, model, LMDB)"
 # One test at a time: they share one cluster and the machine's two cores.
 cargo test --workspace --locked --quiet --no-fail-fast "${cargo_args[@]}" -- --ignored --test-threads=1
+
+# Secure mode needs a cluster started with ACLs: after this one stops. Run with no filter
+# or with the filter "acl".
+if [ ${#cargo_args[@]} -eq 0 ] || [ "${cargo_args[*]}" = acl ]; then
+  if [ $started_here -eq 1 ]; then
+    "$SIMQ_ROOT/scripts/cluster.sh" stop
+    check_stopped
+    started_here=0
+    log "secure mode: Consul ACLs, default deny, least-privilege tokens (scripts/test-acl.sh)"
+    bash "$SIMQ_ROOT/scripts/test-acl.sh"
+    check_stopped
+  else
+    log "secure mode test skipped: it starts its own cluster, and this run reuses a running one"
+  fi
+fi
 log "all tests passed"

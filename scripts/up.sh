@@ -6,6 +6,9 @@
 #   scripts/up.sh           answer as soon as possible (see below), then return
 #   scripts/up.sh --wait    return only when the full corpus serves
 #
+# Secure mode: SIMQ_ACL=1 (Consul ACLs, default deny, least-privilege tokens) and
+# SIMQ_API_KEYS=required (queries need an API key); see README "Security".
+#
 # The first time, embedding the full corpus takes about 9 minutes. So that the first
 # answer does not wait for it, up.sh first serves a reproducible slice of the corpus
 # (SIMQ_SLICE questions, every k-th line; default 5000), then builds the full corpus in
@@ -81,13 +84,25 @@ if [ $slice = 1 ]; then
 else
   what="dg $dg"
 fi
-cat <<MSG
+if [ "${SIMQ_API_KEYS:-off}" = required ]; then
+  token_note=""
+  acl_enabled && token_note="CONSUL_HTTP_TOKEN_FILE=$SIMQ_SECRETS/indexer.token "
+  cat <<MSG
+
+simq serves $what at http://127.0.0.1:$port; queries need an API key:
+
+  key=\$(${token_note}$SIMQ_BIN_DIR/simq-indexer keys create --label me)
+  curl -s -H "Authorization: Bearer \$key" -X POST http://127.0.0.1:$port/v1/query -d '$query'
+MSG
+else
+  cat <<MSG
 
 simq serves $what at http://127.0.0.1:$port
 
   curl -s -X POST http://127.0.0.1:$port/v1/query -d '$query'
 MSG
-curl -s -X POST "http://127.0.0.1:$port/v1/query" -d "$query"
+  curl -s -X POST "http://127.0.0.1:$port/v1/query" -d "$query"
+fi
 cat <<MSG
 
 

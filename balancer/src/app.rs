@@ -214,9 +214,7 @@ impl ServeHttp for BalancerApp {
                 Err(e) => {
                     tracing::debug!(kind = e.kind, key_id = presented_key(headers).and_then(simq_consul::apikeys::key_id), %path, "request refused");
                     m.auth_refusals.with_label_values(&[e.kind]).inc();
-                    m.requests
-                        .with_label_values(&[&e.status.to_string()])
-                        .inc();
+                    m.requests.with_label_values(&[&e.status.to_string()]).inc();
                     return error_response(&e);
                 }
             }

@@ -114,8 +114,10 @@ impl Auth {
                 continue;
             }
             if !kv_key.ends_with(&format!("/{}", record.id)) {
-                next.rejected
-                    .push(format!("{kv_key}: record id {} differs from its key", record.id));
+                next.rejected.push(format!(
+                    "{kv_key}: record id {} differs from its key",
+                    record.id
+                ));
                 continue;
             }
             let bucket = match old.keys.get(&record.id) {
@@ -126,7 +128,8 @@ impl Auth {
                     Instant::now(),
                 ))),
             };
-            next.keys.insert(record.id.clone(), Entry { record, bucket });
+            next.keys
+                .insert(record.id.clone(), Entry { record, bucket });
         }
         drop(old);
         for r in &next.rejected {
@@ -294,14 +297,19 @@ mod tests {
         assert!(auth.check(Some(&user), Access::Query, now).is_ok());
         assert!(auth.check(Some(&user), Access::Query, now).is_ok());
         let e = auth.check(Some(&user), Access::Query, now).unwrap_err();
-        assert_eq!((e.status, e.kind, e.retry_after), (429, "rate_limited", Some(2)));
+        assert_eq!(
+            (e.status, e.kind, e.retry_after),
+            (429, "rate_limited", Some(2))
+        );
         let e = auth.check(Some(&user), Access::Admin, now).unwrap_err();
         assert_eq!((e.status, e.kind), (403, "forbidden"));
         assert!(auth.check(Some(&admin), Access::Admin, now).is_ok());
         // Reading the same records again keeps the spent buckets.
         auth.load(&[record(&user, 0.5, 2, false), record(&admin, 1.0, 1, true)]);
         assert_eq!(
-            auth.check(Some(&user), Access::Query, now).unwrap_err().kind,
+            auth.check(Some(&user), Access::Query, now)
+                .unwrap_err()
+                .kind,
             "rate_limited"
         );
     }

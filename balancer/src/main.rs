@@ -137,7 +137,11 @@ fn main() -> anyhow::Result<()> {
     let admin_port = match &args.admin_listen {
         Some(a) => Some(
             a.parse::<std::net::SocketAddr>()
-                .map_err(|e| anyhow::anyhow!("--admin-listen {a:?} is not an address like 127.0.0.1:9101: {e}"))?
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--admin-listen {a:?} is not an address like 127.0.0.1:9101: {e}"
+                    )
+                })?
                 .port(),
         ),
         None => None,

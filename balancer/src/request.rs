@@ -202,7 +202,12 @@ mod tests {
             err(r#"{"query": "   "}"#).message,
             "field \"query\" is empty (or only spaces, control or zero-width characters)"
         );
-        for invisible in ["\u{200b}\u{200d}", "\u{0007}\t", "\u{feff} \u{2060}", "\u{3000}\u{00ad}"] {
+        for invisible in [
+            "\u{200b}\u{200d}",
+            "\u{0007}\t",
+            "\u{feff} \u{2060}",
+            "\u{3000}\u{00ad}",
+        ] {
             let body = serde_json::json!({ "query": invisible }).to_string();
             assert_eq!(err(&body).kind, "empty_query", "{invisible:?}");
         }

@@ -170,8 +170,17 @@ impl Watcher {
         CentroidMap::from_bytes(manifest, &bytes).map_err(anyhow::Error::msg)
     }
 
-    async fn keys_loop(self) {
-        let prefix = self.layout.api_keys();
+    /// Follow one Consul read with blocking queries, forever: `read` runs each query,
+    /// `apply` takes each answer. A failed read is reported under `what` and retried with
+    /// backoff; the state read last stays in force meanwhile.
+    async fn follow<T, Fut>(
+        &self,
+        what: &str,
+        read: impl Fn(BlockingQuery) -> Fut,
+        mut apply: impl FnMut(T),
+    ) where
+        Fut: std::future::Future<Output = simq_consul::Result<simq_consul::Indexed<T>>>,
+    {
         let mut index = 0;
         let mut backoff = MIN_BACKOFF;
         loop {
@@ -179,35 +188,15 @@ impl Watcher {
                 index,
                 wait: self.wait,
             };
-            match self.consul.kv_list(&prefix, Some(block)).await {
+            match read(block).await {
                 Ok(answer) => {
                     self.succeeded();
-                    let changed = answer.index != index;
                     index = BlockingQuery::next_index(index, answer.index);
-                    let entries: Vec<(String, Vec<u8>)> = answer
-                        .value
-                        .into_iter()
-                        .map(|kv| (kv.key, kv.value))
-                        .collect();
-                    self.auth.load(&entries);
-                    let (valid, rejected) = self.auth.counts();
-                    self.metrics
-                        .api_keys
-                        .with_label_values(&["valid"])
-                        .set(valid as i64);
-                    self.metrics
-                        .api_keys
-                        .with_label_values(&["rejected"])
-                        .set(rejected.len() as i64);
-                    if changed {
-                        tracing::info!(valid, rejected = rejected.len(), "API keys read");
-                    }
-                    self.update(KEYS, |_| {});
+                    apply(answer.value);
                     backoff = MIN_BACKOFF;
                 }
                 Err(e) => {
-                    // The last keys read stay in force.
-                    self.failed(KEYS, e);
+                    self.failed(what, e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -215,43 +204,51 @@ impl Watcher {
         }
     }
 
-    async fn service_loop(self, service: &'static str) {
-        let mut index = 0;
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            let block = BlockingQuery {
-                index,
-                wait: self.wait,
-            };
-            match self
-                .consul
-                .health_service(service, false, Some(block))
-                .await
-            {
-                Ok(answer) => {
-                    self.succeeded();
-                    index = BlockingQuery::next_index(index, answer.index);
-                    let passing = answer
-                        .value
-                        .iter()
-                        .filter(|e| e.status == "passing")
-                        .count();
+    async fn keys_loop(self) {
+        let prefix = self.layout.api_keys();
+        let mut last = None;
+        self.follow(
+            KEYS,
+            |block| self.consul.kv_list(&prefix, Some(block)),
+            |pairs: Vec<simq_consul::KvPair>| {
+                let entries: Vec<(String, Vec<u8>)> =
+                    pairs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+                self.auth.load(&entries);
+                let (valid, rejected) = self.auth.counts();
+                let gauge = |state: &str, n: usize| {
                     self.metrics
-                        .healthy_instances
-                        .with_label_values(&[service])
-                        .set(passing as i64);
-                    self.update(service, |p| match service {
-                        SHARD_SERVICE => p.shards = answer.value,
-                        _ => p.embedders = answer.value,
-                    });
-                    backoff = MIN_BACKOFF;
+                        .api_keys
+                        .with_label_values(&[state])
+                        .set(n as i64)
+                };
+                gauge("valid", valid);
+                gauge("rejected", rejected.len());
+                if last != Some((valid, rejected.len())) {
+                    tracing::info!(valid, rejected = rejected.len(), "API keys read");
+                    last = Some((valid, rejected.len()));
                 }
-                Err(e) => {
-                    self.failed(service, e);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
+                self.update(KEYS, |_| {});
+            },
+        )
+        .await
+    }
+
+    async fn service_loop(self, service: &'static str) {
+        self.follow(
+            service,
+            |block| self.consul.health_service(service, false, Some(block)),
+            |entries: Vec<simq_consul::ServiceEntry>| {
+                let passing = entries.iter().filter(|e| e.status == "passing").count();
+                self.metrics
+                    .healthy_instances
+                    .with_label_values(&[service])
+                    .set(passing as i64);
+                self.update(service, |p| match service {
+                    SHARD_SERVICE => p.shards = entries,
+                    _ => p.embedders = entries,
+                });
+            },
+        )
+        .await
     }
 }

@@ -40,7 +40,11 @@ fn create_key(args: &[&str]) -> String {
     let mut all = vec!["keys", "create"];
     all.extend_from_slice(args);
     let out = indexer(&all);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(key.starts_with("simq_"), "{key}");
     key
@@ -65,12 +69,24 @@ async fn queries_need_a_valid_key_within_its_rate_and_a_revoked_key_stops_workin
 
     // No key, a made-up key, a malformed one: 401 with a JSON error naming the problem.
     let (code, _, body) = ask(None, &texts.next().unwrap()).await;
-    assert_eq!((code, body["error"]["kind"].as_str()), (401, Some("missing_api_key")), "{body}");
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (401, Some("missing_api_key")),
+        "{body}"
+    );
     let forged = format!("simq_{}_{}", &user[5..13], "0".repeat(32));
     let (code, _, body) = ask(Some(&forged), &texts.next().unwrap()).await;
-    assert_eq!((code, body["error"]["kind"].as_str()), (401, Some("invalid_api_key")), "{body}");
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{body}"
+    );
     let (code, _, body) = ask(Some("hunter2"), &texts.next().unwrap()).await;
-    assert_eq!((code, body["error"]["kind"].as_str()), (401, Some("invalid_api_key")), "{body}");
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{body}"
+    );
 
     // /health stays open; /v1/status and /metrics need an admin key on the public port.
     assert_eq!(get("/health", None).await.0, 200);
@@ -99,7 +115,10 @@ async fn queries_need_a_valid_key_within_its_rate_and_a_revoked_key_stops_workin
     assert_eq!(answered, 3, "the burst");
     let (retry, body) = limited.expect("a query over the rate gets 429");
     assert_eq!(body["error"]["kind"], "rate_limited", "{body}");
-    assert!(retry.is_some_and(|r| r.parse::<u32>().unwrap() >= 1), "Retry-After");
+    assert!(
+        retry.is_some_and(|r| r.parse::<u32>().unwrap() >= 1),
+        "Retry-After"
+    );
 
     // KV holds the hash, never the key; keys list shows ids and labels, never keys.
     let id = &user[5..13];
@@ -110,23 +129,41 @@ async fn queries_need_a_valid_key_within_its_rate_and_a_revoked_key_stops_workin
         .await
         .unwrap();
     assert_eq!(record["id"], id);
-    assert!(!record.to_string().contains(&user[14..]), "the secret is not in KV");
+    assert!(
+        !record.to_string().contains(&user[14..]),
+        "the secret is not in KV"
+    );
     let list = indexer(&["keys", "list"]);
     let listed = String::from_utf8_lossy(&list.stdout);
-    assert!(listed.contains(id) && listed.contains("test user"), "{listed}");
+    assert!(
+        listed.contains(id) && listed.contains("test user"),
+        "{listed}"
+    );
     assert!(!listed.contains(&user[14..]) && !listed.contains(&admin[14..]));
 
     // Refusals are counted by kind (the keyless query and the keyless /v1/status),
     // queries by key id.
     let (_, metrics) = get("/metrics", Some(&admin)).await;
-    assert!(metrics.contains("simq_balancer_auth_refusals_total{kind=\"missing_api_key\"} 2"), "{metrics}");
-    assert!(metrics.contains(&format!("simq_balancer_key_queries_total{{key_id=\"{id}\"}} 3")));
+    assert!(
+        metrics.contains("simq_balancer_auth_refusals_total{kind=\"missing_api_key\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "simq_balancer_key_queries_total{{key_id=\"{id}\"}} 3"
+    )));
 
     // Revoked: refused as soon as the balancer's blocking query sees the change.
     let revoke = indexer(&["keys", "revoke", id]);
-    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
     let again = indexer(&["keys", "revoke", id]);
-    assert!(!again.status.success(), "revoking an unknown id is an error");
+    assert!(
+        !again.status.success(),
+        "revoking an unknown id is an error"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (code, _, body) = ask(Some(&user), &texts.next().unwrap()).await;
@@ -134,7 +171,10 @@ async fn queries_need_a_valid_key_within_its_rate_and_a_revoked_key_stops_workin
             assert_eq!(body["error"]["kind"], "invalid_api_key");
             break;
         }
-        assert!(Instant::now() < deadline, "a revoked key still answered {code} after 5 s");
+        assert!(
+            Instant::now() < deadline,
+            "a revoked key still answered {code} after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (code, _, body) = ask(Some(&admin), &texts.next().unwrap()).await;

@@ -71,8 +71,7 @@ pub fn is_key_id(id: &str) -> bool {
 pub fn key_id(key: &str) -> Option<&str> {
     let rest = key.strip_prefix("simq_")?;
     let (id, secret) = rest.split_once('_')?;
-    (is_key_id(id) && secret.len() == SECRET_HEX && secret.bytes().all(is_lower_hex))
-        .then_some(id)
+    (is_key_id(id) && secret.len() == SECRET_HEX && secret.bytes().all(is_lower_hex)).then_some(id)
 }
 
 /// The key made from 4 + 16 random bytes.

@@ -441,7 +441,12 @@ mod properties {
     fn manifest() -> impl Strategy<Value = Manifest> {
         (
             0u32..5,
-            prop_oneof![Just(0usize), 1usize..600, Just(usize::MAX / 2), any::<usize>()],
+            prop_oneof![
+                Just(0usize),
+                1usize..600,
+                Just(usize::MAX / 2),
+                any::<usize>()
+            ],
             proptest::collection::vec(any::<u32>().prop_map(|s| s % 6), 0..40),
             any::<u32>().prop_map(|c| c % 8),
             1usize..6,

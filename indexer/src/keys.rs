@@ -34,7 +34,9 @@ pub async fn create(
             bytes[4..].try_into().expect("16 bytes"),
         );
         let record = ApiKeyRecord {
-            id: apikeys::key_id(&key).expect("a made key has an id").to_string(),
+            id: apikeys::key_id(&key)
+                .expect("a made key has an id")
+                .to_string(),
             label: new.label.clone(),
             sha256: apikeys::hash_key(&key),
             created_at: crate::flip::now_rfc3339(),
@@ -52,7 +54,10 @@ pub async fn create(
         }
         // An id already taken (1 in 4 billion per existing key): draw again.
     }
-    bail!("could not find a free key id in 4 draws; is {} writable?", layout.api_keys())
+    bail!(
+        "could not find a free key id in 4 draws; is {} writable?",
+        layout.api_keys()
+    )
 }
 
 /// Every key record, in id order, and the entries under the prefix that are not records.

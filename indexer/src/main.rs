@@ -128,19 +128,11 @@ struct ConsulArgs {
 
 #[derive(Args, Debug)]
 struct ClusterArgs {
-    /// Consul HTTP address.
-    #[arg(
-        long,
-        env = "CONSUL_HTTP_ADDR",
-        default_value = "http://127.0.0.1:8500"
-    )]
-    consul: String,
-    /// Nomad HTTP address.
+    #[command(flatten)]
+    consul: ConsulArgs,
+    /// Nomad HTTP address (its ACL token: NOMAD_TOKEN or NOMAD_TOKEN_FILE).
     #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
     nomad: String,
-    /// Consul KV prefix of simq's keys.
-    #[arg(long, default_value = "simq/")]
-    kv_prefix: String,
 }
 
 #[derive(Args, Debug)]
@@ -348,16 +340,22 @@ mod cluster {
         ClusterArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs, ServeBlobsArgs,
     };
 
-    fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
+    /// The Consul client (with the token from the environment) and the KV layout.
+    fn consul_of(c: &ConsulArgs) -> anyhow::Result<(ConsulClient, KvLayout)> {
         Ok((
             ConsulClient::new(&c.consul)?
                 .with_env_token()
                 .map_err(anyhow::Error::msg)?,
-            NomadClient::new(&c.nomad)?
-                .with_env_token()
-                .map_err(anyhow::Error::msg)?,
             KvLayout::new(&c.kv_prefix),
         ))
+    }
+
+    fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
+        let (consul, layout) = consul_of(&c.consul)?;
+        let nomad = NomadClient::new(&c.nomad)?
+            .with_env_token()
+            .map_err(anyhow::Error::msg)?;
+        Ok((consul, nomad, layout))
     }
 
     pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
@@ -495,14 +493,6 @@ mod cluster {
 
     pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         use simq_indexer::keys;
-        let consul_of = |c: &ConsulArgs| -> anyhow::Result<(ConsulClient, KvLayout)> {
-            Ok((
-                ConsulClient::new(&c.consul)?
-                    .with_env_token()
-                    .map_err(anyhow::Error::msg)?,
-                KvLayout::new(&c.kv_prefix),
-            ))
-        };
         match cmd {
             KeysCommand::Create(a) => {
                 let (consul, layout) = consul_of(&a.consul)?;

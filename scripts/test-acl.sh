@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Secure mode, end to end on real agents: a cluster with Consul ACLs on and default deny
+# (SIMQ_ACL=1 scripts/cluster.sh start), the stack deployed and a second dg rolled out
+# with the least-privilege tokens of consul/acl/ under unique-query load (0 failed), and
+# what each token may not do checked against the real Consul. scripts/test.sh runs it
+# after the other integration tests, once their cluster is stopped; it stops its own.
+#
+# Needs: the debug build (cargo build --workspace --all-targets) and SIMQ_TEST_CORPUS.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+: "${SIMQ_TEST_CORPUS:?set by scripts/test.sh (a sample of the real corpus)}"
+bin="$CARGO_TARGET_DIR/debug"
+port=18081
+work="$(mktemp -d)"
+failures=0
+
+fail() { log "acl test FAILED: $*"; failures=$((failures + 1)); }
+pass() { log "acl test ok: $*"; }
+
+cleanup() {
+  local rc=$?
+  [ -z "${load_pid:-}" ] || kill -TERM "$load_pid" 2>/dev/null || true
+  "$SIMQ_ROOT/scripts/cluster.sh" stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+  exit $rc
+}
+trap cleanup EXIT
+
+if "$SIMQ_ROOT/scripts/cluster.sh" status >/dev/null 2>&1; then
+  die "a cluster is running: the ACL test starts its own (stop it with scripts/down.sh)"
+fi
+SIMQ_ACL=1 "$SIMQ_ROOT/scripts/cluster.sh" start
+acl_enabled || die "secure mode did not leave its tokens in $SIMQ_SECRETS"
+
+# kv_status TOKEN-FILE METHOD KEY: the HTTP status of one KV call made with that token
+# (empty file name: no token, the anonymous user).
+kv_status() {
+  local file=$1 method=$2 key=$3 header=()
+  [ -z "$file" ] || header=(-H @<(printf 'X-Consul-Token: %s\n' "$(cat "$file")"))
+  curl -s -o /dev/null -w '%{http_code}' "${header[@]}" -X "$method" --data-binary x "$CONSUL_HTTP_ADDR/v1/kv/$key"
+}
+expect() { # expect WHAT WANT GOT
+  if [ "$2" = "$3" ]; then pass "$1 ($3)"; else fail "$1: expected HTTP $2, got $3"; fi
+}
+
+sed -n '1,600p' "$SIMQ_TEST_CORPUS" >"$work/a.txt"
+sed -n '601,1200p' "$SIMQ_TEST_CORPUS" >"$work/b.txt"
+sed -n '5001,7000p' "$SIMQ_TEST_CORPUS" >"$work/queries.txt"
+deploy() { # deploy CORPUS: the dg now served
+  SIMQ_BIN_DIR="$bin" SIMQ_CORPUS="$1" SIMQ_SHARDS=2 SIMQ_CLUSTERS=32 SIMQ_NPROBE=8 \
+    SIMQ_BALANCERS=1 SIMQ_EMBEDDERS=1 SIMQ_PORT=$port "$SIMQ_ROOT/scripts/deploy.sh"
+}
+
+log "acl test: deploy dg A with the indexer's and the balancer's tokens"
+dg_a="$(deploy "$work/a.txt")" || die "deploy with least-privilege tokens failed"
+pass "stack deployed and serving $dg_a with ACLs on"
+
+log "acl test: roll out dg B under 5 unique queries/s"
+"$bin/examples/loadgen" --url "http://127.0.0.1:$port/v1/query" --queries "$work/queries.txt" \
+  --rate 5 --seconds 300 --max 2000 --timeout 5 >"$work/load.json" &
+load_pid=$!
+sleep 3
+dg_b="$(deploy "$work/b.txt")" || die "rollout with least-privilege tokens failed"
+sleep 3
+kill -TERM "$load_pid"
+wait "$load_pid" || fail "loadgen failed"
+load_pid=""
+read -r sent failed degraded < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["sent"], r["failed"], r["degraded"])' "$work/load.json")
+log "acl test: rollout $dg_a -> $dg_b under load: $sent queries, $failed failed, $degraded degraded"
+[ "$dg_a" != "$dg_b" ] || fail "the second deploy did not change the dg"
+[ "$failed" = 0 ] && [ "$sent" -gt 0 ] || fail "$failed of $sent queries failed during the rollout"
+answer="$(curl -fsS -X POST "http://127.0.0.1:$port/v1/query" -d '{"query": "How long did the war last?"}')" ||
+  fail "no answer after the rollout"
+[[ "$answer" == *"\"dg\":\"$dg_b\""* ]] && pass "answers come from $dg_b" || fail "answer not from $dg_b: $answer"
+
+S="$SIMQ_SECRETS"
+expect "anonymous may not read the pointer" 403 "$(kv_status "" GET simq/active)"
+expect "balancer token reads the pointer" 200 "$(kv_status "$S/balancer.token" GET simq/active)"
+expect "balancer token may not write the pointer" 403 "$(kv_status "$S/balancer.token" PUT simq/active)"
+expect "balancer token may not write an API key record" 403 "$(kv_status "$S/balancer.token" PUT simq/keys/00000000)"
+expect "indexer token writes under simq/" 200 "$(kv_status "$S/indexer.token" PUT simq/acl-test)"
+expect "indexer token may not write outside simq/" 403 "$(kv_status "$S/indexer.token" PUT other/acl-test)"
+expect "nomad agent token may not write simq/ KV" 403 "$(kv_status "$S/nomad-agent.token" PUT simq/active)"
+expect "nomad agent token may not read manifests" 403 "$(kv_status "$S/nomad-agent.token" GET "simq/dg/$dg_b/manifest")"
+
+# No token in anything simq printed: the agents' and the tasks' logs.
+leaked=0
+for t in "$S"/*.token; do
+  secret="$(cat "$t")"
+  if grep -rqF --exclude-dir=secrets "$secret" "$SIMQ_CLUSTER_DIR" 2>/dev/null; then
+    fail "the $(basename "$t") secret appears in a log under $SIMQ_CLUSTER_DIR"
+    leaked=1
+  fi
+done
+[ $leaked = 1 ] || pass "no token in the logs under $SIMQ_CLUSTER_DIR"
+
+[ $failures = 0 ] || die "$failures ACL checks failed"
+log "acl test: all checks passed"
