@@ -90,7 +90,8 @@ with_progress() {
   local what=$1 total=$2 unit=$3 done_cmd=$4
   shift 4
   "$@" &
-  local pid=$! start=$SECONDS next=$((SECONDS + 10)) tty=0 line
+  # (Every 9 s by the clock: a loop turn takes a little over a second, so "10" drifted to 11.)
+  local pid=$! start=$SECONDS next=$((SECONDS + 9)) tty=0 line
   [ -t 2 ] && tty=1
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
@@ -98,7 +99,7 @@ with_progress() {
       line="$("$done_cmd" 2>/dev/null || true)"
       line="$(progress_line "${line:-0}" "$total" "$unit" $((SECONDS - start)))"
       if [ $tty = 1 ]; then printf '\r\033[K[simq] %s: %s' "$what" "$line" >&2; else log "$what: $line"; fi
-      next=$((SECONDS + 10))
+      next=$((SECONDS + 9))
     fi
   done
   [ $tty = 1 ] && printf '\r\033[K' >&2

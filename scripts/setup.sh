@@ -41,13 +41,16 @@ go_build() {
   (
     cd "$SIMQ_ROOT/$dir"
     export GOMODCACHE="$SIMQ_CACHE/go/mod" GOCACHE="$SIMQ_CACHE/go/build" GOFLAGS="-mod=readonly -buildvcs=false"
-    go mod download "$module" >"$tmp/download.log" 2>&1 ||
+    # Progress of the download: MB in the module cache (the total is not known ahead).
+    downloaded() { du -sm "$GOMODCACHE" | cut -f1; }
+    fetch() { go mod download "$module" >"$tmp/download.log" 2>&1 && go list -deps "$@" >"$tmp/deps.txt" 2>>"$tmp/download.log"; }
+    with_progress "$what: go mod download" 0 MB downloaded fetch "$@" ||
       { cat "$tmp/download.log" >&2; die "$what: go could not download $module: is the Go module proxy reachable (go env GOPROXY: $(go env GOPROXY))?"; }
     # Progress: `go build -v` names each package as it is compiled; the total is the
     # package count of the dependency graph (std packages already cached are not named,
     # so a build may end below 100 %).
     local total
-    total="$(go list -deps "$@" 2>/dev/null | wc -l)" || total=0
+    total="$(wc -l <"$tmp/deps.txt")"
     built() { wc -l <"$tmp/build.log"; }
     build() { CGO_ENABLED=$cgo go build -v -trimpath -ldflags "$ldflags" -o "$out" "$@" >"$tmp/build.log" 2>&1; }
     with_progress "$what: go build" "$total" packages built build "$@" ||

@@ -36,7 +36,11 @@ acl_enabled || die "secure mode did not leave its tokens in $SIMQ_SECRETS"
 # (empty file name: no token, the anonymous user).
 kv_status() {
   local file=$1 method=$2 key=$3 header=()
-  [ -z "$file" ] || header=(-H @<(printf 'X-Consul-Token: %s\n' "$(cat "$file")"))
+  if [ -n "$file" ]; then
+    # The token goes in a header file (mode 600), never on curl's command line.
+    (umask 077 && printf 'X-Consul-Token: %s\n' "$(cat "$file")" >"$work/header")
+    header=(-H @"$work/header")
+  fi
   curl -s -o /dev/null -w '%{http_code}' "${header[@]}" -X "$method" --data-binary x "$CONSUL_HTTP_ADDR/v1/kv/$key"
 }
 expect() { # expect WHAT WANT GOT
@@ -82,6 +86,19 @@ expect "indexer token writes under simq/" 200 "$(kv_status "$S/indexer.token" PU
 expect "indexer token may not write outside simq/" 403 "$(kv_status "$S/indexer.token" PUT other/acl-test)"
 expect "nomad agent token may not write simq/ KV" 403 "$(kv_status "$S/nomad-agent.token" PUT simq/active)"
 expect "nomad agent token may not read manifests" 403 "$(kv_status "$S/nomad-agent.token" GET "simq/dg/$dg_b/manifest")"
+
+# simq-indexer keys acts with the token it is given: the indexer's may, the balancer's not.
+if key="$(CONSUL_HTTP_TOKEN_FILE="$S/indexer.token" "$bin/simq-indexer" keys create --label acl-test 2>"$work/keys.err")"; then
+  pass "indexer token creates an API key (${key:0:13}...)"
+else
+  fail "indexer token could not create an API key: $(cat "$work/keys.err")"
+fi
+if CONSUL_HTTP_TOKEN_FILE="$S/balancer.token" "$bin/simq-indexer" keys create --label acl-test >/dev/null 2>"$work/keys.err"; then
+  fail "the balancer token created an API key"
+else
+  grep -q "403" "$work/keys.err" && pass "balancer token may not create an API key (403)" ||
+    fail "balancer token refused without a 403: $(cat "$work/keys.err")"
+fi
 
 # No token in anything simq printed: the agents' and the tasks' logs.
 leaked=0

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// How often a non-terminal run logs a progress line.
-pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// (9 s, so that with the start-up of a step no gap in a log reaches 10 s.)
+pub const LOG_EVERY: Duration = Duration::from_secs(9);
 
 /// Where progress lines go when nobody watches a bar.
 pub type Sink = Box<dyn Fn(&str) + Send + Sync>;
