@@ -19,6 +19,9 @@
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 #   SIMQ_API_KEYS  off, or required: queries need an API key (simq-indexer keys create) [default: off]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# The whole script is one group, read before it runs: editing or updating this file
+# (git pull) while it runs cannot change what a running copy does next.
+{
 
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
 shards="${SIMQ_SHARDS:-8}"
@@ -94,3 +97,4 @@ until ready; do
 done
 log "serving dg $dg at http://127.0.0.1:$port"
 echo "$dg"
+}; exit

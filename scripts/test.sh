@@ -10,6 +10,9 @@
 # proceed. SIMQ_TEST_REUSE_CLUSTER=1 runs them on it anyway (its jobs are replaced). The
 # cluster this script starts is stopped at the end, also when a test fails.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# The whole script is one group, read before it runs: editing or updating this file
+# (git pull) while it runs cannot change what a running copy does next.
+{
 
 cargo_args=()
 [ "${1:-}" = "--" ] && { shift; cargo_args=("$@"); }
@@ -94,3 +97,4 @@ if [ ${#cargo_args[@]} -eq 0 ] || [ "${cargo_args[*]}" = acl ]; then
   fi
 fi
 log "all tests passed"
+}; exit

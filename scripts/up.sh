@@ -17,6 +17,9 @@
 # Once the full corpus is built (or SIMQ_CORPUS names a corpus), later runs serve it
 # directly.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# The whole script is one group, read before it runs: editing or updating this file
+# (git pull) while it runs cannot change what a running copy does next.
+{
 
 wait_full=0
 case "${1:-}" in
@@ -115,3 +118,4 @@ if [ $slice = 1 ] && [ $wait_full = 1 ]; then
   wait_for_full
   log "the full corpus serves, $((SECONDS - started)) s after this run started"
 fi
+}; exit

@@ -89,7 +89,7 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         .filter(|k| !FIELDS.contains(&k.as_str()))
         .map(|k| format!("{:?}", k.chars().take(40).collect::<String>()))
         .collect();
-    if !unknown.is_empty() {
+    if !unknown.is_empty() && obj.contains_key("query") {
         return bad(
             "unknown_field",
             format!(
@@ -100,7 +100,18 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         );
     }
     let query = match obj.get("query") {
-        None => return bad("missing_field", "field \"query\" is missing".into()),
+        None if unknown.is_empty() => {
+            return bad("missing_field", "field \"query\" is missing".into())
+        }
+        None => {
+            return bad(
+                "missing_field",
+                format!(
+                    "field \"query\" is missing (the body has {}; a query body has only \"query\" and \"k\")",
+                    unknown.join(", ")
+                ),
+            )
+        }
         Some(Value::String(s)) => s.trim().to_string(),
         Some(other) => {
             return bad(
@@ -214,6 +225,10 @@ mod tests {
         assert_eq!(
             err(r#"{"query": "x", "top_k": 3}"#).message,
             "unknown field \"top_k\"; a query body has only \"query\" and \"k\""
+        );
+        assert_eq!(
+            err(r#"{"text": "x"}"#).message,
+            "field \"query\" is missing (the body has \"text\"; a query body has only \"query\" and \"k\")"
         );
         assert_eq!(
             err(r#"{"query": "x", "a": 1, "b": 2}"#).message,

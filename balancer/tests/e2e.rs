@@ -86,6 +86,18 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
             "k_out_of_range",
         ),
         ("/v1/query", r#"{"text": "x"}"#.into(), 400, "missing_field"),
+        (
+            "/v1/query",
+            r#"{"query": "x", "top_k": 3}"#.into(),
+            400,
+            "unknown_field",
+        ),
+        (
+            "/v1/query",
+            json!({"query": "\u{200b}\u{2060} \u{feff}"}).to_string(),
+            400,
+            "empty_query",
+        ),
         ("/v1/query", "x".repeat(20_000), 413, "body_too_large"),
         ("/nope", "{}".into(), 404, "not_found"),
     ];
