@@ -217,5 +217,58 @@ async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
         );
     }
 
+    // Every query of the Grafana dashboard parses and returns series from the real
+    // Prometheus (rates need two scrapes in their window: keep querying meanwhile).
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("consul/grafana/simq-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| {
+            p["targets"].as_array().unwrap().iter().map(move |t| {
+                (
+                    p["title"].as_str().unwrap().to_string(),
+                    t["expr"].as_str().unwrap().to_string(),
+                )
+            })
+        })
+        .collect();
+    assert!(exprs.len() >= 14, "{} queries", exprs.len());
+    let mut texts = lines.iter().skip(5);
+    eventually(
+        Duration::from_secs(60),
+        "every dashboard query returns series",
+        async || {
+            // A fresh query keeps the rates above zero.
+            query(texts.next().expect("enough lines")).await;
+            let mut empty = Vec::new();
+            for (title, expr) in &exprs {
+                let v: Value = reqwest::Client::new()
+                    .get(format!("http://{PROMETHEUS}/api/v1/query"))
+                    .query(&[("query", expr)])
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // A query that does not parse fails at once: waiting will not fix it.
+                assert_eq!(v["status"], "success", "panel {title:?}: {expr}: {v}");
+                if v["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+                    empty.push(format!("{title}: {expr}"));
+                }
+            }
+            if empty.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("no series yet for: {empty:#?}"))
+            }
+        },
+    )
+    .await;
+
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();
 }
