@@ -84,22 +84,27 @@ pid_alive() {
 # with_progress WHAT TOTAL UNIT DONE_CMD CMD...: run CMD and show how far it is. DONE_CMD
 # (a function or command) prints how many UNITs are done; TOTAL is the expected count
 # (0 when not known). On a terminal a bar redrawn every second; otherwise (a log, CI) a
-# line every 10 s with done/total, rate and the time left at that rate. Returns CMD's
+# line at the start and every 8 s with done/total, rate and the time left at that rate. Returns CMD's
 # status. CMD runs in the background of this shell, so Ctrl-C reaches it as usual.
 with_progress() {
   local what=$1 total=$2 unit=$3 done_cmd=$4
   shift 4
   "$@" &
-  # (Every 9 s by the clock: a loop turn takes a little over a second, so "10" drifted to 11.)
-  local pid=$! start=$SECONDS next=$((SECONDS + 9)) tty=0 line
+  # Every 8 s by the clock, and a line when the step starts: a loop turn takes a little
+  # over a second and DONE_CMD may take one more (du of a large cache), and the gap at a
+  # step's start must not add to the last step's; so no gap in a log reaches 10 s.
+  local pid=$! start=$SECONDS next=$((SECONDS + 8)) tty=0 line best=0
   [ -t 2 ] && tty=1
+  [ $tty = 1 ] || log "$what: started"
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
     if [ $tty = 1 ] || [ $SECONDS -ge $next ]; then
+      # Done never goes back (pip moves its finished download out of the measured dir).
       line="$("$done_cmd" 2>/dev/null || true)"
-      line="$(progress_line "${line:-0}" "$total" "$unit" $((SECONDS - start)))"
+      [[ "$line" =~ ^[0-9]+$ ]] && [ "$line" -gt "$best" ] && best=$line
+      line="$(progress_line "$best" "$total" "$unit" $((SECONDS - start)))"
       if [ $tty = 1 ]; then printf '\r\033[K[simq] %s: %s' "$what" "$line" >&2; else log "$what: $line"; fi
-      next=$((SECONDS + 9))
+      next=$((SECONDS + 8))
     fi
   done
   [ $tty = 1 ] && printf '\r\033[K' >&2

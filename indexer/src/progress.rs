@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// How often a non-terminal run logs a progress line.
-/// (9 s, so that with the start-up of a step no gap in a log reaches 10 s.)
-pub const LOG_EVERY: Duration = Duration::from_secs(9);
+/// How often a non-terminal run logs a progress line (with the line each step logs when
+/// it starts, no gap in a log reaches 10 s).
+pub const LOG_EVERY: Duration = Duration::from_secs(8);
 
 /// Where progress lines go when nobody watches a bar.
 pub type Sink = Box<dyn Fn(&str) + Send + Sync>;
@@ -79,6 +79,9 @@ impl Progress {
             wake: Condvar::new(),
             sink,
         });
+        if let Some(sink) = &shared.sink {
+            sink(&format!("{what}: started, {total} to do"));
+        }
         let ticker = shared.sink.is_some().then(|| {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -244,6 +247,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(110));
         drop(p);
         let lines = lines.lock().unwrap();
+        assert_eq!(lines[0], "embedding: started, 10 to do");
         let ticks = lines.iter().filter(|l| l.contains("4/10 (40 %)")).count();
         assert!(ticks >= 3, "expected a line every 20 ms: {lines:?}");
         assert!(
