@@ -127,6 +127,7 @@ impl BalancerApp {
 
     fn status(&self) -> Value {
         let s = self.state.load();
+        let (keys, rejected_keys) = self.auth.counts();
         let instances = |entries: &[simq_consul::ServiceEntry]| {
             entries
                 .iter()
@@ -167,8 +168,8 @@ impl BalancerApp {
             "ejected_replicas": self.executor.ejected_replicas(),
             "api_keys": {
                 "mode": format!("{:?}", self.auth.mode).to_lowercase(),
-                "keys": self.auth.counts().0,
-                "rejected_entries": self.auth.counts().1,
+                "keys": keys,
+                "rejected_entries": rejected_keys,
             },
         })
     }

@@ -100,17 +100,15 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         );
     }
     let query = match obj.get("query") {
-        None if unknown.is_empty() => {
-            return bad("missing_field", "field \"query\" is missing".into())
-        }
         None => {
-            return bad(
-                "missing_field",
-                format!(
-                    "field \"query\" is missing (the body has {}; a query body has only \"query\" and \"k\")",
+            let mut msg = "field \"query\" is missing".to_string();
+            if !unknown.is_empty() {
+                msg += &format!(
+                    " (the body has {}; a query body has only \"query\" and \"k\")",
                     unknown.join(", ")
-                ),
-            )
+                );
+            }
+            return bad("missing_field", msg);
         }
         Some(Value::String(s)) => s.trim().to_string(),
         Some(other) => {
