@@ -1,4 +1,5 @@
-//! The HTTP surface, a Pingora `ServeHttp` app: `POST /v1/query` (and `/query`),
+//! The HTTP surface, a Pingora `ServeHttp` app: `POST /v1/query` (and `/query`; the
+//! optional `X-User-Id` header keeps a user on one arm of a traffic split),
 //! `GET /health`, `GET /metrics`, `GET /v1/status`.
 
 use std::sync::Arc;
@@ -10,10 +11,14 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use simq_consul::traffic::shadowed;
+use simq_consul::Arm;
+
 use crate::auth::{presented_key, Access, Auth};
-use crate::query::Executor;
-use crate::request::{parse, ApiError, MAX_BODY_BYTES};
-use crate::state::SharedState;
+use crate::query::{Answer, Executor};
+use crate::request::{parse, ApiError, QueryRequest, MAX_BODY_BYTES};
+use crate::split;
+use crate::state::{SharedState, Snapshot};
 
 pub struct BalancerApp {
     pub state: Arc<SharedState>,
@@ -90,7 +95,8 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
 }
 
 impl BalancerApp {
-    async fn query(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+    /// `key_id`: the API key the query came with (when keys are checked).
+    async fn query(&self, session: &mut ServerSession, key_id: Option<&str>) -> Response<Vec<u8>> {
         let body = match read_body(session).await {
             Ok(b) => b,
             Err(e) => return error_response(&e),
@@ -101,20 +107,66 @@ impl BalancerApp {
         };
         // One snapshot for the whole query: one dg, its shards, its model's embedders.
         let snapshot = self.state.load();
-        let Some(routing) = snapshot.routing.as_ref() else {
+        let Some(active) = snapshot.routing.as_ref() else {
             return error_response(&ApiError::new(
                 503,
                 "no_active_dg",
                 "no index generation is active yet",
             ));
         };
-        match self.executor.answer(routing, &req).await {
-            Ok(answer) => json_response(
-                200,
-                &serde_json::to_value(&answer).expect("answer serialises"),
-            ),
+        let headers = &session.req_header().headers;
+        let user = match split::user_of(headers.get(split::USER_HEADER), key_id, &req) {
+            Ok(u) => u,
+            Err(e) => return error_response(&e),
+        };
+        let (arm, routing) = split::choose(active, snapshot.candidate.as_ref(), &user);
+        let result = self.executor.answer(routing, &req).await.map(|mut a| {
+            a.arm = arm;
+            a
+        });
+        split::record_answer(&self.executor.metrics, arm, &result);
+        match result {
+            Ok(answer) => {
+                self.shadow(&snapshot, &req, &answer);
+                json_response(
+                    200,
+                    &serde_json::to_value(&answer).expect("answer serialises"),
+                )
+            }
             Err(e) => error_response(&e),
         }
+    }
+
+    /// Ask the candidate too, in the background, when the split shadows this query: only
+    /// for a full answer of the active arm that was not in the cache (so both arms' times
+    /// compare), and only while the candidate is ready.
+    fn shadow(&self, snapshot: &Arc<Snapshot>, req: &QueryRequest, answer: &Answer) {
+        let (Some(active), Some(c)) = (snapshot.routing.as_ref(), snapshot.candidate.as_ref())
+        else {
+            return;
+        };
+        if answer.arm != Arm::Active
+            || answer.cached
+            || answer.degraded
+            || c.not_ready(active).is_some()
+            || !shadowed(&c.split.salt, &req.normalized(), c.split.shadow)
+        {
+            return;
+        }
+        let (executor, snapshot, req, answer) = (
+            self.executor.clone(),
+            snapshot.clone(),
+            req.clone(),
+            answer.clone(),
+        );
+        tokio::spawn(async move {
+            let Some(c) = snapshot.candidate.as_ref() else {
+                return;
+            };
+            if let Some(result) = executor.shadow(&c.routing, &req).await {
+                split::record_shadow(&executor.metrics, &answer, &result);
+            }
+        });
     }
 
     fn on_admin_port(&self, session: &ServerSession) -> bool {
@@ -151,8 +203,21 @@ impl BalancerApp {
                 "rejected_entries": r.rejected,
             })
         });
+        let traffic = s.candidate.as_ref().map(|c| {
+            json!({
+                "candidate": c.split.candidate,
+                "weight": c.split.weight,
+                "shadow": c.split.shadow,
+                "salt": c.split.salt,
+                "set_at": c.split.set_at,
+                "serving": s.routing.as_ref().is_some_and(|a| c.not_ready(a).is_none()),
+                "not_ready": s.routing.as_ref().and_then(|a| c.not_ready(a)),
+                "healthy_shard_replicas": c.routing.shards.iter().map(Vec::len).collect::<Vec<_>>(),
+            })
+        });
         json!({
             "active": routing,
+            "traffic": traffic,
             "instances": {"simq-shard": instances(&s.parts.shards), "simq-embedder": instances(&s.parts.embedders)},
             "consul": {
                 "last_ok": s.consul_ok_at.map(|t| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
@@ -205,11 +270,13 @@ impl ServeHttp for BalancerApp {
             }
             _ => None,
         };
+        let mut query_key = None;
         if let Some(access) = access {
             let headers = &session.req_header().headers;
             match self.auth.check(presented_key(headers), access, started) {
                 Ok(Some(key_id)) if access == Access::Query => {
                     m.key_queries.with_label_values(&[&key_id]).inc();
+                    query_key = Some(key_id);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -223,7 +290,7 @@ impl ServeHttp for BalancerApp {
         let resp = match (method.as_str(), path.as_str()) {
             ("POST", "/v1/query" | "/query") => {
                 let _inflight = InFlight::enter(&self.executor.metrics.inflight);
-                self.query(session).await
+                self.query(session, query_key.as_deref()).await
             }
             ("GET", "/health") => {
                 let ready = self.state.load().routing.is_some();

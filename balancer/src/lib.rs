@@ -11,6 +11,8 @@
 //! - [`upstream`]: the calls to embedders and shards (gRPC, deadline sent as
 //!   `grpc-timeout`), and what protects them: admission control, retry budget, ejection
 //!   of replicas that keep failing.
+//! - [`split`]: the traffic split between the active dg and a candidate (sticky per
+//!   user) and shadow comparisons.
 //! - [`auth`]: API keys (hashed records in Consul KV) and per-key rate limits.
 //! - [`app`]: the HTTP routes; [`metrics`]: Prometheus metrics.
 
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod metrics;
 pub mod query;
 pub mod request;
+pub mod split;
 pub mod state;
 #[cfg(test)]
 mod testing;

@@ -1,8 +1,8 @@
 //! The balancer's Prometheus metrics (base units, `_total` counters, `_seconds` histograms).
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -26,7 +26,7 @@ pub struct Metrics {
     pub consul_last_ok: Gauge,
     /// Queries being answered right now.
     pub inflight: IntGauge,
-    /// Work refused to protect the service, by reason (overloaded, retry_budget).
+    /// Work refused to protect the service, by reason (overloaded, retry_budget, shadow).
     pub shed: IntCounterVec,
     /// Replicas ejected after failing calls in a row.
     pub ejections: IntCounterVec,
@@ -39,6 +39,20 @@ pub struct Metrics {
     pub key_queries: IntCounterVec,
     /// API key records in use (state="valid") and skipped (state="rejected").
     pub api_keys: IntGaugeVec,
+    /// Query answers by arm of the traffic split (active, candidate) and outcome (ok,
+    /// degraded, error).
+    pub arm_answers: IntCounterVec,
+    /// Time to answer a query that was not in the cache, by arm.
+    pub arm_seconds: HistogramVec,
+    /// Score of the top answer of queries not in the cache, by arm.
+    pub top_score: HistogramVec,
+    /// Shadow comparisons by outcome: the top answers agree, differ, or the candidate
+    /// failed.
+    pub shadow_pairs: IntCounterVec,
+    /// Overlap@k of the two arms' results in each shadow comparison (0 to 1).
+    pub shadow_overlap: Histogram,
+    /// Time each arm took in the shadow comparisons.
+    pub shadow_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -102,7 +116,7 @@ impl Metrics {
             shed: IntCounterVec::new(
                 Opts::new(
                     "simq_balancer_shed_total",
-                    "Work refused to protect the service: queries over the in-flight limit (overloaded), retries over the budget (retry_budget).",
+                    "Work refused to protect the service: queries over the in-flight limit (overloaded), retries over the budget (retry_budget), shadow comparisons without room (shadow).",
                 ),
                 &["reason"],
             )?,
@@ -141,6 +155,51 @@ impl Metrics {
                 ),
                 &["state"],
             )?,
+            arm_answers: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_arm_answers_total",
+                    "Query answers by arm of the traffic split and outcome (ok, degraded, error).",
+                ),
+                &["arm", "outcome"],
+            )?,
+            arm_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "simq_balancer_arm_seconds",
+                    "Time to answer a query not in the cache, by arm.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap()),
+                &["arm"],
+            )?,
+            top_score: HistogramVec::new(
+                HistogramOpts::new(
+                    "simq_balancer_top_score",
+                    "Cosine score of the top answer of a query not in the cache, by arm.",
+                )
+                .buckets(prometheus::linear_buckets(0.05, 0.05, 20).unwrap()),
+                &["arm"],
+            )?,
+            shadow_pairs: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_shadow_pairs_total",
+                    "Queries also answered by the candidate to compare, by outcome: top answers agree, differ, or the candidate failed.",
+                ),
+                &["outcome"],
+            )?,
+            shadow_overlap: Histogram::with_opts(
+                HistogramOpts::new(
+                    "simq_balancer_shadow_overlap_ratio",
+                    "Share of the active arm's results also in the candidate's (overlap@k) per shadow comparison.",
+                )
+                .buckets(prometheus::linear_buckets(0.1, 0.1, 10).unwrap()),
+            )?,
+            shadow_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "simq_balancer_shadow_seconds",
+                    "Time each arm took to answer the queries of the shadow comparisons.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap()),
+                &["arm"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -161,6 +220,12 @@ impl Metrics {
         m.registry.register(Box::new(m.auth_refusals.clone()))?;
         m.registry.register(Box::new(m.key_queries.clone()))?;
         m.registry.register(Box::new(m.api_keys.clone()))?;
+        m.registry.register(Box::new(m.arm_answers.clone()))?;
+        m.registry.register(Box::new(m.arm_seconds.clone()))?;
+        m.registry.register(Box::new(m.top_score.clone()))?;
+        m.registry.register(Box::new(m.shadow_pairs.clone()))?;
+        m.registry.register(Box::new(m.shadow_overlap.clone()))?;
+        m.registry.register(Box::new(m.shadow_seconds.clone()))?;
         Ok(m)
     }
 

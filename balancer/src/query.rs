@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use simq_consul::Arm;
 use simq_shard::proto::SearchRequest;
 
 use crate::metrics::Metrics;
@@ -37,6 +38,9 @@ pub struct Answer {
     pub results: Vec<ResultRow>,
     /// The dg every part of this answer came from.
     pub dg: String,
+    /// The arm of the traffic split that answered: `active`, or `candidate` for a user
+    /// the split sends to the candidate dg.
+    pub arm: Arm,
     pub took_ms: f64,
     /// True when a shard holding one of the nearest clusters could not answer and farther
     /// clusters answered instead.
@@ -89,6 +93,10 @@ pub const RETRY_BUDGET_MIN: usize = 3;
 /// A replica failing this many calls in a row is skipped for [`EJECTION`].
 pub const EJECT_AFTER_FAILURES: u32 = 3;
 pub const EJECTION: Duration = Duration::from_secs(10);
+
+/// Shadow comparisons that may run at once; more are dropped (shadow work goes first
+/// under load).
+pub const SHADOW_SLOTS: usize = 4;
 
 /// (dg, normalised query, k).
 type CacheKey = (String, String, usize);
@@ -150,6 +158,8 @@ pub struct Executor<U: Upstreams = Grpc> {
     admission: Admission,
     budget: RetryBudget,
     outliers: Outliers,
+    /// Shadow comparisons running (at most [`SHADOW_SLOTS`]).
+    shadow_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Round-robin positions: one for the embedders, one per shard number (mod
     /// [`ROUND_ROBINS`]), so each list is rotated evenly whatever else a query calls.
     round_robin: Vec<AtomicUsize>,
@@ -174,6 +184,7 @@ impl<U: Upstreams> Executor<U> {
             admission: Admission::new(options.max_inflight, options.max_inflight, ADMISSION_WAIT),
             budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN),
             outliers: Outliers::new(EJECT_AFTER_FAILURES, EJECTION),
+            shadow_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(SHADOW_SLOTS)),
             options,
             metrics,
             cache,
@@ -238,8 +249,7 @@ impl<U: Upstreams> Executor<U> {
     pub async fn answer(&self, routing: &Routing, req: &QueryRequest) -> Result<Answer, ApiError> {
         let started = Instant::now();
         let deadline = started + self.options.deadline;
-        let dg = routing.manifest.dg.clone();
-        let key = (dg.clone(), req.normalized(), req.k);
+        let key = (routing.manifest.dg.clone(), req.normalized(), req.k);
         if let Some(mut hit) = self.cache.get(&key) {
             self.metrics.cache_hits.inc();
             hit.query = req.query.clone();
@@ -269,25 +279,62 @@ impl<U: Upstreams> Executor<U> {
             }
         };
 
-        let vector = self.embed(routing, &req.query, deadline).await?;
-        let (hits, notes) = self.search(routing, &vector, req.k, deadline).await?;
-        let answer = Answer {
-            query: req.query.clone(),
-            similar: hits.first().map(|h| h.text.clone()),
-            score: hits.first().map(|h| h.score),
-            results: hits,
-            dg,
-            took_ms: started.elapsed().as_secs_f64() * 1000.0,
-            degraded: !notes.is_empty(),
-            notes,
-            cached: false,
-        };
+        let answer = self.compute(routing, req, started, deadline).await?;
         if answer.degraded {
             self.metrics.degraded.inc();
         } else {
             self.cache.put(key, answer.clone());
         }
         Ok(answer)
+    }
+
+    /// Embed, search and merge: the answer of `req` from `routing`, not cached.
+    async fn compute(
+        &self,
+        routing: &Routing,
+        req: &QueryRequest,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Answer, ApiError> {
+        let vector = self.embed(routing, &req.query, deadline).await?;
+        let (hits, notes) = self.search(routing, &vector, req.k, deadline).await?;
+        Ok(Answer {
+            query: req.query.clone(),
+            similar: hits.first().map(|h| h.text.clone()),
+            score: hits.first().map(|h| h.score),
+            results: hits,
+            dg: routing.manifest.dg.clone(),
+            arm: Arm::Active,
+            took_ms: started.elapsed().as_secs_f64() * 1000.0,
+            degraded: !notes.is_empty(),
+            notes,
+            cached: false,
+        })
+    }
+
+    /// Answer `req` from `routing` for a shadow comparison, only when there is room: never
+    /// from the cache, outside the admission limit but dropped (None, counted as shed
+    /// `shadow`) when the balancer is half full or [`SHADOW_SLOTS`] comparisons run.
+    pub async fn shadow(
+        &self,
+        routing: &Routing,
+        req: &QueryRequest,
+    ) -> Option<Result<Answer, ApiError>> {
+        let _slot = match self.shadow_slots.clone().try_acquire_owned() {
+            Ok(slot) if self.admission.inflight() * 2 < self.admission.limit() => slot,
+            _ => {
+                self.metrics.shed.with_label_values(&["shadow"]).inc();
+                return None;
+            }
+        };
+        let started = Instant::now();
+        let answer = self
+            .compute(routing, req, started, started + self.options.deadline)
+            .await;
+        Some(answer.map(|mut a| {
+            a.arm = Arm::Candidate;
+            a
+        }))
     }
 
     async fn embed(
@@ -623,6 +670,7 @@ mod tests {
         let shard = |s: u32, p: u16| entry(p, vec![format!("dg={dg}"), format!("shard={s}")]);
         let parts = Parts {
             active: Some(index.clone()),
+            candidate: None,
             embedders: vec![entry(1, vec!["model=model-a".into()])],
             shards: shard0
                 .iter()

@@ -2,6 +2,10 @@
 //! instances that may serve it, swapped atomically as one [`Snapshot`]. A request reads
 //! one snapshot and uses only it, so one query never mixes generations.
 //!
+//! Besides the active dg, a traffic split may name a candidate dg ([`Candidate`]): its own
+//! routing, built by the same rules, which gets traffic only while every one of its shards
+//! has a healthy replica and an embedder of its model passes.
+//!
 //! What Consul says is input, not truth: a catalog entry the balancer cannot use (an
 //! address that is no IP or host name, a port of 0, a shard number that is no shard of
 //! the dg) is left out and reported in [`Routing::rejected`] (`/v1/status`, the metric
@@ -12,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use simq_consul::{ActiveDg, CentroidMap, Manifest, ServiceEntry};
+use simq_consul::{ActiveDg, CentroidMap, Manifest, ServiceEntry, TrafficSplit};
 use tonic::transport::Channel;
 
 /// Consul service names and the tags that tie instances to a dg or a model.
@@ -38,6 +42,8 @@ pub struct Upstream {
 /// Everything needed to answer queries with one dg.
 #[derive(Clone, Debug)]
 pub struct Routing {
+    /// The pointer this routing follows; for a candidate, its dg with the time the split
+    /// was set.
     pub active: ActiveDg,
     pub manifest: Arc<Manifest>,
     /// The dg's fine-cluster centroids: where each query goes.
@@ -58,11 +64,52 @@ pub struct ActiveIndex {
     pub map: Arc<CentroidMap>,
 }
 
+/// A traffic split and the candidate's manifest and centroid map, read as one.
+#[derive(Clone, Debug)]
+pub struct CandidateIndex {
+    pub split: TrafficSplit,
+    pub manifest: Arc<Manifest>,
+    pub map: Arc<CentroidMap>,
+}
+
+/// The candidate arm of a traffic split, with the routing it would use.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub split: TrafficSplit,
+    pub routing: Routing,
+}
+
+impl Candidate {
+    /// Why the candidate gets no traffic now (None: it may serve): a shard without a
+    /// healthy replica, no embedder of its model, or it is the active dg already.
+    pub fn not_ready(&self, active: &Routing) -> Option<String> {
+        let r = &self.routing;
+        if r.manifest.dg == active.manifest.dg {
+            return Some(format!("{} is the active dg", r.manifest.dg));
+        }
+        if let Some(s) = r.shards.iter().position(Vec::is_empty) {
+            return Some(format!(
+                "shard {s} of {} has no healthy replica",
+                r.manifest.dg
+            ));
+        }
+        if r.embedders.is_empty() {
+            return Some(format!(
+                "no healthy embedder with model {}",
+                r.manifest.model_id
+            ));
+        }
+        None
+    }
+}
+
 /// What the watchers last read from Consul.
 #[derive(Clone, Debug, Default)]
 pub struct Parts {
     /// The active pointer, its manifest and centroid map, always updated together.
     pub active: Option<ActiveIndex>,
+    /// The traffic split, when one is set and its candidate could be read.
+    pub candidate: Option<CandidateIndex>,
     pub embedders: Vec<ServiceEntry>,
     pub shards: Vec<ServiceEntry>,
 }
@@ -72,6 +119,8 @@ pub struct Parts {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub routing: Option<Routing>,
+    /// The candidate of the traffic split, when one is set (see [`Candidate::not_ready`]).
+    pub candidate: Option<Candidate>,
     pub parts: Parts,
     /// When Consul last answered a watcher without error.
     pub consul_ok_at: Option<SystemTime>,
@@ -160,8 +209,25 @@ impl SharedState {
                 tracing::warn!(entry = %why, "consul catalog entry left out");
             }
         }
+        let candidate = parts.candidate.as_ref().map(|c| Candidate {
+            split: c.split.clone(),
+            routing: routing_for(
+                &ActiveIndex {
+                    active: ActiveDg {
+                        dg: c.manifest.dg.clone(),
+                        previous: None,
+                        flipped_at: c.split.set_at.clone(),
+                    },
+                    manifest: c.manifest.clone(),
+                    map: c.map.clone(),
+                },
+                parts,
+                channels,
+            ),
+        });
         self.snapshot.store(Arc::new(Snapshot {
             routing,
+            candidate,
             parts: parts.clone(),
             consul_ok_at: *consul_ok_at,
             consul_errors: consul_errors.clone(),
@@ -199,11 +265,21 @@ pub fn endpoint(address: &str, port: u16) -> Result<String, String> {
 
 /// The routing for the parts: instances filtered to the active dg and its model.
 pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> Option<Routing> {
+    Some(routing_for(parts.active.as_ref()?, parts, channels))
+}
+
+/// The routing of `index`'s dg: the passing instances of its shards and of its model's
+/// embedders among the parts.
+pub fn routing_for(
+    index: &ActiveIndex,
+    parts: &Parts,
+    channels: &mut HashMap<String, Channel>,
+) -> Routing {
     let ActiveIndex {
         active,
         manifest,
         map,
-    } = parts.active.clone()?;
+    } = index.clone();
     let mut rejected = Vec::new();
     let mut upstream = |service: &str, e: &ServiceEntry| -> Option<Upstream> {
         let made = endpoint(&e.address, e.port).and_then(|addr| {
@@ -259,14 +335,14 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
         }
     }
     rejected.extend(bad_shard);
-    Some(Routing {
+    Routing {
         active,
         manifest,
         map,
         embedders,
         shards,
         rejected,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -293,6 +369,7 @@ mod tests {
         let other = "dg-other";
         let parts = Parts {
             active: Some(index),
+            candidate: None,
             embedders: vec![
                 entry("e1", 1, "passing", &["model=model-a"]),
                 entry("e2", 2, "passing", &["model=model-b"]),
@@ -327,6 +404,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_candidate_gets_traffic_only_with_every_shard_and_its_model_healthy() {
+        let active = two_shard_index("model-a");
+        let cand = two_shard_index("model-b");
+        let (a, c) = (active.manifest.dg.clone(), cand.manifest.dg.clone());
+        let state = SharedState::default();
+        let split = simq_consul::TrafficSplit {
+            candidate: c.clone(),
+            weight: 0.2,
+            shadow: 0.0,
+            salt: "s".into(),
+            set_at: "t".into(),
+        };
+        let shard = |id: &str, port, dg: &str, n: &str| {
+            entry(
+                id,
+                port,
+                "passing",
+                &[&format!("dg={dg}"), &format!("shard={n}")],
+            )
+        };
+        state.update("test", |p| {
+            p.active = Some(active.clone());
+            p.candidate = Some(CandidateIndex {
+                split: split.clone(),
+                manifest: cand.manifest.clone(),
+                map: cand.map.clone(),
+            });
+            p.embedders = vec![entry("e1", 1, "passing", &["model=model-a"])];
+            p.shards = vec![
+                shard("a0", 10, &a, "0"),
+                shard("a1", 11, &a, "1"),
+                shard("c0", 20, &c, "0"),
+            ];
+        });
+        let not_ready = |state: &SharedState| {
+            let s = state.load();
+            s.candidate
+                .as_ref()
+                .unwrap()
+                .not_ready(s.routing.as_ref().unwrap())
+        };
+        assert!(
+            not_ready(&state).unwrap().contains("shard 1"),
+            "{:?}",
+            not_ready(&state)
+        );
+        state.update("test", |p| p.shards.push(shard("c1", 21, &c, "1")));
+        assert!(not_ready(&state).unwrap().contains("model-b"));
+        state.update("test", |p| {
+            p.embedders
+                .push(entry("e2", 2, "passing", &["model=model-b"]))
+        });
+        assert_eq!(not_ready(&state), None);
+        let s = state.load();
+        let cr = &s.candidate.as_ref().unwrap().routing;
+        assert_eq!(cr.manifest.dg, c);
+        assert_eq!(cr.embedders[0].id, "e2", "the candidate's own model");
+        assert_eq!(
+            s.routing.as_ref().unwrap().manifest.dg,
+            a,
+            "the active dg is unchanged"
+        );
+    }
+
+    #[tokio::test]
     async fn unusable_catalog_entries_are_left_out_and_reported_never_a_panic() {
         let index = two_shard_index("model-a");
         let dg = index.manifest.dg.clone();
@@ -337,6 +479,7 @@ mod tests {
         let dg_tag = format!("dg={dg}");
         let parts = Parts {
             active: Some(index),
+            candidate: None,
             embedders: vec![
                 with_address("e-v6", "::1", 7000, &["model=model-a"]),
                 with_address("e-junk", "http://x y", 7001, &["model=model-a"]),

@@ -1,11 +1,13 @@
 //! Follows Consul with blocking queries: the active pointer (and the manifest it names),
-//! and the health of shard and embedder instances. When Consul fails, the last known good
+//! the traffic split (and its candidate's manifest), and the health of shard and embedder instances. When Consul fails, the last known good
 //! state keeps serving and the watchers retry with backoff until Consul answers again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use simq_consul::{ActiveDg, BlockingQuery, CentroidMap, ConsulClient, KvLayout, Manifest};
+use simq_consul::{
+    ActiveDg, BlockingQuery, CentroidMap, ConsulClient, KvLayout, Manifest, TrafficSplit,
+};
 
 use crate::metrics::Metrics;
 use crate::state::{ActiveIndex, SharedState, EMBEDDER_SERVICE, SHARD_SERVICE};
@@ -27,6 +29,8 @@ pub struct Watcher {
 const ACTIVE: &str = "active dg";
 /// The watcher of the API key records.
 const KEYS: &str = "api keys";
+/// The watcher of the traffic split.
+const TRAFFIC: &str = "traffic split";
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -35,6 +39,7 @@ impl Watcher {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         tokio::select! {
             _ = self.clone().active_loop() => {}
+            _ = self.clone().traffic_loop() => {}
             _ = self.clone().service_loop(SHARD_SERVICE) => {}
             _ = self.clone().service_loop(EMBEDDER_SERVICE) => {}
             _ = self.clone().keys_loop(), if self.auth.mode == crate::auth::Mode::Required => {}
@@ -69,8 +74,18 @@ impl Watcher {
         self.metrics.consul_last_ok.set(now);
     }
 
-    async fn active_loop(self) {
-        let key = self.layout.active();
+    /// Follow one KV key with blocking queries, forever: `handle` takes each value read
+    /// (None: the key does not exist). A failed read or a value `handle` refuses is
+    /// reported under `what` and read again after a backoff; what was applied last stays
+    /// in force meanwhile.
+    async fn follow_key<Fut>(
+        &self,
+        what: &str,
+        key: String,
+        handle: impl Fn(Option<Vec<u8>>) -> Fut,
+    ) where
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let mut index = 0;
         let mut backoff = MIN_BACKOFF;
         loop {
@@ -78,44 +93,104 @@ impl Watcher {
                 index,
                 wait: self.wait,
             };
-            match self.consul.kv_get(&key, Some(block)).await {
+            let outcome = match self.consul.kv_get(&key, Some(block)).await {
                 Ok(answer) => {
                     self.succeeded();
-                    index = BlockingQuery::next_index(index, answer.index);
-                    match self.read_active(answer.value.map(|kv| kv.value)).await {
-                        Ok(Some(index)) => {
-                            let changed = self
-                                .state
-                                .load()
-                                .routing
-                                .as_ref()
-                                .map(|r| r.active.dg.clone())
-                                != Some(index.active.dg.clone());
-                            if changed {
-                                tracing::info!(dg = %index.active.dg, previous = ?index.active.previous, clusters = index.map.clusters(), "active dg");
-                            }
-                            self.update(ACTIVE, |p| p.active = Some(index));
-                            backoff = MIN_BACKOFF;
-                        }
-                        Ok(None) => {
-                            self.update(ACTIVE, |_| {});
-                            backoff = MIN_BACKOFF;
-                        }
-                        Err(e) => {
-                            // A pointer we cannot follow keeps the previous dg serving.
-                            self.failed(ACTIVE, e);
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                        }
+                    let handled = handle(answer.value.map(|kv| kv.value)).await;
+                    // Only a value that was applied moves the index on: a refused one is
+                    // read again (a manifest published after its pointer shows up).
+                    if handled.is_ok() {
+                        index = BlockingQuery::next_index(index, answer.index);
                     }
+                    handled
                 }
+                Err(e) => Err(e.into()),
+            };
+            match outcome {
+                Ok(()) => backoff = MIN_BACKOFF,
                 Err(e) => {
-                    self.failed(ACTIVE, e);
+                    self.failed(what, e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
+    }
+
+    async fn active_loop(self) {
+        self.follow_key(ACTIVE, self.layout.active(), |raw| self.apply_active(raw))
+            .await
+    }
+
+    async fn apply_active(&self, raw: Option<Vec<u8>>) -> anyhow::Result<()> {
+        // A pointer we cannot follow keeps the previous dg serving.
+        let Some(index) = self.read_active(raw).await? else {
+            self.update(ACTIVE, |_| {});
+            return Ok(());
+        };
+        let changed = self
+            .state
+            .load()
+            .routing
+            .as_ref()
+            .map(|r| r.active.dg.clone())
+            != Some(index.active.dg.clone());
+        if changed {
+            tracing::info!(dg = %index.active.dg, previous = ?index.active.previous, clusters = index.map.clusters(), "active dg");
+        }
+        self.update(ACTIVE, |p| p.active = Some(index));
+        Ok(())
+    }
+
+    async fn traffic_loop(self) {
+        self.follow_key(TRAFFIC, self.layout.traffic(), |raw| {
+            self.apply_traffic(raw)
+        })
+        .await
+    }
+
+    /// Apply the traffic split read. A split that cannot be used (not a split, or its
+    /// candidate's manifest or centroids unreadable) sends no traffic to any candidate
+    /// until it can: the active dg answers everything.
+    async fn apply_traffic(&self, raw: Option<Vec<u8>>) -> anyhow::Result<()> {
+        let read = match raw {
+            None => Ok(None),
+            Some(raw) => self.read_split(&raw).await.map(Some),
+        };
+        let before = self.state.load().parts.candidate.clone();
+        let now = read.as_ref().ok().cloned().flatten();
+        if before.as_ref().map(|c| &c.split) != now.as_ref().map(|c| &c.split) {
+            match &now {
+                Some(c) => {
+                    tracing::info!(candidate = %c.split.candidate, weight = c.split.weight, shadow = c.split.shadow, salt = %c.split.salt, "traffic split")
+                }
+                None => tracing::info!("no traffic split: the active dg answers every query"),
+            }
+        }
+        self.update(TRAFFIC, |p| p.candidate = now);
+        read.map(|_| ())
+    }
+
+    async fn read_split(&self, raw: &[u8]) -> anyhow::Result<crate::state::CandidateIndex> {
+        let key = self.layout.traffic();
+        let split: TrafficSplit = serde_json::from_slice(raw)
+            .map_err(|e| anyhow::anyhow!("{key} is not a traffic split: {e}"))?;
+        split
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let loaded = self.state.load().parts.candidate.clone();
+        let (manifest, map) = match loaded.filter(|c| c.manifest.dg == split.candidate) {
+            Some(c) => (c.manifest, c.map),
+            None => {
+                let (m, map) = self.read_index(&split.candidate).await?;
+                (Arc::new(m), Arc::new(map))
+            }
+        };
+        Ok(crate::state::CandidateIndex {
+            split,
+            manifest,
+            map,
+        })
     }
 
     /// The pointer, its manifest and centroid map; None when no dg was ever activated.
@@ -136,25 +211,33 @@ impl Watcher {
                 }));
             }
         }
-        let key = self.layout.manifest(&active.dg);
-        let kv =
-            self.consul.kv_get(&key, None).await?.value.ok_or_else(|| {
-                anyhow::anyhow!("active dg {} has no manifest at {key}", active.dg)
-            })?;
-        let manifest: Manifest = serde_json::from_slice(&kv.value)
-            .map_err(|e| anyhow::anyhow!("{key} is not a manifest: {e}"))?;
-        manifest
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        if manifest.dg != active.dg {
-            anyhow::bail!("{key} describes dg {}, not {}", manifest.dg, active.dg);
-        }
-        let map = self.read_centroids(&manifest).await?;
+        let (manifest, map) = self.read_index(&active.dg).await?;
         Ok(Some(ActiveIndex {
             active,
             manifest: Arc::new(manifest),
             map: Arc::new(map),
         }))
+    }
+
+    /// A published dg's manifest (checked) and its centroid map.
+    async fn read_index(&self, dg: &str) -> anyhow::Result<(Manifest, CentroidMap)> {
+        let key = self.layout.manifest(dg);
+        let kv = self
+            .consul
+            .kv_get(&key, None)
+            .await?
+            .value
+            .ok_or_else(|| anyhow::anyhow!("dg {dg} has no manifest at {key}"))?;
+        let manifest: Manifest = serde_json::from_slice(&kv.value)
+            .map_err(|e| anyhow::anyhow!("{key} is not a manifest: {e}"))?;
+        manifest
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        if manifest.dg != dg {
+            anyhow::bail!("{key} describes dg {}, not {dg}", manifest.dg);
+        }
+        let map = self.read_centroids(&manifest).await?;
+        Ok((manifest, map))
     }
 
     /// The dg's centroid chunks, joined and checked against the manifest's sha256.

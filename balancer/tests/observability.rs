@@ -7,31 +7,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{cache_dir, corpus_slice, deploy, query, repo_root, stop_jobs};
+use common::{
+    corpus_slice, deploy, eventually, prometheus_dir, query, repo_root, start_prometheus, stop_jobs,
+};
 use serde_json::Value;
 
 const PROMETHEUS: &str = "127.0.0.1:19090";
-
-/// scripts/setup.sh's Prometheus build (test.sh names it in SIMQ_PROMETHEUS_DIR).
-fn prometheus_dir() -> PathBuf {
-    std::env::var("SIMQ_PROMETHEUS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| cache_dir().join("bin/prometheus-3.16.0"))
-}
-
-/// Kills the child when dropped, also when an assertion fails.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn api(path: &str) -> Value {
     reqwest::get(format!("http://{PROMETHEUS}{path}"))
@@ -41,22 +25,6 @@ async fn api(path: &str) -> Value {
         .json()
         .await
         .expect("JSON")
-}
-
-/// Poll `check` every 500 ms until it returns Some, or fail after `limit` with `what`.
-async fn eventually<T>(
-    limit: Duration,
-    what: &str,
-    mut check: impl AsyncFnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => panic!("{what} within {limit:?}: {last}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
 }
 
 #[tokio::test]
@@ -71,25 +39,7 @@ async fn prometheus_finds_and_scrapes_every_instance_through_consul() {
         query(l).await;
     }
 
-    let log = std::fs::File::create(tmp.path().join("prometheus.log")).unwrap();
-    let _prometheus = Running(
-        Command::new(prometheus_dir().join("prometheus"))
-            .arg(format!(
-                "--config.file={}",
-                repo_root()
-                    .join("consul/prometheus/prometheus.yml")
-                    .display()
-            ))
-            .arg(format!("--web.listen-address={PROMETHEUS}"))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                tmp.path().join("data").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("prometheus starts (scripts/setup.sh prometheus builds it)"),
-    );
+    let _prometheus = start_prometheus(tmp.path(), PROMETHEUS);
 
     // Every instance is discovered and up: 1 balancer (the tests' default), 2 embedders,
     // 4 shards x 2 replicas.

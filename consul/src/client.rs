@@ -234,6 +234,17 @@ impl ConsulClient {
         Ok(())
     }
 
+    /// Check-and-set delete: only if the key's modify index is still `modify_index`.
+    /// `Ok(false)` when another writer changed it first.
+    pub async fn kv_delete_cas(&self, key: &str, modify_index: u64) -> Result<bool> {
+        let path = format!("/v1/kv/{key}");
+        let cas = modify_index.to_string();
+        let (_, body) = self
+            .call(Method::DELETE, &path, &[("cas", cas.as_str())], None, None)
+            .await?;
+        decode(&path, &body.unwrap_or_default())
+    }
+
     /// Create a session that Consul deletes `ttl` after its last renewal (10 s to 24 h),
     /// deleting the keys it holds (behavior "delete"); returns its id.
     pub async fn session_create(&self, name: &str, ttl: Duration) -> Result<String> {

@@ -255,6 +255,11 @@ impl KvLayout {
         format!("{}dg/{dg}/manifest", self.prefix)
     }
 
+    /// The traffic split between the active dg and a candidate (see [`crate::traffic`]).
+    pub fn traffic(&self) -> String {
+        format!("{}traffic", self.prefix)
+    }
+
     /// The lock that lets one rollout (or rollback, or flip) run at a time.
     pub fn rollout_lock(&self) -> String {
         format!("{}rollout/lock", self.prefix)

@@ -11,6 +11,8 @@
 //! - [`apikeys`]: API keys: their format, their KV records (hashes, never keys) and the
 //!   constant-time check.
 //! - [`redact`]: user:password removed from URLs in anything simq prints.
+//! - [`traffic`]: the traffic split between the active dg and a candidate, and the rule
+//!   that puts each user on an arm.
 //! - [`error`]: the crate's one error type.
 //!
 //! The agent configuration for local clusters sits beside this crate in `consul/dev-agent.hcl`,
@@ -23,8 +25,10 @@ pub mod error;
 pub mod redact;
 pub mod routing;
 pub mod service;
+pub mod traffic;
 
 pub use client::{BlockingQuery, ConsulClient, Indexed, KvPair, ServiceEntry};
 pub use contract::{ActiveDg, ClusterTable, KvLayout, Manifest, ShardEntry};
 pub use error::{Error, Result};
 pub use routing::{CentroidMap, ProbePlan};
+pub use traffic::{Arm, TrafficSplit};

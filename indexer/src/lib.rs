@@ -10,10 +10,15 @@
 //! - [`flip`]: the active pointer's single CAS write.
 //! - [`rollout`]: the shards' Nomad deployment with canaries, flip, promote.
 //! - [`keys`]: API keys: create (printed once), list, revoke.
+//! - [`traffic`]: the traffic split between the active dg and a candidate (CAS writes).
+//! - [`compare`]: the split's two arms side by side from Prometheus, and a verdict.
+//! - [`progressive`]: a rollout that shadows, steps the split up, judges each step and
+//!   flips or stops the candidate.
 //! - [`progress`]: progress of long steps: a bar on a terminal, log lines otherwise.
 
 pub mod blobs;
 pub mod build;
+pub mod compare;
 pub mod corpus;
 pub mod eval;
 pub mod flip;
@@ -21,5 +26,7 @@ pub mod keys;
 pub mod kmeans;
 pub mod lock;
 pub mod progress;
+pub mod progressive;
 pub mod publish;
 pub mod rollout;
+pub mod traffic;

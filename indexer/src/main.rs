@@ -58,6 +58,15 @@ enum Command {
     Rollback(RolloutArgs),
     /// Flip the active dg to a published dg whose shards already run (one CAS write).
     Flip(FlipArgs),
+    /// Stop a candidate that runs beside the active dg without having been flipped (e.g.
+    /// after `rollout --candidate-only`): clear the traffic split, fail its deployment so
+    /// Nomad reverts the shards job, wait until its canaries are gone.
+    Abort(ClusterArgs),
+    /// The two arms of the traffic split side by side over a window, from Prometheus:
+    /// answers, degraded, errors, latency p50/p99, mean top score, and on shadowed queries
+    /// the overlap@k of the results and how often the top answers agree; then a verdict
+    /// against the thresholds (exit 0 pass, 1 fail, naming each failed check).
+    Compare(CompareArgs),
     /// Show the active and previous dg, the running shards job and shard health.
     Status(ClusterArgs),
     /// Serve the blob store over HTTP (GET /<sha256>) for Nomad's artifact fetch.
@@ -68,6 +77,43 @@ enum Command {
     /// Consul keeps only its SHA-256), list (ids, labels, rates; never keys), revoke.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Traffic split: send a share of users to a candidate dg whose shards run beside the
+    /// active one (e.g. the canaries of `rollout --candidate-only`), sticky per user (the
+    /// X-User-Id header, else the API key, else the query text), and shadow a share of the
+    /// active dg's queries to the candidate to compare them. Balancers give a candidate
+    /// traffic only while all its shards are healthy. Every change is a check-and-set.
+    #[command(subcommand)]
+    Traffic(TrafficCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TrafficCommand {
+    /// Set (or change) the split; prints it.
+    Set(TrafficSetArgs),
+    /// Show the split and what each balancer does with it.
+    Show(KeysListArgs),
+    /// Remove the split: every query goes to the active dg again.
+    Clear(KeysListArgs),
+}
+
+#[derive(Args, Debug)]
+struct TrafficSetArgs {
+    /// The candidate dg (published, not the active one).
+    candidate: String,
+    /// Share of users (0 to 1) answered by the candidate.
+    #[arg(long, default_value_t = 0.0)]
+    weight: f64,
+    /// Share (0 to 1) of the active dg's queries also sent to the candidate to compare,
+    /// without changing the answer.
+    #[arg(long, default_value_t = 0.0)]
+    shadow: f64,
+    /// Experiment salt mixed into every user's hash; a new salt reassigns users
+    /// independently [default: the current split's salt for the same candidate, else a
+    /// new one].
+    #[arg(long)]
+    salt: Option<String>,
+    #[command(flatten)]
+    consul: ConsulArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +217,77 @@ struct RolloutArgs {
     /// Seconds to follow the deployment at most.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Stop before the flip, once the dg's canaries are all healthy beside the active dg:
+    /// a candidate for `traffic set`. Run `rollout` again to flip, or `abort` to stop it.
+    #[arg(long, conflicts_with = "progressive")]
+    candidate_only: bool,
+    /// Progressive rollout: start the canaries, shadow --shadow of the queries to them,
+    /// then give them these shares of users one step at a time (comma-separated), judging
+    /// each step with `compare` (needs --prometheus); flip when every step passes, stop
+    /// the candidate (and say why) when one fails.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    progressive: Option<Vec<f64>>,
+    /// Seconds each progressive step runs before it is judged.
+    #[arg(long, default_value_t = 30)]
+    step_secs: u64,
+    /// Share of the active dg's queries shadowed to the candidate during a progressive
+    /// rollout.
+    #[arg(long, default_value_t = 0.5)]
+    shadow: f64,
+    #[command(flatten)]
+    judge: JudgeArgs,
+}
+
+/// Where the comparison of the arms comes from and what it must meet.
+#[derive(Args, Debug, Clone)]
+struct JudgeArgs {
+    /// Prometheus that scrapes the balancers (scripts/prometheus.sh runs one).
+    #[arg(long, env = "SIMQ_PROMETHEUS", default_value = "http://127.0.0.1:9090")]
+    prometheus: String,
+    /// Candidate answers plus shadow pairs needed before anything is judged.
+    #[arg(long, default_value_t = 20.0)]
+    min_samples: f64,
+    /// The candidate's p99 latency at most this times the active dg's.
+    #[arg(long, default_value_t = 2.0)]
+    max_p99_ratio: f64,
+    /// Share of the candidate's queries that failed, at most.
+    #[arg(long, default_value_t = 0.01)]
+    max_error_share: f64,
+    /// Share of the candidate's answers that were degraded, at most.
+    #[arg(long, default_value_t = 0.05)]
+    max_degraded_share: f64,
+    /// Mean overlap@k of the two arms' results on shadowed queries, at least.
+    #[arg(long, default_value_t = 0.6)]
+    min_overlap: f64,
+    /// Share of shadowed queries whose top answers agree, at least.
+    #[arg(long, default_value_t = 0.7)]
+    min_top1: f64,
+    /// How much lower the candidate's mean top score may be.
+    #[arg(long, default_value_t = 0.05)]
+    max_score_drop: f64,
+}
+
+impl JudgeArgs {
+    fn thresholds(&self) -> simq_indexer::compare::Thresholds {
+        simq_indexer::compare::Thresholds {
+            min_samples: self.min_samples,
+            max_p99_ratio: self.max_p99_ratio,
+            max_error_share: self.max_error_share,
+            max_degraded_share: self.max_degraded_share,
+            min_overlap: self.min_overlap,
+            min_top1: self.min_top1,
+            max_score_drop: self.max_score_drop,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// The window to compare, in seconds, ending now.
+    #[arg(long, default_value_t = 300)]
+    window_secs: u64,
+    #[command(flatten)]
+    judge: JudgeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -311,8 +428,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollout(args) => rt()?.block_on(cluster::rollout(args, false)),
         Command::Rollback(args) => rt()?.block_on(cluster::rollout(args, true)),
         Command::Flip(args) => rt()?.block_on(cluster::flip(args)),
+        Command::Abort(args) => rt()?.block_on(cluster::abort(args)),
+        Command::Compare(args) => rt()?.block_on(cluster::compare(args)),
         Command::Status(args) => rt()?.block_on(cluster::status(args)),
         Command::Keys(cmd) => rt()?.block_on(cluster::keys(cmd)),
+        Command::Traffic(cmd) => rt()?.block_on(cluster::traffic(cmd)),
         Command::ServeBlobs(args) => {
             // Handing out shard files is background work: serving queries comes first.
             simq_consul::service::lower_priority(10);
@@ -337,7 +457,8 @@ mod cluster {
     use simq_nomad::NomadClient;
 
     use super::{
-        ClusterArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs, ServeBlobsArgs,
+        ClusterArgs, CompareArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs,
+        ServeBlobsArgs, TrafficCommand,
     };
 
     /// The Consul client (with the token from the environment) and the KV layout.
@@ -460,14 +581,38 @@ mod cluster {
             healthy_deadline: Duration::from_secs(args.healthy_deadline_secs),
             progress_deadline: Duration::from_secs(args.progress_deadline_secs),
             timeout: Duration::from_secs(args.timeout_secs),
+            candidate_only: args.candidate_only && !back,
         };
-        let RolloutOutcome::Done {
-            flipped,
-            seconds_to_flip,
-        } = roll(&nomad, &consul, &layout, &dg, &opts, |line| {
-            eprintln!("{line}")
-        })
-        .await?;
+        let progress = |line: &str| eprintln!("{line}");
+        let outcome = match &args.progressive {
+            Some(weights) if !back => {
+                let plan = simq_indexer::progressive::Plan {
+                    weights: weights.clone(),
+                    shadow: args.shadow,
+                    step: Duration::from_secs(args.step_secs),
+                    prometheus: args.judge.prometheus.clone(),
+                    thresholds: args.judge.thresholds(),
+                };
+                simq_indexer::progressive::run(
+                    &nomad, &consul, &layout, &dg, &opts, &plan, progress,
+                )
+                .await?
+            }
+            _ => roll(&nomad, &consul, &layout, &dg, &opts, progress).await?,
+        };
+        let (flipped, seconds_to_flip) = match outcome {
+            RolloutOutcome::Done {
+                flipped,
+                seconds_to_flip,
+            } => (flipped, seconds_to_flip),
+            RolloutOutcome::CandidateReady { seconds } => {
+                eprintln!(
+                        "candidate {dg} runs beside the active dg ({seconds:.1} s); next: `simq-indexer traffic set {dg} --weight W`, then `rollout {dg}` to flip or `abort` to stop it"
+                    );
+                println!("{dg}");
+                return Ok(());
+            }
+        };
         match flipped {
             Flipped::Now(a) => {
                 eprintln!("done: active dg is {a}, {seconds_to_flip:.1} s from rollout to flip")
@@ -488,6 +633,48 @@ mod cluster {
             Flipped::Now(a) => eprintln!("active dg is now {a}"),
             Flipped::AlreadyActive(a) => eprintln!("{} is already active; nothing changed", a.dg),
         }
+        Ok(())
+    }
+
+    pub async fn abort(args: ClusterArgs) -> anyhow::Result<()> {
+        let (consul, nomad, layout) = clients(&args)?;
+        locked(&consul, &layout, async {
+            let progress = |l: &str| eprintln!("{l}");
+            match simq_indexer::progressive::stop_candidate(&nomad, &consul, &layout, &progress)
+                .await?
+            {
+                Some(dg) => eprintln!("done: candidate {dg} stopped"),
+                None => eprintln!("no candidate runs beside the active dg; nothing to stop"),
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn compare(args: CompareArgs) -> anyhow::Result<()> {
+        use simq_indexer::compare::{fetch, table, verdict};
+        let window = Duration::from_secs(args.window_secs);
+        let c = fetch(&args.judge.prometheus, window).await?;
+        println!(
+            "last {} s, from {}:",
+            window.as_secs(),
+            args.judge.prometheus
+        );
+        print!("{}", table(&c));
+        let checks = verdict(&c, &args.judge.thresholds());
+        for check in &checks {
+            println!(
+                "{} {:<9} {}",
+                if check.passed { "pass" } else { "FAIL" },
+                check.name,
+                check.detail
+            );
+        }
+        let failed = checks.iter().filter(|c| !c.passed).count();
+        if failed > 0 {
+            anyhow::bail!("the candidate fails {failed} of {} checks", checks.len());
+        }
+        println!("verdict: the candidate passes every check");
         Ok(())
     }
 
@@ -543,6 +730,70 @@ mod cluster {
         Ok(())
     }
 
+    pub async fn traffic(cmd: TrafficCommand) -> anyhow::Result<()> {
+        use simq_indexer::traffic::{self, describe};
+        match cmd {
+            TrafficCommand::Set(a) => {
+                let (consul, layout) = consul_of(&a.consul)?;
+                let observed = traffic::observe(&consul, &layout).await?;
+                let new = traffic::SetSplit {
+                    candidate: a.candidate,
+                    weight: a.weight,
+                    shadow: a.shadow,
+                    salt: a.salt,
+                };
+                let split = traffic::set(&consul, &layout, &observed, &new).await?;
+                eprintln!("traffic split set: {}", describe(&split));
+                println!("{}", serde_json::to_string(&split)?);
+            }
+            TrafficCommand::Show(a) => {
+                let (consul, layout) = consul_of(&a.consul)?;
+                match traffic::observe(&consul, &layout).await?.split {
+                    None => println!("no traffic split: the active dg answers every query"),
+                    Some(Ok(s)) => println!("{}", describe(&s)),
+                    Some(Err(e)) => println!("{e} (balancers send no traffic to a candidate)"),
+                }
+                let http = simq_indexer::rollout::status_client();
+                for b in consul
+                    .health_service("simq-balancer", true, None)
+                    .await?
+                    .value
+                {
+                    let url = format!("http://{}:{}/v1/status", b.address, b.port);
+                    let seen = match http.get(&url).send().await {
+                        Ok(r) => r.json::<serde_json::Value>().await.unwrap_or_default(),
+                        Err(e) => {
+                            println!("  balancer {}:{}: unreachable: {e}", b.address, b.port);
+                            continue;
+                        }
+                    };
+                    let t = &seen["traffic"];
+                    let what = if t.is_null() {
+                        "no split".to_string()
+                    } else if t["serving"] == true {
+                        format!("sends {} users to {}", t["weight"], t["candidate"])
+                    } else {
+                        format!(
+                            "no candidate traffic: {}",
+                            t["not_ready"].as_str().unwrap_or("not ready")
+                        )
+                    };
+                    println!("  balancer {}:{}: {what}", b.address, b.port);
+                }
+            }
+            TrafficCommand::Clear(a) => {
+                let (consul, layout) = consul_of(&a.consul)?;
+                let observed = traffic::observe(&consul, &layout).await?;
+                match traffic::clear(&consul, &layout, &observed).await? {
+                    None => eprintln!("no traffic split was set; nothing to clear"),
+                    Some(Ok(s)) => eprintln!("traffic split cleared (was: {})", describe(&s)),
+                    Some(Err(e)) => eprintln!("traffic split cleared (was unreadable: {e})"),
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn status(args: ClusterArgs) -> anyhow::Result<()> {
         let (consul, nomad, layout) = clients(&args)?;
         let observed = flip::observe(&consul, &layout).await?;
@@ -560,6 +811,14 @@ mod cluster {
             Err(_) => "held (unreadable holder)".into(),
         });
         println!("rollout lock: {}", lock.as_deref().unwrap_or("free"));
+        match simq_indexer::traffic::observe(&consul, &layout)
+            .await?
+            .split
+        {
+            None => println!("traffic split: none"),
+            Some(Ok(s)) => println!("traffic split: {}", simq_indexer::traffic::describe(&s)),
+            Some(Err(e)) => println!("traffic split: {e}"),
+        }
         println!(
             "shards job runs: {}",
             running_dg(&nomad).await?.as_deref().unwrap_or("-")

@@ -39,6 +39,10 @@ pub struct RolloutOptions {
     pub progress_deadline: Duration,
     /// Give up waiting after this long (Nomad keeps its own deadlines).
     pub timeout: Duration,
+    /// Stop once the new dg's canaries are all healthy, before the flip: the candidate's
+    /// shards run beside the active dg's (for a traffic split). The same rollout run again
+    /// later resumes there and flips; `abort` stops the candidate.
+    pub candidate_only: bool,
 }
 
 /// How a rollout ended well.
@@ -49,6 +53,9 @@ pub enum RolloutOutcome {
         flipped: Flipped,
         seconds_to_flip: f64,
     },
+    /// `candidate_only`: the dg's canaries are healthy beside the active dg; nothing was
+    /// flipped or promoted.
+    CandidateReady { seconds: f64 },
 }
 
 /// The dg the running shards job serves, if any.
@@ -519,6 +526,15 @@ pub async fn rollout(
                     .get(name)
                     .is_some_and(|g| target(g) > 0 && g.healthy_allocs >= target(g))
             });
+        if all_canaries_healthy && opts.candidate_only {
+            progress(&format!(
+                "candidate {dg} ready: every shard's canaries are healthy beside the active dg ({:.1} s); not flipped",
+                started.elapsed().as_secs_f64()
+            ));
+            return Ok(RolloutOutcome::CandidateReady {
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
         if all_canaries_healthy && flipped.is_none() {
             // Every shard of the new dg is healthy: flip first, then let the old set go.
             let f = flip(consul, layout, dg).await.map_err(|e| match e {
@@ -559,4 +575,59 @@ pub async fn rollout(
         flipped,
         seconds_to_flip,
     })
+}
+
+/// Stop a candidate started by a rollout that did not flip: fail its deployment, so Nomad
+/// reverts the shards job to the version that serves the active dg (the canaries stop),
+/// and wait (bounded) until the job spec names the active dg again. Refuses when the
+/// candidate is the active dg (that is what `rollback` is for). Returns the dg stopped.
+pub async fn abort(
+    nomad: &NomadClient,
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    progress: impl Fn(&str),
+) -> anyhow::Result<Option<String>> {
+    let active = crate::flip::observe(consul, layout)
+        .await?
+        .active
+        .map(|a| a.dg);
+    let running = running_dg(nomad).await?;
+    let Some(candidate) = running.filter(|r| Some(r) != active.as_ref()) else {
+        return Ok(None);
+    };
+    let Some(active) = active else {
+        bail!("no dg is active: {candidate} is the only one running; stop it with nomad job stop");
+    };
+    if let Some(dep) = nomad.latest_deployment(SHARDS_JOB_ID).await? {
+        if matches!(dep.status.as_str(), "running" | "paused" | "pending") {
+            nomad
+                .fail_deployment(&dep.id)
+                .await
+                .context("failing the candidate's deployment")?;
+            progress(&format!(
+                "deployment {} of {candidate} failed on purpose: Nomad reverts the shards job to {active}",
+                &dep.id[..8]
+            ));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = running_dg(nomad).await?;
+        let canaries_left = nomad.job_allocations(SHARDS_JOB_ID).await?.iter().any(|a| {
+            a.deployment_status.as_ref().is_some_and(|d| d.canary)
+                && matches!(a.client_status.as_str(), "running" | "pending")
+                && a.desired_status == "run"
+        });
+        if now.as_deref() == Some(active.as_str()) && !canaries_left {
+            progress(&format!("candidate {candidate} stopped; {active} serves"));
+            return Ok(Some(candidate));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the shards job still names {} 60 s after failing the deployment of {candidate}; see `nomad job status {SHARDS_JOB_ID}`",
+                now.as_deref().unwrap_or("-")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -323,6 +323,19 @@ impl NomadClient {
         .map(|_| ())
     }
 
+    /// Mark a deployment failed; with `auto_revert` Nomad then reverts the job to its last
+    /// stable version (unpromoted canaries stop).
+    pub async fn fail_deployment(&self, deployment: &str) -> Result<()> {
+        let path = format!("/v1/deployment/fail/{deployment}");
+        self.call(
+            Method::POST,
+            &path,
+            Some(json!({"DeploymentID": deployment})),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// The last `bytes` of a task's stderr (`stderr = false`: stdout), as text.
     pub async fn task_log_tail(
         &self,

@@ -114,14 +114,27 @@ pub fn indexer(args: &[&str]) -> Output {
 
 /// Build and publish a dg from `corpus`; returns (dg, dg dir).
 pub fn build_and_publish(corpus: &Path, out: &Path, shards: usize) -> (String, PathBuf) {
-    let b = indexer(&[
+    build_and_publish_with(corpus, out, shards, &[])
+}
+
+/// `build_and_publish` with more `simq-indexer build` flags (e.g. "--seed", "7").
+pub fn build_and_publish_with(
+    corpus: &Path,
+    out: &Path,
+    shards: usize,
+    extra: &[&str],
+) -> (String, PathBuf) {
+    let shards = shards.to_string();
+    let mut args = vec![
         "build",
         corpus.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
         "--shards",
-        &shards.to_string(),
-    ]);
+        &shards,
+    ];
+    args.extend_from_slice(extra);
+    let b = indexer(&args);
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
     let dir = PathBuf::from(String::from_utf8_lossy(&b.stdout).trim());
     let blobs = cache_dir().join("blobs");
@@ -184,6 +197,64 @@ pub async fn query(text: &str) -> Value {
     let (status, body) = post("/v1/query", json!({"query": text, "k": 3}).to_string()).await;
     assert_eq!(status, 200, "{body}");
     body
+}
+
+/// Kills the child when dropped, also when an assertion fails.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// scripts/setup.sh's Prometheus build (test.sh names it in SIMQ_PROMETHEUS_DIR).
+pub fn prometheus_dir() -> PathBuf {
+    std::env::var("SIMQ_PROMETHEUS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("bin/prometheus-3.16.0"))
+}
+
+/// Prometheus with the repo's consul/prometheus/prometheus.yml (it finds every simq
+/// instance through Consul), listening on `listen`, its data and log in `dir`.
+pub fn start_prometheus(dir: &Path, listen: &str) -> Running {
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    Running(
+        Command::new(prometheus_dir().join("prometheus"))
+            .arg(format!(
+                "--config.file={}",
+                repo_root()
+                    .join("consul/prometheus/prometheus.yml")
+                    .display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus starts (scripts/setup.sh prometheus builds it)"),
+    )
+}
+
+/// Poll `check` every 500 ms until it returns Ok, or fail after `limit` with `what` and
+/// the last error.
+pub async fn eventually<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => panic!("{what} within {limit:?}: {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// The Consul agent's HTTP address (CONSUL_HTTP_ADDR, as the binaries read it).
