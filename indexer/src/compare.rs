@@ -297,6 +297,8 @@ pub async fn fetch(base: &str, window: Duration) -> anyhow::Result<Comparison> {
             .filter(|(l, _)| l.get(label).map(String::as_str) == Some(value))
             .map(|(_, v)| *v)
             .sum::<f64>()
+            // increase() can come out as a tiny negative number (-0 in print).
+            .max(0.0)
     };
     let one = |rows: &[(BTreeMap<String, String>, f64)], label: &str, value: &str| {
         rows.iter()
@@ -337,6 +339,7 @@ pub async fn fetch(base: &str, window: Duration) -> anyhow::Result<Comparison> {
                 })
                 .map(|(_, v)| *v)
                 .sum::<f64>()
+                .max(0.0)
         };
         ArmStats {
             answered: outcome("ok") + outcome("degraded"),
