@@ -84,11 +84,47 @@ make_acl_tokens() {
   log "consul: ACLs on (default deny); tokens for balancer, indexer, nomad-agent, consul-agent in $SIMQ_SECRETS"
 }
 
-nomad_ready() {
+# nomad_curl ARGS...: curl to Nomad, with the management token (from a header file) once
+# secure mode has bootstrapped Nomad's ACLs.
+nomad_curl() {
+  if [ -f "$SIMQ_SECRETS/nomad-management.header" ]; then
+    curl -H @"$SIMQ_SECRETS/nomad-management.header" "$@"
+  else
+    curl "$@"
+  fi
+}
+
+nomad_healthy() {
   curl -fsS "$NOMAD_ADDR/v1/agent/health" |
-    python3 -c 'import json,sys; h=json.load(sys.stdin); sys.exit(0 if h["client"]["ok"] and h["server"]["ok"] else 1)' &&
-    curl -fsS "$NOMAD_ADDR/v1/nodes" |
+    python3 -c 'import json,sys; h=json.load(sys.stdin); sys.exit(0 if h["client"]["ok"] and h["server"]["ok"] else 1)'
+}
+
+nomad_ready() {
+  nomad_healthy &&
+    nomad_curl -fsS "$NOMAD_ADDR/v1/nodes" |
     python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(x["Status"]=="ready" and x["Drivers"].get("raw_exec",{}).get("Healthy") for x in n) else 1)'
+}
+
+# Secure mode, once Nomad's server answers: bootstrap its ACLs (the management token), the
+# "simq" namespace for simq's jobs, and the deployer policy and token (nomad/acl/).
+make_nomad_acl() {
+  local out secret json
+  out="$(curl -fsS -X POST "$NOMAD_ADDR/v1/acl/bootstrap")" || return 1
+  secret="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])' <<<"$out")"
+  (
+    umask 077
+    printf '%s\n' "$secret" >"$SIMQ_SECRETS/nomad-management.token"
+    printf 'X-Nomad-Token: %s\n' "$secret" >"$SIMQ_SECRETS/nomad-management.header"
+  )
+  nomad_curl -fsS -X POST --data-binary '{"Name": "simq", "Description": "simq jobs"}' "$NOMAD_ADDR/v1/namespace" >/dev/null ||
+    die "nomad: could not create the simq namespace"
+  json="$(python3 -c 'import json,sys; print(json.dumps({"Name": "simq-deployer", "Description": "simq deploy.sh and simq-indexer", "Rules": open(sys.argv[1]).read()}))' "$SIMQ_ROOT/nomad/acl/deployer.hcl")"
+  nomad_curl -fsS -X POST --data-binary "$json" "$NOMAD_ADDR/v1/acl/policy/simq-deployer" >/dev/null ||
+    die "nomad: could not create policy simq-deployer"
+  secret="$(nomad_curl -fsS -X POST --data-binary '{"Name": "simq deployer", "Type": "client", "Policies": ["simq-deployer"]}' "$NOMAD_ADDR/v1/acl/token" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])')" || die "nomad: could not create the deployer token"
+  (umask 077 && printf '%s\n' "$secret" >"$SIMQ_SECRETS/nomad-deployer.token")
+  log "nomad: ACLs on (default deny); namespace simq; deployer token in $SIMQ_SECRETS"
 }
 
 start_consul() {
@@ -131,10 +167,17 @@ start_nomad() {
   # -dev creates alloc_mounts/ in the working directory: run it from its state dir.
   # Exec'd directly by setsid (no wrapper shell), so $! is the agent's own pid.
   local acl=()
-  if acl_enabled; then acl=(-config "$SIMQ_SECRETS/nomad-consul.hcl"); fi
+  if acl_enabled; then
+    (umask 077 && printf 'acl {\n  enabled = true\n}\n' >"$SIMQ_SECRETS/nomad-acl.hcl")
+    acl=(-config "$SIMQ_SECRETS/nomad-consul.hcl" -config "$SIMQ_SECRETS/nomad-acl.hcl")
+  fi
   (cd "$NOMAD_DIR" && exec setsid "$NOMAD_BIN" agent -dev -config "$SIMQ_ROOT/nomad/dev-agent.hcl" "${acl[@]}" \
     -data-dir "$NOMAD_DIR/data" >"$NOMAD_DIR/nomad.log" 2>&1 </dev/null) &
   echo $! >"$NOMAD_DIR/nomad.pid"
+  if acl_enabled; then
+    wait_until "$READY_TIMEOUT" "nomad" nomad_healthy && wait_until 30 "nomad acl bootstrap" make_nomad_acl ||
+      { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad: ACL bootstrap failed (log above)"; }
+  fi
   wait_until "$READY_TIMEOUT" "nomad" nomad_ready ||
     { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad did not become ready within ${READY_TIMEOUT}s (log above)"; }
   log "nomad: ready at $NOMAD_ADDR (pid $(cat "$NOMAD_DIR/nomad.pid"))"
@@ -159,18 +202,23 @@ stop_pid() {
 stop_jobs() {
   pid_alive "$NOMAD_DIR/nomad.pid" || return 0
   local jobs j
-  jobs="$(curl -fsS "$NOMAD_ADDR/v1/jobs" 2>/dev/null | python3 -c 'import json,sys; print("\n".join(j["ID"] for j in json.load(sys.stdin)))' || true)"
+  # Every namespace's jobs (secure mode runs simq's in "simq"), as ID@NAMESPACE.
+  jobs="$(nomad_curl -fsS "$NOMAD_ADDR/v1/jobs?namespace=*" 2>/dev/null | python3 -c 'import json,sys; print("\n".join(j["ID"] + "@" + j["Namespace"] for j in json.load(sys.stdin)))' || true)"
   [ -n "$jobs" ] || return 0
   for j in $jobs; do
-    log "nomad: stopping job $j"
-    curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/$j" >/dev/null || true
+    log "nomad: stopping job ${j%@*}"
+    nomad_curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/${j%@*}?namespace=${j#*@}" >/dev/null || true
   done
   # Stopped (not yet purged) jobs keep their allocations listed: wait until the client has
   # really ended every task, then purge.
-  wait_until 60 "allocations" sh -c "curl -fsS '$NOMAD_ADDR/v1/allocations' | python3 -c 'import json,sys; sys.exit(1 if any(a[\"ClientStatus\"] in (\"running\",\"pending\") for a in json.load(sys.stdin)) else 0)'" ||
+  allocations_ended() {
+    nomad_curl -fsS "$NOMAD_ADDR/v1/allocations?namespace=*" |
+      python3 -c 'import json,sys; sys.exit(1 if any(a["ClientStatus"] in ("running","pending") for a in json.load(sys.stdin)) else 0)'
+  }
+  wait_until 60 "allocations" allocations_ended ||
     log "nomad: some allocations were still running after 60 s"
   for j in $jobs; do
-    curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/$j?purge=true" >/dev/null || true
+    nomad_curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/${j%@*}?namespace=${j#*@}&purge=true" >/dev/null || true
   done
 }
 

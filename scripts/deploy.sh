@@ -44,19 +44,28 @@ for b in simq-indexer simq-embedder simq-shard simq-balancer; do
   [ -x "$bin/$b" ] || die "$bin/$b is missing: build with cargo build --release"
 done
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
-# Secure mode: simq-indexer acts with the indexer's token, the balancers with theirs.
+# Secure mode: simq-indexer acts with the indexer's Consul token, the balancers with
+# theirs; simq-indexer and the nomad CLI with the Nomad deployer token (simq's namespace).
 balancer_token=""
 if acl_enabled; then
   export CONSUL_HTTP_TOKEN_FILE="$SIMQ_SECRETS/indexer.token"
   unset CONSUL_HTTP_TOKEN
   balancer_token="$SIMQ_SECRETS/balancer.token"
+  if [ -f "$SIMQ_SECRETS/nomad-deployer.token" ]; then
+    export NOMAD_TOKEN_FILE="$SIMQ_SECRETS/nomad-deployer.token"
+    unset NOMAD_TOKEN
+  fi
 fi
 nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deployment
   local file=$1
   shift
   local vars=() v
   for v in "$@"; do vars+=(-var "$v"); done
-  "$NOMAD_BIN" job run -address="$NOMAD_ADDR" "${vars[@]}" "$SIMQ_ROOT/nomad/$file" >"$SIMQ_CLUSTER_DIR/last-job-run.log" 2>&1 ||
+  # The CLI takes its token from NOMAD_TOKEN (environment, never the command line).
+  (
+    [ -z "${NOMAD_TOKEN_FILE:-}" ] || export NOMAD_TOKEN="$(cat "$NOMAD_TOKEN_FILE")"
+    exec "$NOMAD_BIN" job run -address="$NOMAD_ADDR" "${vars[@]}" "$SIMQ_ROOT/nomad/$file"
+  ) >"$SIMQ_CLUSTER_DIR/last-job-run.log" 2>&1 ||
     { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }
 }
 

@@ -36,6 +36,9 @@ SIMQ_CLUSTER_DIR="${SIMQ_CLUSTER_DIR:-$SIMQ_CACHE/cluster}"
 # management token and one token per consul/acl/ policy are files here (mode 600).
 SIMQ_SECRETS="$SIMQ_CLUSTER_DIR/secrets"
 acl_enabled() { [ -f "$SIMQ_SECRETS/consul-management.token" ]; }
+# Secure mode runs simq's jobs in the Nomad namespace "simq", the only one its deployer
+# token may touch (nomad/acl/deployer.hcl); simq-indexer and the nomad CLI read this.
+if [ -f "$SIMQ_SECRETS/nomad-management.token" ]; then export NOMAD_NAMESPACE=simq; fi
 
 # The background build and rollout of the full corpus that scripts/up.sh starts after
 # serving a slice (a process group of its own; scripts/cluster.sh stop ends it).

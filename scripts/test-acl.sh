@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Secure mode, end to end on real agents: a cluster with Consul ACLs on and default deny
-# (SIMQ_ACL=1 scripts/cluster.sh start), the stack deployed and a second dg rolled out
-# with the least-privilege tokens of consul/acl/ under unique-query load (0 failed), and
-# what each token may not do checked against the real Consul. scripts/test.sh runs it
+# Secure mode, end to end on real agents: a cluster with Consul and Nomad ACLs on and
+# default deny (SIMQ_ACL=1 scripts/cluster.sh start), the stack deployed and a second dg
+# rolled out with the least-privilege tokens of consul/acl/ and nomad/acl/ under
+# unique-query load (0 failed), and what each token may not do checked against the real
+# agents. scripts/test.sh runs it
 # after the other integration tests, once their cluster is stopped; it stops its own.
 #
 # Needs: the debug build (cargo build --workspace --all-targets) and SIMQ_TEST_CORPUS.
@@ -86,6 +87,35 @@ expect "indexer token writes under simq/" 200 "$(kv_status "$S/indexer.token" PU
 expect "indexer token may not write outside simq/" 403 "$(kv_status "$S/indexer.token" PUT other/acl-test)"
 expect "nomad agent token may not write simq/ KV" 403 "$(kv_status "$S/nomad-agent.token" PUT simq/active)"
 expect "nomad agent token may not read manifests" 403 "$(kv_status "$S/nomad-agent.token" GET "simq/dg/$dg_b/manifest")"
+
+# Nomad: simq's jobs run in the "simq" namespace, deployed and rolled out above with the
+# deployer token; it may touch nothing else.
+nomad_status() { # nomad_status TOKEN-FILE METHOD PATH [BODY]: the HTTP status of one call
+  local file=$1 method=$2 path=$3 body=${4:-} header=() data=()
+  if [ -n "$file" ]; then
+    (umask 077 && printf 'X-Nomad-Token: %s\n' "$(cat "$file")" >"$work/nomad-header")
+    header=(-H @"$work/nomad-header")
+  fi
+  [ -z "$body" ] || data=(--data-binary "$body")
+  curl -s -o /dev/null -w '%{http_code}' "${header[@]}" "${data[@]}" -X "$method" "$NOMAD_ADDR$path"
+}
+D="$S/nomad-deployer.token"
+other='{"Job": {"ID": "acl-other", "Name": "acl-other", "Namespace": "default", "Type": "batch", "Datacenters": ["*"],
+  "TaskGroups": [{"Name": "g", "Tasks": [{"Name": "t", "Driver": "raw_exec", "Config": {"command": "/bin/true"}}]}]}}'
+expect "the management token registers another job (namespace default)" 200 "$(nomad_status "$S/nomad-management.token" POST /v1/jobs "$other")"
+expect "anonymous may not list simq's Nomad jobs" 403 "$(nomad_status "" GET '/v1/jobs?namespace=simq')"
+expect "deployer token lists simq's jobs" 200 "$(nomad_status "$D" GET '/v1/jobs?namespace=simq')"
+expect "deployer token may not read a job of another namespace" 403 "$(nomad_status "$D" GET '/v1/job/acl-other?namespace=default')"
+expect "deployer token may not stop a job of another namespace" 403 "$(nomad_status "$D" DELETE '/v1/job/acl-other?namespace=default')"
+expect "deployer token may not register a job in another namespace" 403 "$(nomad_status "$D" POST '/v1/jobs?namespace=default' "$other")"
+expect "deployer token may not read nodes" 403 "$(nomad_status "$D" GET /v1/nodes)"
+expect "deployer token may not list ACL tokens" 403 "$(nomad_status "$D" GET /v1/acl/tokens)"
+if CONSUL_HTTP_TOKEN_FILE="$S/indexer.token" NOMAD_TOKEN_FILE="$D" NOMAD_NAMESPACE=simq "$bin/simq-indexer" status >"$work/status.out" 2>&1 &&
+  grep -q "shards job runs: $dg_b" "$work/status.out"; then
+  pass "simq-indexer status with the deployer token sees the shards job of $dg_b"
+else
+  fail "simq-indexer status with the deployer token: $(cat "$work/status.out")"
+fi
 
 # simq-indexer keys acts with the token it is given: the indexer's may, the balancer's not.
 if key="$(CONSUL_HTTP_TOKEN_FILE="$S/indexer.token" "$bin/simq-indexer" keys create --label acl-test 2>"$work/keys.err")"; then

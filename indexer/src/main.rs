@@ -176,7 +176,8 @@ struct ConsulArgs {
 struct ClusterArgs {
     #[command(flatten)]
     consul: ConsulArgs,
-    /// Nomad HTTP address (its ACL token: NOMAD_TOKEN or NOMAD_TOKEN_FILE).
+    /// Nomad HTTP address (its ACL token: NOMAD_TOKEN or NOMAD_TOKEN_FILE; the namespace
+    /// of simq's jobs: NOMAD_NAMESPACE, default Nomad's "default").
     #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
     nomad: String,
 }
@@ -475,7 +476,8 @@ mod cluster {
         let (consul, layout) = consul_of(&c.consul)?;
         let nomad = NomadClient::new(&c.nomad)?
             .with_env_token()
-            .map_err(anyhow::Error::msg)?;
+            .map_err(anyhow::Error::msg)?
+            .with_env_namespace();
         Ok((consul, nomad, layout))
     }
 

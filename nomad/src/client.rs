@@ -147,6 +147,8 @@ pub struct NomadClient {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// The Nomad namespace of every call (`NOMAD_NAMESPACE`); None: Nomad's default.
+    namespace: Option<String>,
 }
 
 impl NomadClient {
@@ -173,6 +175,7 @@ impl NomadClient {
             http,
             base,
             token: None,
+            namespace: None,
         })
     }
 
@@ -181,6 +184,20 @@ impl NomadClient {
     pub fn with_env_token(mut self) -> std::result::Result<Self, String> {
         self.token = simq_consul::client::token_from_env("NOMAD_TOKEN", "NOMAD_TOKEN_FILE")?;
         Ok(self)
+    }
+
+    /// Work in the namespace named by `NOMAD_NAMESPACE` (as the `nomad` CLI does): every
+    /// call names it and jobs are registered into it. Unset or empty: Nomad's default.
+    pub fn with_env_namespace(mut self) -> Self {
+        self.namespace = std::env::var("NOMAD_NAMESPACE")
+            .ok()
+            .filter(|n| !n.trim().is_empty());
+        self
+    }
+
+    /// The namespace calls go to, when one was set.
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
     }
 
     /// A client configured like the `nomad` CLI: `NOMAD_ADDR`, default `http://127.0.0.1:4646`.
@@ -201,6 +218,10 @@ impl NomadClient {
 
     /// Register (create or update) a job from its JSON.
     pub async fn register_job(&self, job: &Value) -> Result<Registration> {
+        let mut job = job.clone();
+        if let Some(ns) = &self.namespace {
+            job["Namespace"] = json!(ns);
+        }
         let v = self
             .call(Method::POST, "/v1/jobs", Some(json!({ "Job": job })))
             .await?;
@@ -364,12 +385,16 @@ impl NomadClient {
         Ok(text)
     }
 
-    /// A request to `path` with the timeout and the token (`X-Nomad-Token`) set.
+    /// A request to `path` with the timeout, the namespace and the token (`X-Nomad-Token`)
+    /// set.
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self
+        let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
             .timeout(PLAIN_TIMEOUT);
+        if let Some(ns) = &self.namespace {
+            req = req.query(&[("namespace", ns)]);
+        }
         match &self.token {
             Some(t) => req.header("X-Nomad-Token", t),
             None => req,
