@@ -124,7 +124,6 @@ make_nomad_acl() {
   secret="$(nomad_curl -fsS -X POST --data-binary '{"Name": "simq deployer", "Type": "client", "Policies": ["simq-deployer"]}' "$NOMAD_ADDR/v1/acl/token" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])')" || die "nomad: could not create the deployer token"
   (umask 077 && printf '%s\n' "$secret" >"$SIMQ_SECRETS/nomad-deployer.token")
-  log "nomad: ACLs on (default deny); namespace simq; deployer token in $SIMQ_SECRETS"
 }
 
 start_consul() {
@@ -177,6 +176,7 @@ start_nomad() {
   if acl_enabled; then
     wait_until "$READY_TIMEOUT" "nomad" nomad_healthy && wait_until 30 "nomad acl bootstrap" make_nomad_acl ||
       { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad: ACL bootstrap failed (log above)"; }
+    log "nomad: ACLs on (default deny); simq's jobs in namespace simq; deployer token in $SIMQ_SECRETS"
   fi
   wait_until "$READY_TIMEOUT" "nomad" nomad_ready ||
     { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad did not become ready within ${READY_TIMEOUT}s (log above)"; }
@@ -290,6 +290,8 @@ cmd_status() {
   fi
   if pid_alive "$NOMAD_DIR/nomad.pid"; then
     echo "nomad:  running, pid $(cat "$NOMAD_DIR/nomad.pid"), $NOMAD_ADDR, $(first_line "$NOMAD_BIN" version)"
+    [ ! -f "$SIMQ_SECRETS/nomad-management.token" ] ||
+      echo "nomad ACLs: on, default deny; simq's jobs in namespace simq (NOMAD_NAMESPACE=simq); deployer token in $SIMQ_SECRETS"
   else
     echo "nomad:  stopped"; rc=1
   fi

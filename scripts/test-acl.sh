@@ -105,6 +105,10 @@ other='{"Job": {"ID": "acl-other", "Name": "acl-other", "Namespace": "default", 
 expect "the management token registers another job (namespace default)" 200 "$(nomad_status "$S/nomad-management.token" POST /v1/jobs "$other")"
 expect "anonymous may not list simq's Nomad jobs" 403 "$(nomad_status "" GET '/v1/jobs?namespace=simq')"
 expect "deployer token lists simq's jobs" 200 "$(nomad_status "$D" GET '/v1/jobs?namespace=simq')"
+listed="$(curl -s -H @"$work/nomad-header" "$NOMAD_ADDR/v1/jobs?namespace=simq")"
+for job in simq-blobs simq-embedder simq-shards simq-balancer; do
+  [[ "$listed" == *"\"ID\":\"$job\""* ]] && pass "$job runs in the simq namespace" || fail "$job is not in the simq namespace: $listed"
+done
 expect "deployer token may not read a job of another namespace" 403 "$(nomad_status "$D" GET '/v1/job/acl-other?namespace=default')"
 expect "deployer token may not stop a job of another namespace" 403 "$(nomad_status "$D" DELETE '/v1/job/acl-other?namespace=default')"
 expect "deployer token may not register a job in another namespace" 403 "$(nomad_status "$D" POST '/v1/jobs?namespace=default' "$other")"
