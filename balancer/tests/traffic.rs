@@ -109,6 +109,30 @@ async fn arms_of(
     arms
 }
 
+/// Set a split of weight 0.2 under `salt` and ask once as each user: every user's arm is
+/// the hash rule's. Returns the arms.
+async fn experiment(
+    http: &reqwest::Client,
+    salt: &str,
+    users: &[String],
+    questions: &mut impl Iterator<Item = String>,
+    active: &str,
+    candidate: &str,
+) -> Vec<Arm> {
+    let set = run(&[
+        "traffic", "set", candidate, "--weight", "0.2", "--salt", salt,
+    ]);
+    assert!(set.status.success());
+    split_serving(salt, 0.2, 0.0).await;
+    let arms = arms_of(http, users, questions, active, candidate).await;
+    let predicted: Vec<Arm> = users
+        .iter()
+        .map(|u| arm_of(salt, &format!("user:{u}"), 0.2))
+        .collect();
+    assert_eq!(arms, predicted, "each user's arm is the hash rule's");
+    arms
+}
+
 #[tokio::test]
 #[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
 async fn traffic_split_shadow_and_progressive_rollouts_without_a_failed_query() {
@@ -142,18 +166,7 @@ async fn traffic_split_shadow_and_progressive_rollouts_without_a_failed_query() 
     assert!(t.is_null(), "no split yet: {t}");
 
     let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
-    assert!(
-        run(&["traffic", "set", &good, "--weight", "0.2", "--salt", "exp-1"])
-            .status
-            .success()
-    );
-    split_serving("exp-1", 0.2, 0.0).await;
-    let first = arms_of(&http, &users, &mut questions, &dg_a, &good).await;
-    let predicted: Vec<Arm> = users
-        .iter()
-        .map(|u| arm_of("exp-1", &format!("user:{u}"), 0.2))
-        .collect();
-    assert_eq!(first, predicted, "each user's arm is the hash rule's");
+    let first = experiment(&http, "exp-1", &users, &mut questions, &dg_a, &good).await;
     let share = first.iter().filter(|a| **a == Arm::Candidate).count() as f64 / 300.0;
     // 300 users: the binomial standard deviation at 0.2 is 0.023; 3 of them.
     eprintln!("weight 0.2: {share:.3} of 300 distinct users on the candidate");
@@ -166,18 +179,7 @@ async fn traffic_split_shadow_and_progressive_rollouts_without_a_failed_query() 
     );
 
     // Another salt: users are drawn again, independently of the first experiment.
-    assert!(
-        run(&["traffic", "set", &good, "--weight", "0.2", "--salt", "exp-2"])
-            .status
-            .success()
-    );
-    split_serving("exp-2", 0.2, 0.0).await;
-    let second = arms_of(&http, &users, &mut questions, &dg_a, &good).await;
-    let predicted: Vec<Arm> = users
-        .iter()
-        .map(|u| arm_of("exp-2", &format!("user:{u}"), 0.2))
-        .collect();
-    assert_eq!(second, predicted);
+    let second = experiment(&http, "exp-2", &users, &mut questions, &dg_a, &good).await;
     let both = first
         .iter()
         .zip(&second)
