@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Secure mode, end to end on real agents: a cluster with Consul and Nomad ACLs on and
-# default deny (SIMQ_ACL=1 scripts/cluster.sh start), the stack deployed and a second dg
-# rolled out with the least-privilege tokens of consul/acl/ and nomad/acl/ under
-# unique-query load (0 failed), and what each token may not do checked against the real
-# agents. scripts/test.sh runs it
+# default deny (SIMQ_ACL=1 scripts/cluster.sh start), balancers that require API keys,
+# the stack deployed and a second dg rolled out with the least-privilege tokens of
+# consul/acl/ and nomad/acl/ under unique-query load sent with an API key (0 failed), and
+# what each token may not do checked against the real agents. scripts/test.sh runs it
 # after the other integration tests, once their cluster is stopped; it stops its own.
 #
 # Needs: the debug build (cargo build --workspace --all-targets) and SIMQ_TEST_CORPUS.
@@ -53,16 +53,29 @@ sed -n '601,1200p' "$SIMQ_TEST_CORPUS" >"$work/b.txt"
 sed -n '5001,7000p' "$SIMQ_TEST_CORPUS" >"$work/queries.txt"
 deploy() { # deploy CORPUS: the dg now served
   SIMQ_BIN_DIR="$bin" SIMQ_CORPUS="$1" SIMQ_SHARDS=2 SIMQ_CLUSTERS=32 SIMQ_NPROBE=8 \
-    SIMQ_BALANCERS=1 SIMQ_EMBEDDERS=1 SIMQ_PORT=$port "$SIMQ_ROOT/scripts/deploy.sh"
+    SIMQ_BALANCERS=1 SIMQ_EMBEDDERS=1 SIMQ_PORT=$port SIMQ_API_KEYS=required "$SIMQ_ROOT/scripts/deploy.sh"
 }
 
-log "acl test: deploy dg A with the indexer's and the balancer's tokens"
+log "acl test: deploy dg A with the indexer's and the balancer's tokens, API keys required"
 dg_a="$(deploy "$work/a.txt")" || die "deploy with least-privilege tokens failed"
 pass "stack deployed and serving $dg_a with ACLs on"
 
-log "acl test: roll out dg B under 5 unique queries/s"
+# The whole secure mode at once: the load below sends an API key made with the indexer's
+# Consul token.
+(umask 077 && CONSUL_HTTP_TOKEN_FILE="$SIMQ_SECRETS/indexer.token" "$bin/simq-indexer" keys create \
+  --label acl-load --rate 100 --burst 100 >"$work/key") || die "could not create the load's API key"
+(umask 077 && printf 'Authorization: Bearer %s\n' "$(cat "$work/key")" >"$work/key-header")
+query_status() { # query_status [CURL ARGS...]: the HTTP status of one query
+  curl -s -o /dev/null -w '%{http_code}' "$@" -X POST "http://127.0.0.1:$port/v1/query" -d '{"query": "How long did the war last?"}'
+}
+keyed_ok() { [ "$(query_status -H @"$work/key-header")" = 200 ]; }
+for _ in $(seq 1 40); do keyed_ok && break; sleep 0.25; done
+expect "a query with the new API key is answered" 200 "$(query_status -H @"$work/key-header")"
+expect "a query without an API key is refused" 401 "$(query_status)"
+
+log "acl test: roll out dg B under 5 unique queries/s (each with the API key)"
 "$bin/examples/loadgen" --url "http://127.0.0.1:$port/v1/query" --queries "$work/queries.txt" \
-  --rate 5 --seconds 300 --max 2000 --timeout 5 >"$work/load.json" &
+  --rate 5 --seconds 300 --max 2000 --timeout 5 --api-key-file "$work/key" >"$work/load.json" &
 load_pid=$!
 sleep 3
 dg_b="$(deploy "$work/b.txt")" || die "rollout with least-privilege tokens failed"
@@ -74,7 +87,7 @@ read -r sent failed degraded < <(python3 -c 'import json,sys; r=json.load(open(s
 log "acl test: rollout $dg_a -> $dg_b under load: $sent queries, $failed failed, $degraded degraded"
 [ "$dg_a" != "$dg_b" ] || fail "the second deploy did not change the dg"
 [ "$failed" = 0 ] && [ "$sent" -gt 0 ] || fail "$failed of $sent queries failed during the rollout"
-answer="$(curl -fsS -X POST "http://127.0.0.1:$port/v1/query" -d '{"query": "How long did the war last?"}')" ||
+answer="$(curl -fsS -H @"$work/key-header" -X POST "http://127.0.0.1:$port/v1/query" -d '{"query": "How long did the war last?"}')" ||
   fail "no answer after the rollout"
 [[ "$answer" == *"\"dg\":\"$dg_b\""* ]] && pass "answers come from $dg_b" || fail "answer not from $dg_b: $answer"
 
@@ -143,7 +156,11 @@ for t in "$S"/*.token; do
     leaked=1
   fi
 done
-[ $leaked = 1 ] || pass "no token in the logs under $SIMQ_CLUSTER_DIR"
+if grep -rqF --exclude-dir=secrets "$(cat "$work/key")" "$SIMQ_CLUSTER_DIR" 2>/dev/null; then
+  fail "the load's API key appears in a log under $SIMQ_CLUSTER_DIR"
+  leaked=1
+fi
+[ $leaked = 1 ] || pass "no token and no API key in the logs under $SIMQ_CLUSTER_DIR"
 
 [ $failures = 0 ] || die "$failures ACL checks failed"
 log "acl test: all checks passed"

@@ -66,6 +66,9 @@ struct Args {
     /// that gets 429/503 with Retry-After waits that long, as a well-behaved client does.
     #[arg(long)]
     ignore_retry_after: bool,
+    /// Send the API key in this file (`Authorization: Bearer`) with every query.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
     /// A label copied into the summary.
     #[arg(long, default_value = "")]
     label: String,
@@ -181,7 +184,18 @@ async fn main() -> anyhow::Result<()> {
         "{} has no queries",
         args.queries.display()
     );
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(file) = &args.api_key_file {
+        let key = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("reading the API key from {}: {e}", file.display()))?;
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+                .map_err(|_| anyhow::anyhow!("{} does not hold an API key", file.display()))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_secs_f64(args.timeout))
         .pool_max_idle_per_host(args.connections.max(64))
         .build()?;
