@@ -53,6 +53,30 @@ pub async fn run(
         // Nothing served before (the first dg): there is nothing to compare with.
         done @ RolloutOutcome::Done { .. } => return Ok(done),
     }
+    // Any failure from here on (a failed check, Prometheus or Consul unreachable) stops
+    // the candidate: no share of users stays on a dg nobody is judging.
+    if let Err(why) = judge_steps(consul, layout, dg, plan, &progress).await {
+        progress(&format!("{why:#}; stopping the candidate"));
+        stop_candidate(nomad, consul, layout, &progress).await?;
+        bail!("progressive rollout of {dg} stopped, the active dg was not changed: {why:#}");
+    }
+    // Every step passed: resume the rollout (flip, promote), then remove the split, whose
+    // candidate is now the active dg (balancers already send it no "candidate" traffic).
+    let outcome = rollout::rollout(nomad, consul, layout, dg, opts, &progress).await?;
+    let observed = traffic::observe(consul, layout).await?;
+    traffic::clear(consul, layout, &observed).await?;
+    progress("traffic split cleared");
+    Ok(outcome)
+}
+
+/// Set each step's split, wait, judge it; the first failed step is the error.
+async fn judge_steps(
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    dg: &str,
+    plan: &Plan,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<()> {
     let steps: Vec<f64> = std::iter::once(0.0)
         .chain(plan.weights.iter().copied())
         .collect();
@@ -79,37 +103,27 @@ pub async fn run(
         ));
         tokio::time::sleep(plan.step + SCRAPE_MARGIN).await;
         let comparison = compare::fetch(&plan.prometheus, plan.step).await?;
-        let checks = compare::verdict(&comparison, &plan.thresholds);
         progress(&format!(
             "step {} comparison:\n{}",
             i + 1,
             compare::table(&comparison)
         ));
-        let failed: Vec<String> = checks
+        let failed: Vec<String> = compare::verdict(&comparison, &plan.thresholds)
             .iter()
             .filter(|c| !c.passed)
             .map(|c| format!("{}: {}", c.name, c.detail))
             .collect();
         if !failed.is_empty() {
-            let why = format!(
+            bail!(
                 "step {}/{} (weight {weight}) failed: {}",
                 i + 1,
                 steps.len(),
                 failed.join("; ")
             );
-            progress(&format!("{why}; stopping the candidate"));
-            stop_candidate(nomad, consul, layout, &progress).await?;
-            bail!("progressive rollout of {dg} stopped, the active dg was not changed: {why}");
         }
         progress(&format!("step {} passed", i + 1));
     }
-    // Every step passed: resume the rollout (flip, promote), then remove the split, whose
-    // candidate is now the active dg (balancers already send it no "candidate" traffic).
-    let outcome = rollout::rollout(nomad, consul, layout, dg, opts, &progress).await?;
-    let observed = traffic::observe(consul, layout).await?;
-    traffic::clear(consul, layout, &observed).await?;
-    progress("traffic split cleared");
-    Ok(outcome)
+    Ok(())
 }
 
 /// Clear the split, then stop the candidate's canaries; the dg stopped, if one ran.
