@@ -27,21 +27,66 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
 }
 
 /// Version of the manifest layout. 2: fine clusters ([`ClusterTable`]) replace one
-/// centroid per shard.
-pub const MANIFEST_FORMAT: u32 = 2;
+/// centroid per shard. 3: the dg id hashes the manifest's canonical JSON
+/// ([`canonical_json`]), so it no longer depends on how this struct serialises.
+pub const MANIFEST_FORMAT: u32 = 3;
 
 /// Manifest formats this build reads: a newer simq opens the dgs an older one published
-/// (`testdata/format-2/` is kept as written and must keep its dg id). Rule for changing
-/// the manifest: never rename, reorder or remove a field; a new field is an `Option` with
-/// `#[serde(default, skip_serializing_if = "Option::is_none")]`, so manifests written
-/// before it hash to the ids they were published under.
+/// (`testdata/format-2/` and `testdata/format-3/` are kept as written and must keep their
+/// dg ids). Format 2's id hashes this struct's own serialisation (members in declaration
+/// order), so for format 2 never rename, reorder or remove a field. From format 3 on the
+/// id hashes canonical JSON: member order and absent optional members (null) do not
+/// count, so a new optional field leaves the ids of manifests without it unchanged. A
+/// reader refuses members it does not know (they would be dropped from the hash).
 pub const READABLE_MANIFEST_FORMATS: std::ops::RangeInclusive<u32> = 2..=MANIFEST_FORMAT;
+
+/// The canonical bytes of a JSON value, what content addresses hash: object members
+/// sorted by key (bytewise), members whose value is null left out, arrays in order, no
+/// whitespace, strings and numbers as serde_json writes them. Two values that differ only
+/// in member order, whitespace or null members have the same canonical bytes.
+pub fn canonical_json(value: &serde_json::Value) -> Vec<u8> {
+    use serde_json::Value;
+    fn write(value: &Value, out: &mut Vec<u8>) {
+        match value {
+            Value::Object(members) => {
+                let mut sorted: Vec<(&String, &Value)> =
+                    members.iter().filter(|(_, v)| !v.is_null()).collect();
+                sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                out.push(b'{');
+                for (i, (key, v)) in sorted.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend(serde_json::to_vec(key).expect("a string serialises"));
+                    out.push(b':');
+                    write(v, out);
+                }
+                out.push(b'}');
+            }
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write(v, out);
+                }
+                out.push(b']');
+            }
+            scalar => out.extend(serde_json::to_vec(scalar).expect("a scalar serialises")),
+        }
+    }
+    let mut out = Vec::new();
+    write(value, &mut out);
+    out
+}
 
 /// Consul caps KV values at 512 KB; a manifest must fit.
 pub const KV_VALUE_LIMIT: usize = 512 * 1024;
 
 /// One shard of an index generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShardEntry {
     /// Shard number, 0-based, also the row of its centroid.
     pub shard: u32,
@@ -57,6 +102,7 @@ pub struct ShardEntry {
 /// file as its own arroy index (index id = cluster number); a query probes the clusters
 /// whose centroids are nearest and each shard searches only the clusters it is asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterTable {
     /// Shard holding each cluster, row i for cluster i.
     pub shard_of: Vec<u32>,
@@ -76,6 +122,7 @@ pub const MAX_CLUSTERS: usize = u16::MAX as usize + 1;
 
 /// How the generation was built (recorded so a build can be reproduced and compared).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BuildInfo {
     /// sha256 of the de-duplicated corpus texts, in order.
     pub corpus_sha256: String,
@@ -89,6 +136,7 @@ pub struct BuildInfo {
 /// An index generation ("dg"): everything a balancer needs to route, and everything a
 /// shard needs to verify its file. Its id is a content address of the rest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: u32,
     /// `dg-<first 16 hex of the sha256 of this manifest with dg = "">`.
@@ -105,11 +153,17 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The content address of a manifest: a hash of its JSON with `dg` empty.
+    /// The content address of a manifest: a hash of its JSON with `dg` empty; canonical
+    /// JSON from format 3 on, this struct's serialisation for format 2 (see
+    /// [`READABLE_MANIFEST_FORMATS`]).
     pub fn content_id(&self) -> String {
         let mut anonymous = self.clone();
         anonymous.dg = String::new();
-        let bytes = serde_json::to_vec(&anonymous).expect("manifest serialises");
+        let bytes = if self.format <= 2 {
+            serde_json::to_vec(&anonymous).expect("manifest serialises")
+        } else {
+            canonical_json(&serde_json::to_value(&anonymous).expect("manifest serialises"))
+        };
         format!("dg-{}", &hex::encode(Sha256::digest(&bytes))[..16])
     }
 
@@ -285,34 +339,44 @@ impl KvLayout {
 pub(crate) mod tests {
     use super::*;
 
-    /// The dg of `testdata/format-2/`, as it was published.
-    const FORMAT_2_DG: &str = "dg-cefd5fb3d5bba8c0";
+    /// The dgs kept in `testdata/`, as they were published: (directory, dg, format).
+    const KEPT: [(&str, &str, u32); 2] = [
+        ("format-2", "dg-cefd5fb3d5bba8c0", 2),
+        ("format-3", "dg-166ebf6e0a7486a2", 3),
+    ];
 
-    fn testdata(file: &str) -> std::path::PathBuf {
+    fn testdata(dir: &str, file: &str) -> std::path::PathBuf {
         // Read at run time (cargo test sets it): a binary reused from another checkout
         // through a shared target dir must not look in that checkout.
         std::env::var_os("CARGO_MANIFEST_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
-            .join("../testdata/format-2")
+            .join("../testdata")
+            .join(dir)
             .join(file)
     }
 
     #[test]
-    fn a_format_2_dg_keeps_its_id_and_its_centroids() {
-        let bytes = std::fs::read(testdata("manifest.json")).unwrap();
-        let m: Manifest = serde_json::from_slice(&bytes).expect("a format-2 manifest parses");
-        assert_eq!(m.format, 2);
-        m.validate().expect("a format-2 manifest validates");
-        assert_eq!(m.dg, FORMAT_2_DG);
-        assert_eq!(
-            m.content_id(),
-            FORMAT_2_DG,
-            "the id of a published dg never changes"
-        );
-        let centroids = std::fs::read(testdata("centroids.f32")).unwrap();
-        let map = crate::CentroidMap::from_bytes(&m, &centroids).expect("its centroids load");
-        assert_eq!(map.clusters(), 2);
+    fn kept_dgs_keep_their_ids_and_their_centroids() {
+        for (dir, dg, format) in KEPT {
+            let bytes = std::fs::read(testdata(dir, "manifest.json")).unwrap();
+            let m: Manifest = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("the {dir} manifest parses: {e}"));
+            assert_eq!(m.format, format);
+            m.validate()
+                .unwrap_or_else(|e| panic!("the {dir} manifest validates: {e}"));
+            assert_eq!(m.dg, dg);
+            assert_eq!(
+                m.content_id(),
+                dg,
+                "the id of a published dg never changes ({dir})"
+            );
+            // Format 3 keeps format 2's shard file and centroids (only the id rule changed).
+            let centroids = std::fs::read(testdata("format-2", "centroids.f32")).unwrap();
+            let map = crate::CentroidMap::from_bytes(&m, &centroids)
+                .unwrap_or_else(|e| panic!("the {dir} centroids load: {e}"));
+            assert_eq!(map.clusters(), 2);
+        }
     }
 
     #[test]
@@ -392,6 +456,54 @@ pub(crate) mod tests {
         other.shards[1].sha256 = "changed".into();
         assert_ne!(other.content_id(), m.dg);
         assert!(other.validate().unwrap_err().contains("does not match"));
+    }
+
+    #[test]
+    fn canonical_json_ignores_member_order_whitespace_and_nulls() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b": [1, {"y": "é\n", "x": null}], "a": {"d": 2, "c": 1}}"#)
+                .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"a":{"c":1,"d":2},"b":[1,{"y":"é\n"}]}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(
+            String::from_utf8(canonical_json(&a)).unwrap(),
+            r#"{"a":{"c":1,"d":2},"b":[1,{"y":"é\n"}]}"#
+        );
+        let reordered: serde_json::Value =
+            serde_json::from_str(r#"{"b": [{"y": "é\n"}, 1], "a": {"c": 1, "d": 2}}"#).unwrap();
+        assert_ne!(
+            canonical_json(&a),
+            canonical_json(&reordered),
+            "array order counts"
+        );
+    }
+
+    #[test]
+    fn a_format_3_id_does_not_depend_on_member_order_or_layout() {
+        let m = manifest();
+        assert_eq!(m.format, 3);
+        // The same manifest written with members sorted (not in declaration order) and
+        // pretty-printed: another text, the same dg.
+        let sorted = canonical_json(&serde_json::to_value(&m).unwrap());
+        assert_ne!(sorted, serde_json::to_vec(&m).unwrap());
+        let pretty = serde_json::to_string_pretty(
+            &serde_json::from_slice::<serde_json::Value>(&sorted).unwrap(),
+        )
+        .unwrap();
+        let read: Manifest = serde_json::from_str(&pretty).unwrap();
+        assert_eq!(read.validate(), Ok(()));
+        assert_eq!(read.content_id(), m.dg);
+    }
+
+    #[test]
+    fn unknown_manifest_members_are_refused_by_name() {
+        let mut v = serde_json::to_value(manifest()).unwrap();
+        v["build"]["tokenizer"] = "x".into();
+        let e = serde_json::from_value::<Manifest>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `tokenizer`"), "{e}");
     }
 
     #[test]
