@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts and stops the local simq cluster: a Consul dev agent and a Nomad dev agent, on
-# loopback only. State, logs and pid files live in $SIMQ_CLUSTER_DIR
+# Starts and stops the local simq cluster: a single-server Consul agent and a Nomad dev
+# agent, on loopback only. State, logs and pid files live in $SIMQ_CLUSTER_DIR
 # (default ~/.cache/simq/cluster).
 #
 #   scripts/cluster.sh start    start both agents (Consul first) and wait until ready;
@@ -8,6 +8,14 @@
 #                               least-privilege token per consul/acl/ policy (see there)
 #   scripts/cluster.sh stop     stop every Nomad job, then Nomad, then Consul; no strays
 #   scripts/cluster.sh status   say what runs, with pids and addresses
+#   scripts/cluster.sh restart-consul [DOWN_SECONDS]
+#                               stop Consul, wait (default 10 s), start it again on the
+#                               same state (KV, sessions, tokens): an outage as a real
+#                               Consul server has one (the fault suite uses it)
+#
+# Consul keeps its state in $SIMQ_CLUSTER_DIR/consul/data while it runs and across
+# restart-consul; `start` begins from an empty one and `stop` deletes it, as a dev agent
+# (in memory) did.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 CONSUL_DIR="$SIMQ_CLUSTER_DIR/consul"
@@ -126,7 +134,9 @@ make_nomad_acl() {
   (umask 077 && printf '%s\n' "$secret" >"$SIMQ_SECRETS/nomad-deployer.token")
 }
 
+# start_consul [keep]: start the agent; with "keep", on the state and secrets it had.
 start_consul() {
+  local keep=${1:-}
   if pid_alive "$CONSUL_DIR/consul.pid"; then
     log "consul: already running (pid $(cat "$CONSUL_DIR/consul.pid"))"
     return
@@ -135,21 +145,27 @@ start_consul() {
   if curl -fsS -o /dev/null "$CONSUL_HTTP_ADDR/v1/status/leader" 2>/dev/null; then
     die "something else already answers on $CONSUL_HTTP_ADDR: stop it first (simq's cluster did not start it)"
   fi
-  mkdir -p "$CONSUL_DIR"
+  [ -n "$keep" ] || { rm -rf "$CONSUL_DIR/data"; : >"$CONSUL_DIR/consul.log" 2>/dev/null || true; }
+  mkdir -p "$CONSUL_DIR/data"
   local acl=()
-  if [ "${SIMQ_ACL:-0}" = 1 ]; then
+  if [ -n "$keep" ]; then
+    ! acl_enabled || acl=(-config-file "$SIMQ_SECRETS/consul-acl.hcl")
+  elif [ "${SIMQ_ACL:-0}" = 1 ]; then
     prepare_acl
     acl=(-config-file "$SIMQ_SECRETS/consul-acl.hcl")
   else
     rm -rf "$SIMQ_SECRETS"
   fi
-  log "consul: starting v$CONSUL_VERSION, log $CONSUL_DIR/consul.log"
-  setsid "$CONSUL_BIN" agent -dev -config-file "$SIMQ_ROOT/consul/dev-agent.hcl" "${acl[@]}" \
-    -pid-file "$CONSUL_DIR/consul.pid" >"$CONSUL_DIR/consul.log" 2>&1 </dev/null &
+  log "consul: starting v$CONSUL_VERSION${keep:+ on its previous state}, log $CONSUL_DIR/consul.log"
+  # One server that elects itself (-bootstrap-expect 1), its state on disk so that a
+  # restarted agent keeps KV, sessions and ACL tokens.
+  setsid "$CONSUL_BIN" agent -server -bootstrap-expect 1 -data-dir "$CONSUL_DIR/data" \
+    -config-file "$SIMQ_ROOT/consul/dev-agent.hcl" "${acl[@]}" \
+    -pid-file "$CONSUL_DIR/consul.pid" >>"$CONSUL_DIR/consul.log" 2>&1 </dev/null &
   wait_until "$READY_TIMEOUT" "consul" consul_ready ||
     { tail -n 20 "$CONSUL_DIR/consul.log" >&2; die "consul did not become ready within ${READY_TIMEOUT}s (log above)"; }
   log "consul: ready at $CONSUL_HTTP_ADDR (pid $(cat "$CONSUL_DIR/consul.pid"))"
-  if acl_enabled; then make_acl_tokens; fi
+  if acl_enabled && [ -z "$keep" ]; then make_acl_tokens; fi
 }
 
 start_nomad() {
@@ -273,8 +289,8 @@ cmd_stop() {
   kill_strays
   unmount_leftovers
   stop_pid consul "$CONSUL_DIR/consul.pid"
-  # A dev Consul forgets its tokens when it stops: the files are worthless now.
-  rm -rf "$SIMQ_SECRETS"
+  # The next start begins from an empty Consul: its tokens are worthless now.
+  rm -rf "$SIMQ_SECRETS" "$CONSUL_DIR/data"
   log "cluster stopped"
 }
 
@@ -298,9 +314,20 @@ cmd_status() {
   return $rc
 }
 
+cmd_restart_consul() {
+  local down=${1:-10}
+  [[ "$down" =~ ^[0-9]+$ ]] || die "restart-consul: DOWN_SECONDS must be a whole number, not '$down'"
+  pid_alive "$CONSUL_DIR/consul.pid" || die "consul is not running (scripts/cluster.sh start)"
+  stop_pid consul "$CONSUL_DIR/consul.pid"
+  log "consul: down for $down s"
+  sleep "$down"
+  start_consul keep
+}
+
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) die "usage: scripts/cluster.sh start|stop|status" ;;
+  restart-consul) cmd_restart_consul "${2:-10}" ;;
+  *) die "usage: scripts/cluster.sh start|stop|status|restart-consul [DOWN_SECONDS]" ;;
 esac

@@ -9,32 +9,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    cluster_dir, corpus_slice, deploy_with, metric, post, shard_pids, signal, status, stop_jobs,
+    agent_pid, corpus_slice, deploy_with, metric, post, shard_pids, signal, status, stop_jobs,
+    Frozen,
 };
 use serde_json::json;
-
-/// Freezes the Consul agent; thaws it when dropped, also when an assertion fails (a frozen
-/// agent would hang everything after this test).
-struct Frozen(u32);
-
-impl Frozen {
-    fn consul() -> Self {
-        let pidfile = cluster_dir().join("consul/consul.pid");
-        let pid: u32 = std::fs::read_to_string(&pidfile)
-            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
-            .trim()
-            .parse()
-            .unwrap();
-        signal("-STOP", pid);
-        Self(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal("-CONT", self.0);
-    }
-}
 
 /// Ask one query that is not in the balancer's cache; (status, dg).
 async fn ask(text: &str) -> (u16, String) {
@@ -65,7 +43,7 @@ async fn balancer_serves_through_a_consul_outage_and_recovers() {
 
     // 20 s of Consul outage with queries running one after another.
     let outage = Duration::from_secs(20);
-    let frozen = Frozen::consul();
+    let frozen = Frozen::freeze(agent_pid("consul/consul.pid"));
     let started = Instant::now();
     let (mut ok, mut failed) = (0, Vec::new());
     let mut noticed = None;

@@ -12,23 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    consul_addr, corpus_slice, deploy_with, nomad_addr, pids_of, signal, start_load, stop_jobs,
+    corpus_slice, deploy_with, nomad_addr, passing, pids_of, signal, start_load, stop_jobs,
     unique_questions, Pace,
 };
 use serde_json::Value;
 
 async fn get(url: String) -> Value {
     reqwest::get(&url).await.unwrap().json().await.unwrap()
-}
-
-async fn passing(service: &str) -> usize {
-    get(format!(
-        "{}/v1/health/service/{service}?passing=true",
-        consul_addr()
-    ))
-    .await
-    .as_array()
-    .map_or(0, Vec::len)
 }
 
 /// Register `job` again with one environment variable changed: a new version, which Nomad

@@ -51,6 +51,8 @@ pub struct KvPair {
     pub value: Vec<u8>,
     /// The index of the last write to this key: the `cas` to send to replace it.
     pub modify_index: u64,
+    /// The session holding the key as a lock, if one does.
+    pub session: Option<String>,
 }
 
 /// One instance of a service from `/v1/health/service/<name>`.
@@ -432,6 +434,8 @@ struct RawKv {
     key: String,
     value: Option<String>,
     modify_index: u64,
+    #[serde(default)]
+    session: Option<String>,
 }
 
 impl RawKv {
@@ -449,6 +453,7 @@ impl RawKv {
             key: self.key,
             value,
             modify_index: self.modify_index,
+            session: self.session,
         })
     }
 }

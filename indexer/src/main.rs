@@ -200,9 +200,9 @@ struct RolloutArgs {
     dg: String,
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// Replicas per shard.
-    #[arg(long, default_value_t = 1)]
-    replicas: usize,
+    /// Replicas per shard [default: as many as the running shards job has, else 1].
+    #[arg(long)]
+    replicas: Option<usize>,
     /// Base URL of the blob store.
     #[arg(long, default_value = "http://127.0.0.1:8090")]
     blob_url: String,
@@ -576,8 +576,14 @@ mod cluster {
             Some(p) => p,
             None => std::env::current_exe()?.with_file_name("simq-shard"),
         };
+        let replicas = match args.replicas {
+            Some(r) => r,
+            None => simq_indexer::rollout::running_replicas(&nomad)
+                .await?
+                .unwrap_or(1),
+        };
         let opts = RolloutOptions {
-            replicas: args.replicas,
+            replicas,
             blob_url: args.blob_url.clone(),
             shard_bin: shard_bin.to_string_lossy().into_owned(),
             healthy_deadline: Duration::from_secs(args.healthy_deadline_secs),

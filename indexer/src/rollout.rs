@@ -58,8 +58,8 @@ pub enum RolloutOutcome {
     CandidateReady { seconds: f64 },
 }
 
-/// The dg the running shards job serves, if any.
-pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
+/// The first shard group of the running shards job (None when no such job runs).
+async fn running_first_group(nomad: &NomadClient) -> anyhow::Result<Option<serde_json::Value>> {
     let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
         return Ok(None);
     };
@@ -71,8 +71,24 @@ pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
         .into_iter()
         .flatten()
         .find(|g| g["Name"] == group_name(0).as_str())
-        .and_then(|g| g["Meta"]["dg"].as_str())
-        .map(String::from))
+        .cloned())
+}
+
+/// The dg the running shards job serves, if any.
+pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
+    Ok(running_first_group(nomad)
+        .await?
+        .and_then(|g| g["Meta"]["dg"].as_str().map(String::from)))
+}
+
+/// Replicas per shard of the running shards job, if one runs: what a rollout keeps unless
+/// told otherwise.
+pub async fn running_replicas(nomad: &NomadClient) -> anyhow::Result<Option<usize>> {
+    Ok(running_first_group(nomad)
+        .await?
+        .and_then(|g| g["Count"].as_u64())
+        .filter(|&n| n > 0)
+        .map(|n| n as usize))
 }
 
 async fn published_manifest(
@@ -520,7 +536,9 @@ pub async fn rollout(
             }
             _ => {}
         }
-        let all_canaries_healthy = canary > 0
+        // A resumed deployment has canaries even when `dg` is already active (a run killed
+        // between the flip and the promotion): they still wait for the promotion.
+        let all_canaries_healthy = (canary > 0 || resumed.is_some())
             && new_groups.iter().all(|name| {
                 dep.task_groups
                     .get(name)
@@ -549,11 +567,17 @@ pub async fn rollout(
             // The old set may only go once no balancer routes with it any more.
             let waited = wait_for_balancers(consul, dg, Duration::from_secs(15)).await;
             progress(&format!("balancers route with {dg}: {waited}"));
-            nomad
-                .promote_deployment(&dep.id)
-                .await
-                .context("promoting the deployment")?;
-            progress("deployment promoted: old shards stop");
+            // (A resumed run finds it promoted when its last run was killed after that.)
+            let mut canaried = dep.task_groups.values().filter(|g| g.desired_canaries > 0);
+            if canaried.all(|g| g.promoted) {
+                progress("deployment already promoted: old shards stop");
+            } else {
+                nomad
+                    .promote_deployment(&dep.id)
+                    .await
+                    .context("promoting the deployment")?;
+                progress("deployment promoted: old shards stop");
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -314,6 +314,10 @@ pub struct LoadReport {
     pub dgs: Vec<String>,
     /// Successful answers marked degraded (a routed shard had no healthy replica).
     pub degraded: usize,
+    /// Milliseconds from the scheduled send to the answer, of each successful query.
+    pub answered_ms: Vec<f64>,
+    /// Milliseconds until the refusal or error, of each failed query.
+    pub failed_ms: Vec<f64>,
 }
 
 impl LoadReport {
@@ -333,6 +337,21 @@ impl LoadReport {
         );
         assert_eq!(self.degraded, 0, "degraded answers during {what}");
     }
+
+    /// Queries sent (answered or failed).
+    pub fn sent(&self) -> usize {
+        self.ok + self.failed.len()
+    }
+}
+
+/// The `p` quantile (0..=1) of `values` in milliseconds, rounded to 0.1; 0 when empty.
+pub fn quantile_ms(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n => (v[((n - 1) as f64 * p).round() as usize] * 10.0).round() / 10.0,
+    }
 }
 
 /// How a load run offers its queries.
@@ -345,8 +364,14 @@ pub enum Pace {
     Rate(f64),
 }
 
-/// One query and what came back, into `report`.
-async fn send_query(client: &reqwest::Client, text: &str, report: &std::sync::Mutex<LoadReport>) {
+/// One query and what came back, into `report`; latency counted from `since` (the
+/// scheduled time in open loop: no coordinated omission).
+async fn send_query(
+    client: &reqwest::Client,
+    text: &str,
+    report: &std::sync::Mutex<LoadReport>,
+    since: Instant,
+) {
     let body = json!({"query": text, "k": 3}).to_string();
     let outcome = client
         .post(format!("http://127.0.0.1:{PORT}/v1/query"))
@@ -359,14 +384,19 @@ async fn send_query(client: &reqwest::Client, text: &str, report: &std::sync::Mu
         Ok(r) => Err((r.status().as_u16(), r.text().await.unwrap_or_default())),
         Err(e) => Err((0, e.to_string())),
     };
+    let ms = since.elapsed().as_secs_f64() * 1000.0;
     let mut report = report.lock().unwrap();
     match &mut entry {
         Ok(v) => {
+            report.answered_ms.push(ms);
             report.ok += 1;
             report.degraded += usize::from(v["degraded"] == true);
             report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
         }
-        Err(failure) => report.failed.push(std::mem::take(failure)),
+        Err(failure) => {
+            report.failed_ms.push(ms);
+            report.failed.push(std::mem::take(failure));
+        }
     }
 }
 
@@ -388,7 +418,7 @@ pub fn start_load(
             }
             match pace {
                 Pace::Serial => {
-                    send_query(&client, &texts[i % texts.len()], &report).await;
+                    send_query(&client, &texts[i % texts.len()], &report, Instant::now()).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Pace::Rate(rate) => {
@@ -399,7 +429,7 @@ pub fn start_load(
                     tokio::time::sleep_until(at.into()).await;
                     let (client, report) = (client.clone(), report.clone());
                     inflight.push(tokio::spawn(async move {
-                        send_query(&client, &text, &report).await
+                        send_query(&client, &text, &report, at).await
                     }));
                 }
             }
@@ -431,7 +461,7 @@ pub async fn capacity(texts: &[String], connections: usize, seconds: f64) -> f64
             while started.elapsed().as_secs_f64() < seconds {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(text) = texts.get(i) else { break };
-                send_query(&client, text, &report).await;
+                send_query(&client, text, &report, Instant::now()).await;
             }
         })
     });
@@ -486,4 +516,45 @@ pub fn signal(signal: &str, pid: u32) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill {signal} {pid}");
+}
+
+/// Healthy instances of `service` in Consul's catalog.
+pub async fn passing(service: &str) -> usize {
+    let url = format!("{}/v1/health/service/{service}?passing=true", consul_addr());
+    match reqwest::get(&url).await {
+        Ok(r) => r
+            .json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The pid in one of scripts/cluster.sh's pid files, e.g. "consul/consul.pid".
+pub fn agent_pid(pidfile: &str) -> u32 {
+    let path = cluster_dir().join(pidfile);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A process frozen with SIGSTOP; thawed with SIGCONT when dropped, also when an
+/// assertion fails (a frozen agent or shard would hang everything after the test).
+pub struct Frozen(pub u32);
+
+impl Frozen {
+    pub fn freeze(pid: u32) -> Self {
+        signal("-STOP", pid);
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
 }
