@@ -31,6 +31,8 @@ PROMTOOL_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/promtool"
 PROMETHEUS_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/prometheus"
 ORT_LIB="$SIMQ_CACHE/ort/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
 SIMQ_MODEL_DIR="${SIMQ_MODEL_DIR:-$SIMQ_CACHE/models/minilm-l6-v2-int8}"
+# The second model (model rollouts): scripts/setup.sh model_b installs it.
+SIMQ_MODEL_B_DIR="${SIMQ_MODEL_B_DIR:-$SIMQ_CACHE/models/paraphrase-minilm-l3-v2}"
 SIMQ_CLUSTER_DIR="${SIMQ_CLUSTER_DIR:-$SIMQ_CACHE/cluster}"
 # Secure mode (SIMQ_ACL=1 scripts/cluster.sh start): Consul ACLs on, default deny; the
 # management token and one token per consul/acl/ policy are files here (mode 600).

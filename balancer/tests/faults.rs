@@ -564,11 +564,12 @@ async fn every_fault_of_reliability_md_measured_under_unique_query_load() {
         "| s | balancers | embedders | shard replicas |".into(),
         "|---|---|---|---|".into(),
     ])
-    .chain(
-        memory
-            .iter()
-            .map(|(at, b, e, s)| format!("| {at} | {:.0} | {:.0} | {:.0} |", b.0, e.0, s.0)),
-    )
+    // At most about 12 rows: every n-th sample, and the last.
+    .chain(memory.iter().enumerate().filter_map(|(i, (at, b, e, s))| {
+        let every = memory.len().div_ceil(12);
+        (i % every == 0 || i + 1 == memory.len())
+            .then(|| format!("| {at} | {:.0} | {:.0} | {:.0} |", b.0, e.0, s.0))
+    }))
     .collect::<Vec<_>>()
     .join("\n");
     eprintln!("{table}");

@@ -98,6 +98,31 @@ pub struct Tokens {
     pub type_ids: Vec<i64>,
 }
 
+/// Does the graph have what the runtime feeds and reads: inputs `input_ids` and
+/// `attention_mask`, the manifest's output? Returns whether it also takes `token_type_ids`.
+fn check_graph(session: &Session, model: &ModelDir) -> Result<bool> {
+    let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let refuse = |reason: String| Error::ModelFile {
+        path: model.onnx_path(),
+        reason,
+    };
+    for required in ["input_ids", "attention_mask"] {
+        if !inputs.contains(&required) {
+            return Err(refuse(format!(
+                "the graph has no input {required:?} (its inputs: {inputs:?})"
+            )));
+        }
+    }
+    let output = model.manifest.onnx_output.as_str();
+    if !outputs.contains(&output) {
+        return Err(refuse(format!(
+            "the graph has no output {output:?}, which simq-model.json names (its outputs: {outputs:?})"
+        )));
+    }
+    Ok(inputs.contains(&"token_type_ids"))
+}
+
 /// A loaded model, ready to embed.
 pub struct Embedder {
     model: ModelDir,
@@ -106,6 +131,9 @@ pub struct Embedder {
     next_session: AtomicUsize,
     options: RuntimeOptions,
     pad_id: i64,
+    /// The graph takes `token_type_ids` (BERT exports do; some sentence-transformers
+    /// exports take only ids and mask).
+    takes_type_ids: bool,
 }
 
 impl Embedder {
@@ -154,6 +182,7 @@ impl Embedder {
                 })?;
             sessions.push(Mutex::new(session));
         }
+        let takes_type_ids = check_graph(&sessions[0].lock().unwrap(), &model)?;
         Ok(Self {
             model,
             tokenizer,
@@ -161,6 +190,7 @@ impl Embedder {
             next_session: AtomicUsize::new(0),
             options,
             pad_id,
+            takes_type_ids,
         })
     }
 
@@ -283,13 +313,19 @@ impl Embedder {
         let inference = |e: ort::Error| Error::Inference {
             reason: e.to_string(),
         };
-        let outputs = session
-            .run(ort::inputs![
-                "input_ids" => TensorRef::from_array_view(&ids).map_err(inference)?,
-                "attention_mask" => TensorRef::from_array_view(&mask).map_err(inference)?,
-                "token_type_ids" => TensorRef::from_array_view(&types).map_err(inference)?,
-            ])
-            .map_err(inference)?;
+        let mut inputs = ort::inputs![
+            "input_ids" => TensorRef::from_array_view(&ids).map_err(inference)?,
+            "attention_mask" => TensorRef::from_array_view(&mask).map_err(inference)?,
+        ];
+        if self.takes_type_ids {
+            inputs.push((
+                "token_type_ids".into(),
+                TensorRef::from_array_view(&types)
+                    .map_err(inference)?
+                    .into(),
+            ));
+        }
+        let outputs = session.run(inputs).map_err(inference)?;
         let name = &self.model.manifest.onnx_output;
         let hidden = outputs
             .get(name.as_str())

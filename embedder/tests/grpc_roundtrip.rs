@@ -16,6 +16,16 @@ fn model_dir() -> std::path::PathBuf {
         })
 }
 
+/// The second model (scripts/setup.sh model_b), for model rollouts.
+fn model_b_dir() -> std::path::PathBuf {
+    std::env::var_os("SIMQ_MODEL_B_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/simq/models/paraphrase-minilm-l3-v2")
+        })
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -42,9 +52,13 @@ async fn start() -> Running {
 }
 
 async fn start_with(extra: &[&str]) -> Running {
+    start_model(&model_dir(), extra).await
+}
+
+async fn start_model(model: &std::path::Path, extra: &[&str]) -> Running {
     let (g, h) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
-        .args(["--model-dir", model_dir().to_str().unwrap()])
+        .args(["--model-dir", model.to_str().unwrap()])
         .args(extra)
         .args([
             "--grpc-listen",
@@ -108,6 +122,85 @@ async fn metric_sum(server: &Running, name: &str) -> (f64, String) {
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Embed `texts` with the service behind `server`: (model id, one vector per text).
+async fn embed(server: &Running, texts: &[&str]) -> (String, Vec<Vec<f32>>) {
+    let mut client = EmbedderClient::connect(server.grpc.clone()).await.unwrap();
+    let resp = client
+        .embed(EmbedRequest {
+            texts: texts.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rows = resp.vectors.chunks(384).map(<[f32]>::to_vec).collect();
+    (resp.model_id, rows)
+}
+
+#[tokio::test]
+#[ignore = "needs the model and ONNX Runtime from scripts/setup.sh: run scripts/test.sh"]
+async fn the_second_model_serves_its_own_vectors_under_its_own_id() {
+    // paraphrase-MiniLM-L3-v2: its graph takes no token_type_ids and names its output
+    // "onnx::Shape_422"; the runtime finds both out from the graph and the manifest.
+    let texts = [
+        "How do I learn Rust quickly?",
+        "What is the fastest way to learn Rust?",
+        "Who won the football match last night?",
+    ];
+    let b = start_model(&model_b_dir(), &[]).await;
+    let (id_b, rows_b) = embed(&b, &texts).await;
+    assert!(id_b.starts_with("paraphrase-MiniLM-L3-v2-"), "{id_b}");
+    assert_eq!(id_b, ModelDir::open(&model_b_dir()).unwrap().model_id);
+    for r in &rows_b {
+        assert!((dot(r, r) - 1.0).abs() < 1e-3, "vectors are L2-normalised");
+    }
+    let (close, far) = (dot(&rows_b[0], &rows_b[1]), dot(&rows_b[0], &rows_b[2]));
+    assert!(
+        close > far + 0.3,
+        "paraphrases close ({close}), unrelated far ({far})"
+    );
+    let (alone_id, alone) = embed(&b, &texts[2..]).await;
+    assert_eq!(alone_id, id_b);
+    assert!(
+        dot(&alone[0], &rows_b[2]) > 0.9999,
+        "batched and single agree"
+    );
+    drop(b);
+
+    // Another model: another id and other vectors for the same text.
+    let a = start().await;
+    let (id_a, rows_a) = embed(&a, &texts).await;
+    assert_ne!(id_a, id_b);
+    let same_text = dot(&rows_a[0], &rows_b[0]);
+    assert!(
+        same_text < 0.99,
+        "the two models' vectors differ: {same_text}"
+    );
+}
+
+#[test]
+#[ignore = "needs the model and ONNX Runtime from scripts/setup.sh: run scripts/test.sh"]
+fn a_model_manifest_naming_an_output_the_graph_lacks_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.onnx", "tokenizer.json"] {
+        std::os::unix::fs::symlink(model_b_dir().join(file), dir.path().join(file)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(model_b_dir().join("simq-model.json")).unwrap();
+    let manifest = manifest.replace("onnx::Shape_422", "last_hidden_state");
+    std::fs::write(dir.path().join("simq-model.json"), manifest).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
+        .args(["--model-dir", dir.path().to_str().unwrap()])
+        .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("no output \"last_hidden_state\"") && said.contains("onnx::Shape_422"),
+        "{said}"
+    );
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@ pub mod flip;
 pub mod keys;
 pub mod kmeans;
 pub mod lock;
+pub mod models;
 pub mod progress;
 pub mod progressive;
 pub mod publish;

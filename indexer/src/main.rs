@@ -206,6 +206,11 @@ struct RolloutArgs {
     /// Base URL of the blob store.
     #[arg(long, default_value = "http://127.0.0.1:8090")]
     blob_url: String,
+    /// Directory of the dg's model, when no embedder of that model runs or ran here (a
+    /// model rollout): its embedders start beside the running ones before any shard
+    /// moves, and the old model's stop after the flip.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
     /// Absolute path of the simq-shard binary the job runs [default: beside this binary].
     #[arg(long)]
     shard_bin: Option<PathBuf>,
@@ -451,6 +456,7 @@ mod cluster {
     use simq_indexer::blobs::{serve, BlobStore};
     use simq_indexer::flip::{self, Flipped};
     use simq_indexer::lock::{read_holder, RolloutLock};
+    use simq_indexer::models;
     use simq_indexer::publish::publish as publish_dg;
     use simq_indexer::rollout::{
         rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID,
@@ -559,11 +565,24 @@ mod cluster {
                     "rolling back to {previous}: its shards no longer run, rolling them out again"
                 );
             } else {
+                let progress = |line: &str| eprintln!("{line}");
+                let model = simq_indexer::rollout::published_manifest(&consul, &layout, &previous)
+                    .await?
+                    .model_id;
+                models::ensure_for(
+                    &nomad,
+                    &consul,
+                    &model,
+                    args.model_dir.as_deref(),
+                    &progress,
+                )
+                .await?;
                 match flip::flip_from(&consul, &layout, &observed, &previous).await? {
                     Flipped::Now(a) | Flipped::AlreadyActive(a) => {
                         eprintln!("active dg is {a}")
                     }
                 }
+                models::retire_unused(&nomad, &consul, &layout, &progress).await?;
                 println!("{previous}");
                 return Ok(());
             }
@@ -592,6 +611,18 @@ mod cluster {
             candidate_only: args.candidate_only && !back,
         };
         let progress = |line: &str| eprintln!("{line}");
+        // Embedders of the dg's model first (a model rollout starts them beside the old).
+        let model = simq_indexer::rollout::published_manifest(&consul, &layout, &dg)
+            .await?
+            .model_id;
+        models::ensure_for(
+            &nomad,
+            &consul,
+            &model,
+            args.model_dir.as_deref(),
+            &progress,
+        )
+        .await?;
         let outcome = match &args.progressive {
             Some(weights) if !back => {
                 let plan = simq_indexer::progressive::Plan {
@@ -621,6 +652,7 @@ mod cluster {
                 return Ok(());
             }
         };
+        models::retire_unused(&nomad, &consul, &layout, &progress).await?;
         match flipped {
             Flipped::Now(a) => {
                 eprintln!("done: active dg is {a}, {seconds_to_flip:.1} s from rollout to flip")

@@ -91,7 +91,8 @@ pub async fn running_replicas(nomad: &NomadClient) -> anyhow::Result<Option<usiz
         .map(|n| n as usize))
 }
 
-async fn published_manifest(
+/// A published dg's manifest, checked.
+pub async fn published_manifest(
     consul: &ConsulClient,
     layout: &KvLayout,
     dg: &str,

@@ -272,17 +272,33 @@ pub fn nomad_addr() -> String {
 pub fn stop_jobs() {
     let nomad = nomad_addr();
     let http = reqwest::blocking::Client::new();
-    let jobs = [
+    // simq's jobs, in this order, then any other of simq's (the embedder jobs a model
+    // rollout adds: simq-embedder-<model id>).
+    let mut jobs: Vec<String> = [
         "simq-balancer",
         "simq-shards",
         "simq-embedder",
         "simq-blobs",
-    ];
-    for job in jobs {
+    ]
+    .map(String::from)
+    .to_vec();
+    let listed: Value = http
+        .get(format!("{nomad}/v1/jobs"))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or(Value::Null);
+    for id in listed.as_array().into_iter().flatten() {
+        if let Some(id) = id["ID"].as_str().filter(|i| i.starts_with("simq-")) {
+            if !jobs.iter().any(|j| j == id) {
+                jobs.push(id.to_string());
+            }
+        }
+    }
+    for job in &jobs {
         let _ = http.delete(format!("{nomad}/v1/job/{job}")).send();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    for job in jobs {
+    for job in &jobs {
         loop {
             let allocs: Value = http
                 .get(format!("{nomad}/v1/job/{job}/allocations"))
@@ -316,6 +332,8 @@ pub struct LoadReport {
     pub degraded: usize,
     /// Milliseconds from the scheduled send to the answer, of each successful query.
     pub answered_ms: Vec<f64>,
+    /// Score of the first result of each successful answer (0 when it had none).
+    pub top_scores: Vec<f64>,
     /// Milliseconds until the refusal or error, of each failed query.
     pub failed_ms: Vec<f64>,
 }
@@ -389,6 +407,9 @@ async fn send_query(
     match &mut entry {
         Ok(v) => {
             report.answered_ms.push(ms);
+            report
+                .top_scores
+                .push(v["results"][0]["score"].as_f64().unwrap_or(0.0));
             report.ok += 1;
             report.degraded += usize::from(v["degraded"] == true);
             report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());

@@ -1,0 +1,303 @@
+//! Embedders per model. A dg names the model that made its vectors, and balancers pair it
+//! only with embedders registered with that model's tag, so a dg of another model can go
+//! live only while embedders of its model run. There is one embedder job per model:
+//! `simq-embedder` (from scripts/deploy.sh) for the first, `simq-embedder-<model id>` for
+//! each model a rollout brings in. A rollout to a dg of another model starts that model's
+//! job beside the running one and waits until its instances pass, before any shard
+//! moves ([`ensure_for`]); once the flip is done and the old shards went, the jobs of
+//! models the active dg does not use stop ([`retire_unused`]). They are stopped, not
+//! purged: `rollback` starts them again the same way.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::Value;
+use simq_consul::{ConsulClient, KvLayout};
+use simq_nomad::NomadClient;
+
+/// Job ids of embedder jobs start with this.
+pub const JOB_PREFIX: &str = "simq-embedder";
+
+/// The Consul service every embedder registers, tagged `model=<model id>`.
+const SERVICE: &str = "simq-embedder";
+
+/// The job id for `model_id`'s embedders, when a rollout creates it.
+pub fn job_id(model_id: &str) -> String {
+    format!("{JOB_PREFIX}-{model_id}")
+}
+
+/// The model of an embedder job: the `model=` tag of its service.
+pub fn model_of(job: &Value) -> Option<String> {
+    job["TaskGroups"]
+        .as_array()?
+        .iter()
+        .flat_map(|g| g["Services"].as_array().into_iter().flatten())
+        .flat_map(|s| s["Tags"].as_array().into_iter().flatten())
+        .find_map(|t| t.as_str()?.strip_prefix("model=").map(String::from))
+}
+
+/// The model directory an embedder job runs: the value after `--model-dir` in its task's
+/// arguments.
+pub fn model_dir_of(job: &Value) -> Option<String> {
+    job["TaskGroups"]
+        .as_array()?
+        .iter()
+        .flat_map(|g| g["Tasks"].as_array().into_iter().flatten())
+        .find_map(|t| {
+            let args = t["Config"]["args"].as_array()?;
+            let i = args.iter().position(|a| a == "--model-dir")?;
+            args.get(i + 1)?.as_str().map(String::from)
+        })
+}
+
+/// A new model's embedder job, made from a running one's: the same binaries, counts,
+/// checks and update rules, with the model directory and model id replaced everywhere
+/// (task arguments, service tag) and a job id of its own.
+pub fn job_for_model(template: &Value, model_id: &str, model_dir: &str) -> anyhow::Result<Value> {
+    let old_model =
+        model_of(template).ok_or_else(|| anyhow!("the embedder job has no model= tag"))?;
+    let old_dir =
+        model_dir_of(template).ok_or_else(|| anyhow!("the embedder job runs no --model-dir"))?;
+    fn replace(v: &mut Value, from: &[(&str, &str)]) {
+        match v {
+            Value::String(s) => {
+                for (a, b) in from {
+                    if s.contains(a) {
+                        *s = s.replace(a, b);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|i| replace(i, from)),
+            Value::Object(members) => members.values_mut().for_each(|m| replace(m, from)),
+            _ => {}
+        }
+    }
+    let mut job = template.clone();
+    replace(
+        &mut job,
+        &[
+            (old_dir.as_str(), model_dir),
+            (old_model.as_str(), model_id),
+        ],
+    );
+    let id = job_id(model_id);
+    let members = job
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("the embedder job is not a JSON object"))?;
+    // What Nomad keeps about the template's own history does not carry over.
+    for key in [
+        "Status",
+        "StatusDescription",
+        "Version",
+        "CreateIndex",
+        "ModifyIndex",
+        "JobModifyIndex",
+        "SubmitTime",
+        "Stable",
+        "ParentID",
+    ] {
+        members.remove(key);
+    }
+    members.insert("ID".into(), id.clone().into());
+    members.insert("Name".into(), id.into());
+    members.insert("Stop".into(), false.into());
+    Ok(job)
+}
+
+/// Every embedder job Nomad knows (running or stopped), with its model.
+async fn embedder_jobs(
+    nomad: &NomadClient,
+) -> anyhow::Result<Vec<(String, Value, Option<String>)>> {
+    let mut jobs = Vec::new();
+    for stub in nomad.list_jobs().await? {
+        if !stub.id.starts_with(JOB_PREFIX) {
+            continue;
+        }
+        if let Some(job) = nomad.job(&stub.id).await? {
+            let model = model_of(&job);
+            jobs.push((stub.id, job, model));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Passing embedders of `model_id`.
+async fn passing(consul: &ConsulClient, model_id: &str) -> anyhow::Result<usize> {
+    let tag = format!("model={model_id}");
+    Ok(consul
+        .health_service(SERVICE, true, None)
+        .await?
+        .value
+        .iter()
+        .filter(|e| e.tags.contains(&tag))
+        .count())
+}
+
+fn is_stopped(job: &Value) -> bool {
+    job["Stop"].as_bool() == Some(true)
+}
+
+/// Make sure embedders of `model_id` run and pass: nothing to do when some already pass; a
+/// stopped job of that model is started again; otherwise a new job is made from a running
+/// embedder job, running `model_dir` (which must hold that model).
+pub async fn ensure_for(
+    nomad: &NomadClient,
+    consul: &ConsulClient,
+    model_id: &str,
+    model_dir: Option<&Path>,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<()> {
+    if passing(consul, model_id).await? > 0 {
+        return Ok(());
+    }
+    let jobs = embedder_jobs(nomad).await?;
+    let own = jobs.iter().find(|(_, _, m)| m.as_deref() == Some(model_id));
+    let job = match own {
+        Some((id, job, _)) => {
+            progress(&format!(
+                "no embedder of model {model_id} passes: starting job {id} again"
+            ));
+            let mut job = job.clone();
+            job["Stop"] = false.into();
+            job
+        }
+        None => {
+            let dir = model_dir.ok_or_else(|| {
+                anyhow!(
+                    "this dg was built with model {model_id}, and no embedder of it runs or ran here; \
+                     give --model-dir DIR, the directory of that model (e.g. scripts/setup.sh model_b installs one)"
+                )
+            })?;
+            let found = simq_embedder::model::ModelDir::open(dir)
+                .with_context(|| format!("--model-dir {}", dir.display()))?
+                .model_id;
+            if found != model_id {
+                bail!(
+                    "--model-dir {} holds model {found}, but the dg was built with {model_id}",
+                    dir.display()
+                );
+            }
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("--model-dir {}", dir.display()))?;
+            let template = jobs
+                .iter()
+                .find(|(_, j, _)| !is_stopped(j))
+                .or(jobs.first())
+                .ok_or_else(|| {
+                    anyhow!("no embedder job to copy: deploy the stack first (scripts/deploy.sh)")
+                })?;
+            progress(&format!(
+                "starting embedders of model {model_id} (job {}, copied from {}) beside the running ones",
+                job_id(model_id),
+                template.0
+            ));
+            job_for_model(&template.1, model_id, &dir.to_string_lossy())?
+        }
+    };
+    nomad
+        .register_job(&job)
+        .await
+        .context("registering the embedder job")?;
+    let want = job["TaskGroups"][0]["Count"].as_u64().unwrap_or(1).max(1) as usize;
+    let started = Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        let n = passing(consul, model_id).await?;
+        if n != last {
+            progress(&format!(
+                "embedders of model {model_id}: {n}/{want} pass ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            ));
+            last = n;
+        }
+        if n >= want {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("embedders of model {model_id}: only {n} of {want} pass after 180 s; see `nomad job status {}`", job["ID"].as_str().unwrap_or("?"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Stop the embedder jobs of every model the active dg does not use (the jobs stay known
+/// to Nomad, so `rollback` can start them again).
+pub async fn retire_unused(
+    nomad: &NomadClient,
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<()> {
+    let Some(active) = crate::flip::observe(consul, layout).await?.active else {
+        return Ok(());
+    };
+    let model = crate::rollout::published_manifest(consul, layout, &active.dg)
+        .await?
+        .model_id;
+    for (id, job, job_model) in embedder_jobs(nomad).await? {
+        if is_stopped(&job) || job_model.as_deref() == Some(model.as_str()) {
+            continue;
+        }
+        progress(&format!(
+            "embedders of model {} (job {id}) stop: the active dg {} uses {model}",
+            job_model.as_deref().unwrap_or("?"),
+            active.dg
+        ));
+        nomad.stop_job(&id, false).await?;
+        // Done when Consul lists none of them any more (each leaves before it stops).
+        if let Some(m) = &job_model {
+            let started = Instant::now();
+            while passing(consul, m).await? > 0 {
+                if started.elapsed() > Duration::from_secs(60) {
+                    bail!("embedders of model {m} still pass 60 s after job {id} was stopped");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            progress(&format!(
+                "embedders of model {m} stopped ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn template() -> Value {
+        json!({
+            "ID": "simq-embedder", "Name": "simq-embedder", "Version": 3, "Status": "running",
+            "TaskGroups": [{
+                "Name": "embedder", "Count": 2,
+                "Services": [{"Name": "simq-embedder", "Tags": ["model=model-a-123"]}],
+                "Tasks": [{"Name": "embedder", "Config": {"command": "/bin/simq-embedder",
+                    "args": ["--model-dir", "/m/a", "--ort-library", "/lib/ort.so"]}}]
+            }]
+        })
+    }
+
+    #[test]
+    fn a_model_and_its_directory_are_read_from_the_job() {
+        assert_eq!(model_of(&template()).as_deref(), Some("model-a-123"));
+        assert_eq!(model_dir_of(&template()).as_deref(), Some("/m/a"));
+        assert_eq!(model_of(&json!({"TaskGroups": []})), None);
+    }
+
+    #[test]
+    fn a_new_model_job_replaces_the_model_and_its_directory_only() {
+        let job = job_for_model(&template(), "model-b-456", "/m/b").unwrap();
+        assert_eq!(job["ID"], "simq-embedder-model-b-456");
+        assert_eq!(job["Name"], "simq-embedder-model-b-456");
+        assert_eq!(model_of(&job).as_deref(), Some("model-b-456"));
+        assert_eq!(model_dir_of(&job).as_deref(), Some("/m/b"));
+        let args = &job["TaskGroups"][0]["Tasks"][0]["Config"]["args"];
+        assert_eq!(args[3], "/lib/ort.so", "everything else is kept");
+        assert_eq!(job["TaskGroups"][0]["Count"], 2);
+        assert!(job.get("Version").is_none() && job.get("Status").is_none());
+        assert_eq!(job["Stop"], false);
+    }
+}
