@@ -124,18 +124,46 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Embed `texts` with the service behind `server`: (model id, one vector per text).
-async fn embed(server: &Running, texts: &[&str]) -> (String, Vec<Vec<f32>>) {
+/// Two paraphrases and an unrelated question.
+const TEXTS: [&str; 3] = [
+    "How do I learn Rust quickly?",
+    "What is the fastest way to learn Rust?",
+    "Who won the football match last night?",
+];
+
+/// Embed [`TEXTS`] in one call and the last one alone (two calls); check that vectors are
+/// L2-normalised, the paraphrases closer than the unrelated pair, and a vector the same
+/// alone and in a batch. Returns (model id, the three vectors, paraphrase similarity).
+async fn embeds_paraphrases_close(server: &Running) -> (String, Vec<Vec<f32>>, f32) {
     let mut client = EmbedderClient::connect(server.grpc.clone()).await.unwrap();
-    let resp = client
-        .embed(EmbedRequest {
-            texts: texts.iter().map(|s| s.to_string()).collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let rows = resp.vectors.chunks(384).map(<[f32]>::to_vec).collect();
-    (resp.model_id, rows)
+    let mut embed = async |texts: &[&str]| {
+        client
+            .embed(EmbedRequest {
+                texts: texts.iter().map(|s| s.to_string()).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let resp = embed(&TEXTS).await;
+    assert_eq!(resp.vectors.len(), 3 * 384);
+    let rows: Vec<Vec<f32>> = resp.vectors.chunks(384).map(<[f32]>::to_vec).collect();
+    for r in &rows {
+        assert!((dot(r, r) - 1.0).abs() < 1e-3, "vectors are L2-normalised");
+    }
+    let (close, far) = (dot(&rows[0], &rows[1]), dot(&rows[0], &rows[2]));
+    assert!(
+        close > far + 0.3,
+        "paraphrases close ({close}), unrelated far ({far})"
+    );
+    // Padding inside a batch must not change a vector: alone == in a batch.
+    let alone = embed(&TEXTS[2..]).await;
+    assert_eq!(alone.model_id, resp.model_id);
+    assert!(
+        dot(&alone.vectors, &rows[2]) > 0.9999,
+        "batched and single embeddings agree"
+    );
+    (resp.model_id, rows, close)
 }
 
 #[tokio::test]
@@ -143,34 +171,15 @@ async fn embed(server: &Running, texts: &[&str]) -> (String, Vec<Vec<f32>>) {
 async fn the_second_model_serves_its_own_vectors_under_its_own_id() {
     // paraphrase-MiniLM-L3-v2: its graph takes no token_type_ids and names its output
     // "onnx::Shape_422"; the runtime finds both out from the graph and the manifest.
-    let texts = [
-        "How do I learn Rust quickly?",
-        "What is the fastest way to learn Rust?",
-        "Who won the football match last night?",
-    ];
     let b = start_model(&model_b_dir(), &[]).await;
-    let (id_b, rows_b) = embed(&b, &texts).await;
+    let (id_b, rows_b, _) = embeds_paraphrases_close(&b).await;
     assert!(id_b.starts_with("paraphrase-MiniLM-L3-v2-"), "{id_b}");
     assert_eq!(id_b, ModelDir::open(&model_b_dir()).unwrap().model_id);
-    for r in &rows_b {
-        assert!((dot(r, r) - 1.0).abs() < 1e-3, "vectors are L2-normalised");
-    }
-    let (close, far) = (dot(&rows_b[0], &rows_b[1]), dot(&rows_b[0], &rows_b[2]));
-    assert!(
-        close > far + 0.3,
-        "paraphrases close ({close}), unrelated far ({far})"
-    );
-    let (alone_id, alone) = embed(&b, &texts[2..]).await;
-    assert_eq!(alone_id, id_b);
-    assert!(
-        dot(&alone[0], &rows_b[2]) > 0.9999,
-        "batched and single agree"
-    );
     drop(b);
 
     // Another model: another id and other vectors for the same text.
     let a = start().await;
-    let (id_a, rows_a) = embed(&a, &texts).await;
+    let (id_a, rows_a, _) = embeds_paraphrases_close(&a).await;
     assert_ne!(id_a, id_b);
     let same_text = dot(&rows_a[0], &rows_b[0]);
     assert!(
@@ -214,43 +223,9 @@ async fn grpc_roundtrip_embeds_similar_texts_close_and_reports_model_id() {
     assert_eq!(info.model_id, expected_id);
     assert_eq!(info.dims, 384);
 
-    let texts = [
-        "How do I learn Rust quickly?",
-        "What is the fastest way to learn Rust?",
-        "Who won the football match last night?",
-    ];
-    let resp = client
-        .embed(EmbedRequest {
-            texts: texts.iter().map(|s| s.to_string()).collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resp.model_id, expected_id);
-    assert_eq!(resp.vectors.len(), 3 * 384);
-    let rows: Vec<&[f32]> = resp.vectors.chunks(384).collect();
-    for r in &rows {
-        assert!((dot(r, r) - 1.0).abs() < 1e-3, "vectors are L2-normalised");
-    }
-    let close = dot(rows[0], rows[1]);
-    let far = dot(rows[0], rows[2]);
-    assert!(
-        close > 0.7 && close > far + 0.3,
-        "paraphrases close ({close}), unrelated far ({far})"
-    );
-
-    // Padding inside a batch must not change a vector: alone == in a batch.
-    let alone = client
-        .embed(EmbedRequest {
-            texts: vec![texts[2].to_string()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        dot(&alone.vectors, rows[2]) > 0.9999,
-        "batched and single embeddings agree"
-    );
+    let (id, _, close) = embeds_paraphrases_close(&server).await;
+    assert_eq!(id, expected_id);
+    assert!(close > 0.7, "paraphrases close: {close}");
 
     // Bad input: a clear INVALID_ARGUMENT naming the problem.
     let err = client

@@ -566,17 +566,9 @@ mod cluster {
                 );
             } else {
                 let progress = |line: &str| eprintln!("{line}");
-                let model = simq_indexer::rollout::published_manifest(&consul, &layout, &previous)
-                    .await?
-                    .model_id;
-                models::ensure_for(
-                    &nomad,
-                    &consul,
-                    &model,
-                    args.model_dir.as_deref(),
-                    &progress,
-                )
-                .await?;
+                let model_dir = args.model_dir.as_deref();
+                models::ensure_for_dg(&nomad, &consul, &layout, &previous, model_dir, &progress)
+                    .await?;
                 match flip::flip_from(&consul, &layout, &observed, &previous).await? {
                     Flipped::Now(a) | Flipped::AlreadyActive(a) => {
                         eprintln!("active dg is {a}")
@@ -612,17 +604,8 @@ mod cluster {
         };
         let progress = |line: &str| eprintln!("{line}");
         // Embedders of the dg's model first (a model rollout starts them beside the old).
-        let model = simq_indexer::rollout::published_manifest(&consul, &layout, &dg)
-            .await?
-            .model_id;
-        models::ensure_for(
-            &nomad,
-            &consul,
-            &model,
-            args.model_dir.as_deref(),
-            &progress,
-        )
-        .await?;
+        let model_dir = args.model_dir.as_deref();
+        models::ensure_for_dg(&nomad, &consul, &layout, &dg, model_dir, &progress).await?;
         let outcome = match &args.progressive {
             Some(weights) if !back => {
                 let plan = simq_indexer::progressive::Plan {

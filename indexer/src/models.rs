@@ -221,6 +221,21 @@ pub async fn ensure_for(
     }
 }
 
+/// [`ensure_for`] the model of the published dg `dg`.
+pub async fn ensure_for_dg(
+    nomad: &NomadClient,
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    dg: &str,
+    model_dir: Option<&Path>,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<()> {
+    let model = crate::rollout::published_manifest(consul, layout, dg)
+        .await?
+        .model_id;
+    ensure_for(nomad, consul, &model, model_dir, progress).await
+}
+
 /// Stop the embedder jobs of every model the active dg does not use (the jobs stay known
 /// to Nomad, so `rollback` can start them again).
 pub async fn retire_unused(
