@@ -143,10 +143,40 @@ async fn rollout_lifecycle_has_zero_failed_queries() {
     );
     wait_reverted_to(&dg_b, versions_before).await;
 
-    // 3. A blob that passes its checksum but fails the self-test: C's shard files under a
-    //    manifest that names another model.
+    // 3. A dg naming a model no embedder here runs or ran is refused before anything
+    //    moves (its embedders would have to start first: `rollout --model-dir`).
+    let mut other = manifest_c.clone();
+    other.model_id = "another-model-000000000000".into();
+    let other = other.seal();
+    consul
+        .kv_put(
+            &layout.manifest(&other.dg),
+            &serde_json::to_vec(&other).unwrap(),
+        )
+        .await
+        .unwrap();
+    let versions_before = job_versions().await;
+    let target = other.dg.clone();
+    let o = tokio::task::spawn_blocking(move || indexer(&["rollout", &target]))
+        .await
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "a dg of a model nobody runs must be refused"
+    );
+    assert!(
+        stderr(&o).contains("another-model-000000000000") && stderr(&o).contains("--model-dir"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(job_versions().await, versions_before, "nothing moved");
+
+    //    Blobs that pass their checksums but fail verification: C's intact shard files
+    //    handed to the wrong shards (shard 0 gets shard 1's file and back).
     let mut bad = manifest_c.clone();
-    bad.model_id = "another-model-000000000000".into();
+    let (first, second) = (bad.shards[0].clone(), bad.shards[1].clone());
+    bad.shards[0] = simq_consul::contract::ShardEntry { shard: 0, ..second };
+    bad.shards[1] = simq_consul::contract::ShardEntry { shard: 1, ..first };
     let bad = bad.seal();
     consul
         .kv_put(
@@ -155,7 +185,7 @@ async fn rollout_lifecycle_has_zero_failed_queries() {
         )
         .await
         .unwrap();
-    // Repair C's blob so only the model check can fail.
+    // Repair C's blob so only the shard check can fail.
     let p = indexer(&[
         "publish",
         out.join(&dg_c).to_str().unwrap(),
@@ -167,11 +197,11 @@ async fn rollout_lifecycle_has_zero_failed_queries() {
     let (o, load) = under_load(&texts, args(&["rollout", &bad.dg])).await;
     assert!(
         !o.status.success(),
-        "rollout of a shard failing its self-test must fail"
+        "rollout of a shard failing its verification must fail"
     );
     let err = stderr(&o);
     assert!(
-        err.contains("shard-") && err.contains("another-model"),
+        err.contains("shard-") && err.contains("holds shard"),
         "names the shard and the cause: {err}"
     );
     assert_switch(&load, &[&dg_b], &dg_b);
