@@ -146,7 +146,8 @@ start_consul() {
     die "something else already answers on $CONSUL_HTTP_ADDR: stop it first (simq's cluster did not start it)"
   fi
   [ -n "$keep" ] || { rm -rf "$CONSUL_DIR/data"; : >"$CONSUL_DIR/consul.log" 2>/dev/null || true; }
-  mkdir -p "$CONSUL_DIR/data"
+  # (Consul keeps ACL tokens in its state: only this user may read it.)
+  mkdir -p -m 700 "$CONSUL_DIR/data"
   local acl=()
   if [ -n "$keep" ]; then
     ! acl_enabled || acl=(-config-file "$SIMQ_SECRETS/consul-acl.hcl")
