@@ -191,11 +191,12 @@ async fn a_rollout_at_half_capacity_of_unique_queries_fails_and_degrades_nothing
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let report = load.await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    if report.degraded > 0 {
+        // The rollout's steps with their times, to place the degraded answers against them.
+        eprintln!("rollout log:\n{log}");
+    }
     report.assert_clean("the rollout under load");
     assert!(report.dgs.contains(&dg_a) && report.dgs.last() == Some(&dg_b));
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();

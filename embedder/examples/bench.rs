@@ -35,6 +35,9 @@ struct Args {
     /// Intra-op threads per session [default: the service's].
     #[arg(long)]
     intra_threads: Option<usize>,
+    /// Intra-op threads of the lone-query session, 0 for none [default: the service's].
+    #[arg(long)]
+    lone_threads: Option<usize>,
     /// Only measure the bare-runtime bound of the whole query path and print it as JSON:
     /// single-query latency (one session, a thread per core) and the best throughput (one
     /// single-threaded session per core, all texts handed over at once).
@@ -109,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
     let options = RuntimeOptions {
         sessions: args.sessions.unwrap_or(defaults.sessions),
         intra_threads: args.intra_threads.unwrap_or(defaults.intra_threads),
+        lone_threads: args.lone_threads.unwrap_or(defaults.lone_threads),
         ..defaults
     };
     let mut bound = Vec::new();
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
         ])
         .args(["--sessions", &options.sessions.to_string()])
         .args(["--intra-threads", &options.intra_threads.to_string()])
+        .args(["--lone-threads", &options.lone_threads.to_string()])
         // A closed loop of 32 clients x 16 texts keeps 512 texts queued: a throughput
         // test, not an overload test, so nothing is refused for waiting.
         .args(["--max-queue-wait-ms", "60000", "--queue-limit", "4096"])
@@ -242,9 +247,10 @@ async fn main() -> anyhow::Result<()> {
     drop(child);
 
     println!(
-        "embedder throughput, {n} real corpus texts, {} session(s) x {} intra-op thread(s), {} cores",
+        "embedder throughput, {n} real corpus texts, {} session(s) x {} intra-op thread(s), lone-query session of {} thread(s), {} cores",
         options.sessions,
         options.intra_threads,
+        options.lone_threads,
         cores()
     );
     println!();
@@ -317,12 +323,11 @@ fn bound_only(args: &Args, texts: &[String]) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     latencies.sort_by(f64::total_cmp);
     drop(single);
-    let per_core = RuntimeOptions {
-        sessions: cores(),
-        intra_threads: 1,
-        ..RuntimeOptions::for_queries()
-    };
-    let bulk = Embedder::load(&default_ort_library(), &args.model_dir, per_core)?;
+    let bulk = Embedder::load(
+        &default_ort_library(),
+        &args.model_dir,
+        RuntimeOptions::for_bulk(),
+    )?;
     bulk.embed(&refs[..64.min(refs.len())])?;
     let started = Instant::now();
     bulk.embed(&refs)?;

@@ -261,7 +261,7 @@ async fn collect(
     metrics: BatchMetrics,
     progress: Arc<StallClock>,
 ) {
-    let workers = Arc::new(Semaphore::new(embedder.options().sessions));
+    let workers = Arc::new(Semaphore::new(embedder.parallel_calls()));
     while let Some(first) = rx.recv().await {
         let Some(first) = first.still_wanted(&options, &metrics) else {
             continue;

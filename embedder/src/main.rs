@@ -43,15 +43,21 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:7002")]
     http_listen: SocketAddr,
 
-    /// ONNX sessions run in parallel [default: 1]. One session using every core answers
-    /// single queries fastest; one single-threaded session per core (`--sessions N
-    /// --intra-threads 1`) gives more throughput on large batches (embedder/BENCH.md).
+    /// ONNX sessions a batch is split over [default: one per core]. Single-threaded
+    /// sessions, one per core, embed batches with the least CPU per text
+    /// (embedder/BENCH.md).
     #[arg(long)]
     sessions: Option<usize>,
 
-    /// Intra-op threads per session [default: one per core].
+    /// Intra-op threads per session [default: 1].
     #[arg(long)]
     intra_threads: Option<usize>,
+
+    /// Intra-op threads of one more session that runs requests too small to split over
+    /// the sessions (a lone query), so that it still uses every core; 0 for none
+    /// [default: one per core when there are several sessions].
+    #[arg(long)]
+    lone_threads: Option<usize>,
 
     /// Texts per inference call at most (texts of similar length are batched together).
     #[arg(long, default_value_t = 16)]
@@ -111,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sessions: args.sessions.unwrap_or(defaults.sessions),
         intra_threads: args.intra_threads.unwrap_or(defaults.intra_threads),
         max_batch: args.max_batch,
+        lone_threads: args.lone_threads.unwrap_or(defaults.lone_threads),
     };
     let library = args.ort_library.unwrap_or_else(default_ort_library);
     let embedder =

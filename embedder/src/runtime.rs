@@ -5,7 +5,9 @@
 //! per core beats one multi-threaded session, and batches of texts with similar token
 //! counts beat batches padded to an arbitrary longest text. [`Embedder::embed`] therefore
 //! sorts its texts by token count, cuts them into batches of at most `max_batch`, and
-//! runs the batches on a pool of sessions in parallel.
+//! runs the batches on a pool of sessions in parallel. A lone text cannot be split over
+//! sessions; the optional "lone" session, with a thread per core, runs calls too small
+//! to give every session a text, so a single query still uses every core.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,10 +21,8 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::{ModelDir, Pooling};
 
-/// How many sessions and threads the runtime uses. Two layouts, measured on 2 cores in
-/// embedder/BENCH.md: one session using every core answers lone and concurrent queries
-/// faster (`for_queries`); one single-threaded session per core embeds a whole corpus
-/// faster (`for_bulk`).
+/// How many sessions and threads the runtime uses (measured on 2 cores in
+/// embedder/BENCH.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuntimeOptions {
     /// ONNX sessions run in parallel.
@@ -31,6 +31,9 @@ pub struct RuntimeOptions {
     pub intra_threads: usize,
     /// Texts per inference call at most.
     pub max_batch: usize,
+    /// Intra-op threads of one more session that runs the calls with fewer texts than
+    /// `sessions` (a lone query), so that they still use several cores; 0: no such session.
+    pub lone_threads: usize,
 }
 
 /// Cores available to this process (1 when unknown).
@@ -41,12 +44,12 @@ pub fn cores() -> usize {
 }
 
 impl RuntimeOptions {
-    /// The embedder service: one session, one intra-op thread per core.
+    /// The embedder service: one single-threaded session per core for batches, and a lone
+    /// session with a thread per core for single queries.
     pub fn for_queries() -> Self {
         Self {
-            sessions: 1,
-            intra_threads: cores(),
-            max_batch: 16,
+            lone_threads: if cores() > 1 { cores() } else { 0 },
+            ..Self::for_bulk()
         }
     }
 
@@ -56,6 +59,7 @@ impl RuntimeOptions {
             sessions: cores(),
             intra_threads: 1,
             max_batch: 16,
+            lone_threads: 0,
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct Embedder {
     tokenizer: Tokenizer,
     sessions: Vec<Mutex<Session>>,
     next_session: AtomicUsize,
+    /// Runs calls with fewer texts than `sessions` (see [`RuntimeOptions::lone_threads`]).
+    lone: Option<Mutex<Session>>,
     options: RuntimeOptions,
     pad_id: i64,
     /// The graph takes `token_type_ids` (BERT exports do; some sentence-transformers
@@ -165,29 +171,42 @@ impl Embedder {
             sessions: options.sessions.max(1),
             intra_threads: options.intra_threads.max(1),
             max_batch: options.max_batch.max(1),
+            // A lone session is only of use beside several sessions.
+            lone_threads: if options.sessions > 1 {
+                options.lone_threads
+            } else {
+                0
+            },
         };
-        let mut sessions = Vec::with_capacity(options.sessions);
-        for _ in 0..options.sessions {
-            let session = Session::builder(&env)
+        let session = |threads: usize| {
+            Session::builder(&env)
                 .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
-                .and_then(|b| Ok(b.with_intra_threads(options.intra_threads)?))
+                .and_then(|b| Ok(b.with_intra_threads(threads)?))
                 // Idle intra-op threads sleep instead of spinning: on a machine the
                 // embedder shares with shards and the balancer, spinning burns the CPU
                 // they need (embedder/BENCH.md: 8.5 against 9.8 ms of CPU per text).
                 .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
                 .and_then(|mut b| b.commit_from_file(model.onnx_path()))
+                .map(Mutex::new)
                 .map_err(|e| Error::ModelFile {
                     path: model.onnx_path(),
                     reason: format!("ONNX Runtime cannot load it: {e}"),
-                })?;
-            sessions.push(Mutex::new(session));
-        }
+                })
+        };
+        let sessions = (0..options.sessions)
+            .map(|_| session(options.intra_threads))
+            .collect::<Result<Vec<_>>>()?;
+        let lone = match options.lone_threads {
+            0 => None,
+            threads => Some(session(threads)?),
+        };
         let takes_type_ids = check_graph(&sessions[0].lock().unwrap(), &model)?;
         Ok(Self {
             model,
             tokenizer,
             sessions,
             next_session: AtomicUsize::new(0),
+            lone,
             options,
             pad_id,
             takes_type_ids,
@@ -209,6 +228,16 @@ impl Embedder {
 
     pub fn options(&self) -> RuntimeOptions {
         self.options
+    }
+
+    /// Calls that may run at once without asking for more threads than the layout has:
+    /// one per session, or one in all when a call may use the lone session beside them.
+    pub fn parallel_calls(&self) -> usize {
+        if self.lone.is_some() {
+            1
+        } else {
+            self.sessions.len()
+        }
     }
 
     /// Tokenise texts (with the model's query prefix), truncated, unpadded.
@@ -242,6 +271,15 @@ impl Embedder {
         let mut out = vec![0f32; tokens.len() * dims];
         if tokens.is_empty() {
             return Ok(out);
+        }
+        if let Some(lone) = self
+            .lone
+            .as_ref()
+            .filter(|_| tokens.len() < self.sessions.len())
+        {
+            let rows: Vec<&Tokens> = tokens.iter().collect();
+            let mut session = lone.lock().unwrap_or_else(|p| p.into_inner());
+            return self.run_batch(&mut session, &rows);
         }
         // Similar lengths share a batch, so little compute goes to padding. A call smaller
         // than `sessions * max_batch` is split evenly so that every session gets a share.

@@ -156,7 +156,8 @@ async fn embeds_paraphrases_close(server: &Running) -> (String, Vec<Vec<f32>>, f
         close > far + 0.3,
         "paraphrases close ({close}), unrelated far ({far})"
     );
-    // Padding inside a batch must not change a vector: alone == in a batch.
+    // Padding inside a batch must not change a vector, nor the layout: alone (on the lone
+    // session with a thread per core) == in a batch (split over single-threaded sessions).
     let alone = embed(&TEXTS[2..]).await;
     assert_eq!(alone.model_id, resp.model_id);
     assert!(

@@ -330,6 +330,9 @@ pub struct LoadReport {
     pub dgs: Vec<String>,
     /// Successful answers marked degraded (a routed shard had no healthy replica).
     pub degraded: usize,
+    /// What each degraded answer said, with the milliseconds from the load's start at which
+    /// it was sent: a failure then names its cause and its moment.
+    pub degraded_notes: Vec<String>,
     /// Milliseconds from the scheduled send to the answer, of each successful query.
     pub answered_ms: Vec<f64>,
     /// Score of the first result of each successful answer (0 when it had none).
@@ -353,7 +356,11 @@ impl LoadReport {
             "failed queries during {what}: {:?}",
             self.failed
         );
-        assert_eq!(self.degraded, 0, "degraded answers during {what}");
+        assert_eq!(
+            self.degraded, 0,
+            "degraded answers during {what}: {:#?}",
+            self.degraded_notes
+        );
     }
 
     /// Queries sent (answered or failed).
@@ -411,7 +418,17 @@ async fn send_query(
                 .top_scores
                 .push(v["results"][0]["score"].as_f64().unwrap_or(0.0));
             report.ok += 1;
-            report.degraded += usize::from(v["degraded"] == true);
+            if v["degraded"] == true {
+                report.degraded += 1;
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                report.degraded_notes.push(format!(
+                    "answered at unix {unix:.3}: {} {}",
+                    v["dg"], v["notes"]
+                ));
+            }
             report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
         }
         Err(failure) => {
