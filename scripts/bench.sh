@@ -17,6 +17,8 @@
 # The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
 # when present, so delete that to time the embedding too.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# One group, read before it runs: editing this file while a benchmark runs is safe.
+{
 
 "$SIMQ_ROOT/scripts/setup.sh" >/dev/null
 corpus="$("$SIMQ_ROOT/scripts/corpus.sh")"
@@ -91,7 +93,8 @@ run_serve() {
   "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/peer.py" --export "$export_dir" --model-dir "$SIMQ_MODEL_DIR" \
     --port "$peer_port" --nlist 1024 --nprobe 16 >"$serve/peer.log" 2>&1 &
   peer_pid=$!
-  trap 'kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null || true' EXIT
+  # (|| true: under set -e a failing command in the trap would turn success into exit 1.)
+  trap 'kill "$peer_pid" 2>/dev/null || true; wait "$peer_pid" 2>/dev/null || true' EXIT
   local deadline=$((SECONDS + 180))
   until curl -fsS "http://127.0.0.1:$peer_port/health" >/dev/null 2>&1; do
     kill -0 "$peer_pid" 2>/dev/null || { cat "$serve/peer.log" >&2; die "the peer did not start (log above)"; }
@@ -205,7 +208,11 @@ PY
 # the capacity serve measured (SIMQ_BENCH_ROLLOUT_SHARE, 0.5); counts failed and degraded.
 run_rollout() {
   local port="${SIMQ_PORT:-8080}" results="$out/serve/results.jsonl" share="${SIMQ_BENCH_ROLLOUT_SHARE:-0.5}"
-  local status active best rate other queries="$out/rollout-queries.txt" next=0
+  local status active best rate other queries="$out/rollout-queries.txt" next
+  # Each run goes on where the last one stopped: the balancers' answer caches still hold
+  # the queries of an earlier run on the same stack, and a cache hit proves nothing here.
+  next="$(cat "$out/rollout-next" 2>/dev/null || echo 0)"
+  [ "$next" -lt 90000 ] 2>/dev/null || next=0
   [ -s "$results" ] || die "run scripts/bench.sh serve first (the rollout runs at a share of its measured capacity)"
   status="$(curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null)" ||
     die "no simq balancer answers on 127.0.0.1:$port: start the stack with scripts/up.sh first"
@@ -242,6 +249,7 @@ run_rollout() {
     wait "$pid" || die "loadgen failed"
     line="$(cat "$out/rollout-load.json")"
     next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
+    echo "$next" >"$out/rollout-next"
     echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' \
       "{\"system\": \"simq\", \"phase\": \"rollout\", \"step\": \"$step\", \"step_s\": $took, \"share\": $share, \"cpu\": $cpu}" |
       tee -a "$results" >&2
@@ -307,3 +315,5 @@ case "${1:-all}" in
   all) run_embedder; run_build; run_recall ;;
   *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|rollout|all]" ;;
 esac
+exit
+}

@@ -33,16 +33,6 @@ wait_until() {
   done
 }
 
-# consul_curl ARGS...: curl to Consul, with the management token (from a header file, so
-# it never appears in a process list) in secure mode.
-consul_curl() {
-  if acl_enabled; then
-    curl -H @"$SIMQ_SECRETS/management.header" "$@"
-  else
-    curl "$@"
-  fi
-}
-
 consul_ready() {
   # A leader is elected and the agent answers KV reads.
   [ -n "$(curl -fsS "$CONSUL_HTTP_ADDR/v1/status/leader" | tr -d '"')" ] &&
@@ -72,6 +62,29 @@ HCL
   )
 }
 
+WORKLOAD_AUTH_METHOD=simq-nomad-workloads
+
+# Secure mode: Consul trusts the workload identities Nomad signs (checked against Nomad's
+# public keys at /.well-known/jwks.json: Consul fetches them when the method is made, so
+# once Nomad answers), and a service of
+# a simq job that logs in gets a token that may register that service name only (a Consul
+# service identity): a shard cannot register itself as an embedder or a balancer.
+make_workload_auth() {
+  local method rule
+  method="$(python3 -c 'import json,sys; print(json.dumps({"Name": sys.argv[1], "Type": "jwt", "Description": "services of simq jobs, by Nomad workload identity",
+    "Config": {"JWKSURL": sys.argv[2] + "/.well-known/jwks.json", "JWTSupportedAlgs": ["RS256"], "BoundAudiences": ["consul.io"],
+               "ClaimMappings": {"nomad_namespace": "nomad_namespace", "nomad_job_id": "nomad_job_id", "nomad_service": "nomad_service"}}}))' \
+    "$WORKLOAD_AUTH_METHOD" "$NOMAD_ADDR")"
+  consul_curl -fsS -X PUT --data-binary "$method" "$CONSUL_HTTP_ADDR/v1/acl/auth-method" >/dev/null ||
+    die "consul: could not create the auth method $WORKLOAD_AUTH_METHOD"
+  # Only services of jobs in Nomad's simq namespace, only under their own name.
+  rule="$(python3 -c 'import json,sys; print(json.dumps({"AuthMethod": sys.argv[1], "Description": "a simq service registers itself",
+    "BindType": "service", "BindName": "${value.nomad_service}",
+    "Selector": "value.nomad_namespace == \"simq\" and value.nomad_service matches \"^simq-\""}))' "$WORKLOAD_AUTH_METHOD")"
+  consul_curl -fsS -X PUT --data-binary "$rule" "$CONSUL_HTTP_ADDR/v1/acl/binding-rule" >/dev/null ||
+    die "consul: could not create the binding rule of $WORKLOAD_AUTH_METHOD"
+}
+
 # Secure mode, once Consul is ready: one policy and one token per consul/acl/*.hcl, the
 # Consul agent's own token, and the Nomad agent's Consul token in its config.
 make_acl_tokens() {
@@ -88,8 +101,22 @@ make_acl_tokens() {
   printf '{"Token": "%s"}' "$(cat "$SIMQ_SECRETS/consul-agent.token")" |
     consul_curl -fsS -X PUT --data-binary @- "$CONSUL_HTTP_ADDR/v1/agent/token/agent" >/dev/null ||
     die "consul: could not set the agent token"
-  (umask 077 && printf 'consul {\n  token = "%s"\n}\n' "$(cat "$SIMQ_SECRETS/nomad-agent.token")" >"$SIMQ_SECRETS/nomad-consul.hcl")
-  log "consul: ACLs on (default deny); tokens for balancer, indexer, nomad-agent, consul-agent in $SIMQ_SECRETS"
+  # The Nomad agent's own token; each service is registered with a token of its own, got
+  # by logging in to Consul with the service's Nomad workload identity (aud consul.io).
+  (
+    umask 077
+    cat >"$SIMQ_SECRETS/nomad-consul.hcl" <<HCL
+consul {
+  token               = "$(cat "$SIMQ_SECRETS/nomad-agent.token")"
+  service_auth_method = "$WORKLOAD_AUTH_METHOD"
+  service_identity {
+    aud = ["consul.io"]
+    ttl = "1h"
+  }
+}
+HCL
+  )
+  log "consul: ACLs on (default deny); tokens for balancer, indexer, nomad-agent, consul-agent in $SIMQ_SECRETS; services register with their own identity ($WORKLOAD_AUTH_METHOD)"
 }
 
 # nomad_curl ARGS...: curl to Nomad, with the management token (from a header file) once
@@ -169,6 +196,35 @@ start_consul() {
   if acl_enabled && [ -z "$keep" ]; then make_acl_tokens; fi
 }
 
+# The Nomad agent's CPU cgroup (cgroup v1 "cpu" or v2 with the cpu controller), where it
+# and its helpers (logmon, artifact downloads) run at a low CPU weight. Placing 8 new
+# shards starts 16 Go processes and copies their files; each of their threads weighed as
+# much as all of Nomad's tasks together (they sit in the root cgroup, the tasks under
+# /nomad), so for seconds serving got a small share of the CPU and queries were refused.
+# With the weight low they use what serving leaves idle. Empty when there are no writable
+# cgroups (the agent then runs where it was started).
+agent_cgroup() {
+  if [ -w /sys/fs/cgroup/cpu/cgroup.procs ]; then
+    echo /sys/fs/cgroup/cpu/simq-nomad-agent
+  elif [ -w /sys/fs/cgroup/cgroup.procs ] && grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null; then
+    echo /sys/fs/cgroup/simq-nomad-agent
+  fi
+}
+
+# agent_cgroup_enter: move this shell into the agent's cgroup (made with a low weight).
+agent_cgroup_enter() {
+  local cg
+  cg="$(agent_cgroup)"
+  [ -n "$cg" ] || { log "nomad: no writable CPU cgroup; the agent runs at normal CPU weight"; return 0; }
+  mkdir -p "$cg" 2>/dev/null || return 0
+  if [ -f "$cg/cpu.shares" ]; then
+    echo "${SIMQ_AGENT_CPU_SHARES:-64}" >"$cg/cpu.shares"      # v1: tasks under /nomad weigh 1024
+  else
+    echo "${SIMQ_AGENT_CPU_WEIGHT:-6}" >"$cg/cpu.weight"       # v2: default weight 100
+  fi
+  echo "$BASHPID" >"$cg/cgroup.procs"
+}
+
 start_nomad() {
   if pid_alive "$NOMAD_DIR/nomad.pid"; then
     log "nomad: already running (pid $(cat "$NOMAD_DIR/nomad.pid"))"
@@ -187,12 +243,13 @@ start_nomad() {
     (umask 077 && printf 'acl {\n  enabled = true\n}\n' >"$SIMQ_SECRETS/nomad-acl.hcl")
     acl=(-config "$SIMQ_SECRETS/nomad-consul.hcl" -config "$SIMQ_SECRETS/nomad-acl.hcl")
   fi
-  (cd "$NOMAD_DIR" && exec setsid "$NOMAD_BIN" agent -dev -config "$SIMQ_ROOT/nomad/dev-agent.hcl" "${acl[@]}" \
+  (cd "$NOMAD_DIR" && agent_cgroup_enter && exec setsid "$NOMAD_BIN" agent -dev -config "$SIMQ_ROOT/nomad/dev-agent.hcl" "${acl[@]}" \
     -data-dir "$NOMAD_DIR/data" >"$NOMAD_DIR/nomad.log" 2>&1 </dev/null) &
   echo $! >"$NOMAD_DIR/nomad.pid"
   if acl_enabled; then
     wait_until "$READY_TIMEOUT" "nomad" nomad_healthy && wait_until 30 "nomad acl bootstrap" make_nomad_acl ||
       { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad: ACL bootstrap failed (log above)"; }
+    make_workload_auth
     log "nomad: ACLs on (default deny); simq's jobs in namespace simq; deployer token in $SIMQ_SECRETS"
   fi
   wait_until "$READY_TIMEOUT" "nomad" nomad_ready ||
@@ -289,6 +346,9 @@ cmd_stop() {
   stop_pid nomad "$NOMAD_DIR/nomad.pid"
   kill_strays
   unmount_leftovers
+  local cg
+  cg="$(agent_cgroup)"
+  [ -z "$cg" ] || [ ! -d "$cg" ] || rmdir "$cg" 2>/dev/null || true
   stop_pid consul "$CONSUL_DIR/consul.pid"
   # The next start begins from an empty Consul: its tokens are worthless now.
   rm -rf "$SIMQ_SECRETS" "$CONSUL_DIR/data"

@@ -38,6 +38,16 @@ SIMQ_CLUSTER_DIR="${SIMQ_CLUSTER_DIR:-$SIMQ_CACHE/cluster}"
 # management token and one token per consul/acl/ policy are files here (mode 600).
 SIMQ_SECRETS="$SIMQ_CLUSTER_DIR/secrets"
 acl_enabled() { [ -f "$SIMQ_SECRETS/consul-management.token" ]; }
+# consul_curl ARGS...: curl to Consul, with the management token (from a header file, so
+# it never appears in a process list) in secure mode.
+consul_curl() {
+  if acl_enabled; then
+    curl -H @"$SIMQ_SECRETS/management.header" "$@"
+  else
+    curl "$@"
+  fi
+}
+
 # Secure mode runs simq's jobs in the Nomad namespace "simq", the only one its deployer
 # token may touch (nomad/acl/deployer.hcl); simq-indexer and the nomad CLI read this.
 if [ -f "$SIMQ_SECRETS/nomad-management.token" ]; then export NOMAD_NAMESPACE=simq; fi

@@ -98,6 +98,27 @@ expect "balancer token may not write the pointer" 403 "$(kv_status "$S/balancer.
 expect "balancer token may not write an API key record" 403 "$(kv_status "$S/balancer.token" PUT simq/keys/00000000)"
 expect "indexer token writes under simq/" 200 "$(kv_status "$S/indexer.token" PUT simq/acl-test)"
 expect "indexer token may not write outside simq/" 403 "$(kv_status "$S/indexer.token" PUT other/acl-test)"
+# Each service registered with a token of its own (Nomad workload identity -> Consul
+# service identity), and such a token may register only its own service name.
+identities="$(consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/tokens?authmethod=simq-nomad-workloads" |
+  python3 -c 'import json,sys; print(" ".join(sorted({i["ServiceName"] for t in json.load(sys.stdin) for i in t.get("ServiceIdentities") or []})))')"
+for service in simq-balancer simq-blobs simq-embedder simq-shard; do
+  [[ " $identities " == *" $service "* ]] && pass "$service registered with its own workload identity token" ||
+    fail "no workload identity token of $service (tokens of simq-nomad-workloads name: ${identities:-none})"
+done
+accessor="$(consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/tokens?authmethod=simq-nomad-workloads" |
+  python3 -c 'import json,sys; print(next(t["AccessorID"] for t in json.load(sys.stdin) if any(i["ServiceName"] == "simq-shard" for i in t.get("ServiceIdentities") or [])))')" ||
+  fail "no token of simq-shard to test"
+consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/token/$accessor" | python3 -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])' |
+  (umask 077 && cat >"$work/shard.token")
+register_status() { # register_status TOKEN-FILE NAME: HTTP status of a service registration
+  (umask 077 && printf 'X-Consul-Token: %s\n' "$(cat "$1")" >"$work/header")
+  curl -s -o /dev/null -w '%{http_code}' -H @"$work/header" -X PUT \
+    --data-binary "{\"Name\": \"$2\", \"ID\": \"acl-test-$2\", \"Port\": 1}" "$CONSUL_HTTP_ADDR/v1/agent/service/register"
+}
+expect "a shard's registration token may not register an embedder" 403 "$(register_status "$work/shard.token" simq-embedder)"
+expect "a shard's registration token may not register a balancer" 403 "$(register_status "$work/shard.token" simq-balancer)"
+expect "a shard's registration token may not read KV" 403 "$(kv_status "$work/shard.token" GET simq/active)"
 expect "nomad agent token may not write simq/ KV" 403 "$(kv_status "$S/nomad-agent.token" PUT simq/active)"
 expect "nomad agent token may not read manifests" 403 "$(kv_status "$S/nomad-agent.token" GET "simq/dg/$dg_b/manifest")"
 

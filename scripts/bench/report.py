@@ -86,8 +86,9 @@ if after:
               f"{'yes' if after.get('failed') == 0 else 'no'} |")
 for r in phase("rollout", "simq"):
     md.append(f"| {r.get('step')} under unique-query load at {r.get('share')} of capacity: zero failed, zero degraded | "
-              f"{r.get('ok')} answered, {r.get('failed')} failed {r.get('by_status')}, {r.get('degraded')} degraded, "
-              f"p99 {fmt(r.get('p99_ms'))} ms | {'yes' if r.get('failed') == 0 and r.get('degraded') == 0 else 'no'} |")
+              f"{r.get('ok')} answered ({r.get('cached', 0)} from the answer cache), {r.get('failed')} failed {r.get('by_status')}, "
+              f"{r.get('degraded')} degraded, p99 {fmt(r.get('p99_ms'))} ms | "
+              f"{'yes' if r.get('failed') == 0 and r.get('degraded') == 0 else 'no'} |")
 md.append("")
 
 md.append("## Bound: bare ONNX Runtime, same queries\n")
@@ -106,14 +107,17 @@ if cpu:
     if cpu_run.get("throughput") and b:
         per_query = {k: v * cores * 1000 / cpu_run["throughput"] for k, v in numbers.items()}
         bare = cores * 1000 / b
+        total = sum(v for k, v in per_query.items() if k.startswith("simq-"))
         md.append(f"What limits it: at {cpu_run['throughput']:.0f} queries/s the embedder spends "
                   f"{per_query.get('simq-embedder', 0):.1f} ms of CPU per query, against {bare:.1f} ms per text for the bare "
                   f"model at its best ({bound.get('best_layout', '?')}); the shards spend {per_query.get('simq-shard', 0):.1f} ms "
-                  f"and the balancer {per_query.get('simq-balancer', 0):.1f} ms. The embedder service runs one session with a "
-                  "thread per core (the fastest lone query) on batches gathered from concurrent requests; the bound runs one "
-                  "single-threaded session per core on length-sorted batches. Closing that gap is embedder work "
-                  "(both layouts side by side, chosen per batch), not search work. The load generator runs on the same "
-                  "2 cores and is not counted above.\n")
+                  f"and the balancer {per_query.get('simq-balancer', 0):.1f} ms, in all "
+                  f"{total:.1f} ms of CPU per query, which caps {cores} cores at {cores * 1000 / max(total, 0.001):.0f} "
+                  "queries/s before the load generator (on the same cores, not counted above) takes its share. The "
+                  "embedder splits the batches it gathers from concurrent requests over one single-threaded session per "
+                  "core (a lone query runs on one more session with a thread per core); the bound hands all texts at once, "
+                  "sorted by length, to the same sessions: the gap is the padding and the small size of the batches that "
+                  "concurrent requests form (embedder/BENCH.md).\n")
 
 md.append("## Closed loop, unique queries\n")
 md.append("| connections | simq q/s | simq p50 / p90 / p99 ms | simq failed / degraded | peer q/s | peer p50 / p90 / p99 ms | peer failed | simq / peer | simq / bound |")
@@ -184,20 +188,25 @@ if rollouts:
               "out with `simq-indexer rollout` (new shards as canaries beside the old, verified, one flip, promotion), "
               "then `simq-indexer rollback`, each under open-loop unique queries at a share of the best closed-loop "
               "throughput above; the load starts 5 s before the step and ends 5 s after it.\n")
-    md.append("What limits it (measured by hand on 2026-11-24 with `vmstat 1` and `top -H` during a rollout under "
-              "81 queries/s): for about 5 s after the new shards are placed the machine is 100 % busy with 23-75 "
-              "runnable threads and 20-260 MB/s read: Nomad starts an executor and a logmon process per allocation "
-              "(16 Go processes for 8 shards, about 5 % of a core each), copies 675 MB of shard files out of the blob "
-              "store (the blob server took 23-27 % of a core before it ran at nice 10), and the embedder loses its "
-              "share; queries queue past the balancers' in-flight limit and are refused (503). The shards' own file "
-              "checks run under SCHED_IDLE and barely show. With 2 x 32 queries in flight instead of 2 x 16 the same "
-              "rollout lost 1 query of 1,361 and degraded 16, but then accepted long queries ran into the 2 s deadline "
-              "under overload; the defaults keep the overload target.\n")
-    md.append("| step | step took s | offered q/s | answered | failed (by status) | degraded | p50 / p99 ms | CPU share by program over the step |")
-    md.append("|---|---:|---:|---:|---|---:|---|---|")
+    md.append("For about 5 s after the new shards are placed, Nomad starts an executor and a logmon process per "
+              "allocation (16 Go processes for 8 shards) and copies 675 MB of shard files out of the blob store. "
+              "Those processes sit in the root CPU cgroup or in Nomad's parent cgroup, where each of their threads "
+              "weighed as much as all of Nomad's tasks together (the tasks share `/nomad`, 1024 shares): the serving "
+              "processes got a small share of the CPU, queries queued past the balancers' in-flight limit and were "
+              "refused (503). `scripts/cluster.sh` now starts the Nomad agent, and with it logmon and the artifact "
+              "downloads, in a cgroup of its own with 64 CPU shares, so that machinery runs on what serving leaves "
+              "idle. Measured on one stack at 78.3 queries/s (0.5 of capacity), rollout then rollback, fresh "
+              "queries each run: the agent in the root cgroup as before, 84 + 59 and 94 + 79 failed (p99 about 1 s) "
+              "in two runs; in its own cgroup, 0 + 0 failed and 0 degraded in two runs (p99 68-120 ms; the rows below are the "
+              "second). (Those runs, on 2026-11-24 at 1ea9bf7, moved the running agent and its logmon processes "
+              "into the cgroup by hand, as `cluster.sh` now does at start.) The shards' own file checks "
+              "run under SCHED_IDLE. Cache hits are counted apart: each run takes queries no earlier run on the "
+              "stack used.\n")
+    md.append("| step | step took s | offered q/s | answered | of them cache hits | failed (by status) | degraded | p50 / p99 ms | CPU share by program over the step |")
+    md.append("|---|---:|---:|---:|---:|---|---:|---|---|")
     for r in rollouts:
         cpu = ", ".join(f"{k} {v * 100:.0f} %" for k, v in sorted((r.get("cpu") or {}).items(), key=lambda kv: -kv[1]) if v >= 0.01)
-        md.append(f"| {r.get('step')} | {r.get('step_s')} | {fmt(r.get('offered_rate'))} | {r.get('ok')} | {r.get('failed')} {r.get('by_status')} | "
+        md.append(f"| {r.get('step')} | {r.get('step_s')} | {fmt(r.get('offered_rate'))} | {r.get('ok')} | {r.get('cached', 0)} | {r.get('failed')} {r.get('by_status')} | "
                   f"{r.get('degraded')} | {fmt(r.get('p50_ms'))} / {fmt(r.get('p99_ms'))} | {cpu} |")
     md.append("")
 
