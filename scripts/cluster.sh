@@ -216,13 +216,15 @@ agent_cgroup_enter() {
   local cg
   cg="$(agent_cgroup)"
   [ -n "$cg" ] || { log "nomad: no writable CPU cgroup; the agent runs at normal CPU weight"; return 0; }
-  mkdir -p "$cg" 2>/dev/null || return 0
-  if [ -f "$cg/cpu.shares" ]; then
-    echo "${SIMQ_AGENT_CPU_SHARES:-64}" >"$cg/cpu.shares"      # v1: tasks under /nomad weigh 1024
-  else
-    echo "${SIMQ_AGENT_CPU_WEIGHT:-6}" >"$cg/cpu.weight"       # v2: default weight 100
-  fi
-  echo "$BASHPID" >"$cg/cgroup.procs"
+  {
+    mkdir -p "$cg" &&
+      if [ -f "$cg/cpu.shares" ]; then
+        echo "${SIMQ_AGENT_CPU_SHARES:-64}" >"$cg/cpu.shares"  # v1: tasks under /nomad weigh 1024
+      else
+        echo "${SIMQ_AGENT_CPU_WEIGHT:-6}" >"$cg/cpu.weight"   # v2: default weight 100
+      fi &&
+      echo "$BASHPID" >"$cg/cgroup.procs"
+  } 2>/dev/null || log "nomad: could not use the CPU cgroup $cg; the agent runs at normal CPU weight"
 }
 
 start_nomad() {
