@@ -119,6 +119,7 @@ register_status() { # register_status TOKEN-FILE NAME: HTTP status of a service 
 expect "a shard's registration token may not register an embedder" 403 "$(register_status "$work/shard.token" simq-embedder)"
 expect "a shard's registration token may not register a balancer" 403 "$(register_status "$work/shard.token" simq-balancer)"
 expect "a shard's registration token may not read KV" 403 "$(kv_status "$work/shard.token" GET simq/active)"
+expect "a shard's registration token may not write a manifest" 403 "$(kv_status "$work/shard.token" PUT "simq/dg/$dg_b/manifest")"
 expect "nomad agent token may not write simq/ KV" 403 "$(kv_status "$S/nomad-agent.token" PUT simq/active)"
 expect "nomad agent token may not read manifests" 403 "$(kv_status "$S/nomad-agent.token" GET "simq/dg/$dg_b/manifest")"
 

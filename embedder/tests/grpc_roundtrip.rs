@@ -55,38 +55,50 @@ async fn start_with(extra: &[&str]) -> Running {
     start_model(&model_dir(), extra).await
 }
 
+/// Start the embedder on two free ports and wait until /health answers. A port found free
+/// can be taken by a test running beside this one before the service binds it; the service
+/// then exits ("Address already in use") and is started again on other ports.
 async fn start_model(model: &std::path::Path, extra: &[&str]) -> Running {
-    let (g, h) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
-        .args(["--model-dir", model.to_str().unwrap()])
-        .args(extra)
-        .args([
-            "--grpc-listen",
-            &format!("127.0.0.1:{g}"),
-            "--http-listen",
-            &format!("127.0.0.1:{h}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("embedder binary starts");
-    let running = Running {
-        child,
-        grpc: format!("http://127.0.0.1:{g}"),
-        http: format!("http://127.0.0.1:{h}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("{}/health", running.http))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "embedder did not answer /health within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for _attempt in 0..3 {
+        let (g, h) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
+            .args(["--model-dir", model.to_str().unwrap()])
+            .args(extra)
+            .args([
+                "--grpc-listen",
+                &format!("127.0.0.1:{g}"),
+                "--http-listen",
+                &format!("127.0.0.1:{h}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("embedder binary starts");
+        let mut running = Running {
+            child,
+            grpc: format!("http://127.0.0.1:{g}"),
+            http: format!("http://127.0.0.1:{h}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if reqwest::get(format!("{}/health", running.http))
+                .await
+                .is_ok()
+            {
+                return running;
+            }
+            if let Some(status) = running.child.try_wait().unwrap() {
+                eprintln!("embedder exited at start ({status}); trying other ports");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "embedder did not answer /health within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    running
+    panic!("embedder exited at start three times (see its log above)");
 }
 
 /// The service's /health answer.
