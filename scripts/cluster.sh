@@ -66,9 +66,9 @@ WORKLOAD_AUTH_METHOD=simq-nomad-workloads
 
 # Secure mode: Consul trusts the workload identities Nomad signs (checked against Nomad's
 # public keys at /.well-known/jwks.json: Consul fetches them when the method is made, so
-# once Nomad answers), and a service of
-# a simq job that logs in gets a token that may register that service name only (a Consul
-# service identity): a shard cannot register itself as an embedder or a balancer.
+# this runs once Nomad answers), and a service of a simq job that logs in gets a token
+# that may register that service name only (a Consul service identity): a shard cannot
+# register itself as an embedder or a balancer.
 make_workload_auth() {
   local method rule
   method="$(python3 -c 'import json,sys; print(json.dumps({"Name": sys.argv[1], "Type": "jwt", "Description": "services of simq jobs, by Nomad workload identity",

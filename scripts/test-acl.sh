@@ -33,13 +33,15 @@ fi
 SIMQ_ACL=1 "$SIMQ_ROOT/scripts/cluster.sh" start
 acl_enabled || die "secure mode did not leave its tokens in $SIMQ_SECRETS"
 
+# token_header TOKEN-FILE: put the token in $work/header (mode 600), so that it goes to
+# curl as a header file, never on its command line.
+token_header() { (umask 077 && printf 'X-Consul-Token: %s\n' "$(cat "$1")" >"$work/header"); }
 # kv_status TOKEN-FILE METHOD KEY: the HTTP status of one KV call made with that token
 # (empty file name: no token, the anonymous user).
 kv_status() {
   local file=$1 method=$2 key=$3 header=()
   if [ -n "$file" ]; then
-    # The token goes in a header file (mode 600), never on curl's command line.
-    (umask 077 && printf 'X-Consul-Token: %s\n' "$(cat "$file")" >"$work/header")
+    token_header "$file"
     header=(-H @"$work/header")
   fi
   curl -s -o /dev/null -w '%{http_code}' "${header[@]}" -X "$method" --data-binary x "$CONSUL_HTTP_ADDR/v1/kv/$key"
@@ -100,19 +102,18 @@ expect "indexer token writes under simq/" 200 "$(kv_status "$S/indexer.token" PU
 expect "indexer token may not write outside simq/" 403 "$(kv_status "$S/indexer.token" PUT other/acl-test)"
 # Each service registered with a token of its own (Nomad workload identity -> Consul
 # service identity), and such a token may register only its own service name.
-identities="$(consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/tokens?authmethod=simq-nomad-workloads" |
-  python3 -c 'import json,sys; print(" ".join(sorted({i["ServiceName"] for t in json.load(sys.stdin) for i in t.get("ServiceIdentities") or []})))')"
+workload_tokens="$(consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/tokens?authmethod=simq-nomad-workloads")"
+identities="$(python3 -c 'import json,sys; print(" ".join(sorted({i["ServiceName"] for t in json.load(sys.stdin) for i in t.get("ServiceIdentities") or []})))' <<<"$workload_tokens")"
 for service in simq-balancer simq-blobs simq-embedder simq-shard; do
   [[ " $identities " == *" $service "* ]] && pass "$service registered with its own workload identity token" ||
     fail "no workload identity token of $service (tokens of simq-nomad-workloads name: ${identities:-none})"
 done
-accessor="$(consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/tokens?authmethod=simq-nomad-workloads" |
-  python3 -c 'import json,sys; print(next(t["AccessorID"] for t in json.load(sys.stdin) if any(i["ServiceName"] == "simq-shard" for i in t.get("ServiceIdentities") or [])))')" ||
+accessor="$(python3 -c 'import json,sys; print(next(t["AccessorID"] for t in json.load(sys.stdin) if any(i["ServiceName"] == "simq-shard" for i in t.get("ServiceIdentities") or [])))' <<<"$workload_tokens")" ||
   fail "no token of simq-shard to test"
 consul_curl -fsS "$CONSUL_HTTP_ADDR/v1/acl/token/$accessor" | python3 -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])' |
   (umask 077 && cat >"$work/shard.token")
 register_status() { # register_status TOKEN-FILE NAME: HTTP status of a service registration
-  (umask 077 && printf 'X-Consul-Token: %s\n' "$(cat "$1")" >"$work/header")
+  token_header "$1"
   curl -s -o /dev/null -w '%{http_code}' -H @"$work/header" -X PUT \
     --data-binary "{\"Name\": \"$2\", \"ID\": \"acl-test-$2\", \"Port\": 1}" "$CONSUL_HTTP_ADDR/v1/agent/service/register"
 }
@@ -177,9 +178,9 @@ found() {
   grep -rlF --exclude-dir=secrets "$1" "$SIMQ_CLUSTER_DIR" 2>/dev/null | grep -v "^$SIMQ_CLUSTER_DIR/consul/data/" || true
 }
 for t in "$S"/*.token; do
-  secret="$(cat "$t")"
-  if [ -n "$(found "$secret")" ]; then
-    fail "the $(basename "$t") secret appears in a log under $SIMQ_CLUSTER_DIR: $(found "$secret" | head -n 3 | tr '\n' ' ')"
+  files="$(found "$(cat "$t")")"
+  if [ -n "$files" ]; then
+    fail "the $(basename "$t") secret appears in a log under $SIMQ_CLUSTER_DIR: $(head -n 3 <<<"$files" | tr '\n' ' ')"
     leaked=1
   fi
 done

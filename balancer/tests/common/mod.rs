@@ -330,8 +330,8 @@ pub struct LoadReport {
     pub dgs: Vec<String>,
     /// Successful answers marked degraded (a routed shard had no healthy replica).
     pub degraded: usize,
-    /// What each degraded answer said, with the milliseconds from the load's start at which
-    /// it was sent: a failure then names its cause and its moment.
+    /// What each degraded answer said, with the Unix time at which it came back (to set
+    /// against timestamped logs): a failure then names its cause and its moment.
     pub degraded_notes: Vec<String>,
     /// Milliseconds from the scheduled send to the answer, of each successful query.
     pub answered_ms: Vec<f64>,
