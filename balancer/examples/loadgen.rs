@@ -18,7 +18,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -105,7 +113,10 @@ struct Shared {
     lines: Vec<String>,
     next: AtomicUsize,
     tally: Mutex<Tally>,
-    client: reqwest::Client,
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    authorization: Option<HeaderValue>,
+    timeout: Duration,
 }
 
 impl Shared {
@@ -123,44 +134,75 @@ impl Shared {
 
     /// Send one query and tally the outcome; returns the Retry-After of a refusal.
     async fn send(&self, query: String, started: Instant) -> Option<Duration> {
-        let body = json!({"query": query, "k": self.args.k});
-        let outcome = self.client.post(&self.args.url).json(&body).send().await;
+        let body = serde_json::to_vec(&json!({"query": query, "k": self.args.k}))
+            .expect("JSON serialises");
+        let mut req = Request::post(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        if let Some(auth) = &self.authorization {
+            req.headers_mut().insert(AUTHORIZATION, auth.clone());
+        }
+        let exchange = async {
+            let resp = self.client.request(req).await?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes))
+        };
         let mut retry_after = None;
-        let (status, answer) = match outcome {
-            Ok(resp) => {
-                let status = resp.status().as_u16().to_string();
-                retry_after = resp
-                    .headers()
+        let (status, body) = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok((parts, bytes))) => {
+                retry_after = parts
+                    .headers
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                (status, resp.json::<Value>().await.ok())
+                (parts.status.as_str().to_string(), Some(bytes))
             }
-            Err(e) if e.is_timeout() => ("timeout".to_string(), None),
-            Err(_) => ("connect_error".to_string(), None),
+            Err(_) => ("timeout".to_string(), None),
+            Ok(Err(_)) => ("connect_error".to_string(), None),
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        // Only the flags are read from an answer (results too when recording): parsing
+        // whole answers cost this generator more CPU than the balancer spent on them.
+        let flags = body
+            .as_ref()
+            .filter(|_| status == "200")
+            .and_then(|b| serde_json::from_slice::<Flags>(b).ok());
+        let record = match (&self.args.record, &body, &flags) {
+            (Some(_), Some(b), Some(_)) => serde_json::from_slice::<Value>(b).ok().map(|a| {
+                let texts: Vec<Value> = a["results"]
+                    .as_array()
+                    .map(|r| r.iter().map(|x| x["text"].clone()).collect())
+                    .unwrap_or_default();
+                json!({"query": query, "results": texts})
+            }),
+            _ => None,
+        };
         let mut t = self.tally.lock().unwrap();
         *t.by_status.entry(status.clone()).or_default() += 1;
-        match (status.as_str(), answer) {
-            ("200", Some(a)) => {
+        match (status.as_str(), flags) {
+            ("200", Some(f)) => {
                 t.latencies_ms.push(ms);
-                t.degraded += usize::from(a["degraded"] == true);
-                t.cached += usize::from(a["cached"] == true);
-                if self.args.record.is_some() {
-                    let texts: Vec<Value> = a["results"]
-                        .as_array()
-                        .map(|r| r.iter().map(|x| x["text"].clone()).collect())
-                        .unwrap_or_default();
-                    t.records.push(json!({"query": query, "results": texts}));
-                }
+                t.degraded += usize::from(f.degraded);
+                t.cached += usize::from(f.cached);
+                t.records.extend(record);
             }
             ("429" | "503", _) => t.refused_ms.push(ms),
             _ => {}
         }
         retry_after
     }
+}
+
+/// The fields of an answer the tally needs.
+#[derive(Deserialize)]
+struct Flags {
+    #[serde(default)]
+    degraded: bool,
+    #[serde(default)]
+    cached: bool,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -184,26 +226,42 @@ async fn main() -> anyhow::Result<()> {
         "{} has no queries",
         args.queries.display()
     );
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(file) = &args.api_key_file {
-        let key = std::fs::read_to_string(file)
-            .map_err(|e| anyhow::anyhow!("reading the API key from {}: {e}", file.display()))?;
-        let mut value =
-            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+    let uri: Uri = args
+        .url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--url {}: {e}", args.url))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "--url {}: only http:// is supported",
+        args.url
+    );
+    let authorization = match &args.api_key_file {
+        None => None,
+        Some(file) => {
+            let key = std::fs::read_to_string(file).map_err(|e| {
+                anyhow::anyhow!("reading the API key from {}: {e}", file.display())
+            })?;
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
                 .map_err(|_| anyhow::anyhow!("{} does not hold an API key", file.display()))?;
-        value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-    }
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .timeout(Duration::from_secs_f64(args.timeout))
+            value.set_sensitive(true);
+            Some(value)
+        }
+    };
+    // hyper's pooled HTTP/1 client: the URL is parsed once and nothing else is added per
+    // request, so the generator takes little of the cores it shares with the service.
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.connections.max(64))
-        .build()?;
+        .build(connector);
     let shared = Arc::new(Shared {
         next: AtomicUsize::new(args.start),
         lines,
         tally: Mutex::new(Tally::default()),
         client,
+        uri,
+        authorization,
+        timeout: Duration::from_secs_f64(args.timeout),
         args,
     });
     let run = Duration::from_secs_f64(shared.args.seconds);

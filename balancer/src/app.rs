@@ -29,7 +29,7 @@ pub struct BalancerApp {
     pub admin_port: Option<u16>,
 }
 
-fn json_response(status: u16, body: &Value) -> Response<Vec<u8>> {
+fn json_response(status: u16, body: &impl serde::Serialize) -> Response<Vec<u8>> {
     let bytes = serde_json::to_vec(body).expect("JSON serialises");
     Response::builder()
         .status(status)
@@ -128,10 +128,7 @@ impl BalancerApp {
         match result {
             Ok(answer) => {
                 self.shadow(&snapshot, &req, &answer);
-                json_response(
-                    200,
-                    &serde_json::to_value(&answer).expect("answer serialises"),
-                )
+                json_response(200, &answer)
             }
             Err(e) => error_response(&e),
         }
