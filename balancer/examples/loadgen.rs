@@ -1,8 +1,10 @@
 //! Bounded HTTP load of unique queries against `POST /v1/query` (simq's balancer or any
 //! service with the same API), for scripts/bench.sh.
 //!
-//! Every request takes the next line of `--queries`, so no query repeats within a run
-//! (`--start` picks where to begin, the summary says where it ended). Closed loop:
+//! Every request takes the next line of `--queries` (`--start` picks where to begin,
+//! `--end` where to wrap, the summary says where it ended); an answered line is never sent
+//! again within a run, so no answer comes from the service's cache unless `--repeat`
+//! asks for it. Closed loop:
 //! `--connections` clients, each sending its next query when the last is answered. Open
 //! loop: `--rate` queries per second on a fixed schedule, latency counted from the
 //! scheduled time (no coordinated omission). Prints one JSON summary line: answers by
@@ -50,6 +52,10 @@ struct Args {
     /// How long to send, in seconds.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Use lines `--start` up to (not including) this one, wrapping within them (default:
+    /// the whole file, wrapping to its first line).
+    #[arg(long)]
+    end: Option<usize>,
     /// Requests at most (bounds the run whatever the speed).
     #[arg(long, default_value_t = 100_000)]
     max: usize,
@@ -112,6 +118,8 @@ struct Shared {
     args: Args,
     lines: Vec<String>,
     next: AtomicUsize,
+    /// Lines in flight or answered (200) in this run.
+    taken: Vec<AtomicBool>,
     tally: Mutex<Tally>,
     client: Client<HttpConnector, Full<Bytes>>,
     uri: Uri,
@@ -120,20 +128,38 @@ struct Shared {
 }
 
 impl Shared {
-    fn take(&self) -> Option<String> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        if i - self.args.start >= self.args.max {
-            return None;
-        }
-        let i = match self.args.repeat {
-            Some(n) => self.args.start + (i - self.args.start) % n.max(1),
-            None => i,
+    /// The next query to send, (line index, text); None once `--max` positions are
+    /// taken or every line of the window is answered or in flight. Without `--repeat` a
+    /// line in flight or answered (200) is skipped when the window wraps, so each answer
+    /// is a cache miss however long the run (a refused line never reached a cache and may
+    /// go again).
+    fn take(&self) -> Option<(usize, String)> {
+        let a = &self.args;
+        let len = self.lines.len();
+        // (first line of the window, its length, where in it to begin)
+        let (base, span, offset) = match a.end {
+            Some(end) => (a.start, end.clamp(a.start + 1, len) - a.start, 0),
+            None => (0, len, a.start),
         };
-        Some(self.lines[i % self.lines.len()].clone())
+        for _ in 0..=span {
+            let n = self.next.fetch_add(1, Ordering::Relaxed) - a.start;
+            if n >= a.max {
+                return None;
+            }
+            let i = match a.repeat {
+                Some(r) => (a.start + n % r.max(1)) % len,
+                None => base + (offset + n) % span,
+            };
+            if a.repeat.is_none() && self.taken[i].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            return Some((i, self.lines[i].clone()));
+        }
+        None
     }
 
     /// Send one query and tally the outcome; returns the Retry-After of a refusal.
-    async fn send(&self, query: String, started: Instant) -> Option<Duration> {
+    async fn send(&self, (line, query): (usize, String), started: Instant) -> Option<Duration> {
         let body = serde_json::to_vec(&json!({"query": query, "k": self.args.k}))
             .expect("JSON serialises");
         let mut req = Request::post(self.uri.clone())
@@ -180,6 +206,9 @@ impl Shared {
             }),
             _ => None,
         };
+        if status != "200" {
+            self.taken[line].store(false, Ordering::Release);
+        }
         let mut t = self.tally.lock().unwrap();
         *t.by_status.entry(status.clone()).or_default() += 1;
         match (status.as_str(), flags) {
@@ -226,6 +255,15 @@ async fn main() -> anyhow::Result<()> {
         "{} has no queries",
         args.queries.display()
     );
+    if let Some(end) = args.end {
+        anyhow::ensure!(
+            args.start < end && end <= lines.len(),
+            "--start {} --end {end}: {} has lines 0 to {}",
+            args.start,
+            args.queries.display(),
+            lines.len()
+        );
+    }
     let uri: Uri = args
         .url
         .parse()
@@ -256,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
         .build(connector);
     let shared = Arc::new(Shared {
         next: AtomicUsize::new(args.start),
+        taken: lines.iter().map(|_| AtomicBool::new(false)).collect(),
         lines,
         tally: Mutex::new(Tally::default()),
         client,
