@@ -181,7 +181,8 @@ PY
   queries="$long" next=0
   load simq overload "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 --end "$half"
   next=$half
-  load simq overload_hostile "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 --ignore-retry-after
+  load simq overload_hostile "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 --ignore-retry-after \
+    --end "$((half * 2))"
   queries="$q_saved" next=$n_saved
   sleep 5
   local queued

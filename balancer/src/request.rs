@@ -20,13 +20,32 @@ pub struct QueryRequest {
 }
 
 impl QueryRequest {
-    /// The cache key part: case-folded, whitespace collapsed.
+    /// The cache key part: case-folded, whitespace collapsed. Every query computes it
+    /// (cache hits and refusals included), so ASCII text, the common case, takes one pass
+    /// over bytes; other text folds word by word as `str::to_lowercase` would.
     pub fn normalized(&self) -> String {
-        self.query
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase()
+        let mut out = String::with_capacity(self.query.len());
+        if self.query.is_ascii() {
+            // char::is_whitespace in ASCII: tab, newline, vertical tab, form feed, CR, space.
+            for word in self
+                .query
+                .split(|c: char| matches!(c, '\t'..='\r' | ' '))
+                .filter(|w| !w.is_empty())
+            {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                out.extend(word.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+            }
+        } else {
+            for word in self.query.split_whitespace() {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                out.push_str(&word.to_lowercase());
+            }
+        }
+        out
     }
 }
 
@@ -268,6 +287,15 @@ mod properties {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn normalized_is_the_lowercase_of_the_words_joined_by_one_space(
+            query in "([ \t\n\x0b\x0c\r\u{85}\u{a0}\u{3000}]|[a-zA-Z?]|\\PC){0,40}",
+        ) {
+            let q = QueryRequest { query: query.clone(), k: DEFAULT_K };
+            let reference = query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+            prop_assert_eq!(q.normalized(), reference);
+        }
 
         #[test]
         fn any_bytes_give_a_request_or_a_4xx(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
