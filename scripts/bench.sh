@@ -135,6 +135,14 @@ PY
     if [ "$c" = 8 ]; then
       load simq closed "" --connections "$c" --seconds "$secs" --record "$serve/simq-records.jsonl"
       load peer closed "" --connections "$c" --seconds "$secs" --record "$serve/peer-records.jsonl"
+    elif [ "$c" = 1 ]; then
+      # One query at a time: where its time goes, from the services' own metrics.
+      python3 "$SIMQ_ROOT/scripts/bench/stages.py" >"$serve/stages-before.json"
+      load simq closed "" --connections "$c" --seconds "$secs"
+      python3 "$SIMQ_ROOT/scripts/bench/stages.py" >"$serve/stages-after.json"
+      python3 "$SIMQ_ROOT/scripts/bench/stages.py" --diff "$serve/stages-before.json" "$serve/stages-after.json" |
+        tag '{"phase": "stages", "connections": 1}' | tee -a "$results" >&2
+      load peer closed "" --connections "$c" --seconds "$secs"
     else
       load simq closed "" --connections "$c" --seconds "$secs"
       load peer closed "" --connections "$c" --seconds "$secs"

@@ -56,7 +56,8 @@ md.append("Everything below comes from one run on this machine: simq (the `up.sh
           "tokenizer and items), and the bound (bare ONNX Runtime on the same queries, no service). "
           "Load: unique perturbed corpus questions (`scripts/bench/queries.py`, fixed seed), none repeated, so every "
           "simq query misses its answer cache unless the table says otherwise. Load generator: "
-          "`balancer/examples/loadgen.rs` on the same 2 cores.\n")
+          "`balancer/examples/loadgen.rs` (hyper's pooled HTTP/1 client, about 30 µs of CPU per request) on the same "
+          "2 cores.\n")
 
 md.append("## Targets\n")
 simq_unloaded = one("closed", "simq") if False else next((r for r in phase("closed", "simq") if r.get("connections") == 1), {})
@@ -118,6 +119,21 @@ if cpu:
                   "core (a lone query runs on one more session with a thread per core); the bound hands all texts at once, "
                   "sorted by length, to the same sessions: the gap is the padding and the small size of the batches that "
                   "concurrent requests form (embedder/BENCH.md).\n")
+
+stages = one("stages")
+if stages.get("queries"):
+    peer_one = next((r for r in phase("closed", "peer") if r.get("connections") == 1), {})
+    shard_phase = (stages.get("request_ms") or 0) - (stages.get("embed_call_ms") or 0)
+    md.append("## Where an unloaded query's time goes\n")
+    md.append(f"One query at a time (the first closed-loop row, {stages['queries']} queries), means per query from the "
+              f"services' own metrics (`scripts/bench/stages.py`): the balancer answered in {fmt(stages.get('request_ms'), 2)} ms. "
+              f"Its embed call took {fmt(stages.get('embed_call_ms'), 2)} ms, of which {fmt(stages.get('embedder_inference_ms'), 2)} ms "
+              f"of inference in the embedder (the bare model alone: p50 {fmt(bound.get('single_query_p50_ms'), 2)} ms); the rest "
+              f"is the gRPC hop, tokenising and the hand-over to the inference thread. Then {stages.get('shard_calls_per_query')} "
+              f"shard calls in parallel, each {fmt(stages.get('shard_call_ms'), 2)} ms as the balancer sees it, of which "
+              f"{fmt(stages.get('shard_search_ms'), 2)} ms inside the shard (the search and its hand-over to a search "
+              f"thread): {fmt(shard_phase, 2)} ms from the vector to the merged answer, on 2 cores shared by the balancer and "
+              f"every shard process. The peer embeds and searches in one process: p50 {fmt(peer_one.get('p50_ms'))} ms.\n")
 
 md.append("## Closed loop, unique queries\n")
 md.append("| connections | simq q/s | simq p50 / p90 / p99 ms | simq failed / degraded | peer q/s | peer p50 / p90 / p99 ms | peer failed | simq / peer | simq / bound |")
