@@ -102,7 +102,11 @@ run_serve() {
     sleep 1
   done
 
-  local results="$serve/results.jsonl" next=0
+  # Each run goes on where the last one stopped (serve-next, long-next): the balancers'
+  # answer caches still hold the queries of an earlier run on the same stack.
+  local results="$serve/results.jsonl" next
+  next="$(cat "$out/serve-next" 2>/dev/null || echo 0)"
+  [ "$next" -lt 100000 ] 2>/dev/null || next=0
   : >"$results"
   tag() { python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' "$1"; }
   load() { # load SYSTEM PHASE EXTRA_JSON LOADGEN_ARGS...: one measurement, appended to results
@@ -172,6 +176,7 @@ PY
   load simq cache_warm "" --connections 16 --repeat 200 --max 100000 --seconds 5
   next=$warm_start
   load simq cache ", \"repeat\": 200" --connections 16 --repeat 200 --seconds 5
+  next=$((warm_start + 200))
   log "bench: recall@10 against exact search"
   "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/recall.py" --export "$export_dir" --model-dir "$SIMQ_MODEL_DIR" \
     "$serve/simq-records.jsonl" "$serve/peer-records.jsonl" |
@@ -180,17 +185,22 @@ PY
 
   kill "$peer_pid" 2>/dev/null; wait "$peer_pid" 2>/dev/null || true
   log "bench: overload: 200 connections of long unique queries for $over_secs s, twice"
-  local q_saved="$queries" n_saved=$next half
-  half=$(($(wc -l <"$long") / 2))
+  local q_saved="$queries" n_saved=$next quarter long_next
+  quarter=$(($(wc -l <"$long") / 4))
+  long_next="$(cat "$out/long-next" 2>/dev/null || echo 0)"
+  [ "$long_next" -lt $((quarter * 3)) ] 2>/dev/null || long_next=0
   # Clients that wait the Retry-After of a refusal (as well-behaved HTTP clients do), then
   # clients that resend at once (the worst case: refusals themselves load the machine).
-  # Each run wraps within its own half of the long queries and never resends an answered
-  # one, so every accepted query misses the answer cache.
-  queries="$long" next=0
-  load simq overload "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 --end "$half"
-  next=$half
+  # Each run wraps within its own quarter of the long queries (the next two quarters at
+  # each bench run) and never resends an answered one, so every accepted query misses the
+  # answer cache.
+  queries="$long" next=$long_next
+  load simq overload "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 \
+    --end "$((long_next + quarter))"
+  next=$((long_next + quarter))
   load simq overload_hostile "" --connections 200 --seconds "$over_secs" --timeout 5 --max 2000000 --ignore-retry-after \
-    --end "$((half * 2))"
+    --end "$((long_next + quarter * 2))"
+  echo "$(((long_next + quarter * 2) % (quarter * 4)))" >"$out/long-next"
   queries="$q_saved" next=$n_saved
   sleep 5
   local queued
@@ -210,6 +220,7 @@ print("/".join(out) or "none")
 PY
 )"
   load simq after_overload ", \"after_s\": 5, \"queues\": \"$queued queued texts\"" --connections 8 --seconds 5
+  echo "$next" >"$out/serve-next"
 
   "$venv/bin/python" "$SIMQ_ROOT/scripts/bench/report.py" "$results" --md "$SIMQ_ROOT/BENCHMARKS.md" \
     --plot "$SIMQ_ROOT/bench-latency.png" --command "scripts/bench.sh serve"

@@ -136,13 +136,13 @@ if stages.get("queries"):
               f"every shard process. The peer embeds and searches in one process: p50 {fmt(peer_one.get('p50_ms'))} ms.\n")
 
 md.append("## Closed loop, unique queries\n")
-md.append("| connections | simq q/s | simq p50 / p90 / p99 ms | simq failed / degraded | peer q/s | peer p50 / p90 / p99 ms | peer failed | simq / peer | simq / bound |")
+md.append("| connections | simq q/s | simq p50 / p90 / p99 ms | simq failed / degraded / cache hits | peer q/s | peer p50 / p90 / p99 ms | peer failed | simq / peer | simq / bound |")
 md.append("|---:|---:|---|---|---:|---|---|---:|---:|")
 for s in phase("closed", "simq"):
     c = s.get("connections")
     q = next((r for r in phase("closed", "peer") if r.get("connections") == c), {})
     md.append(f"| {c} | {fmt(s.get('throughput'))} | {fmt(s.get('p50_ms'))} / {fmt(s.get('p90_ms'))} / {fmt(s.get('p99_ms'))} | "
-              f"{s.get('failed')} / {s.get('degraded')} | {fmt(q.get('throughput'))} | "
+              f"{s.get('failed')} / {s.get('degraded')} / {s.get('cached', 0)} | {fmt(q.get('throughput'))} | "
               f"{fmt(q.get('p50_ms'))} / {fmt(q.get('p90_ms'))} / {fmt(q.get('p99_ms'))} | {q.get('failed', '-')} | "
               f"{ratio(s.get('throughput'), q.get('throughput'))} | {ratio(s.get('throughput'), b)} |")
 md.append("")
