@@ -215,9 +215,9 @@ if rollouts:
               "downloads, in a cgroup of its own with 64 CPU shares, so that machinery runs on what serving leaves "
               "idle. Measured on one stack at 78.3 queries/s (0.5 of capacity), rollout then rollback, fresh "
               "queries each run: the agent in the root cgroup as before, 84 + 59 and 94 + 79 failed (p99 about 1 s) "
-              "in two runs; in its own cgroup, 0 + 0 failed and 0 degraded in two runs (p99 68-120 ms; the rows below are the "
-              "second). (Those runs, on 2026-11-24 at 1ea9bf7, moved the running agent and its logmon processes "
-              "into the cgroup by hand, as `cluster.sh` now does at start.) The shards' own file checks "
+              "in two runs; in its own cgroup, 0 + 0 failed and 0 degraded in two runs (p99 68-120 ms). (Those runs, "
+              "on 2026-11-24 at 1ea9bf7, moved the running agent and its logmon processes into the cgroup by hand, "
+              "as `cluster.sh` now does at start.) The rows below are this run's. The shards' own file checks "
               "run under SCHED_IDLE. Cache hits are counted apart: each run takes queries no earlier run on the "
               "stack used.\n")
     md.append("| step | step took s | offered q/s | answered | of them cache hits | failed (by status) | degraded | p50 / p99 ms | CPU share by program over the step |")
