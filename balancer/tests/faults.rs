@@ -285,7 +285,9 @@ async fn every_fault_of_reliability_md_measured_under_unique_query_load() {
 
     // 1-3. One of two instances killed outright: the other serves while Nomad restarts it.
     let replica_dg = dg_a.clone();
-    let kills: [(&str, Box<dyn Fn() -> Vec<u32>>); 3] = [
+    // (fault, the pids of the instances of that part)
+    type Kill<'a> = (&'a str, Box<dyn Fn() -> Vec<u32>>);
+    let kills: [Kill; 3] = [
         ("kill -9 one of two embedders", Box::new(embedder_pids)),
         ("kill -9 one of two balancers", Box::new(balancer_pids)),
         (
