@@ -276,9 +276,8 @@ async fn main() -> anyhow::Result<()> {
     let authorization = match &args.api_key_file {
         None => None,
         Some(file) => {
-            let key = std::fs::read_to_string(file).map_err(|e| {
-                anyhow::anyhow!("reading the API key from {}: {e}", file.display())
-            })?;
+            let key = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("reading the API key from {}: {e}", file.display()))?;
             let mut value = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
                 .map_err(|_| anyhow::anyhow!("{} does not hold an API key", file.display()))?;
             value.set_sensitive(true);
