@@ -21,27 +21,17 @@ pub struct QueryRequest {
 
 impl QueryRequest {
     /// The cache key part: case-folded, whitespace collapsed. Every query computes it
-    /// (cache hits and refusals included), so ASCII text, the common case, takes one pass
-    /// over bytes; other text folds word by word as `str::to_lowercase` would.
+    /// (cache hits and refusals included), so it is built in one pass with one allocation;
+    /// an ASCII word folds byte by byte, any other as `str::to_lowercase` would.
     pub fn normalized(&self) -> String {
         let mut out = String::with_capacity(self.query.len());
-        if self.query.is_ascii() {
-            // char::is_whitespace in ASCII: tab, newline, vertical tab, form feed, CR, space.
-            for word in self
-                .query
-                .split(|c: char| matches!(c, '\t'..='\r' | ' '))
-                .filter(|w| !w.is_empty())
-            {
-                if !out.is_empty() {
-                    out.push(' ');
-                }
-                out.extend(word.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+        for word in self.query.split_whitespace() {
+            if !out.is_empty() {
+                out.push(' ');
             }
-        } else {
-            for word in self.query.split_whitespace() {
-                if !out.is_empty() {
-                    out.push(' ');
-                }
+            if word.is_ascii() {
+                out.extend(word.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+            } else {
                 out.push_str(&word.to_lowercase());
             }
         }
