@@ -255,7 +255,7 @@ run_rollout() {
     local step=$1 pid started took line
     shift
     "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 \
-      --timeout 5 --url "http://127.0.0.1:$port/v1/query" >"$out/rollout-load.json" &
+      --timeout 5 --url "http://127.0.0.1:$port/v1/query" --timeline "$out/rollout-$step-timeline.jsonl" >"$out/rollout-load.json" &
     pid=$!
     python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-before.json"
     sleep 5

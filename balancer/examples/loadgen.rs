@@ -10,7 +10,8 @@
 //! scheduled time (no coordinated omission). Prints one JSON summary line: answers by
 //! status, degraded and cached answers, latency percentiles, and achieved rate;
 //! `--record FILE` also writes the result texts of each answered query (JSON lines) for
-//! recall measurements. SIGTERM or SIGINT ends the sending early (outstanding requests
+//! recall measurements, `--timeline FILE` one line per request (when it was due, in Unix
+//! milliseconds, its latency and status) to line refusals up with a rollout's log. SIGTERM or SIGINT ends the sending early (outstanding requests
 //! still finish and are counted), so a load can span work of unknown length such as a
 //! rollout: start it with a long `--seconds`, stop it with `kill -TERM`.
 
@@ -75,6 +76,10 @@ struct Args {
     /// Write {"query", "results": [texts]} per answered query to this file.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Write {"at_unix_ms", "ms", "status", "degraded"} per request to this file, in the
+    /// order the answers came (`at_unix_ms`: when the request was due).
+    #[arg(long)]
+    timeline: Option<PathBuf>,
     /// Closed loop: send the next query at once after a refusal, ignoring its
     /// Retry-After (a client that hammers an overloaded service). By default a connection
     /// that gets 429/503 with Retry-After waits that long, as a well-behaved client does.
@@ -112,6 +117,7 @@ struct Tally {
     cached: usize,
     refused_ms: Vec<f64>,
     records: Vec<Value>,
+    timeline: Vec<Value>,
 }
 
 struct Shared {
@@ -125,9 +131,21 @@ struct Shared {
     uri: Uri,
     authorization: Option<HeaderValue>,
     timeout: Duration,
+    /// The same moment on both clocks, to turn an `Instant` into Unix time.
+    clocks: (Instant, std::time::SystemTime),
 }
 
 impl Shared {
+    fn unix_ms(&self, at: Instant) -> f64 {
+        let (instant, system) = self.clocks;
+        let since_epoch = system
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (since_epoch.as_secs_f64() + at.duration_since(instant).as_secs_f64()
+            - instant.saturating_duration_since(at).as_secs_f64())
+            * 1000.0
+    }
+
     /// The next query to send, (line index, text); None once `--max` positions are
     /// taken or every line of the window is answered or in flight. Without `--repeat` a
     /// line in flight or answered (200) is skipped when the window wraps, so each answer
@@ -209,7 +227,16 @@ impl Shared {
         if status != "200" {
             self.taken[line].store(false, Ordering::Release);
         }
+        let moment = self.args.timeline.as_ref().map(|_| {
+            json!({
+                "at_unix_ms": self.unix_ms(started).round(),
+                "ms": (ms * 100.0).round() / 100.0,
+                "status": status,
+                "degraded": flags.as_ref().is_some_and(|f| f.degraded),
+            })
+        });
         let mut t = self.tally.lock().unwrap();
+        t.timeline.extend(moment);
         *t.by_status.entry(status.clone()).or_default() += 1;
         match (status.as_str(), flags) {
             ("200", Some(f)) => {
@@ -300,6 +327,7 @@ async fn main() -> anyhow::Result<()> {
         uri,
         authorization,
         timeout: Duration::from_secs_f64(args.timeout),
+        clocks: (Instant::now(), std::time::SystemTime::now()),
         args,
     });
     let run = Duration::from_secs_f64(shared.args.seconds);
@@ -372,10 +400,12 @@ async fn main() -> anyhow::Result<()> {
     t.refused_ms.sort_by(f64::total_cmp);
     let sent: usize = t.by_status.values().sum();
     let ok = t.by_status.get("200").copied().unwrap_or(0);
-    if let Some(path) = &shared.args.record {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-        for r in &t.records {
-            writeln!(f, "{r}")?;
+    for (path, lines) in [(&shared.args.record, &t.records), (&shared.args.timeline, &t.timeline)] {
+        if let Some(path) = path {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+            for line in lines {
+                writeln!(f, "{line}")?;
+            }
         }
     }
     let a = &shared.args;

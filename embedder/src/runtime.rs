@@ -182,10 +182,14 @@ impl Embedder {
             Session::builder(&env)
                 .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
                 .and_then(|b| Ok(b.with_intra_threads(threads)?))
-                // Idle intra-op threads sleep instead of spinning: on a machine the
-                // embedder shares with shards and the balancer, spinning burns the CPU
-                // they need (embedder/BENCH.md: 8.5 against 9.8 ms of CPU per text).
-                .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
+                // Intra-op threads spin between the parallel sections of one run (a
+                // sleeping helper thread is woken for each of them: single-query p50
+                // 4.2-4.4 against 5.1-5.7 ms, embedder/BENCH.md) but stop when the run
+                // ends, so that no idle session spins on the cores the shards and the
+                // balancer need next (spinning idle cost 9.8 against 8.5 ms of CPU per
+                // text under load). Single-threaded sessions have no helper threads.
+                .and_then(|b| Ok(b.with_intra_op_spinning(threads > 1)?))
+                .and_then(|b| Ok(b.with_config_entry("session.force_spinning_stop", "1")?))
                 .and_then(|mut b| b.commit_from_file(model.onnx_path()))
                 .map(Mutex::new)
                 .map_err(|e| Error::ModelFile {
