@@ -400,7 +400,10 @@ async fn main() -> anyhow::Result<()> {
     t.refused_ms.sort_by(f64::total_cmp);
     let sent: usize = t.by_status.values().sum();
     let ok = t.by_status.get("200").copied().unwrap_or(0);
-    for (path, lines) in [(&shared.args.record, &t.records), (&shared.args.timeline, &t.timeline)] {
+    for (path, lines) in [
+        (&shared.args.record, &t.records),
+        (&shared.args.timeline, &t.timeline),
+    ] {
         if let Some(path) = path {
             let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
             for line in lines {

@@ -20,4 +20,12 @@ pub enum Error {
     InvalidInput { reason: String },
 }
 
+impl Error {
+    /// LMDB ran out of map space (heed and arroy report it as `MDB_MAP_FULL`; both errors
+    /// reach this type as text).
+    pub fn is_map_full(&self) -> bool {
+        matches!(self, Error::Lmdb { reason, .. } if reason.contains("MDB_MAP_FULL"))
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

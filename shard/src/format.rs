@@ -171,18 +171,58 @@ pub fn build_shard(
             ),
         });
     }
-    let work = tempfile::Builder::new()
-        .prefix(".shard-build-")
-        .tempdir_in(out.parent().unwrap_or(Path::new(".")))
-        .map_err(|e| lmdb(out, e))?;
     let text_bytes: usize = clusters
         .iter()
         .flat_map(|c| &c.items)
         .map(|i| i.text.len())
         .sum();
+    let first = map_size_for(items, dims, text_bytes, clusters.len());
+    write_shard_growing(first, |map_size| {
+        write_shard(out, meta_shard, dims, model_id, clusters, params, map_size)
+    })
+}
+
+/// LMDB map sizes tried at most, each twice the last.
+const MAP_SIZE_TRIES: u32 = 6;
+
+/// Run `write` with map size `first`, and again with twice the size while LMDB says the
+/// map is full: the estimate is a deterministic function of the data (so the bytes of a
+/// build that fits stay the same), and doubling from it keeps the result deterministic.
+fn write_shard_growing(first: usize, mut write: impl FnMut(usize) -> Result<()>) -> Result<()> {
+    let mut map_size = first;
+    for _ in 1..MAP_SIZE_TRIES {
+        match write(map_size) {
+            Err(e) if e.is_map_full() => {
+                tracing::info!(
+                    map_size,
+                    "LMDB map full; building the shard again with twice the map size"
+                );
+                map_size *= 2;
+            }
+            done => return done,
+        }
+    }
+    write(map_size)
+}
+
+/// One attempt of [`build_shard`] with an LMDB map of `map_size` bytes.
+fn write_shard(
+    out: &Path,
+    meta_shard: u32,
+    dims: usize,
+    model_id: &str,
+    clusters: &[ClusterItems<'_>],
+    params: BuildParams,
+    map_size: usize,
+) -> Result<()> {
+    let items: usize = clusters.iter().map(|c| c.items.len()).sum();
+    let work = tempfile::Builder::new()
+        .prefix(".shard-build-")
+        .tempdir_in(out.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| lmdb(out, e))?;
     let env = unsafe {
         EnvOpenOptions::new()
-            .map_size(map_size_for(items, dims, text_bytes, clusters.len()))
+            .map_size(map_size)
             .max_dbs(5)
             .open(work.path())
     }
@@ -646,6 +686,78 @@ mod tests {
         )
         .unwrap();
         out
+    }
+
+    #[test]
+    fn a_full_map_is_tried_again_twice_as_large_a_bounded_number_of_times() {
+        let full = || Error::Lmdb {
+            path: "s.lmdb".into(),
+            reason: "MDB_MAP_FULL: Environment mapsize limit reached".into(),
+        };
+        let mut sizes = Vec::new();
+        let fits_at_4 = write_shard_growing(1, |m| {
+            sizes.push(m);
+            if m < 4 {
+                Err(full())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(fits_at_4.is_ok());
+        assert_eq!(sizes, [1, 2, 4]);
+        sizes.clear();
+        let never = write_shard_growing(1, |m| {
+            sizes.push(m);
+            Err(full())
+        });
+        assert!(never.unwrap_err().is_map_full());
+        assert_eq!(sizes.len(), MAP_SIZE_TRIES as usize);
+        // Other errors are not retried.
+        sizes.clear();
+        let other = write_shard_growing(1, |m| {
+            sizes.push(m);
+            Err(Error::InvalidInput {
+                reason: "no".into(),
+            })
+        });
+        assert!(!other.unwrap_err().is_map_full());
+        assert_eq!(sizes, [1]);
+    }
+
+    #[test]
+    fn a_shard_larger_than_the_first_map_size_is_built_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dims, n) = (256, 3000);
+        let vs = vectors(n, dims, 5);
+        let texts: Vec<String> = (0..n).map(|i| format!("query {i}")).collect();
+        let items = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Item {
+                id: i as u32,
+                text: &texts[i],
+                vector: v,
+            })
+            .collect();
+        let clusters = [ClusterItems { id: 1, items }];
+        let out = dir.path().join("big.lmdb");
+        // 1 MiB holds well under the 3 MB of vectors: the first tries fill the map.
+        let write = |m| {
+            write_shard(
+                &out,
+                0,
+                dims,
+                "test-model",
+                &clusters,
+                BuildParams { seed: 1 },
+                m,
+            )
+        };
+        assert!(write(1 << 20).unwrap_err().is_map_full());
+        write_shard_growing(1 << 20, write).unwrap();
+        let shard = ShardFile::open(&out).unwrap();
+        assert_eq!(shard.meta().items, n as u64);
+        assert_eq!(shard.search(&vs[17], 1, &[1]).unwrap()[0].id, 17);
     }
 
     #[test]
