@@ -302,8 +302,8 @@ run_scale() {
       file="$out/scale/questions-$n.txt"
       head -n "$n" "$corpus" >"$file"
     fi
-    for shards in 4 8 16; do
-      [ "$n" = all ] || [ "$shards" = 8 ] || continue
+    for shards in 2 4 8 16; do
+      [ "$n" = all ] || [ "$shards" = 2 ] || continue
       log "bench: scale: $n questions, $shards shards"
       "$bin/simq-indexer" build "$file" --out "$out/scale/dgs" --shards "$shards" --force >"$out/scale/dir" 2>"$out/scale/build.log"
       "$bin/simq-indexer" eval "$(cat "$out/scale/dir")" --queries 500 --nprobe 192 --json "$out/scale/eval.json" >/dev/null

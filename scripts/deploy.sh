@@ -9,7 +9,7 @@
 # Settings (environment):
 #   SIMQ_CORPUS    corpus file                  [default: the real corpus, scripts/corpus.sh]
 #   SIMQ_BIN_DIR   directory of simq binaries   [default: release build, built here]
-#   SIMQ_SHARDS    shards (k-means k)           [default: 8]
+#   SIMQ_SHARDS    shards (k-means k)           [default: 2]
 #   SIMQ_CLUSTERS  fine clusters over all shards [default: 4096]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1]
 #   SIMQ_EMBEDDERS embedder instances           [default: 2]
@@ -24,7 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 {
 
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
-shards="${SIMQ_SHARDS:-8}"
+shards="${SIMQ_SHARDS:-2}"
 replicas="${SIMQ_REPLICAS:-1}"
 embedders="${SIMQ_EMBEDDERS:-2}"
 balancers="${SIMQ_BALANCERS:-2}"

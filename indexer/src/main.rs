@@ -339,8 +339,11 @@ struct BuildArgs {
     /// Build from the good lines even when some lines are bad (they are still listed).
     #[arg(long)]
     skip_bad_lines: bool,
-    /// Number of shards (k of k-means).
-    #[arg(long, default_value_t = 8)]
+    /// Number of shards (k of k-means). Each query calls the shards holding its nearest
+    /// clusters, so fewer shards mean fewer calls: on 2 cores, 2 shards answered unloaded
+    /// queries in p50 6.9-7.1 ms against 7.0-7.9 (4 shards) and 9.1-9.5 ms (8), and 200
+    /// against 160-192 and 129-169 queries/s (indexer/BENCH.md). Use more on more cores.
+    #[arg(long, default_value_t = 2)]
     shards: usize,
     /// Fine clusters over the whole corpus (spread over the shards by size, at least 16
     /// items each). A query probes the nearest --nprobe of the balancer; 4096 clusters of

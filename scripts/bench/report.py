@@ -207,7 +207,7 @@ if rollouts:
               "then `simq-indexer rollback`, each under open-loop unique queries at a share of the best closed-loop "
               "throughput above; the load starts 5 s before the step and ends 5 s after it.\n")
     md.append("For about 5 s after the new shards are placed, Nomad starts an executor and a logmon process per "
-              "allocation (16 Go processes for 8 shards) and copies 675 MB of shard files out of the blob store. "
+              "allocation (two Go processes per shard) and copies the dg's shard files (675 MB) out of the blob store. "
               "Those processes sit in the root CPU cgroup or in Nomad's parent cgroup, where each of their threads "
               "weighed as much as all of Nomad's tasks together (the tasks share `/nomad`, 1024 shares): the serving "
               "processes got a small share of the CPU, queries queued past the balancers' in-flight limit and were "
