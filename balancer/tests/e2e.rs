@@ -118,12 +118,7 @@ async fn queries_through_nomad_deployed_stack_find_their_originals() {
     let status = common::status().await;
     assert_eq!(status["active"]["dg"], dg.as_str());
     assert_eq!(status["active"]["shards"].as_array().unwrap().len(), 4);
-    let metrics = reqwest::get(format!("http://127.0.0.1:{PORT}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = simq_testkit::get_text(&format!("http://127.0.0.1:{PORT}/metrics")).await;
     assert!(
         metrics.contains("simq_balancer_requests_total{status=\"400\"}"),
         "{metrics}"

@@ -3,26 +3,10 @@
 //! its log with the address redacted. Runs in plain `cargo test` (no cluster needed).
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Kills the balancer when dropped, also when an assertion fails.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use simq_testkit::{free_port, KillOnDrop as Running};
 
 #[test]
 fn a_consul_password_never_shows_in_status_or_logs() {

@@ -1,11 +1,12 @@
 //! The embedder binary, for real: real model, real ONNX Runtime, real sockets.
 //! Needs `scripts/setup.sh` (model and runtime); `scripts/test.sh` runs these.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use simq_embedder::model::ModelDir;
 use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest, InfoRequest};
+use simq_testkit::{free_port, Service};
 
 fn model_dir() -> std::path::PathBuf {
     std::env::var_os("SIMQ_MODEL_DIR")
@@ -26,26 +27,8 @@ fn model_b_dir() -> std::path::PathBuf {
         })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Running {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A running embedder (killed when dropped).
+type Running = Service;
 
 async fn start() -> Running {
     start_with(&[]).await
@@ -60,25 +43,13 @@ async fn start_with(extra: &[&str]) -> Running {
 /// then exits ("Address already in use") and is started again on other ports.
 async fn start_model(model: &std::path::Path, extra: &[&str]) -> Running {
     for _attempt in 0..3 {
-        let (g, h) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_simq-embedder"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_simq-embedder"));
+        command
             .args(["--model-dir", model.to_str().unwrap()])
             .args(extra)
-            .args([
-                "--grpc-listen",
-                &format!("127.0.0.1:{g}"),
-                "--http-listen",
-                &format!("127.0.0.1:{h}"),
-            ])
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("embedder binary starts");
-        let mut running = Running {
-            child,
-            grpc: format!("http://127.0.0.1:{g}"),
-            http: format!("http://127.0.0.1:{h}"),
-        };
+            .stderr(Stdio::inherit());
+        let mut running = Service::spawn(command);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if reqwest::get(format!("{}/health", running.http))
@@ -113,12 +84,7 @@ async fn health(server: &Running) -> serde_json::Value {
 
 /// The service's /metrics text.
 async fn scrape(server: &Running) -> String {
-    reqwest::get(format!("{}/metrics", server.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    server.get_text("/metrics").await
 }
 
 /// The sum of every series of metric `name` (all label sets), and the whole scrape.

@@ -1,13 +1,14 @@
 //! The shard binary, for real: a real LMDB shard file, a real process, real sockets.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use simq_shard::proto::{shard_client::ShardClient, InfoRequest, SearchRequest};
 use simq_shard::{build_shard, BuildParams, ClusterItems, Item};
+use simq_testkit::Service;
 
 const DIMS: usize = 32;
 
@@ -62,30 +63,12 @@ fn shard_file(dir: &Path, vectors: &[Vec<f32>]) -> (PathBuf, String) {
     (path, sha)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Shard {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A running shard (killed when dropped).
+type Shard = Service;
 
 fn spawn(file: &Path, sha: &str, model: &str, dims: usize) -> Shard {
-    let (g, h) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_simq-shard"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_simq-shard"));
+    command
         .args([
             "--file",
             file.to_str().unwrap(),
@@ -97,21 +80,9 @@ fn spawn(file: &Path, sha: &str, model: &str, dims: usize) -> Shard {
             "1",
         ])
         .args(["--model-id", model, "--dims", &dims.to_string()])
-        .args([
-            "--grpc-listen",
-            &format!("127.0.0.1:{g}"),
-            "--http-listen",
-            &format!("127.0.0.1:{h}"),
-        ])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("shard binary starts");
-    Shard {
-        child,
-        grpc: format!("http://127.0.0.1:{g}"),
-        http: format!("http://127.0.0.1:{h}"),
-    }
+        .stderr(Stdio::piped());
+    Service::spawn(command)
 }
 
 async fn wait_healthy(s: &Shard) -> serde_json::Value {
@@ -225,12 +196,7 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
     let e = c.search(req("dg-test", 5, nan)).await.unwrap_err();
     assert!(e.message().contains("NaN"), "{}", e.message());
 
-    let metrics = reqwest::get(format!("{}/metrics", shard.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = shard.get_text("/metrics").await;
     assert!(
         metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 2"),
         "{metrics}"

@@ -182,12 +182,7 @@ pub async fn status() -> Value {
 
 /// The value of an unlabelled metric on the balancer's /metrics, if it is there.
 pub async fn metric(name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{PORT}/metrics"))
-        .await
-        .expect("balancer answers")
-        .text()
-        .await
-        .expect("metrics are text");
+    let text = simq_testkit::get_text(&format!("http://127.0.0.1:{PORT}/metrics")).await;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
