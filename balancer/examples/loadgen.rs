@@ -11,9 +11,10 @@
 //! status, degraded and cached answers, latency percentiles, and achieved rate;
 //! `--record FILE` also writes the result texts of each answered query (JSON lines) for
 //! recall measurements, `--timeline FILE` one line per request (when it was due, in Unix
-//! milliseconds, its latency and status) to line refusals up with a rollout's log. SIGTERM or SIGINT ends the sending early (outstanding requests
-//! still finish and are counted), so a load can span work of unknown length such as a
-//! rollout: start it with a long `--seconds`, stop it with `kill -TERM`.
+//! milliseconds, its latency and status) to line refusals up with a rollout's log.
+//! SIGTERM or SIGINT ends the sending early (outstanding requests still finish and are
+//! counted), so a load can span work of unknown length such as a rollout: start it with
+//! a long `--seconds`, stop it with `kill -TERM`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -131,19 +132,14 @@ struct Shared {
     uri: Uri,
     authorization: Option<HeaderValue>,
     timeout: Duration,
-    /// The same moment on both clocks, to turn an `Instant` into Unix time.
-    clocks: (Instant, std::time::SystemTime),
+    /// One moment as an `Instant` and in Unix milliseconds (every request is due after it).
+    clock: (Instant, f64),
 }
 
 impl Shared {
     fn unix_ms(&self, at: Instant) -> f64 {
-        let (instant, system) = self.clocks;
-        let since_epoch = system
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        (since_epoch.as_secs_f64() + at.duration_since(instant).as_secs_f64()
-            - instant.saturating_duration_since(at).as_secs_f64())
-            * 1000.0
+        let (instant, unix_ms) = self.clock;
+        unix_ms + at.duration_since(instant).as_secs_f64() * 1000.0
     }
 
     /// The next query to send, (line index, text); None once `--max` positions are
@@ -327,7 +323,14 @@ async fn main() -> anyhow::Result<()> {
         uri,
         authorization,
         timeout: Duration::from_secs_f64(args.timeout),
-        clocks: (Instant::now(), std::time::SystemTime::now()),
+        clock: (
+            Instant::now(),
+            std::time::UNIX_EPOCH
+                .elapsed()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0,
+        ),
         args,
     });
     let run = Duration::from_secs_f64(shared.args.seconds);
