@@ -12,12 +12,12 @@
 //! `simq_balancer_consul_rejected_entries`, one log line per new entry), never a panic.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use simq_consul::{ActiveDg, CentroidMap, Manifest, ServiceEntry, TrafficSplit};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 /// Consul service names and the tags that tie instances to a dg or a model.
 pub const EMBEDDER_SERVICE: &str = "simq-embedder";
@@ -36,7 +36,39 @@ pub struct Upstream {
     pub id: String,
     /// host:port of its gRPC endpoint.
     pub addr: String,
-    pub channel: Channel,
+    pub channel: LazyChannel,
+}
+
+/// A gRPC channel made at its first call, on the runtime that makes that call.
+///
+/// tonic spawns a channel's request buffer and its HTTP/2 connection as tasks of the
+/// runtime current where the channel is made. The Consul watcher runs on Pingora's
+/// background runtime, so channels made there put both tasks on the watcher's thread, and
+/// every embed and shard call crossed threads twice (a query runs on a serving thread).
+/// Made by the first query instead, the tasks live beside the queries that use them.
+#[derive(Clone, Debug)]
+pub struct LazyChannel {
+    endpoint: Endpoint,
+    channel: Arc<OnceLock<Channel>>,
+}
+
+impl LazyChannel {
+    /// A channel to `http://{addr}`; an error names an address that is no URI authority.
+    pub fn new(addr: &str) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|err| format!("{addr} is not a usable endpoint: {err}"))?;
+        Ok(Self {
+            endpoint,
+            channel: Arc::default(),
+        })
+    }
+
+    /// The channel, made now if this is its first use. Must run inside a tokio runtime.
+    pub fn get(&self) -> Channel {
+        self.channel
+            .get_or_init(|| self.endpoint.connect_lazy())
+            .clone()
+    }
 }
 
 /// Everything needed to answer queries with one dg.
@@ -140,7 +172,7 @@ pub struct SharedState {
 #[derive(Default)]
 struct Writer {
     parts: Parts,
-    channels: HashMap<String, Channel>,
+    channels: HashMap<String, LazyChannel>,
     consul_ok_at: Option<SystemTime>,
     consul_errors: BTreeMap<String, String>,
 }
@@ -264,7 +296,10 @@ pub fn endpoint(address: &str, port: u16) -> Result<String, String> {
 }
 
 /// The routing for the parts: instances filtered to the active dg and its model.
-pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> Option<Routing> {
+pub fn build_routing(
+    parts: &Parts,
+    channels: &mut HashMap<String, LazyChannel>,
+) -> Option<Routing> {
     Some(routing_for(parts.active.as_ref()?, parts, channels))
 }
 
@@ -273,7 +308,7 @@ pub fn build_routing(parts: &Parts, channels: &mut HashMap<String, Channel>) -> 
 pub fn routing_for(
     index: &ActiveIndex,
     parts: &Parts,
-    channels: &mut HashMap<String, Channel>,
+    channels: &mut HashMap<String, LazyChannel>,
 ) -> Routing {
     let ActiveIndex {
         active,
@@ -286,9 +321,7 @@ pub fn routing_for(
             if let Some(channel) = channels.get(&addr) {
                 return Ok((addr, channel.clone()));
             }
-            let channel = Channel::from_shared(format!("http://{addr}"))
-                .map_err(|err| format!("{addr} is not a usable endpoint: {err}"))?
-                .connect_lazy();
+            let channel = LazyChannel::new(&addr)?;
             channels.insert(addr.clone(), channel.clone());
             Ok((addr, channel))
         });

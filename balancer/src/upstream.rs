@@ -117,7 +117,7 @@ impl Upstreams for Grpc {
         text: &str,
         timeout: Duration,
     ) -> Result<Embedded, CallError> {
-        let mut client = EmbedderClient::new(up.channel.clone());
+        let mut client = EmbedderClient::new(up.channel.get());
         let mut req = tonic::Request::new(EmbedRequest {
             texts: vec![text.to_string()],
         });
@@ -135,7 +135,7 @@ impl Upstreams for Grpc {
         req: SearchRequest,
         timeout: Duration,
     ) -> Result<SearchResponse, CallError> {
-        let mut client = ShardClient::new(up.channel.clone());
+        let mut client = ShardClient::new(up.channel.get());
         let mut req = tonic::Request::new(req);
         req.set_timeout(timeout);
         with_deadline(timeout, client.search(req)).await
@@ -464,7 +464,7 @@ mod tests {
         let up = |addr: &str| Upstream {
             id: addr.into(),
             addr: addr.into(),
-            channel: tonic::transport::Channel::from_static("http://127.0.0.1:1").connect_lazy(),
+            channel: crate::state::LazyChannel::new("127.0.0.1:1").unwrap(),
         };
         let (a, b) = (up("a"), up("b"));
         let o = Outliers::new(1, Duration::from_secs(10));
