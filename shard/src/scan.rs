@@ -7,25 +7,7 @@
 //! `codes: [i8; n * dims]`. Each vector is quantised on its own: `code = round(x / scale)`
 //! with `scale = max |x| / 127`, so `x . q ~= scale_x * scale_q * (codes_x . codes_q)`.
 
-use simq_consul::routing::has_avx2_fma;
-
-/// One vector as int8 codes and its scale.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Quantized {
-    pub scale: f32,
-    pub codes: Vec<i8>,
-}
-
-/// Quantise one vector.
-pub fn quantize(v: &[f32]) -> Quantized {
-    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-    let codes = v
-        .iter()
-        .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    Quantized { scale, codes }
-}
+pub use simq_consul::routing::{dot_i8, quantize, Quantized};
 
 /// Encode the scan block of `items` (id, vector).
 pub fn encode(items: &[(u32, &[f32])], dims: usize) -> Vec<u8> {
@@ -83,51 +65,9 @@ impl<'a> Block<'a> {
     }
 }
 
-/// Dot product of int8 codes (`a` as stored bytes), exact in i32.
-pub fn dot_i8(a: &[u8], b: &[i8]) -> i32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { dot_i8_avx2(a, b) };
-    }
-    dot_i8_lanes(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_i8_avx2(a: &[u8], b: &[i8]) -> i32 {
-    dot_i8_lanes(a, b)
-}
-
-#[inline(always)]
-fn dot_i8_lanes(a: &[u8], b: &[i8]) -> i32 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| i32::from(x as i8 as i16 * y as i16))
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantised_dot_products_are_close_to_exact_ones() {
-        let a: Vec<f32> = (0..384)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 40.0)
-            .collect();
-        let b: Vec<f32> = (0..384)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 35.0)
-            .collect();
-        let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        let (qa, qb) = (quantize(&a), quantize(&b));
-        let bytes: Vec<u8> = qa.codes.iter().map(|&c| c as u8).collect();
-        let approx = dot_i8(&bytes, &qb.codes) as f32 * qa.scale * qb.scale;
-        assert!(
-            (approx - exact).abs() < 0.01 * exact.abs().max(1.0),
-            "{approx} vs {exact}"
-        );
-    }
 
     #[test]
     fn a_block_gives_every_item_with_its_id() {
@@ -147,13 +87,6 @@ mod tests {
             "size is checked"
         );
         assert!(Block::parse(&bytes, 5).is_none(), "dims are checked");
-    }
-
-    #[test]
-    fn the_zero_vector_quantises_without_dividing_by_zero() {
-        let q = quantize(&[0.0; 8]);
-        assert_eq!(q.codes, vec![0; 8]);
-        assert!(q.scale.is_finite());
     }
 }
 
