@@ -6,7 +6,8 @@
 # alone). Each round starts the layout fresh, warms every process's answer cache (16
 # connections repeating 200 queries for 5 s), then measures 5 s, with perf stat on the
 # balancer processes (CPU and context switches per answer) and how the kernel spread the
-# connections. Rounds: ROUNDS (default 8). Prints one line per layout and round.
+# connections. Rounds: ROUNDS (default 8); layouts: LAYOUTS, port:processes:threads each
+# (default "9090:1:2 9091:2:1"). Prints one line per layout and round.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 {
 bin="$CARGO_TARGET_DIR/release"
@@ -34,8 +35,8 @@ trap stop_layout EXIT
 loadgen() { "$bin/examples/loadgen" --url "http://127.0.0.1:$1/v1/query" --queries "$queries" --start 140000 "${@:2}"; }
 tmp="$(mktemp -d)"
 for round in $(seq 1 "${ROUNDS:-8}"); do
-  for layout in "9090 1 2" "9091 2 1"; do
-    set -- $layout
+  for layout in ${LAYOUTS:-9090:1:2 9091:2:1}; do
+    set -- ${layout//:/ }
     start_layout "$1" "$2" "$3"
     loadgen "$1" --connections 16 --repeat 200 --max 100000 --seconds 5 >/dev/null
     perf stat -e task-clock,context-switches -p "$(IFS=,; echo "${pids[*]}")" -o "$tmp/perf" -- sleep 5 &
