@@ -36,8 +36,12 @@ use crate::error::{Error, Result};
 use crate::scan;
 
 /// Candidates re-scored exactly per search: `k * RERANK_FACTOR`, at least `RERANK_MIN`.
-const RERANK_FACTOR: usize = 8;
-const RERANK_MIN: usize = 64;
+/// The int8 scores rank so close to the exact ones that re-scoring the best 2 k gave the
+/// same recall@10 as 8 k (0.9878, `simq-indexer eval`, 1000 queries, full corpus) and only
+/// k gave 0.9823; 4 k keeps twice the margin that was needed, at 0.55-0.62 against
+/// 0.66-0.72 ms per query for 8 k.
+const RERANK_FACTOR: usize = 4;
+const RERANK_MIN: usize = 32;
 
 /// Version of the shard file layout; readers refuse other versions. 2: one arroy index
 /// per fine cluster (1 held one index for the whole shard).
