@@ -264,7 +264,7 @@ impl CentroidMap {
     /// `m` nearest).
     pub fn nearest(&self, vector: &[f32], m: usize) -> Vec<u32> {
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let shortlist = m + m / 2 + SHORTLIST_SLACK;
+        let shortlist = m.saturating_add(m / 2).saturating_add(SHORTLIST_SLACK);
         let candidates: Vec<u32> = if shortlist < self.clusters() && vector.len() == self.dims {
             let query = quantize(vector);
             let mut approx: Vec<(u32, f32)> = self
