@@ -2,7 +2,10 @@
 """CPU seconds used so far by simq's processes and the benchmark's, grouped by program
 (simq-embedder, simq-balancer, simq-shard, loadgen, python peer), from /proc. Run it
 before and after a measurement; `cpu.py --diff BEFORE AFTER SECONDS` prints each group's
-share of the machine during the measurement.
+share of the machine during the measurement. Counted per process: one that starts during
+the measurement counts from its start, one that exits during it (the old shards of a
+rollout) counts nothing, since its time after the first snapshot is gone with it (a group
+total would go negative).
 
     cpu.py > before.json; ...; cpu.py > after.json; cpu.py --diff before.json after.json 10"""
 import json
@@ -24,13 +27,18 @@ def snapshot():
         words = " ".join(c.decode(errors="replace") for c in cmd[:3])
         group = next((g for g in GROUPS if g in words), None)
         if group:
-            out[group] = out.get(group, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+            out[pid] = [group, (int(stat[11]) + int(stat[12])) / tick]
     return out
 
 
 if len(sys.argv) == 5 and sys.argv[1] == "--diff":
     before, after = json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
     seconds, cores = float(sys.argv[4]), os.cpu_count()
-    print(json.dumps({g: round((after.get(g, 0) - before.get(g, 0)) / seconds / cores, 3) for g in after}))
+    used = {}
+    for pid, (group, cpu) in after.items():
+        was = before.get(pid)
+        start = was[1] if was and was[0] == group else 0.0
+        used[group] = used.get(group, 0.0) + cpu - start
+    print(json.dumps({g: round(u / seconds / cores, 3) for g, u in used.items()}))
 else:
     print(json.dumps(snapshot()))
