@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Cache-hit throughput of two balancer layouts, interleaved: one balancer process with 2
-# threads against two single-threaded processes sharing a port (SO_REUSEPORT, the up.sh
-# default). Run with the scripts/up.sh stack up (the balancers started here use its
-# Consul, embedders and shards, on ports 9090/9091; the stack's own balancers are left
-# alone). Each round starts the layout fresh, warms every process's answer cache (16
-# connections repeating 200 queries for 5 s), then measures 5 s, with perf stat on the
-# balancer processes (CPU and context switches per answer) and how the kernel spread the
-# connections. Rounds: ROUNDS (default 8); layouts: LAYOUTS, port:processes:threads each
-# (default "9090:1:2 9091:2:1"). Prints one line per layout and round.
+# Cache-hit throughput of balancer layouts, interleaved: by default one balancer process
+# with 2 threads against two single-threaded processes sharing a port (SO_REUSEPORT, the
+# up.sh default). Run with the scripts/up.sh stack up (the balancers started here use its
+# Consul, embedders and shards, on ports 9090 and up; the stack's own balancers are left
+# alone). Each round starts the layout fresh, warms every process's answer cache (the
+# load for 5 s), then measures 5 s with perf stat on the balancer processes (CPU and
+# context switches per answer) and how the kernel spread the connections. Settings:
+# ROUNDS (default 8); LAYOUTS, port:processes:threads each (default "9090:1:2
+# 9091:2:1"); CONNECTIONS, client connections repeating 200 queries (default 16).
+# Prints one line per layout and round.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 {
 bin="$CARGO_TARGET_DIR/release"
@@ -38,10 +39,10 @@ for round in $(seq 1 "${ROUNDS:-8}"); do
   for layout in ${LAYOUTS:-9090:1:2 9091:2:1}; do
     set -- ${layout//:/ }
     start_layout "$1" "$2" "$3"
-    loadgen "$1" --connections 16 --repeat 200 --max 100000 --seconds 5 >/dev/null
+    loadgen "$1" --connections "${CONNECTIONS:-16}" --repeat 200 --max 100000 --seconds 5 >/dev/null
     perf stat -e task-clock,context-switches -p "$(IFS=,; echo "${pids[*]}")" -o "$tmp/perf" -- sleep 5 &
     perf_pid=$!
-    loadgen "$1" --connections 16 --repeat 200 --max 1000000 --seconds 5 >"$tmp/load.json" &
+    loadgen "$1" --connections "${CONNECTIONS:-16}" --repeat 200 --max 1000000 --seconds 5 >"$tmp/load.json" &
     load_pid=$!
     sleep 2
     split=""
