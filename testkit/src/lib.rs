@@ -14,7 +14,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A child process, killed and reaped when dropped.
+/// A child process, killed and reaped when dropped; used as the `Child` it holds.
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
@@ -24,10 +24,23 @@ impl Drop for KillOnDrop {
     }
 }
 
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// A simq service (embedder or shard) started with `--grpc-listen` and `--http-listen` on
 /// two free loopback ports; killed and reaped when dropped.
 pub struct Service {
-    pub child: Child,
+    pub child: KillOnDrop,
     /// `http://127.0.0.1:PORT` of the gRPC listener.
     pub grpc: String,
     /// `http://127.0.0.1:PORT` of the health and metrics listener.
@@ -44,7 +57,7 @@ impl Service {
             .spawn()
             .expect("the service binary starts");
         Service {
-            child,
+            child: KillOnDrop(child),
             grpc: format!("http://127.0.0.1:{grpc}"),
             http: format!("http://127.0.0.1:{http}"),
         }
@@ -53,13 +66,6 @@ impl Service {
     /// The body of `GET {http}{path}` (e.g. "/metrics").
     pub async fn get_text(&self, path: &str) -> String {
         get_text(&format!("{}{path}", self.http)).await
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

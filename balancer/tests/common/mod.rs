@@ -195,14 +195,7 @@ pub async fn query(text: &str) -> Value {
 }
 
 /// Kills the child when dropped, also when an assertion fails.
-pub struct Running(pub std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use simq_testkit::KillOnDrop as Running;
 
 /// scripts/setup.sh's Prometheus build (test.sh names it in SIMQ_PROMETHEUS_DIR).
 pub fn prometheus_dir() -> PathBuf {
