@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use simq_consul::service::{background_priority, init_logging, serve_ops, Shutdown};
 use simq_shard::proto::shard_server::ShardServer;
-use simq_shard::server::{SearchLimits, SearchPool, ShardMetrics, ShardService};
+use simq_shard::server::{runtime_workers, SearchLimits, SearchPool, ShardMetrics, ShardService};
 use simq_shard::verify::{verify, Expected};
 
 /// Serves nearest-neighbour search over one shard file of one index generation (dg).
@@ -51,7 +51,8 @@ struct Args {
     /// Stored items the start-up self-test searches for.
     #[arg(long, default_value_t = 200)]
     self_test_samples: usize,
-    /// Threads that run searches at once.
+    /// Searches that run at once, each on a thread of the runtime (which has one thread
+    /// more, for requests and /health while they run).
     #[arg(long, default_value_t = 2)]
     search_threads: usize,
     /// Searches that may wait for a thread; beyond them requests are refused at once
@@ -69,11 +70,18 @@ struct Args {
     shutdown_grace_secs: u64,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     init_logging();
     let args = Args::parse();
-    if let Err(e) = run(args).await {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(runtime_workers(args.search_threads))
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(args)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the runtime")),
+    };
+    if let Err(e) = result {
         tracing::error!(error = format!("{e:#}"), "shard stopped");
         eprintln!("error: {e:#}");
         std::process::exit(2);
