@@ -21,6 +21,10 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::{ModelDir, Pooling};
 
+/// Calls with fewer texts are tokenised on the calling thread, larger ones on rayon's
+/// pool (an index build's batches).
+const PARALLEL_TOKENIZE_TEXTS: usize = 64;
+
 /// How many sessions and threads the runtime uses (measured on 2 cores in
 /// embedder/BENCH.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,12 +252,20 @@ impl Embedder {
     pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
         let prefix = &self.model.manifest.query_prefix;
         let inputs: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-        let encodings =
-            self.tokenizer
-                .encode_batch(inputs, true)
-                .map_err(|e| Error::Inference {
-                    reason: format!("tokenizer: {e}"),
-                })?;
+        // `encode_batch` hands the texts to rayon's pool and blocks until its threads are
+        // done: for a query or a few that is a wake-up of another thread (and its idle
+        // spinning) on the request's path, for work of tens of microseconds.
+        let encodings = if inputs.len() < PARALLEL_TOKENIZE_TEXTS {
+            inputs
+                .into_iter()
+                .map(|text| self.tokenizer.encode(text, true))
+                .collect::<tokenizers::Result<Vec<_>>>()
+        } else {
+            self.tokenizer.encode_batch(inputs, true)
+        }
+        .map_err(|e| Error::Inference {
+            reason: format!("tokenizer: {e}"),
+        })?;
         Ok(encodings
             .iter()
             .map(|e| Tokens {

@@ -1,5 +1,6 @@
-//! The embedder binary, for real: real model, real ONNX Runtime, real sockets.
-//! Needs `scripts/setup.sh` (model and runtime); `scripts/test.sh` runs these.
+//! The embedder binary, for real: real model, real ONNX Runtime, real sockets (and its
+//! runtime in process). Needs `scripts/setup.sh` (model and runtime); `scripts/test.sh`
+//! runs these.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -164,6 +165,39 @@ async fn the_second_model_serves_its_own_vectors_under_its_own_id() {
     assert!(
         same_text < 0.99,
         "the two models' vectors differ: {same_text}"
+    );
+}
+
+#[test]
+#[ignore = "needs the model and ONNX Runtime from scripts/setup.sh: run scripts/test.sh"]
+fn a_request_tokenised_on_its_own_thread_gets_the_tokens_of_the_parallel_path() {
+    use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
+    let embedder = Embedder::load(
+        &default_ort_library(),
+        &model_dir(),
+        RuntimeOptions::for_queries(),
+    )
+    .unwrap();
+    let long = "why ".repeat(400);
+    let mut texts: Vec<String> = (0..200)
+        .map(|i| format!("Question {i}: how do I café-proof my Übergrößen naïve résumé?"))
+        .collect();
+    texts.push(long);
+    texts.push(String::new());
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    // A call this large goes to rayon's pool (an index build); one text stays on its thread.
+    let together = embedder.tokenize(&refs).unwrap();
+    let alone: Vec<_> = refs
+        .iter()
+        .flat_map(|t| embedder.tokenize(&[t]).unwrap())
+        .collect();
+    assert_eq!(together.len(), texts.len());
+    assert_eq!(together, alone);
+    let max = ModelDir::open(&model_dir()).unwrap().manifest.max_tokens;
+    assert_eq!(
+        together[200].ids.len(),
+        max,
+        "the long text is truncated the same way"
     );
 }
 
