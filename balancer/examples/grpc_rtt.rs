@@ -44,6 +44,9 @@ struct Args {
     /// Texts for `embed`, one per line (default: one fixed question).
     #[arg(long)]
     texts: Option<PathBuf>,
+    /// Print one JSON line instead of a sentence.
+    #[arg(long)]
+    json: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -93,16 +96,32 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!times.is_empty(), "--calls is 0");
     times.sort_by(f64::total_cmp);
     let at = |p: usize| times[(times.len() * p / 100).min(times.len() - 1)];
-    println!(
-        "{} {:?} calls, {} us idle between ({}): mean {:.3} ms, p50 {:.3}, p90 {:.3}, p99 {:.3}",
-        args.calls,
-        args.kind,
-        args.idle_us,
-        if args.spin { "spinning" } else { "sleeping" },
-        times.iter().sum::<f64>() / times.len() as f64,
-        at(50),
-        at(90),
-        at(99)
-    );
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kind": format!("{:?}", args.kind).to_lowercase(),
+                "calls": args.calls,
+                "idle_us": args.idle_us,
+                "spin": args.spin,
+                "mean_ms": mean,
+                "p50_ms": at(50),
+                "p90_ms": at(90),
+                "p99_ms": at(99),
+            })
+        );
+    } else {
+        println!(
+            "{} {:?} calls, {} us idle between ({}): mean {mean:.3} ms, p50 {:.3}, p90 {:.3}, p99 {:.3}",
+            args.calls,
+            args.kind,
+            args.idle_us,
+            if args.spin { "spinning" } else { "sleeping" },
+            at(50),
+            at(90),
+            at(99)
+        );
+    }
     Ok(())
 }
