@@ -167,6 +167,13 @@ PY
       load peer closed "" --connections "$c" --seconds "$secs"
     fi
   done
+  # Unloaded latency, simq and the peer in alternating short runs, so that both meet the
+  # same machine (its speed drifts by 10-20 % within minutes on a shared VM).
+  local round
+  for round in $(seq 1 "${SIMQ_BENCH_UNLOADED_ROUNDS:-6}"); do
+    load simq unloaded ", \"round\": $round" --connections 1 --seconds 5
+    load peer unloaded ", \"round\": $round" --connections 1 --seconds 5
+  done
   # Where the CPU goes at saturation: each program's share of the machine.
   python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$serve/cpu-before.json"
   load simq cpu "" --connections 32 --seconds "$secs"
