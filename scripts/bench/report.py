@@ -126,10 +126,14 @@ if cpu:
                   f"and the balancer {per_query.get('simq-balancer', 0):.1f} ms, in all "
                   f"{total:.1f} ms of CPU per query, which caps {cores} cores at {cores * 1000 / max(total, 0.001):.0f} "
                   "queries/s before the load generator (on the same cores, not counted above) takes its share. The "
-                  "embedder splits the batches it gathers from concurrent requests over one single-threaded session per "
-                  "core (a lone query runs on one more session with a thread per core); the bound hands all texts at once, "
-                  "sorted by length, to the same sessions: the gap is the padding and the small size of the batches that "
-                  "concurrent requests form (embedder/BENCH.md).\n")
+                  "embedder sorts the texts it gathers from concurrent requests by length and cuts them into the batches "
+                  "of least cost for one single-threaded session per core (a lone query runs on one more session with a "
+                  "thread per core); the bound hands all texts at once, sorted by length, to the same sessions: the gap "
+                  "is the padding and the fixed cost of the small batches that concurrent requests form "
+                  "(embedder/BENCH.md). Even at the bound's CPU per text, with the shards and the balancer as they are, "
+                  "the 2 cores would answer at most "
+                  f"{cores * 1000 / max(bare + sum(v for k, v in per_query.items() if k.startswith('simq-') and k != 'simq-embedder'), 0.001):.0f} "
+                  "queries/s.\n")
 
 stages = one("stages")
 if stages.get("queries"):
