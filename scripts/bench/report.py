@@ -61,7 +61,7 @@ md.append("Everything below comes from one run on this machine: simq (the `up.sh
           "2 cores.\n")
 
 md.append("## Targets\n")
-simq_unloaded = one("closed", "simq") if False else next((r for r in phase("closed", "simq") if r.get("connections") == 1), {})
+simq_unloaded = next((r for r in phase("closed", "simq") if r.get("connections") == 1), {})
 peer_unloaded = next((r for r in phase("closed", "peer") if r.get("connections") == 1), {})
 simq_best = max((r.get("throughput", 0) for r in phase("closed", "simq")), default=0)
 peer_best = max((r.get("throughput", 0) for r in phase("closed", "peer")), default=0)
@@ -132,22 +132,21 @@ if cpu:
                   "is the padding and the fixed cost of the small batches that concurrent requests form "
                   "(embedder/BENCH.md). Even at the bound's CPU per text, with the shards and the balancer as they are, "
                   "the 2 cores would answer at most "
-                  f"{cores * 1000 / max(bare + sum(v for k, v in per_query.items() if k.startswith('simq-') and k != 'simq-embedder'), 0.001):.0f} "
+                  f"{cores * 1000 / max(total - per_query.get('simq-embedder', 0) + bare, 0.001):.0f} "
                   "queries/s.\n")
 
 stages = one("stages")
 if stages.get("queries"):
-    peer_one = next((r for r in phase("closed", "peer") if r.get("connections") == 1), {})
     shard_phase = (stages.get("request_ms") or 0) - (stages.get("embed_call_ms") or 0)
     md.append("## Where an unloaded query's time goes\n")
     md.append(f"One query at a time (the first closed-loop row, {stages['queries']} queries), means per query from the "
               f"services' own metrics (`scripts/bench/stages.py`): the balancer answered in {fmt(stages.get('request_ms'), 2)} ms. "
               f"Its embed call took {fmt(stages.get('embed_call_ms'), 2)} ms, of which {fmt(stages.get('embedder_inference_ms'), 2)} ms "
               f"of inference in the embedder (the bare model alone: p50 {fmt(bound.get('single_query_p50_ms'), 2)} ms); the rest "
-              f"is the gRPC hop, tokenising (0.07 ms) and the hand-over to the inference thread. Then {stages.get('shard_calls_per_query')} "
+              f"is the gRPC hop, tokenising and the hand-over to the inference thread. Then {stages.get('shard_calls_per_query')} "
               f"shard calls in parallel, each {fmt(stages.get('shard_call_ms'), 2)} ms as the balancer sees it, of which "
               f"{fmt(stages.get('shard_search_ms'), 2)} ms inside the shard: {fmt(shard_phase, 2)} ms from the vector to the merged answer, on 2 cores shared by the balancer and "
-              f"every shard process. The peer embeds and searches in one process: p50 {fmt(peer_one.get('p50_ms'))} ms.\n")
+              f"every shard process. The peer embeds and searches in one process: p50 {fmt(peer_unloaded.get('p50_ms'))} ms.\n")
     hop = {(r.get("kind"), r.get("idle_us")): r for r in phase("hop")}
     if hop:
         def hop_ms(kind, idle):
