@@ -146,7 +146,7 @@ impl ShardMetrics {
             )?,
             waiting: IntGauge::new(
                 "simq_shard_waiting_searches",
-                "Searches waiting for a pool thread.",
+                "Searches waiting for a turn to run.",
             )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
