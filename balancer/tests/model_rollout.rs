@@ -2,7 +2,8 @@
 //! model (paraphrase-MiniLM-L3-v2, scripts/setup.sh model_b) replaces one of the default
 //! model under query load. The rollout starts that model's embedders beside the running
 //! ones, then the dg's shards as canaries, flips once, and only then stops the old model's
-//! embedders; `rollback` starts them again and flips back. All real: Consul, Nomad, both
+//! embedders; `rollback` starts them again and flips back; a candidate of that model that
+//! is aborted takes its embedders with it. All real: Consul, Nomad, both
 //! models, LMDB shards. Needs the cluster (scripts/test.sh starts it and runs this).
 
 mod common;
@@ -121,6 +122,24 @@ async fn a_dg_of_another_model_rolls_out_and_back_under_load_without_a_failed_or
 
     let said = run(vec!["rollback".into()]).await;
     assert!(said.contains("starting job simq-embedder again"), "{said}");
+    assert_eq!(embedders(&consul, &model_a, &model_b).await, (2, 0));
+
+    // A candidate of the other model gets its embedders; aborting it stops them again
+    // (they used to outlive a candidate that never became active).
+    run(vec![
+        "rollout".into(),
+        dg_b.clone(),
+        "--model-dir".into(),
+        model_b_dir(),
+        "--candidate-only".into(),
+    ])
+    .await;
+    assert_eq!(embedders(&consul, &model_a, &model_b).await, (2, 2));
+    let said = run(vec!["abort".into()]).await;
+    assert!(
+        said.contains(&format!("embedders of model {model_b} stopped")),
+        "{said}"
+    );
     assert_eq!(embedders(&consul, &model_a, &model_b).await, (2, 0));
 
     stop.store(true, Ordering::Relaxed);

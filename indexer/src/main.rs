@@ -621,9 +621,22 @@ mod cluster {
                 simq_indexer::progressive::run(
                     &nomad, &consul, &layout, &dg, &opts, &plan, progress,
                 )
-                .await?
+                .await
             }
-            _ => roll(&nomad, &consul, &layout, &dg, &opts, progress).await?,
+            _ => roll(&nomad, &consul, &layout, &dg, &opts, progress).await,
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(failed) => {
+                // The active dg is unchanged: embedders started above for the dg's model
+                // stop again (those of the active dg and of a split's candidate stay).
+                if let Err(e) = models::retire_unused(&nomad, &consul, &layout, &progress).await {
+                    eprintln!(
+                        "after the failed rollout, stopping unused embedders failed too: {e:#}"
+                    );
+                }
+                return Err(failed);
+            }
         };
         let (flipped, seconds_to_flip) = match outcome {
             RolloutOutcome::Done {
@@ -672,7 +685,8 @@ mod cluster {
                 Some(dg) => eprintln!("done: candidate {dg} stopped"),
                 None => eprintln!("no candidate runs beside the active dg; nothing to stop"),
             }
-            Ok(())
+            // A candidate of another model had its embedders started for it.
+            models::retire_unused(&nomad, &consul, &layout, &progress).await
         })
         .await
     }

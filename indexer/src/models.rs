@@ -236,8 +236,16 @@ pub async fn ensure_for_dg(
     ensure_for(nomad, consul, &model, model_dir, progress).await
 }
 
-/// Stop the embedder jobs of every model the active dg does not use (the jobs stay known
-/// to Nomad, so `rollback` can start them again).
+/// Whether an embedder job of `job_model` is to stop: it runs and serves none of the
+/// models still in use.
+fn unused(job_model: Option<&str>, stopped: bool, in_use: &[String]) -> bool {
+    !stopped && !job_model.is_some_and(|m| in_use.iter().any(|u| u == m))
+}
+
+/// Stop the embedder jobs of every model neither the active dg nor the candidate of a
+/// traffic split uses (the jobs stay known to Nomad, so `rollback` can start them again).
+/// Called after a flip, and after a rollout failed or a candidate was aborted, so that a
+/// new model's embedders do not outlive the dg they were started for.
 pub async fn retire_unused(
     nomad: &NomadClient,
     consul: &ConsulClient,
@@ -250,8 +258,14 @@ pub async fn retire_unused(
     let model = crate::rollout::published_manifest(consul, layout, &active.dg)
         .await?
         .model_id;
+    let mut in_use = vec![model.clone()];
+    if let Some(Ok(split)) = crate::traffic::observe(consul, layout).await?.split {
+        let candidate =
+            crate::rollout::published_manifest(consul, layout, &split.candidate).await?;
+        in_use.push(candidate.model_id);
+    }
     for (id, job, job_model) in embedder_jobs(nomad).await? {
-        if is_stopped(&job) || job_model.as_deref() == Some(model.as_str()) {
+        if !unused(job_model.as_deref(), is_stopped(&job), &in_use) {
             continue;
         }
         progress(&format!(
@@ -314,5 +328,28 @@ mod tests {
         assert_eq!(job["TaskGroups"][0]["Count"], 2);
         assert!(job.get("Version").is_none() && job.get("Status").is_none());
         assert_eq!(job["Stop"], false);
+    }
+
+    #[test]
+    fn embedders_stop_only_when_they_run_a_model_nothing_uses() {
+        let in_use = ["model-a".to_string(), "model-b".to_string()];
+        assert!(
+            !unused(Some("model-a"), false, &in_use),
+            "the active dg's model"
+        );
+        assert!(
+            !unused(Some("model-b"), false, &in_use),
+            "the candidate's model"
+        );
+        assert!(unused(Some("model-c"), false, &in_use));
+        assert!(!unused(Some("model-c"), true, &in_use), "already stopped");
+        assert!(
+            unused(None, false, &in_use),
+            "a job without a model serves none"
+        );
+        assert!(
+            unused(Some("model-b"), false, &in_use[..1]),
+            "no split: b is unused"
+        );
     }
 }
