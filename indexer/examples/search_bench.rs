@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use simq_indexer::eval::DgDir;
+use simq_indexer::eval::{sample, DgDir};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -18,15 +18,15 @@ fn main() -> anyhow::Result<()> {
     let nprobe: usize = args.next().map_or(Ok(192), |a| a.parse())?;
     let rounds: usize = args.next().map_or(Ok(3), |a| a.parse())?;
     let dg = DgDir::open(&dir)?;
-    let mut queries = Vec::new();
-    for shard in &dg.shards {
-        queries.extend(shard.vectors()?.into_iter().map(|(_, _, v)| v));
-    }
-    let step = (queries.len() / n).max(1);
-    let queries: Vec<Vec<f32>> = queries.into_iter().step_by(step).take(n).collect();
+    let items = dg.items()?;
+    // The same queries as `simq-indexer eval`'s (stored items spread over the corpus).
+    let queries: Vec<&[f32]> = sample(&items, n)
+        .into_iter()
+        .map(|item| item.vector.as_slice())
+        .collect();
     for round in 0..rounds {
         let (mut route, mut search, mut calls) = (Vec::new(), Vec::new(), 0usize);
-        for q in &queries {
+        for &q in &queries {
             let t = Instant::now();
             let plan = dg.map.plan(q, nprobe, |_| true);
             route.push(t.elapsed().as_secs_f64() * 1e3);

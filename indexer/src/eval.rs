@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rayon::prelude::*;
+use simq_consul::routing::dot;
 use simq_consul::{CentroidMap, Manifest};
 use simq_shard::ShardFile;
 
@@ -35,6 +36,43 @@ impl DgDir {
             shards,
         })
     }
+}
+
+/// One stored item of a dg.
+pub struct Item {
+    pub id: u32,
+    /// Index of the shard file that holds it.
+    pub shard: usize,
+    pub cluster: u32,
+    pub vector: Vec<f32>,
+}
+
+impl DgDir {
+    /// Every stored item, in id order.
+    pub fn items(&self) -> anyhow::Result<Vec<Item>> {
+        let mut items = Vec::new();
+        for (shard, file) in self.shards.iter().enumerate() {
+            items.extend(
+                file.vectors()?
+                    .into_iter()
+                    .map(|(id, cluster, vector)| Item {
+                        id,
+                        shard,
+                        cluster,
+                        vector,
+                    }),
+            );
+        }
+        items.sort_by_key(|item| item.id);
+        Ok(items)
+    }
+}
+
+/// `n` items spread evenly over `items` (every k-th): the queries of `eval` and of the
+/// search benchmark.
+pub fn sample(items: &[Item], n: usize) -> Vec<&Item> {
+    let step = (items.len() / n.max(1)).max(1);
+    items.iter().step_by(step).take(n).collect()
 }
 
 /// The centroid map of a built dg directory, checked against its manifest.
@@ -66,26 +104,21 @@ pub fn recall(
     k: usize,
     nprobes: &[usize],
 ) -> anyhow::Result<Vec<RecallRow>> {
-    let mut all: Vec<(u32, Vec<f32>)> = Vec::new();
+    let all = dg.items()?;
     let mut cluster_items = vec![0u64; dg.map.clusters()];
-    for shard in &dg.shards {
-        for (id, cluster, v) in shard.vectors()? {
-            cluster_items[cluster as usize] += 1;
-            all.push((id, v));
-        }
+    for item in &all {
+        cluster_items[item.cluster as usize] += 1;
     }
-    all.sort_by_key(|(id, _)| *id);
-    let step = (all.len() / queries.max(1)).max(1);
-    let sample: Vec<&(u32, Vec<f32>)> = all.iter().step_by(step).take(queries).collect();
+    let sample = sample(&all, queries);
 
     // Exact neighbours, self excluded.
     let truth: Vec<Vec<u32>> = sample
         .par_iter()
-        .map(|(qid, q)| {
+        .map(|query| {
             let mut scored: Vec<(u32, f32)> = all
                 .iter()
-                .filter(|(id, _)| id != qid)
-                .map(|(id, v)| (*id, v.iter().zip(q).map(|(a, b)| a * b).sum()))
+                .filter(|item| item.id != query.id)
+                .map(|item| (item.id, dot(&item.vector, &query.vector)))
                 .collect();
             let kth = k.min(scored.len());
             scored.select_nth_unstable_by(kth.saturating_sub(1), |a, b| b.1.total_cmp(&a.1));
@@ -100,7 +133,8 @@ pub fn recall(
         let mut scanned = 0u64;
         let mut shards_asked = 0usize;
         let mut times = Vec::with_capacity(sample.len());
-        for ((qid, q), truth) in sample.iter().zip(&truth) {
+        for (query, truth) in sample.iter().zip(&truth) {
+            let (qid, q) = (&query.id, &query.vector);
             let t = Instant::now();
             let plan = dg.map.plan(q, nprobe, |_| true);
             let mut found = Vec::new();
@@ -142,18 +176,17 @@ pub fn recall(
 pub fn export(dg: &DgDir, out: &Path) -> anyhow::Result<usize> {
     use std::io::Write;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut items: Vec<(u32, usize, Vec<f32>)> = Vec::new();
-    for (s, shard) in dg.shards.iter().enumerate() {
-        items.extend(shard.vectors()?.into_iter().map(|(id, _, v)| (id, s, v)));
-    }
-    items.sort_by_key(|(id, _, _)| *id);
+    let items = dg.items()?;
     let mut vectors = std::io::BufWriter::new(std::fs::File::create(out.join("vectors.f32"))?);
     let mut texts = std::io::BufWriter::new(std::fs::File::create(out.join("texts.txt"))?);
-    for (id, s, v) in &items {
-        for x in v {
+    for Item {
+        id, shard, vector, ..
+    } in &items
+    {
+        for x in vector {
             vectors.write_all(&x.to_le_bytes())?;
         }
-        let text = dg.shards[*s]
+        let text = dg.shards[*shard]
             .text(*id)?
             .with_context(|| format!("item {id} has no text"))?;
         writeln!(texts, "{}", text.replace('\n', " "))?;
