@@ -9,7 +9,12 @@ use thiserror::Error;
 pub enum Error {
     /// LMDB or arroy failed on this file.
     #[error("shard file {path}: {reason}")]
-    Lmdb { path: PathBuf, reason: String },
+    Lmdb {
+        path: PathBuf,
+        reason: String,
+        /// LMDB ran out of map space (`MDB_MAP_FULL`): a larger map may succeed.
+        map_full: bool,
+    },
 
     /// The file opened but is not a simq shard this build can read.
     #[error("{path} is not a usable simq shard: {reason}")]
@@ -21,10 +26,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// LMDB ran out of map space (heed and arroy report it as `MDB_MAP_FULL`; both errors
-    /// reach this type as text).
+    /// LMDB ran out of map space.
     pub fn is_map_full(&self) -> bool {
-        matches!(self, Error::Lmdb { reason, .. } if reason.contains("MDB_MAP_FULL"))
+        matches!(self, Error::Lmdb { map_full: true, .. })
     }
 }
 

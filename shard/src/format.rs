@@ -123,10 +123,34 @@ fn map_size_for(items: usize, dims: usize, text_bytes: usize, clusters: usize) -
     estimate.div_ceil(64 * MIB) * 64 * MIB
 }
 
-fn lmdb(path: &Path, e: impl std::fmt::Display) -> Error {
+fn lmdb(path: &Path, e: impl StoreError) -> Error {
     Error::Lmdb {
         path: path.to_path_buf(),
         reason: e.to_string(),
+        map_full: e.map_full(),
+    }
+}
+
+/// An error met on a shard file; heed's and arroy's say whether LMDB's map was full.
+trait StoreError: std::fmt::Display {
+    fn map_full(&self) -> bool {
+        false
+    }
+}
+
+impl StoreError for std::io::Error {}
+impl StoreError for rayon::ThreadPoolBuildError {}
+impl StoreError for &str {}
+
+impl StoreError for heed::Error {
+    fn map_full(&self) -> bool {
+        matches!(self, heed::Error::Mdb(heed::MdbError::MapFull))
+    }
+}
+
+impl StoreError for arroy::Error {
+    fn map_full(&self) -> bool {
+        matches!(self, arroy::Error::Heed(e) if e.map_full())
     }
 }
 
@@ -697,6 +721,7 @@ mod tests {
         let full = || Error::Lmdb {
             path: "s.lmdb".into(),
             reason: "MDB_MAP_FULL: Environment mapsize limit reached".into(),
+            map_full: true,
         };
         let mut sizes = Vec::new();
         let fits_at_4 = write_shard_growing(1, |m| {
