@@ -200,22 +200,45 @@ pub async fn ensure_for(
         .await
         .context("registering the embedder job")?;
     let want = job["TaskGroups"][0]["Count"].as_u64().unwrap_or(1).max(1) as usize;
+    let report = |n: usize, waited: Duration| {
+        progress(&format!(
+            "embedders of model {model_id}: {n}/{want} pass ({:.0} s)",
+            waited.as_secs_f64()
+        ))
+    };
+    let limit = Duration::from_secs(180);
+    if let Err(n) = poll_passing(consul, model_id, limit, |n| n >= want, report).await? {
+        bail!(
+            "embedders of model {model_id}: only {n} of {want} pass after {} s; see `nomad job status {}`",
+            limit.as_secs(),
+            job["ID"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+/// Poll the passing embedders of `model_id` every 500 ms until `done(count)`, for at most
+/// `limit`: the time it took, or `Err(last count)`. Each new count goes to `on_count`.
+async fn poll_passing(
+    consul: &ConsulClient,
+    model_id: &str,
+    limit: Duration,
+    done: impl Fn(usize) -> bool,
+    mut on_count: impl FnMut(usize, Duration),
+) -> anyhow::Result<Result<Duration, usize>> {
     let started = Instant::now();
-    let mut last = usize::MAX;
+    let mut last = None;
     loop {
         let n = passing(consul, model_id).await?;
-        if n != last {
-            progress(&format!(
-                "embedders of model {model_id}: {n}/{want} pass ({:.0} s)",
-                started.elapsed().as_secs_f64()
-            ));
-            last = n;
+        if last != Some(n) {
+            on_count(n, started.elapsed());
+            last = Some(n);
         }
-        if n >= want {
-            return Ok(());
+        if done(n) {
+            return Ok(Ok(started.elapsed()));
         }
-        if started.elapsed() > Duration::from_secs(180) {
-            bail!("embedders of model {model_id}: only {n} of {want} pass after 180 s; see `nomad job status {}`", job["ID"].as_str().unwrap_or("?"));
+        if started.elapsed() > limit {
+            return Ok(Err(n));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -276,17 +299,17 @@ pub async fn retire_unused(
         nomad.stop_job(&id, false).await?;
         // Done when Consul lists none of them any more (each leaves before it stops).
         if let Some(m) = &job_model {
-            let started = Instant::now();
-            while passing(consul, m).await? > 0 {
-                if started.elapsed() > Duration::from_secs(60) {
-                    bail!("embedders of model {m} still pass 60 s after job {id} was stopped");
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            let limit = Duration::from_secs(60);
+            match poll_passing(consul, m, limit, |n| n == 0, |_, _| {}).await? {
+                Ok(took) => progress(&format!(
+                    "embedders of model {m} stopped ({:.1} s)",
+                    took.as_secs_f64()
+                )),
+                Err(_) => bail!(
+                    "embedders of model {m} still pass {} s after job {id} was stopped",
+                    limit.as_secs()
+                ),
             }
-            progress(&format!(
-                "embedders of model {m} stopped ({:.1} s)",
-                started.elapsed().as_secs_f64()
-            ));
         }
     }
     Ok(())
