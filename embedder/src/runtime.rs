@@ -440,8 +440,8 @@ fn batch_cost(texts: usize, longest: usize) -> usize {
 /// Cut texts sorted by token count into consecutive batches of at most `max_batch` that
 /// cost least in all ([`batch_cost`]: shorter texts are padded to the longest). With at
 /// least `min_batches` texts there are at least `min_batches` batches, so that that many
-/// sessions share the work. Returns the batch sizes in order. (Even halves of 8 concurrent queries' real
-/// lengths cost 6.1 ms per text in this model, these batches 5.7.)
+/// sessions share the work. Returns the batch sizes in order. (Even halves of 8
+/// concurrent queries' real lengths cost 6.1 ms per text in this model, these batches 5.7.)
 pub fn length_groups(sorted_lengths: &[usize], max_batch: usize, min_batches: usize) -> Vec<usize> {
     let n = sorted_lengths.len();
     let max_batch = max_batch.max(1);

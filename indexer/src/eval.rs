@@ -36,18 +36,7 @@ impl DgDir {
             shards,
         })
     }
-}
 
-/// One stored item of a dg.
-pub struct Item {
-    pub id: u32,
-    /// Index of the shard file that holds it.
-    pub shard: usize,
-    pub cluster: u32,
-    pub vector: Vec<f32>,
-}
-
-impl DgDir {
     /// Every stored item, in id order.
     pub fn items(&self) -> anyhow::Result<Vec<Item>> {
         let mut items = Vec::new();
@@ -66,6 +55,15 @@ impl DgDir {
         items.sort_by_key(|item| item.id);
         Ok(items)
     }
+}
+
+/// One stored item of a dg.
+pub struct Item {
+    pub id: u32,
+    /// Index of the shard file that holds it.
+    pub shard: usize,
+    pub cluster: u32,
+    pub vector: Vec<f32>,
 }
 
 /// `n` items spread evenly over `items` (every k-th): the queries of `eval` and of the

@@ -606,30 +606,34 @@ mod cluster {
             candidate_only: args.candidate_only && !back,
         };
         let progress = |line: &str| eprintln!("{line}");
-        // Embedders of the dg's model first (a model rollout starts them beside the old).
-        let model_dir = args.model_dir.as_deref();
-        models::ensure_for_dg(&nomad, &consul, &layout, &dg, model_dir, &progress).await?;
-        let outcome = match &args.progressive {
-            Some(weights) if !back => {
-                let plan = simq_indexer::progressive::Plan {
-                    weights: weights.clone(),
-                    shadow: args.shadow,
-                    step: Duration::from_secs(args.step_secs),
-                    prometheus: args.judge.prometheus.clone(),
-                    thresholds: args.judge.thresholds(),
-                };
-                simq_indexer::progressive::run(
-                    &nomad, &consul, &layout, &dg, &opts, &plan, progress,
-                )
-                .await
+        let outcome: anyhow::Result<RolloutOutcome> = async {
+            // Embedders of the dg's model first (a model rollout starts them beside the old).
+            let model_dir = args.model_dir.as_deref();
+            models::ensure_for_dg(&nomad, &consul, &layout, &dg, model_dir, &progress).await?;
+            match &args.progressive {
+                Some(weights) if !back => {
+                    let plan = simq_indexer::progressive::Plan {
+                        weights: weights.clone(),
+                        shadow: args.shadow,
+                        step: Duration::from_secs(args.step_secs),
+                        prometheus: args.judge.prometheus.clone(),
+                        thresholds: args.judge.thresholds(),
+                    };
+                    simq_indexer::progressive::run(
+                        &nomad, &consul, &layout, &dg, &opts, &plan, progress,
+                    )
+                    .await
+                }
+                _ => roll(&nomad, &consul, &layout, &dg, &opts, progress).await,
             }
-            _ => roll(&nomad, &consul, &layout, &dg, &opts, progress).await,
-        };
+        }
+        .await;
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(failed) => {
                 // The active dg is unchanged: embedders started above for the dg's model
-                // stop again (those of the active dg and of a split's candidate stay).
+                // (also ones that never came to pass) stop again; those of the active dg
+                // and of a split's candidate stay.
                 if let Err(e) = models::retire_unused(&nomad, &consul, &layout, &progress).await {
                     eprintln!(
                         "after the failed rollout, stopping unused embedders failed too: {e:#}"
