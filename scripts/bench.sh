@@ -133,16 +133,17 @@ PY
   log "bench: bound (bare ONNX Runtime on 1000 of the queries)"
   "$bin/examples/bench" --texts "$queries" --n 1000 --bound-only | tag '{"phase": "bound"}' | tee -a "$results" >&2
 
-  # What one gRPC hop costs before any work (Info), back to back and after the 5 ms a
-  # service idles between the stages of a query (balancer/examples/grpc_rtt.rs).
-  log "bench: one gRPC hop to a shard and an embedder, back to back and after 5 ms idle"
+  # What one gRPC hop costs before any work (Info), back to back and after the service
+  # idled 1 to 20 ms; between the stages of a query it idles about 5 ms
+  # (balancer/examples/grpc_rtt.rs).
+  log "bench: one gRPC hop to a shard and an embedder, back to back and after 1-20 ms idle"
   local kind service addr idle
   for kind in shard embedder; do
     service="simq-$kind"
     addr="$(consul_curl -fsS "http://127.0.0.1:8500/v1/health/service/$service?passing" |
       python3 -c 'import json,sys; s=json.load(sys.stdin)[0]["Service"]; print("http://%s:%s" % (s["Address"], s["Port"]))')" ||
       die "no passing $service in Consul"
-    for idle in 0 5000; do
+    for idle in 0 1000 2000 5000 20000; do
       "$bin/examples/grpc_rtt" --kind "$kind" --addr "$addr" --calls 1000 --idle-us "$idle" --json |
         tag '{"phase": "hop"}' | tee -a "$results" >&2
     done

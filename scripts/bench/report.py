@@ -151,13 +151,19 @@ if stages.get("queries"):
     if hop:
         def hop_ms(kind, idle):
             return fmt(hop.get((kind, idle), {}).get("p50_ms"), 2)
+        sweep = ", ".join(f"{hop_ms('shard', i)} / {hop_ms('embedder', i)} ms after {i // 1000} ms"
+                          for i in (1000, 2000, 5000, 20000) if ("shard", i) in hop)
         md.append("What a hop costs: a gRPC call that does no work (`Info`, `balancer/examples/grpc_rtt.rs`, one at a "
                   f"time, 1000 calls) took p50 {hop_ms('shard', 0)} ms to a shard and {hop_ms('embedder', 0)} ms to an "
-                  f"embedder back to back, but {hop_ms('shard', 5000)} and {hop_ms('embedder', 5000)} ms when the service "
-                  "had idled 5 ms before each call, as the embedder and the shards do between the stages of a query (on "
-                  "this virtual machine an idle core halts at once: cpuidle haltpoll with guest_halt_poll_ns=0). simq "
-                  "pays that on the embed call and again on the shard calls (in parallel); the peer has no hop between "
-                  "embedding and search.\n")
+                  f"embedder back to back, and more the longer the service had idled before each call ({sweep}); "
+                  "between the stages of a query the embedder and the shards idle about 5 ms. This is not the wake-up "
+                  "of a halted core: in a hand-run (2026-11-25, a shard outside the cluster) a shard and its client pinned "
+                  "to the same CPU paid 0.41-0.46 ms after 5 ms against 0.36-0.46 unpinned, a shard on a one-thread "
+                  "runtime the same, a client spinning instead of sleeping more, and a Python echo over a plain socket "
+                  "0.12 ms. The cost grows with the idle time, as a "
+                  "working set going cold on a shared virtual machine would, and a gRPC server's working set (tokio, "
+                  "hyper, h2, tonic) is larger than an echo's. simq pays it on the embed call and again on the shard "
+                  "calls (in parallel); the peer has no hop between embedding and search.\n")
 
 if pairs:
     md.append("## Unloaded, alternating runs\n")
