@@ -577,7 +577,7 @@ mod cluster {
                         eprintln!("active dg is {a}")
                     }
                 }
-                models::retire_unused(&nomad, &consul, &layout, &progress).await?;
+                models::retire_unused(&nomad, &consul, &layout, None, &progress).await?;
                 println!("{previous}");
                 return Ok(());
             }
@@ -606,6 +606,9 @@ mod cluster {
             candidate_only: args.candidate_only && !back,
         };
         let progress = |line: &str| eprintln!("{line}");
+        // A candidate already beside the active dg (`--candidate-only`) keeps its model's
+        // embedders if this rollout fails before replacing it.
+        let candidate_before = simq_indexer::rollout::running_dg(&nomad).await?;
         let outcome: anyhow::Result<RolloutOutcome> = async {
             // Embedders of the dg's model first (a model rollout starts them beside the old).
             let model_dir = args.model_dir.as_deref();
@@ -632,9 +635,19 @@ mod cluster {
             Ok(outcome) => outcome,
             Err(failed) => {
                 // The active dg is unchanged: embedders started above for the dg's model
-                // (also ones that never came to pass) stop again; those of the active dg
-                // and of a split's candidate stay.
-                if let Err(e) = models::retire_unused(&nomad, &consul, &layout, &progress).await {
+                // (also ones that never came to pass) stop again; those of the active dg,
+                // of a split's candidate and of a candidate still running stay.
+                let running_now = simq_indexer::rollout::running_dg(&nomad)
+                    .await
+                    .ok()
+                    .flatten();
+                let survivor = models::surviving_candidate(
+                    candidate_before.as_deref(),
+                    running_now.as_deref(),
+                );
+                if let Err(e) =
+                    models::retire_unused(&nomad, &consul, &layout, survivor, &progress).await
+                {
                     eprintln!(
                         "after the failed rollout, stopping unused embedders failed too: {e:#}"
                     );
@@ -655,7 +668,7 @@ mod cluster {
                 return Ok(());
             }
         };
-        models::retire_unused(&nomad, &consul, &layout, &progress).await?;
+        models::retire_unused(&nomad, &consul, &layout, None, &progress).await?;
         match flipped {
             Flipped::Now(a) => {
                 eprintln!("done: active dg is {a}, {seconds_to_flip:.1} s from rollout to flip")
@@ -690,7 +703,7 @@ mod cluster {
                 None => eprintln!("no candidate runs beside the active dg; nothing to stop"),
             }
             // A candidate of another model had its embedders started for it.
-            models::retire_unused(&nomad, &consul, &layout, &progress).await
+            models::retire_unused(&nomad, &consul, &layout, None, &progress).await
         })
         .await
     }

@@ -265,14 +265,23 @@ fn unused(job_model: Option<&str>, stopped: bool, in_use: &[String]) -> bool {
     !stopped && !job_model.is_some_and(|m| in_use.iter().any(|u| u == m))
 }
 
-/// Stop the embedder jobs of every model neither the active dg nor the candidate of a
-/// traffic split uses (the jobs stay known to Nomad, so `rollback` can start them again).
-/// Called after a flip, and after a rollout failed or a candidate was aborted, so that a
-/// new model's embedders do not outlive the dg they were started for.
+/// The candidate dg that still runs beside the active one after a rollout failed: the one
+/// that ran before it (`rollout --candidate-only`), if the shards job still serves it, i.e.
+/// the failed rollout never replaced it.
+pub fn surviving_candidate<'a>(before: Option<&'a str>, now: Option<&str>) -> Option<&'a str> {
+    before.filter(|b| now == Some(*b))
+}
+
+/// Stop the embedder jobs of every model that neither the active dg, nor the candidate of a
+/// traffic split, nor `running_candidate` (a dg whose canaries still run beside the active
+/// one) uses; the jobs stay known to Nomad, so `rollback` can start them again. Called
+/// after a flip, and after a rollout failed or a candidate was aborted, so that a new
+/// model's embedders do not outlive the dg they were started for.
 pub async fn retire_unused(
     nomad: &NomadClient,
     consul: &ConsulClient,
     layout: &KvLayout,
+    running_candidate: Option<&str>,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<()> {
     let Some(active) = crate::flip::observe(consul, layout).await?.active else {
@@ -286,6 +295,13 @@ pub async fn retire_unused(
         let candidate =
             crate::rollout::published_manifest(consul, layout, &split.candidate).await?;
         in_use.push(candidate.model_id);
+    }
+    if let Some(dg) = running_candidate {
+        in_use.push(
+            crate::rollout::published_manifest(consul, layout, dg)
+                .await?
+                .model_id,
+        );
     }
     for (id, job, job_model) in embedder_jobs(nomad).await? {
         if !unused(job_model.as_deref(), is_stopped(&job), &in_use) {
@@ -374,5 +390,19 @@ mod tests {
             unused(Some("model-b"), false, &in_use[..1]),
             "no split: b is unused"
         );
+    }
+
+    #[test]
+    fn a_candidate_survives_a_failed_rollout_only_if_its_shards_still_run() {
+        // `rollout --candidate-only` left c beside the active dg; the next rollout failed
+        // before registering its shards job: c's canaries run on, so does its model.
+        assert_eq!(
+            surviving_candidate(Some("dg-c"), Some("dg-c")),
+            Some("dg-c")
+        );
+        // The failed rollout had replaced c's canaries (now its own or the reverted job's).
+        assert_eq!(surviving_candidate(Some("dg-c"), Some("dg-x")), None);
+        assert_eq!(surviving_candidate(Some("dg-c"), None), None);
+        assert_eq!(surviving_candidate(None, Some("dg-x")), None);
     }
 }
