@@ -287,22 +287,31 @@ pub async fn retire_unused(
     let Some(active) = crate::flip::observe(consul, layout).await?.active else {
         return Ok(());
     };
-    let model = crate::rollout::published_manifest(consul, layout, &active.dg)
-        .await?
-        .model_id;
-    let mut in_use = vec![model.clone()];
-    if let Some(Ok(split)) = crate::traffic::observe(consul, layout).await?.split {
-        let candidate =
-            crate::rollout::published_manifest(consul, layout, &split.candidate).await?;
-        in_use.push(candidate.model_id);
+    // The dgs still served or about to be, each once (a running candidate is often the
+    // active dg itself); their models stay.
+    let split = crate::traffic::observe(consul, layout).await?.split;
+    let mut dgs: Vec<&str> = vec![&active.dg];
+    let others = [
+        split
+            .as_ref()
+            .and_then(|s| s.as_ref().ok())
+            .map(|s| s.candidate.as_str()),
+        running_candidate,
+    ];
+    for dg in others.into_iter().flatten() {
+        if !dgs.contains(&dg) {
+            dgs.push(dg);
+        }
     }
-    if let Some(dg) = running_candidate {
+    let mut in_use = Vec::with_capacity(dgs.len());
+    for dg in dgs {
         in_use.push(
             crate::rollout::published_manifest(consul, layout, dg)
                 .await?
                 .model_id,
         );
     }
+    let model = &in_use[0];
     for (id, job, job_model) in embedder_jobs(nomad).await? {
         if !unused(job_model.as_deref(), is_stopped(&job), &in_use) {
             continue;
