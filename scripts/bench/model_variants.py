@@ -191,7 +191,7 @@ def main():
     tok = Tokenizer.from_file(f"{MODEL_DIR}/tokenizer.json")
     tok.no_padding()
     tok.enable_truncation(256)
-    corpus = [line.rstrip("\n") for line in open(f"{CACHE}/corpus/questions.txt")][: a.corpus]
+    corpus = [line.rstrip("\n") for line in open(f"{CACHE}/corpus/queries.txt")][: a.corpus]
     queries = [line.strip() for line in open(f"{CACHE}/bench/queries.txt")][1000 : 1000 + a.queries]
     corpus_enc, query_enc = tok.encode_batch(corpus), tok.encode_batch(queries)
     singles = query_enc[:300]
