@@ -24,11 +24,16 @@ if [ "${SIMQ_TEST_REUSE_CLUSTER:-0}" != 1 ] && [[ "$cluster_state" == *running* 
   die "a simq cluster is running in $SIMQ_CLUSTER_DIR (scripts/up.sh?): the tests would replace its jobs and dgs. Stop it with scripts/down.sh first, or run the tests on it anyway with SIMQ_TEST_REUSE_CLUSTER=1"
 fi
 
+# First: is every pinned artifact still served? (A fresh machine needs each one; a warm
+# cache would hide a removed version until then.)
+"$SIMQ_ROOT/scripts/setup.sh" check
 "$SIMQ_ROOT/scripts/setup.sh"
 log "set-up error cases"
 bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
 
-SIMQ_TEST_CORPUS="$("$SIMQ_ROOT/scripts/corpus.sh" --sample 20000)"
+# The tests' queries: 20,000 real queries of open-licence sources that the repo carries
+# (testdata/corpus/README.md), so no test needs the corpus download.
+SIMQ_TEST_CORPUS="$SIMQ_ROOT/testdata/corpus/queries-20000.txt"
 SIMQ_PROMETHEUS_DIR="$(dirname "$PROMETHEUS_BIN")"
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_MODEL_B_DIR SIMQ_TEST_CORPUS SIMQ_CACHE SIMQ_CLUSTER_DIR SIMQ_PROMETHEUS_DIR
 cd "$SIMQ_ROOT"

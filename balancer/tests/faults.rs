@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::{
     agent_pid, bin_dir, build_and_publish, capacity, corpus_slice, deploy_with, eventually,
     indexer, passing, pids_of, quantile_ms, repo_root, shard_pids, signal, start_load, stop_jobs,
-    unique_questions, Frozen, LoadReport, Pace,
+    unique_questions, unique_texts, Frozen, LoadReport, Pace,
 };
 use simq_consul::{ConsulClient, KvLayout};
 
@@ -42,13 +42,7 @@ struct Questions {
 
 impl Questions {
     fn take(&mut self, n: usize) -> Vec<String> {
-        let texts = (self.next..self.next + n)
-            .map(|i| match i / self.lines.len() {
-                0 => self.lines[i].clone(),
-                round => format!("{} {round}", self.lines[i % self.lines.len()]),
-            })
-            .collect();
-        texts
+        unique_texts(&self.lines, self.next, n)
     }
 }
 

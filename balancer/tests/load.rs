@@ -178,12 +178,9 @@ async fn a_rollout_at_half_capacity_of_unique_queries_fails_and_degrades_nothing
     let rate = measured / 2.0;
     eprintln!("capacity {measured:.0} unique queries/s; rollout under {rate:.0}/s");
     let stop = Arc::new(AtomicBool::new(false));
-    let load = start_load(
-        unique_questions(6000, 13_000),
-        13_000,
-        Pace::Rate(rate),
-        stop.clone(),
-    );
+    // Enough unique texts for start_load's longest run (300 s).
+    let texts = unique_questions(6000, (rate * 300.0) as usize);
+    let load = start_load(texts.clone(), texts.len(), Pace::Rate(rate), stop.clone());
     let target = dg_b.clone();
     let out = tokio::task::spawn_blocking(move || indexer(&["rollout", &target]))
         .await

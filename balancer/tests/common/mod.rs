@@ -327,12 +327,20 @@ pub struct LoadReport {
     pub top_scores: Vec<f64>,
     /// Milliseconds until the refusal or error, of each failed query.
     pub failed_ms: Vec<f64>,
+    /// The load ended by itself (its texts or `max` used up) before it was stopped: the
+    /// phase it was to cover did not run under load to its end.
+    pub exhausted: bool,
 }
 
 impl LoadReport {
-    /// Print what the run saw under `what` and assert that no query failed and none was
-    /// degraded.
+    /// Print what the run saw under `what` and assert that the load lasted until it was
+    /// stopped, that no query failed and that none was degraded.
     pub fn assert_clean(&self, what: &str) {
+        assert!(
+            !self.exhausted,
+            "the load ran out of texts after {} queries, before {what} ended: give it more",
+            self.sent()
+        );
         eprintln!(
             "{what}: {} answered, {} failed, {} degraded",
             self.ok,
@@ -438,8 +446,10 @@ pub fn start_load(
         let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
         let started = Instant::now();
         let mut inflight = Vec::new();
+        let mut exhausted = true;
         for i in 0..max {
             if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300) {
+                exhausted = false;
                 break;
             }
             match pace {
@@ -461,16 +471,37 @@ pub fn start_load(
             }
         }
         futures::future::join_all(inflight).await;
-        let report = std::mem::take(&mut *report.lock().unwrap());
+        let mut report = std::mem::take(&mut *report.lock().unwrap());
+        report.exhausted = exhausted && !stop.load(Ordering::Relaxed);
         report
     })
 }
 
-/// Unique questions for load: corpus sample lines from `start` on (lines the tests do not
-/// index), each used once.
+/// `n` unique query texts: corpus sample lines from `start` on (lines the tests do not
+/// index), each used once; past the sample's end, the same lines again with a round
+/// number appended ("... 1", "... 2"), so a load never runs short of unseen queries.
 pub fn unique_questions(start: usize, n: usize) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    corpus_slice(dir.path(), "q.txt", start..start + n).1
+    let source =
+        std::env::var("SIMQ_TEST_CORPUS").expect("SIMQ_TEST_CORPUS (scripts/test.sh sets it)");
+    let lines: Vec<String> = std::fs::read_to_string(&source)
+        .unwrap()
+        .lines()
+        .skip(start)
+        .map(String::from)
+        .collect();
+    unique_texts(&lines, 0, n)
+}
+
+/// Texts `from..from + n` of the endless sequence `lines`, then `lines` with " 1"
+/// appended, then with " 2", ...: unique as long as `lines` are.
+pub fn unique_texts(lines: &[String], from: usize, n: usize) -> Vec<String> {
+    assert!(!lines.is_empty(), "no lines to make texts of");
+    (from..from + n)
+        .map(|i| match i / lines.len() {
+            0 => lines[i].clone(),
+            round => format!("{} {round}", lines[i % lines.len()]),
+        })
+        .collect()
 }
 
 /// Answered queries per second with `connections` clients for `seconds`, each query
