@@ -6,7 +6,11 @@
 #   scripts/cluster.sh start    start both agents (Consul first) and wait until ready;
 #                               with SIMQ_ACL=1, Consul ACLs on with default deny and one
 #                               least-privilege token per consul/acl/ policy (see there)
+#   scripts/cluster.sh start --nodes N
+#                               a real N-node cluster (3 to 9) of network namespaces on
+#                               this machine instead: scripts/nodes.sh start --nodes N
 #   scripts/cluster.sh stop     stop every Nomad job, then Nomad, then Consul; no strays
+#                               (and the N-node cluster, when one runs)
 #   scripts/cluster.sh status   say what runs, with pids and addresses
 #   scripts/cluster.sh restart-consul [DOWN_SECONDS]
 #                               stop Consul, wait (default 10 s), start it again on the
@@ -303,8 +307,12 @@ stop_jobs() {
 # Nomad's data dir. End them.
 kill_strays() {
   local p pid cwd exe
+  local own_net
+  own_net="$(readlink /proc/self/ns/net)"
   for p in /proc/[0-9]*; do
     pid="${p#/proc/}"
+    # (The agents of scripts/nodes.sh run the same binary in their nodes' namespaces.)
+    [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$own_net" ] || continue
     cwd="$(readlink "$p/cwd" 2>/dev/null || true)"
     exe="$(readlink "$p/exe" 2>/dev/null || true)"
     case "$cwd" in "$NOMAD_DIR"/data/*) ;; *) [ "$exe" = "$NOMAD_BIN" ] || continue ;; esac
@@ -388,9 +396,19 @@ cmd_restart_consul() {
 }
 
 case "${1:-}" in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
+  start)
+    if [ "${2:-}" = --nodes ] && [ "${3:-1}" != 1 ]; then
+      pid_alive "$CONSUL_DIR/consul.pid" && die "the single-node cluster runs: scripts/cluster.sh stop first"
+      exec bash "$SIMQ_ROOT/scripts/nodes.sh" start --nodes "$3"
+    fi
+    [ -z "${2:-}" ] || [ "${2:-} ${3:-}" = "--nodes 1" ] || die "usage: scripts/cluster.sh start [--nodes N]"
+    cmd_start
+    ;;
+  stop)
+    [ ! -f "$SIMQ_CLUSTER_DIR/nodes/cluster.env" ] || bash "$SIMQ_ROOT/scripts/nodes.sh" stop
+    cmd_stop
+    ;;
   status) cmd_status ;;
   restart-consul) cmd_restart_consul "${2:-10}" ;;
-  *) die "usage: scripts/cluster.sh start|stop|status|restart-consul [DOWN_SECONDS]" ;;
+  *) die "usage: scripts/cluster.sh start [--nodes N]|stop|status|restart-consul [DOWN_SECONDS]" ;;
 esac

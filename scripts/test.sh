@@ -101,5 +101,16 @@ if [ ${#cargo_args[@]} -eq 0 ] || [ "${cargo_args[*]}" = acl ]; then
     log "secure mode test skipped: it starts its own cluster, and this run reuses a running one"
   fi
 fi
+# The 3-node cluster (network namespaces): quorum, spread placement, a powered-off leader
+# node, rejoin, nothing left behind. Needs the single-node cluster stopped (port 8500).
+if [ ${#cargo_args[@]} -eq 0 ] || [ "${cargo_args[*]}" = nodes ]; then
+  if [ $started_here -eq 0 ] && ! "$SIMQ_ROOT/scripts/cluster.sh" status >/dev/null 2>&1; then
+    log "3-node cluster in network namespaces (scripts/test-nodes.sh)"
+    bash "$SIMQ_ROOT/scripts/test-nodes.sh"
+    check_stopped
+  else
+    log "3-node cluster test skipped: a single-node cluster runs"
+  fi
+fi
 log "all tests passed"
 }; exit

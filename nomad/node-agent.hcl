@@ -1,0 +1,38 @@
+# Nomad agent (server and client) of one node of simq's multi-node cluster on this
+# machine (scripts/nodes.sh). What every node has in common lives here; what differs per
+# node (name, address, data dir, peers, network interface, bootstrap_expect) is written
+# by scripts/nodes.sh into $SIMQ_CLUSTER_DIR/nodes/nK/nomad.hcl, as a real deployment
+# would template it per machine. Agent configs are HCL1 (blocks merge across -config files).
+# scripts/nodes.sh starts each agent inside the node's network namespace (and a mount
+# namespace of its own, where the node's cgroup subtree is bind-mounted over
+# /sys/fs/cgroup, see there) with:
+#   nomad agent -config nomad/node-agent.hcl -config <node dir>/nomad.hcl
+disable_update_check        = true
+disable_anonymous_signature = true
+log_level                   = "INFO"
+
+server {
+  enabled = true
+}
+
+client {
+  enabled = true
+  # The VM reports no CPU frequency: without this Nomad sees 0 MHz and places nothing.
+  cpu_total_compute = 4000
+  options {
+    # Cloud fingerprinters probe 169.254.169.254; nothing may leave this machine.
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }
+}
+
+# Do not set no_cgroups: it is a startup error since Nomad 1.8.
+plugin "raw_exec" {
+  config {
+    enabled = true
+  }
+}
+
+# The node's own Consul server, which also listens on the namespace's loopback.
+consul {
+  address = "127.0.0.1:8500"
+}
