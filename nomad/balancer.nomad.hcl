@@ -36,12 +36,12 @@ variable "consul_wait_secs" {
 variable "nprobe" {
   type        = number
   description = "Fine clusters probed per query (recall vs latency, see indexer/BENCH.md)."
-  default     = 192
+  default     = 576
 }
 
 variable "max_inflight" {
   type        = number
-  description = "Cache-miss queries in flight per balancer; beyond it 503 + Retry-After at once. The instances share the embedders and shards: 2 x 16 keeps one balancer's former 32."
+  description = "Cache-miss queries answered at once per balancer; more wait in line while the wait they can expect fits their deadline, the rest get 503 + Retry-After at once. The instances share the embedders and shards: 2 x 16 keeps one balancer's former 32."
   default     = 16
 }
 

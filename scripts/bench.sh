@@ -50,7 +50,7 @@ run_recall() {
   dg="$(tail -n1 "$out/build.txt")"
   [ -d "$dg" ] || die "no built dg in $out/build.txt: run scripts/bench.sh build first"
   log "recall@10 on $dg"
-  "$bin/simq-indexer" eval "$dg" --queries 1000 --nprobe 32,64,96,128,160,192,256 | tee "$out/recall.md"
+  "$bin/simq-indexer" eval "$dg" --queries 1000 --nprobe 64,128,192,256,384,512,576,640,768 | tee "$out/recall.md"
 }
 
 # The best answered rate of simq's closed-loop sweep (not the cache-hit runs) in RESULTS.
@@ -167,6 +167,13 @@ PY
       load simq closed "" --connections "$c" --seconds "$secs"
       load peer closed "" --connections "$c" --seconds "$secs"
     fi
+  done
+  # Clients that resend at once after a refusal (wrk, most HTTP clients and worker
+  # pools): nothing may be refused while the wait a query can expect fits its deadline.
+  log "bench: closed loop, clients that resend at once after a 503"
+  for c in ${SIMQ_BENCH_RESEND_CONNECTIONS:-8 32 64 128}; do
+    load simq closed_resend "" --connections "$c" --seconds "$secs" --ignore-retry-after
+    load peer closed_resend "" --connections "$c" --seconds "$secs" --ignore-retry-after
   done
   # Unloaded latency, simq and the peer in alternating short runs, so that both meet the
   # same machine (its speed drifts by 10-20 % within minutes on a shared VM).
@@ -329,7 +336,7 @@ run_scale() {
       [ "$n" = all ] || [ "$shards" = 2 ] || continue
       log "bench: scale: $n questions, $shards shards"
       "$bin/simq-indexer" build "$file" --out "$out/scale/dgs" --shards "$shards" --force >"$out/scale/dir" 2>"$out/scale/build.log"
-      "$bin/simq-indexer" eval "$(cat "$out/scale/dir")" --queries 500 --nprobe 192 --json "$out/scale/eval.json" >/dev/null
+      "$bin/simq-indexer" eval "$(cat "$out/scale/dir")" --queries 500 --nprobe 576 --json "$out/scale/eval.json" >/dev/null
       line="$(python3 - "$out/scale/build.log" "$out/scale/eval.json" "$(cat "$out/scale/dir")" "$shards" <<'PY'
 import json, re, sys
 log = open(sys.argv[1]).read()

@@ -15,7 +15,7 @@
 #   SIMQ_EMBEDDERS embedder instances           [default: 2]
 #   SIMQ_BALANCERS balancer instances sharing SIMQ_PORT [default: 2]
 #   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
-#   SIMQ_NPROBE    fine clusters probed per query [default: 192]
+#   SIMQ_NPROBE    fine clusters probed per query [default: 576]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 #   SIMQ_API_KEYS  off, or required: queries need an API key (simq-indexer keys create) [default: off]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -30,7 +30,7 @@ embedders="${SIMQ_EMBEDDERS:-2}"
 balancers="${SIMQ_BALANCERS:-2}"
 port="${SIMQ_PORT:-8080}"
 clusters="${SIMQ_CLUSTERS:-4096}"
-nprobe="${SIMQ_NPROBE:-192}"
+nprobe="${SIMQ_NPROBE:-576}"
 consul_wait="${SIMQ_CONSUL_WAIT:-30}"
 api_keys="${SIMQ_API_KEYS:-off}"
 blobs="$SIMQ_CACHE/blobs"

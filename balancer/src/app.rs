@@ -16,7 +16,7 @@ use simq_consul::Arm;
 
 use crate::auth::{presented_key, Access, Auth};
 use crate::query::{Answer, Executor};
-use crate::request::{parse, ApiError, QueryRequest, MAX_BODY_BYTES};
+use crate::request::{parse, request_timeout, ApiError, QueryRequest, MAX_BODY_BYTES, TIMEOUT_HEADER};
 use crate::split;
 use crate::state::{SharedState, Snapshot};
 
@@ -101,9 +101,11 @@ impl BalancerApp {
             Ok(b) => b,
             Err(e) => return error_response(&e),
         };
-        let req = match parse(&body) {
-            Ok(r) => r,
-            Err(e) => return error_response(&e),
+        let headers = &session.req_header().headers;
+        let timeout = request_timeout(headers.get(TIMEOUT_HEADER).map(|v| v.as_bytes()));
+        let req = match (parse(&body), timeout) {
+            (Ok(r), Ok(timeout)) => QueryRequest { timeout, ..r },
+            (Err(e), _) | (_, Err(e)) => return error_response(&e),
         };
         // One snapshot for the whole query: one dg, its shards, its model's embedders.
         let snapshot = self.state.load();
@@ -226,6 +228,8 @@ impl BalancerApp {
                 "nprobe": self.executor.options.nprobe,
                 "deadline_ms": self.executor.options.deadline.as_millis() as u64,
                 "max_inflight": self.executor.options.max_inflight,
+                "waiting": self.executor.admission_waiting(),
+                "mean_hold_ms": self.executor.admission_mean_hold().as_secs_f64() * 1000.0,
             },
             "ejected_replicas": self.executor.ejected_replicas(),
             "api_keys": {

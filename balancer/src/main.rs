@@ -31,8 +31,11 @@ use simq_consul::{ConsulClient, KvLayout};
 /// the clusters it holds (another replica on failure, within a retry budget; the
 /// next-nearest clusters when a shard has no healthy replica, marked "degraded"), and
 /// merges the top k. Every upstream call carries the query's remaining deadline
-/// (grpc-timeout). Beyond --max-inflight cache-miss queries it answers 503 with
-/// Retry-After at once. A replica failing 3 calls in a row is skipped for 10 s. If
+/// (grpc-timeout). Beyond --max-inflight cache-miss queries at once, a query waits in line
+/// while the wait it can expect (the line ahead at the measured time per query) fits its
+/// deadline (--deadline-ms, or a shorter X-Request-Timeout header in milliseconds); one
+/// that cannot be answered in time gets 503 with Retry-After at once. Cache hits are never
+/// refused. A replica failing 3 calls in a row is skipped for 10 s. If
 /// Consul becomes unreachable it keeps serving from the last state it read.
 ///
 /// Stops on SIGTERM (graceful: the listeners close at once, in-flight requests get
@@ -71,11 +74,13 @@ struct Args {
     /// Consul KV prefix of simq's keys.
     #[arg(long, default_value = "simq/")]
     kv_prefix: String,
-    /// Fine clusters probed per query. With the default 4096 clusters, 192 read about 5.5 %
-    /// of the corpus for recall@10 0.986 against exact search (indexer/BENCH.md).
-    #[arg(long, default_value_t = 192)]
+    /// Fine clusters probed per query. With the default 4096 clusters over the 158k-query
+    /// corpus, 576 read about 15 % of it for recall@10 0.982 against exact search (192: 5 %,
+    /// 0.950; indexer/BENCH.md).
+    #[arg(long, default_value_t = 576)]
     nprobe: usize,
-    /// Cache-miss queries in flight at most; beyond it 503 + Retry-After at once.
+    /// Cache-miss queries answered at once at most; more wait in line while their expected
+    /// wait fits their deadline, the rest get 503 + Retry-After at once.
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
     /// How embedders share the calls: spread (round robin) or stable (the first healthy

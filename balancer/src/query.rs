@@ -63,8 +63,9 @@ pub struct QueryOptions {
     /// Timeout of one embedder call. Longer than a shard attempt: under load a call
     /// waits for its batch, and another embedder is as busy.
     pub embed_timeout: Duration,
-    /// Cache-miss queries in flight at most; up to as many more wait [`ADMISSION_WAIT`]
-    /// for a place, the rest are refused at once with 503 and Retry-After.
+    /// Cache-miss queries answered at once at most; more wait in line while the wait
+    /// they can expect fits their deadline, the rest are refused at once with 503 and
+    /// Retry-After ([`Admission`]).
     pub max_inflight: usize,
     /// How embedders share the calls.
     pub embedder_order: EmbedderOrder,
@@ -81,10 +82,6 @@ pub enum EmbedderOrder {
     /// makes smaller batches (BENCHMARKS.md: 147 against 163 queries/s on 2 cores).
     Stable,
 }
-
-/// Longest a query waits for a place in flight before it is refused: short, so that
-/// every refusal stays fast; long enough to smooth a burst.
-pub const ADMISSION_WAIT: Duration = Duration::from_millis(40);
 
 /// Retries may be at most this share of the calls in flight (and at least
 /// [`RETRY_BUDGET_MIN`] at a time), as in Envoy's default retry budget.
@@ -181,7 +178,7 @@ impl<U: Upstreams> Executor<U> {
         upstreams: U,
     ) -> Self {
         Self {
-            admission: Admission::new(options.max_inflight, options.max_inflight, ADMISSION_WAIT),
+            admission: Admission::new(options.max_inflight),
             budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN),
             outliers: Outliers::new(EJECT_AFTER_FAILURES, EJECTION),
             shadow_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(SHADOW_SLOTS)),
@@ -191,6 +188,16 @@ impl<U: Upstreams> Executor<U> {
             upstreams,
             round_robin: (0..ROUND_ROBINS).map(|_| AtomicUsize::new(0)).collect(),
         }
+    }
+
+    /// Cache-miss queries waiting for a place now (for /v1/status).
+    pub fn admission_waiting(&self) -> usize {
+        self.admission.waiting()
+    }
+
+    /// Mean time an admitted query holds its place, as measured (for /v1/status).
+    pub fn admission_mean_hold(&self) -> Duration {
+        self.admission.mean_hold()
     }
 
     /// Replicas ejected right now (for /v1/status).
@@ -248,7 +255,7 @@ impl<U: Upstreams> Executor<U> {
     /// Answer `req` using only `routing` (one dg).
     pub async fn answer(&self, routing: &Routing, req: &QueryRequest) -> Result<Answer, ApiError> {
         let started = Instant::now();
-        let deadline = started + self.options.deadline;
+        let deadline = started + req.timeout.map_or(self.options.deadline, |t| t.min(self.options.deadline));
         let key = (routing.manifest.dg.clone(), req.normalized(), req.k);
         if let Some(mut hit) = self.cache.get(&key) {
             self.metrics.cache_hits.inc();
@@ -258,24 +265,31 @@ impl<U: Upstreams> Executor<U> {
             return Ok(hit);
         }
         self.metrics.cache_misses.inc();
-        let _ticket = match self.admission.admit().await {
+        let _ticket = match self.admission.admit(deadline.saturating_duration_since(Instant::now())).await {
             Ok(ticket) => ticket,
             Err(refusal) => {
                 self.metrics.shed.with_label_values(&["overloaded"]).inc();
                 let why = match refusal {
-                    Refusal::LineFull => "and as many wait",
-                    Refusal::WaitedTooLong => "and none finished in time",
-                    Refusal::Congested => "and the waiting line is closed under sustained load",
+                    Refusal::TooLate { expected } => format!(
+                        "the line ahead would take about {} ms, too long to answer within the deadline",
+                        expected.as_millis()
+                    ),
+                    Refusal::WaitedTooLong { waited } => format!(
+                        "it waited {} ms in line and no place freed up in time to answer within the deadline",
+                        waited.as_millis()
+                    ),
                 };
                 return Err(ApiError::new(
                     503,
                     "overloaded",
                     format!(
-                        "{} queries are being answered {why}; try again shortly",
-                        self.admission.limit()
+                        "{} queries are being answered and {} wait: {why}; try again in {} s",
+                        self.admission.limit(),
+                        self.admission.waiting(),
+                        refusal.retry_after_secs()
                     ),
                 )
-                .with_retry_after(1));
+                .with_retry_after(refusal.retry_after_secs()));
             }
         };
 
@@ -701,6 +715,7 @@ mod tests {
         QueryRequest {
             query: text.into(),
             k: 3,
+            timeout: None,
         }
     }
 
@@ -843,7 +858,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn over_the_inflight_limit_a_query_is_refused_at_once_with_retry_after() {
+    async fn a_query_that_cannot_be_answered_in_time_is_refused_at_once_with_retry_after() {
         let fake = Arc::new(Fake::new([1.0, 0.1]));
         fake.set(100, Behaviour::Hang);
         let ex = Arc::new(executor(&fake, 2, 1));
@@ -853,25 +868,47 @@ mod tests {
             tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        // The second waits in line (for up to ADMISSION_WAIT), the third is refused at once.
-        let second = {
-            let (ex, r) = (ex.clone(), r.clone());
-            tokio::spawn(async move { ex.answer(&r, &query("second")).await })
-        };
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The one place is taken: a query whose deadline leaves no room for the expected
+        // wait (10 ms hold assumed) and its own hold is refused at once.
+        let mut hurried = query("hurried");
+        hurried.timeout = Some(Duration::from_millis(15));
         let started = Instant::now();
-        let e = ex.answer(&r, &query("third")).await.unwrap_err();
+        let e = ex.answer(&r, &hurried).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_millis(5));
         assert_eq!(
             (e.status, e.kind, e.retry_after),
             (503, "overloaded", Some(1))
         );
-        second.abort();
-        let _ = second.await;
-        // A cancelled query gives its place back.
+        // One with time to spare waits in line instead.
+        let patient = {
+            let (ex, r) = (ex.clone(), r.clone());
+            tokio::spawn(async move { ex.answer(&r, &query("patient")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!patient.is_finished(), "a query that can wait is not refused");
+        // A cancelled query gives its place back: the waiting one is answered.
+        fake.set(100, Behaviour::Answer);
         slow.abort();
         let _ = slow.await;
-        fake.set(100, Behaviour::Answer);
-        assert!(ex.answer(&r, &query("fourth")).await.is_ok());
+        assert!(patient.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn cache_hits_are_answered_even_when_no_place_is_free() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let ex = Arc::new(executor(&fake, 2, 1));
+        let r = Arc::new(routing(&[100], &[200]));
+        assert!(ex.answer(&r, &query("known")).await.is_ok());
+        fake.set(100, Behaviour::Hang);
+        let slow = {
+            let (ex, r) = (ex.clone(), r.clone());
+            tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut hurried = query("known");
+        hurried.timeout = Some(Duration::from_millis(10));
+        let hit = ex.answer(&r, &hurried).await.unwrap();
+        assert!(hit.cached);
+        slow.abort();
     }
 }

@@ -17,6 +17,8 @@ pub struct QueryRequest {
     /// The query as sent (trimmed).
     pub query: String,
     pub k: usize,
+    /// The client's own deadline (`X-Request-Timeout`), when shorter than the balancer's.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl QueryRequest {
@@ -158,7 +160,33 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
             )
         }
     };
-    Ok(QueryRequest { query, k })
+    Ok(QueryRequest {
+        query,
+        k,
+        timeout: None,
+    })
+}
+
+/// The header in which a client gives its own deadline, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout";
+/// Shortest deadline a client may ask for.
+pub const MIN_TIMEOUT_MS: u64 = 10;
+
+/// The client's deadline from the `X-Request-Timeout` header (milliseconds, an integer of
+/// at least [`MIN_TIMEOUT_MS`]); None without the header.
+pub fn request_timeout(header: Option<&[u8]>) -> Result<Option<std::time::Duration>, ApiError> {
+    let Some(raw) = header else { return Ok(None) };
+    match std::str::from_utf8(raw).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(ms) if ms >= MIN_TIMEOUT_MS => Ok(Some(std::time::Duration::from_millis(ms))),
+        _ => Err(ApiError::new(
+            400,
+            "invalid_timeout",
+            format!(
+                "header X-Request-Timeout is {:?}; it must be a whole number of milliseconds, at least {MIN_TIMEOUT_MS}",
+                String::from_utf8_lossy(raw).chars().take(40).collect::<String>()
+            ),
+        )),
+    }
 }
 
 /// The fields of a query body.
@@ -196,12 +224,27 @@ mod tests {
     }
 
     #[test]
+    fn a_client_deadline_is_whole_milliseconds_of_at_least_the_minimum() {
+        use std::time::Duration;
+        assert_eq!(request_timeout(None).unwrap(), None);
+        assert_eq!(
+            request_timeout(Some(b" 250 ")).unwrap(),
+            Some(Duration::from_millis(250))
+        );
+        for bad in [&b"0"[..], b"9", b"1.5", b"-3", b"soon", b"\xff"] {
+            let e = request_timeout(Some(bad)).unwrap_err();
+            assert_eq!((e.status, e.kind), (400, "invalid_timeout"), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn plain_and_full_bodies_parse() {
         assert_eq!(
             parse(br#"{"query": "  How do I sort?  "}"#).unwrap(),
             QueryRequest {
                 query: "How do I sort?".into(),
-                k: 5
+                k: 5,
+                timeout: None,
             }
         );
         assert_eq!(parse(br#"{"query": "x", "k": 12}"#).unwrap().k, 12);
@@ -282,7 +325,7 @@ mod properties {
         fn normalized_is_the_lowercase_of_the_words_joined_by_one_space(
             query in "([ \t\n\x0b\x0c\r\u{85}\u{a0}\u{3000}]|[a-zA-Z?]|\\PC){0,40}",
         ) {
-            let q = QueryRequest { query: query.clone(), k: DEFAULT_K };
+            let q = QueryRequest { query: query.clone(), k: DEFAULT_K, timeout: None };
             let reference = query.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
             prop_assert_eq!(q.normalized(), reference);
         }

@@ -218,6 +218,7 @@ mod tests {
         let req = QueryRequest {
             query: "How  Are you".into(),
             k: 3,
+            timeout: None,
         };
         let h = http::HeaderValue::from_static(" u-1 ");
         assert_eq!(user_of(Some(&h), Some("k1"), &req).unwrap(), "user:u-1");

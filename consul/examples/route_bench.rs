@@ -8,7 +8,7 @@ use std::time::Instant;
 use simq_consul::CentroidMap;
 
 fn main() {
-    let (clusters, dims, nprobe) = (4096usize, 384usize, 192usize);
+    let (clusters, dims, nprobe) = (4096usize, 384usize, 576usize);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut random = move || {
         x ^= x << 13;

@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
             .expect("usage: search_bench DG_DIR [QUERIES] [NPROBE] [ROUNDS]"),
     );
     let n: usize = args.next().map_or(Ok(500), |a| a.parse())?;
-    let nprobe: usize = args.next().map_or(Ok(192), |a| a.parse())?;
+    let nprobe: usize = args.next().map_or(Ok(576), |a| a.parse())?;
     let rounds: usize = args.next().map_or(Ok(3), |a| a.parse())?;
     let dg = DgDir::open(&dir)?;
     let items = dg.items()?;

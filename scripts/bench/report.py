@@ -182,6 +182,23 @@ for s in phase("closed", "simq"):
               f"{ratio(s.get('throughput'), q.get('throughput'))} | {ratio(s.get('throughput'), b)} |")
 md.append("")
 
+resend = phase("closed_resend", "simq")
+if resend:
+    md.append("## Closed loop, clients that resend at once after a 503\n")
+    md.append("Each connection sends its next unique query as soon as it gets an answer or a refusal, "
+              "ignoring `Retry-After` (as `wrk` and most HTTP clients and worker pools do). "
+              "Refused: 503 answers (each a request, so a client that resends at once can be refused many times per answered query).\n")
+    md.append("| connections | simq answered q/s | simq p50 / p99 ms | simq refused (503) / other failed / degraded | peer answered q/s | peer p50 / p99 ms | peer failed | simq / peer |")
+    md.append("|---:|---:|---|---|---:|---|---|---:|")
+    for s in resend:
+        c = s.get("connections")
+        q = next((r for r in phase("closed_resend", "peer") if r.get("connections") == c), {})
+        refused = (s.get("by_status") or {}).get("503", 0)
+        md.append(f"| {c} | {fmt(s.get('throughput'))} | {fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))} | "
+                  f"{refused} / {s.get('failed', 0) - refused} / {s.get('degraded')} | {fmt(q.get('throughput'))} | "
+                  f"{fmt(q.get('p50_ms'))} / {fmt(q.get('p99_ms'))} | {q.get('failed', '-')} | {ratio(s.get('throughput'), q.get('throughput'))} |")
+    md.append("")
+
 md.append("## Open loop, unique queries\n")
 md.append("Latency counted from each query's scheduled send time.\n")
 md.append("| offered q/s | simq answered q/s | simq p50 / p99 ms | simq failed (by status) | peer answered q/s | peer p50 / p99 ms | peer failed |")
@@ -208,7 +225,7 @@ if scale:
     md.append("`scripts/bench.sh scale`: `simq-indexer build` of the first 10k and 50k questions and of all of them "
               "(embedding timed apart; \"cached\": embedded by an earlier run, delete `~/.cache/simq/bench/scale/dgs/.embeddings/` "
               "to time it again), then `simq-indexer eval` "
-              "(500 stored questions as queries, nprobe 192, routing and shard search in one thread).\n")
+              "(500 stored questions as queries, nprobe 576, routing and shard search in one thread).\n")
     md.append("| items | shards | clusters | k-means + index s | embedding s | corpus read per query | recall@10 | search ms per query |")
     md.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in scale:
