@@ -16,7 +16,9 @@ use simq_consul::Arm;
 
 use crate::auth::{presented_key, Access, Auth};
 use crate::query::{Answer, Executor};
-use crate::request::{parse, request_timeout, ApiError, QueryRequest, MAX_BODY_BYTES, TIMEOUT_HEADER};
+use crate::request::{
+    parse, request_timeout, ApiError, QueryRequest, MAX_BODY_BYTES, TIMEOUT_HEADER,
+};
 use crate::split;
 use crate::state::{SharedState, Snapshot};
 

@@ -255,7 +255,10 @@ impl<U: Upstreams> Executor<U> {
     /// Answer `req` using only `routing` (one dg).
     pub async fn answer(&self, routing: &Routing, req: &QueryRequest) -> Result<Answer, ApiError> {
         let started = Instant::now();
-        let deadline = started + req.timeout.map_or(self.options.deadline, |t| t.min(self.options.deadline));
+        let deadline = started
+            + req
+                .timeout
+                .map_or(self.options.deadline, |t| t.min(self.options.deadline));
         let key = (routing.manifest.dg.clone(), req.normalized(), req.k);
         if let Some(mut hit) = self.cache.get(&key) {
             self.metrics.cache_hits.inc();
@@ -265,7 +268,11 @@ impl<U: Upstreams> Executor<U> {
             return Ok(hit);
         }
         self.metrics.cache_misses.inc();
-        let _ticket = match self.admission.admit(deadline.saturating_duration_since(Instant::now())).await {
+        let _ticket = match self
+            .admission
+            .admit(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
             Ok(ticket) => ticket,
             Err(refusal) => {
                 self.metrics.shed.with_label_values(&["overloaded"]).inc();
@@ -885,7 +892,10 @@ mod tests {
             tokio::spawn(async move { ex.answer(&r, &query("patient")).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!patient.is_finished(), "a query that can wait is not refused");
+        assert!(
+            !patient.is_finished(),
+            "a query that can wait is not refused"
+        );
         // A cancelled query gives its place back: the waiting one is answered.
         fake.set(100, Behaviour::Answer);
         slow.abort();

@@ -438,7 +438,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_query_waits_when_its_expected_wait_fits_its_budget_and_is_refused_at_once_when_not() {
+    async fn a_query_waits_when_its_expected_wait_fits_its_budget_and_is_refused_at_once_when_not()
+    {
         let a = Arc::new(Admission::new(1));
         let held = a.admit(Duration::from_secs(1)).await.unwrap();
         // Mean hold 10 ms (nothing measured yet): one waiter expects 10 ms, fits 1 s.
@@ -472,7 +473,10 @@ mod tests {
         let started = Instant::now();
         let refused = a.admit(Duration::from_millis(60)).await.err().unwrap();
         let waited = started.elapsed();
-        assert!(matches!(refused, Refusal::WaitedTooLong { .. }), "{refused:?}");
+        assert!(
+            matches!(refused, Refusal::WaitedTooLong { .. }),
+            "{refused:?}"
+        );
         assert!(
             waited >= Duration::from_millis(45) && waited < Duration::from_millis(150),
             "{waited:?}"
