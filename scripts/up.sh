@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up what serving needs (cached after the first run), start the local
-# cluster and serve the real corpus (about 150k questions) through Nomad; then print an
+# cluster and serve the real corpus (158k search queries, scripts/corpus.sh) through Nomad; then print an
 # example query. Stop everything with scripts/down.sh. Settings: see scripts/deploy.sh.
 #
 #   scripts/up.sh           answer as soon as possible (see below), then return
@@ -9,9 +9,9 @@
 # Secure mode: SIMQ_ACL=1 (Consul ACLs, default deny, least-privilege tokens) and
 # SIMQ_API_KEYS=required (queries need an API key); see README "Security".
 #
-# The first time, embedding the full corpus takes about 9 minutes. So that the first
+# The first time, building the full corpus takes about 8 minutes. So that the first
 # answer does not wait for it, up.sh first serves a reproducible slice of the corpus
-# (SIMQ_SLICE questions, every k-th line; default 5000), then builds the full corpus in
+# (SIMQ_SLICE queries, every k-th line; default 5000), then builds the full corpus in
 # the background (at low CPU priority, progress in $SIMQ_CLUSTER_DIR/full-corpus.log) and
 # rolls it out with simq's own zero-downtime rollout: queries are answered throughout.
 # Once the full corpus is built (or SIMQ_CORPUS names a corpus), later runs serve it
@@ -69,7 +69,7 @@ elif [ -n "${SIMQ_CORPUS:-}" ] || full_built; then
   slice=0
 else
   n="${SIMQ_SLICE:-5000}"
-  log "the full corpus is not built yet: serving a slice of $n questions first"
+  log "the full corpus is not built yet: serving a slice of $n queries first"
   slice_corpus="$("$SIMQ_ROOT/scripts/corpus.sh" --sample "$n")"
   dg="$(SIMQ_CORPUS="$slice_corpus" SIMQ_CLUSTERS=256 "$SIMQ_ROOT/scripts/deploy.sh")"
   log "first answer possible after $((SECONDS - started)) s; now building the full corpus in the background"
