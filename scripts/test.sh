@@ -38,6 +38,9 @@ SIMQ_PROMETHEUS_DIR="$(dirname "$PROMETHEUS_BIN")"
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_MODEL_B_DIR SIMQ_TEST_CORPUS SIMQ_CACHE SIMQ_CLUSTER_DIR SIMQ_PROMETHEUS_DIR
 cd "$SIMQ_ROOT"
 
+log "format: cargo fmt --check"
+cargo fmt --all -- --check >/dev/null || die "the code is not formatted as rustfmt would (run cargo fmt --all; cargo fmt --all -- --check shows where)"
+
 log "build: cargo build --workspace --all-targets (target dir $CARGO_TARGET_DIR)"
 cargo_build "cargo build" --workspace --all-targets
 
