@@ -703,6 +703,15 @@ mod tests {
     }
 
     fn executor(fake: &Arc<Fake>, nprobe: usize, max_inflight: usize) -> Executor<Arc<Fake>> {
+        executor_with_cache(fake, nprobe, max_inflight, 0)
+    }
+
+    fn executor_with_cache(
+        fake: &Arc<Fake>,
+        nprobe: usize,
+        max_inflight: usize,
+        cache_entries: usize,
+    ) -> Executor<Arc<Fake>> {
         Executor::with_upstreams(
             QueryOptions {
                 embedder_order: EmbedderOrder::Spread,
@@ -713,7 +722,7 @@ mod tests {
                 max_inflight,
             },
             Metrics::new().unwrap(),
-            AnswerCache::new(0),
+            AnswerCache::new(cache_entries),
             fake.clone(),
         )
     }
@@ -906,7 +915,7 @@ mod tests {
     #[tokio::test]
     async fn cache_hits_are_answered_even_when_no_place_is_free() {
         let fake = Arc::new(Fake::new([1.0, 0.1]));
-        let ex = Arc::new(executor(&fake, 2, 1));
+        let ex = Arc::new(executor_with_cache(&fake, 2, 1, 16));
         let r = Arc::new(routing(&[100], &[200]));
         assert!(ex.answer(&r, &query("known")).await.is_ok());
         fake.set(100, Behaviour::Hang);
