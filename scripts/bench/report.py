@@ -47,7 +47,7 @@ md = []
 md.append("# simq benchmarks\n")
 md.append(f"Reproduce: `{a.command}` (with the `scripts/up.sh` stack running).\n")
 md.append(f"Machine: {machine.get('cpus', '?')} cores ({machine.get('cpu', '?')}), {machine.get('memory', '?')}; "
-          f"run {machine.get('date', '?')}; simq {machine.get('commit', '?')}; corpus {machine.get('items', '?')} questions.\n")
+          f"run {machine.get('date', '?')}; simq {machine.get('commit', '?')}; corpus {machine.get('items', '?')} queries.\n")
 md.append("Everything below comes from one run on this machine: simq (the `up.sh` stack under Nomad: 2 balancers "
           "sharing port 8080 with 1 thread and 16 queries in flight each, 2 embedders of which the balancers call the "
           "first while the second stands by (`--embedder-order stable`), "
@@ -55,7 +55,7 @@ md.append("Everything below comes from one run on this machine: simq (the `up.sh
           "process, onnxruntime with one thread per core, faiss `IndexIVFFlat` with "
           f"{machine.get('peer_nlist', '?')} lists and nprobe {machine.get('peer_nprobe', '?')}, same model file, "
           "tokenizer and items), and the bound (bare ONNX Runtime on the same queries, no service). "
-          "Load: unique perturbed corpus questions (`scripts/bench/queries.py`, fixed seed), none repeated, so every "
+          "Load: unique perturbed corpus queries (`scripts/bench/queries.py`, fixed seed), none repeated, so every "
           "simq query misses its answer cache unless the table says otherwise. Load generator: "
           "`balancer/examples/loadgen.rs` (hyper's pooled HTTP/1 client, about 30 µs of CPU per request) on the same "
           "2 cores.\n")
@@ -222,10 +222,10 @@ md.append(f"Over {recall.get('queries', '?')} answered unique queries of the clo
 scale = phase("scale")
 if scale:
     md.append("## Cost as the corpus grows\n")
-    md.append("`scripts/bench.sh scale`: `simq-indexer build` of the first 10k and 50k questions and of all of them "
+    md.append("`scripts/bench.sh scale`: `simq-indexer build` of the first 10k and 50k queries and of all of them "
               "(embedding timed apart; \"cached\": embedded by an earlier run, delete `~/.cache/simq/bench/scale/dgs/.embeddings/` "
               "to time it again), then `simq-indexer eval` "
-              "(500 stored questions as queries, nprobe 576, routing and shard search in one thread).\n")
+              "(500 stored queries as queries, nprobe 576, routing and shard search in one thread).\n")
     md.append("| items | shards | clusters | k-means + index s | embedding s | corpus read per query | recall@10 | search ms per query |")
     md.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in scale:
