@@ -225,7 +225,7 @@ if scale:
     md.append("`scripts/bench.sh scale`: `simq-indexer build` of the first 10k and 50k queries and of all of them "
               "(embedding timed apart; \"cached\": embedded by an earlier run, delete `~/.cache/simq/bench/scale/dgs/.embeddings/` "
               "to time it again), then `simq-indexer eval` "
-              "(500 stored queries as queries, nprobe 576, routing and shard search in one thread).\n")
+              "(500 stored queries sent again, nprobe 576, routing and shard search in one thread).\n")
     md.append("| items | shards | clusters | k-means + index s | embedding s | corpus read per query | recall@10 | search ms per query |")
     md.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in scale:
