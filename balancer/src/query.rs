@@ -281,9 +281,10 @@ impl<U: Upstreams> Executor<U> {
                         "the line ahead would take about {} ms, too long to answer within the deadline",
                         expected.as_millis()
                     ),
-                    Refusal::WaitedTooLong { waited } => format!(
-                        "it waited {} ms in line and no place freed up in time to answer within the deadline",
-                        waited.as_millis()
+                    Refusal::WaitedTooLong { waited, expected } => format!(
+                        "it waited {} ms in line and the rest of the line would take about {} ms more, too long to answer within the deadline",
+                        waited.as_millis(),
+                        expected.as_millis()
                     ),
                 };
                 return Err(ApiError::new(

@@ -147,19 +147,42 @@ impl Upstreams for Grpc {
 /// Admission by time. At most `limit` queries are answered at once; a query that finds
 /// no free place may wait in line while the wait it can expect, plus the time a query
 /// holds its place, fits the time it has left (its deadline). The expected wait is the
-/// queue ahead of it served `limit` at a time at the measured hold time
-/// ([`expected_wait`]): a query that cannot be answered in time is refused at once
-/// (503 with a `Retry-After` of that wait), one that can is never refused. A waiter
-/// leaves the line when its time runs out, so a standing queue drains by refusals and
-/// never grows past what the deadline allows. A [`Ticket`] holds its place until dropped
-/// (also when the query's future is dropped mid-way) and then feeds the hold time it
-/// measured into the running mean.
+/// queue ahead of it served `limit` at a time at the hold time ([`expected_wait`]): a
+/// query that cannot be answered in time is refused at once (503 with a `Retry-After` of
+/// that wait), one that can is not refused. A waiter checks again every [`RECHECK`] with
+/// what it knows then (the places freed since it joined, the hold time, and how long no
+/// place has freed up: a line that stalls means holds longer than the mean says) and
+/// leaves as soon as it can no longer be answered in time, not at its deadline; so a
+/// standing queue drains by refusals and never grows past what the deadline allows. A
+/// [`Ticket`] holds its place until dropped (also when the query's future is dropped
+/// mid-way) and then feeds the hold time it measured into the running mean.
 pub struct Admission {
     limit: usize,
     places: Arc<tokio::sync::Semaphore>,
     waiting: Arc<AtomicUsize>,
+    line: Arc<LineClock>,
+}
+
+/// What tickets tell waiters: the mean hold time, how many places have been given back,
+/// and when the last one was.
+struct LineClock {
     /// Mean seconds a query holds its place (EWMA, f64 bits).
-    hold: Arc<AtomicU64>,
+    hold: AtomicU64,
+    /// Places given back so far.
+    released: AtomicU64,
+    /// When the last place was given back (ms since `epoch`).
+    last_release_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl LineClock {
+    fn mean_hold(&self) -> Duration {
+        Duration::from_secs_f64(f64::from_bits(self.hold.load(Ordering::Acquire)))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
 }
 
 /// The hold time assumed before any query has been measured.
@@ -167,36 +190,61 @@ const INITIAL_HOLD: Duration = Duration::from_millis(10);
 /// Weight of the newest sample in the mean hold time: the mean follows a change of load
 /// within about ten queries (a burst from idle meets holds many times the idle one).
 const HOLD_EWMA_WEIGHT: f64 = 0.1;
-/// A query joins the line only when this multiple of its expected wait, plus its own hold
-/// time, fits its deadline: at most half of a deadline is spent in line, so the estimate
-/// may be short by half before anyone who joined runs out of time (a refusal after a wait
-/// costs the client that wait; one at the door costs nothing). Measured: with 1.25, 200
-/// polite clients of 4-question queries had 169 of 1,474 refused after about 2 s.
+/// A query stays in line only while this multiple of its expected wait, plus its own hold
+/// time, fits what is left of its deadline: at most half of a deadline is spent in line,
+/// so the estimate may be short by half before anyone who joined runs out of time (a
+/// refusal after a wait costs the client that wait; one at the door costs nothing).
+/// Measured: with 1.25 and no re-check, 200 polite clients of 4-question queries had 169
+/// of 1,474 refused after about 2 s.
 const WAIT_MARGIN: f64 = 2.0;
+/// How often a waiter checks again whether it can still be answered in time.
+pub const RECHECK: Duration = Duration::from_millis(50);
 
-/// The wait a query can expect with `ahead` queries already waiting, `limit` places and a
-/// mean hold time `hold`, when every place is taken: the line moves `limit` queries per
-/// `hold`, and this query leaves it with the `ahead + 1`-th place that frees up.
+/// The wait a query can expect with `ahead` queries before it, `limit` places and a hold
+/// time `hold`, when every place is taken: the line moves `limit` queries per `hold`, and
+/// this query leaves it with the `ahead + 1`-th place that frees up.
 pub fn expected_wait(ahead: usize, limit: usize, hold: Duration) -> Duration {
     hold.mul_f64((ahead + 1) as f64 / limit.max(1) as f64)
+}
+
+/// How much longer a query that has waited `waited` may wait, with `ahead` queries before
+/// it: Ok(time) while twice the expected wait plus a hold fits `budget`, else Err(the
+/// expected wait).
+pub fn wait_allowance(
+    ahead: usize,
+    limit: usize,
+    hold: Duration,
+    waited: Duration,
+    budget: Duration,
+) -> Result<Duration, Duration> {
+    let expected = expected_wait(ahead, limit, hold);
+    budget
+        .checked_sub(waited + hold)
+        .filter(|w| *w >= expected.mul_f64(WAIT_MARGIN))
+        .ok_or(expected)
 }
 
 /// One admitted query.
 pub struct Ticket {
     _place: tokio::sync::OwnedSemaphorePermit,
     since: Instant,
-    hold: Arc<AtomicU64>,
+    line: Arc<LineClock>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let sample = self.since.elapsed().as_secs_f64();
         let _ = self
+            .line
             .hold
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
                 let mean = f64::from_bits(bits);
                 Some((mean + HOLD_EWMA_WEIGHT * (sample - mean)).to_bits())
             });
+        self.line
+            .last_release_ms
+            .store(self.line.now_ms(), Ordering::Release);
+        self.line.released.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -206,8 +254,12 @@ pub enum Refusal {
     /// The line ahead would keep it waiting `expected`, which leaves no time to answer it
     /// before its deadline.
     TooLate { expected: Duration },
-    /// It waited until no time was left to answer it and no place freed up.
-    WaitedTooLong { waited: Duration },
+    /// It waited `waited`, then the line ahead would have kept it waiting `expected`
+    /// more, too long to answer it in time.
+    WaitedTooLong {
+        waited: Duration,
+        expected: Duration,
+    },
 }
 
 impl Refusal {
@@ -215,8 +267,7 @@ impl Refusal {
     /// now, rounded up, at least 1.
     pub fn retry_after_secs(&self) -> u32 {
         let wait = match self {
-            Refusal::TooLate { expected } => *expected,
-            Refusal::WaitedTooLong { waited } => *waited,
+            Refusal::TooLate { expected } | Refusal::WaitedTooLong { expected, .. } => *expected,
         };
         (wait.as_secs_f64().ceil() as u32).max(1)
     }
@@ -237,43 +288,68 @@ impl Admission {
             limit: limit.max(1),
             places: Arc::new(tokio::sync::Semaphore::new(limit.max(1))),
             waiting: Arc::new(AtomicUsize::new(0)),
-            hold: Arc::new(AtomicU64::new(INITIAL_HOLD.as_secs_f64().to_bits())),
+            line: Arc::new(LineClock {
+                hold: AtomicU64::new(INITIAL_HOLD.as_secs_f64().to_bits()),
+                released: AtomicU64::new(0),
+                last_release_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
         }
     }
 
     /// A place now, or after a wait that leaves time to answer within `budget` (the time
-    /// the query has left), or a refusal (at once when the expected wait does not fit).
+    /// the query has left), or a refusal: at once when the expected wait does not fit,
+    /// or as soon as, waiting, it no longer does.
     pub async fn admit(&self, budget: Duration) -> Result<Ticket, Refusal> {
         let ticket = |place| Ticket {
             _place: place,
             since: Instant::now(),
-            hold: self.hold.clone(),
+            line: self.line.clone(),
         };
         if let Ok(place) = self.places.clone().try_acquire_owned() {
             return Ok(ticket(place));
         }
         let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
         let _in_line = InLine(self.waiting.clone());
-        let hold = self.mean_hold();
-        let expected = expected_wait(ahead, self.limit, hold);
-        let Some(may_wait) = budget
-            .checked_sub(hold)
-            .filter(|w| *w >= expected.mul_f64(WAIT_MARGIN))
-        else {
-            return Err(Refusal::TooLate { expected });
-        };
-        let started = Instant::now();
-        match tokio::time::timeout(may_wait, self.places.clone().acquire_owned()).await {
-            Ok(Ok(place)) => Ok(ticket(place)),
-            _ => Err(Refusal::WaitedTooLong {
-                waited: started.elapsed(),
-            }),
+        let joined = Instant::now();
+        let joined_ms = self.line.now_ms();
+        let released_at_join = self.line.released.load(Ordering::Acquire);
+        // One acquire for the whole wait: the semaphore is fair, and a new acquire would
+        // go to the back of the line.
+        let acquire = self.places.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let mut first = true;
+        loop {
+            let waited = joined.elapsed();
+            let freed = self.line.released.load(Ordering::Acquire) - released_at_join;
+            let still_ahead = ahead.saturating_sub(freed as usize);
+            // A line where no place has freed up for longer than the mean hold says the
+            // holds now are at least that long.
+            let last = self
+                .line
+                .last_release_ms
+                .load(Ordering::Acquire)
+                .max(joined_ms);
+            let stalled = Duration::from_millis(self.line.now_ms().saturating_sub(last));
+            let hold = self.line.mean_hold().max(stalled);
+            let may_wait = match wait_allowance(still_ahead, self.limit, hold, waited, budget) {
+                Ok(w) => w,
+                Err(expected) if first => return Err(Refusal::TooLate { expected }),
+                Err(expected) => return Err(Refusal::WaitedTooLong { waited, expected }),
+            };
+            first = false;
+            tokio::select! {
+                place = &mut acquire => {
+                    return place.map(ticket).map_err(|_| Refusal::TooLate { expected: Duration::ZERO });
+                }
+                _ = tokio::time::sleep(may_wait.min(RECHECK)) => {}
+            }
         }
     }
 
     /// Mean time a query holds its place, as measured.
     pub fn mean_hold(&self) -> Duration {
-        Duration::from_secs_f64(f64::from_bits(self.hold.load(Ordering::Acquire)))
+        self.line.mean_hold()
     }
 
     /// Queries holding a place now.
@@ -490,6 +566,45 @@ mod tests {
         cancelled.abort();
         let _ = cancelled.await;
         assert_eq!(a.waiting(), 0);
+    }
+
+    #[test]
+    fn a_waiter_may_wait_while_twice_its_expected_wait_and_a_hold_fit_its_budget() {
+        let ms = Duration::from_millis;
+        // 15 ahead on 16 places at 100 ms: 100 ms expected, 2 x 100 + 100 fits 1 s.
+        assert_eq!(
+            wait_allowance(15, 16, ms(100), ms(0), ms(1000)),
+            Ok(ms(900))
+        );
+        // After 750 ms in line, 250 ms are left: 2 x 100 + 100 no longer fits.
+        assert_eq!(
+            wait_allowance(15, 16, ms(100), ms(750), ms(1000)),
+            Err(ms(100))
+        );
+        // A deadline already spent.
+        assert_eq!(
+            wait_allowance(0, 16, ms(100), ms(1200), ms(1000)),
+            Err(ms(6) + Duration::from_micros(250))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_line_sends_its_waiters_away_long_before_their_deadline() {
+        let a = Admission::new(1);
+        let _stuck = a.admit(Duration::from_secs(1)).await.unwrap();
+        // No place frees up: the hold time must be at least as long as the stall, so the
+        // waiter gives up once twice that and a hold no longer fit, not at its deadline.
+        let started = Instant::now();
+        let refused = a.admit(Duration::from_millis(600)).await.err().unwrap();
+        let waited = started.elapsed();
+        assert!(
+            matches!(refused, Refusal::WaitedTooLong { .. }),
+            "{refused:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(140) && waited < Duration::from_millis(350),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test]
