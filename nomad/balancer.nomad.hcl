@@ -1,29 +1,49 @@
-# The public entry: Pingora balancers sharing one fixed loopback port (SO_REUSEPORT: the
-# kernel spreads new connections over the instances; one that stops leaves the others
-# serving). Each instance also listens on its own dynamic "admin" port, where Consul
-# checks it and Prometheus scrapes it. The public port is not reserved in Nomad (two
-# allocations of one job cannot reserve the same static port on one node).
+# The public entry: Pingora balancers, spread one per node (count = nodes), each on its
+# node's address and a fixed port. Instances on one node share that port (SO_REUSEPORT:
+# the kernel spreads new connections over them; one that stops leaves the others
+# serving): the single-node cluster runs 2 on 127.0.0.1:8080 that way, and during an
+# update the canary shares its node's port with the instance it replaces. Each instance
+# also listens on its own dynamic "admin" port, where Consul checks it and Prometheus
+# scrapes it. The public port is not reserved in Nomad (two allocations of one job cannot
+# reserve the same static port on one node).
+#
+# A service job with count and spread, not a system job: a system job runs exactly one
+# per node, which would end the single node's two instances on one port, and it has no
+# canary, so an update could not start the new version beside the old one before
+# stopping it. The price: count must follow the number of nodes (scripts/deploy.sh
+# --nodes passes it).
 
-variable "balancer_bin" {
+variable "blob_url" {
   type        = string
-  description = "Absolute path of the simq-balancer binary."
+  description = "Base URL of the content-addressed blob store (GET <blob_url>/<sha256>), reachable from every node."
+}
+
+variable "balancer_sha256" {
+  type        = string
+  description = "sha256 of the simq-balancer binary in the blob store."
+}
+
+variable "driver" {
+  type        = string
+  description = "Task driver: raw_exec (the local cluster) or exec (isolated; where the node's Nomad client allows it)."
+  default     = "raw_exec"
 }
 
 variable "port" {
   type        = number
-  description = "Port the balancer listens on (127.0.0.1)."
+  description = "Port the balancer listens on, on its node's address (127.0.0.1 on the single-node cluster)."
   default     = 8080
 }
 
 variable "count" {
   type        = number
-  description = "Balancer instances on the shared port."
+  description = "Balancer instances, spread over the nodes: the number of nodes for one per node; on the single node, instances sharing the port."
   default     = 2
 }
 
 variable "consul_addr" {
   type        = string
-  description = "Consul HTTP address the balancer follows."
+  description = "Consul HTTP address the balancer follows: the Consul agent of its own node, which listens on the node's loopback (as on the single node)."
   default     = "http://127.0.0.1:8500"
 }
 
@@ -80,6 +100,12 @@ job "simq-balancer" {
       port "admin" {}
     }
 
+    # One per node when count = nodes. A preference, not distinct_hosts: the update's
+    # canary needs a place beside the instance it replaces.
+    spread {
+      attribute = "${node.unique.id}"
+    }
+
     # A new version starts as a canary beside the running ones (all share the port), is
     # promoted once healthy, then replaces the old ones one at a time; reverted if never
     # healthy.
@@ -125,14 +151,24 @@ job "simq-balancer" {
     }
 
     task "balancer" {
-      driver = "raw_exec"
+      driver = var.driver
+
+      artifact {
+        source      = "${var.blob_url}/${var.balancer_sha256}"
+        destination = "local/simq-balancer"
+        mode        = "file"
+
+        options {
+          checksum = "sha256:${var.balancer_sha256}"
+        }
+      }
 
       config {
-        command = var.balancer_bin
+        command = "local/simq-balancer"
         args = [
-          "--listen", "127.0.0.1:${var.port}",
+          "--listen", "${NOMAD_IP_admin}:${var.port}",
           "--reuse-port",
-          "--admin-listen", "127.0.0.1:${NOMAD_PORT_admin}",
+          "--admin-listen", "${NOMAD_ADDR_admin}",
           "--upgrade-sock", "${NOMAD_ALLOC_DIR}/pingora-upgrade.sock",
           "--shutdown-grace-secs", "5",
           "--consul", var.consul_addr,

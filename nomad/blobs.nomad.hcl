@@ -1,5 +1,9 @@
-# The content-addressed blob store: serves <dir>/<sha256> over HTTP for Nomad's artifact
-# fetch (which checks the sha256 again). `simq-indexer publish` fills the directory.
+# The content-addressed blob store of the single-node cluster: serves <dir>/<sha256> over
+# HTTP for Nomad's artifact fetch (which checks the sha256 again). `simq-indexer publish`
+# fills the directory with shard files, scripts/deploy.sh with the binaries, the model and
+# ONNX Runtime. It serves a directory of the host it runs on, so it stays raw_exec and
+# on one node: the multi-node cluster (scripts/deploy.sh --nodes) serves the host's store
+# on the nodes' bridge instead (issue 31 item 3: a replicated object store).
 
 variable "indexer_bin" {
   type        = string
@@ -13,7 +17,7 @@ variable "dir" {
 
 variable "port" {
   type        = number
-  description = "Port of the blob store (127.0.0.1)."
+  description = "Port of the blob store, on its node's address (127.0.0.1 on the single-node cluster)."
   default     = 8090
 }
 
@@ -64,7 +68,7 @@ job "simq-blobs" {
 
       config {
         command = var.indexer_bin
-        args    = ["serve-blobs", "--dir", var.dir, "--listen", "127.0.0.1:${NOMAD_PORT_http}"]
+        args    = ["serve-blobs", "--dir", var.dir, "--listen", "${NOMAD_ADDR_http}"]
       }
 
       resources {

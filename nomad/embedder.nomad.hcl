@@ -1,24 +1,38 @@
 # The embedding service: texts -> vectors, registered in Consul as simq-embedder with the
 # tag model=<model id>, so balancers only pair it with dgs built by the same model.
+# Node-agnostic: the binary, ONNX Runtime and the model files reach each node as
+# checksummed artifacts from the blob store (scripts/deploy.sh puts them there by sha256),
+# and it listens on its allocation's address (127.0.0.1 on the single-node cluster).
 
 variable "model_id" {
   type        = string
   description = "Model id of the model directory (simq-indexer model-id prints it)."
 }
 
-variable "model_dir" {
+variable "blob_url" {
   type        = string
-  description = "Absolute path of the model directory."
+  description = "Base URL of the content-addressed blob store (GET <blob_url>/<sha256>), reachable from every node."
 }
 
-variable "embedder_bin" {
+variable "embedder_sha256" {
   type        = string
-  description = "Absolute path of the simq-embedder binary."
+  description = "sha256 of the simq-embedder binary in the blob store."
 }
 
-variable "ort_library" {
+variable "ort_sha256" {
   type        = string
-  description = "Absolute path of libonnxruntime.so."
+  description = "sha256 of libonnxruntime.so in the blob store."
+}
+
+variable "model_files" {
+  type        = map(string)
+  description = "The model directory's files by name (model.onnx, tokenizer.json, simq-model.json) -> sha256 in the blob store; fetched into local/model."
+}
+
+variable "driver" {
+  type        = string
+  description = "Task driver: raw_exec (the local cluster) or exec (isolated; where the node's Nomad client allows it)."
+  default     = "raw_exec"
 }
 
 variable "count" {
@@ -49,6 +63,12 @@ job "simq-embedder" {
     network {
       port "grpc" {}
       port "http" {}
+    }
+
+    # Instances on different nodes where they can be (a preference: a canary may share a
+    # node), so that losing a node leaves an embedder.
+    spread {
+      attribute = "${node.unique.id}"
     }
 
     # A new version starts as a canary beside the running ones; once its checks pass it
@@ -97,15 +117,53 @@ job "simq-embedder" {
     }
 
     task "embedder" {
-      driver = "raw_exec"
+      driver = var.driver
+
+      artifact {
+        source      = "${var.blob_url}/${var.embedder_sha256}"
+        destination = "local/simq-embedder"
+        mode        = "file"
+
+        options {
+          checksum = "sha256:${var.embedder_sha256}"
+        }
+      }
+
+      artifact {
+        source      = "${var.blob_url}/${var.ort_sha256}"
+        destination = "local/ort/libonnxruntime.so"
+        mode        = "file"
+
+        options {
+          checksum = "sha256:${var.ort_sha256}"
+        }
+      }
+
+      # One artifact per model file, under its own name (the embedder checks model.onnx
+      # and tokenizer.json against simq-model.json's sha256s again). A model rollout
+      # (indexer/src/models.rs) copies this job and replaces the --model-dir value below
+      # with the new model's host directory: on the single node that still works (these
+      # files are then unused); on nodes it needs models.rs to rewrite these artifacts.
+      dynamic "artifact" {
+        for_each = var.model_files
+        content {
+          source      = "${var.blob_url}/${artifact.value}"
+          destination = "local/model/${artifact.key}"
+          mode        = "file"
+
+          options {
+            checksum = "sha256:${artifact.value}"
+          }
+        }
+      }
 
       config {
-        command = var.embedder_bin
+        command = "local/simq-embedder"
         args = [
-          "--model-dir", var.model_dir,
-          "--ort-library", var.ort_library,
-          "--grpc-listen", "127.0.0.1:${NOMAD_PORT_grpc}",
-          "--http-listen", "127.0.0.1:${NOMAD_PORT_http}",
+          "--model-dir", "${NOMAD_TASK_DIR}/model",
+          "--ort-library", "${NOMAD_TASK_DIR}/ort/libonnxruntime.so",
+          "--grpc-listen", "${NOMAD_ADDR_grpc}",
+          "--http-listen", "${NOMAD_ADDR_http}",
           "--nice", "${var.nice}",
           "--max-batch", "${var.max_batch}",
         ]

@@ -1,7 +1,10 @@
-# The shards of one index generation (dg): one group per shard, `replicas` instances each.
-# Each instance fetches its shard file from the blob store by content address (Nomad
-# verifies the sha256), then the shard binary verifies it again, checks model and dims,
-# self-tests, and only then turns its Consul check (GET /health) passing.
+# The shards of one index generation (dg): one group per shard, `replicas` instances each,
+# spread over the nodes. Each instance fetches its shard file (and the simq-shard binary)
+# from the blob store by content address (Nomad verifies the sha256), then the shard
+# binary verifies the file again, checks model and dims, self-tests, and only then turns
+# its Consul check (GET /health) passing. It listens on its allocation's address (the
+# node's; 127.0.0.1 on the single-node cluster, whose client uses the "lo" interface),
+# the address Nomad registers in Consul and checks.
 #
 # Rolling to a new dg changes the artifact and args of every group, which makes a new
 # deployment: with canary = replicas, a full new set starts beside the old one; the
@@ -45,9 +48,22 @@ variable "blob_url" {
   description = "Base URL of the content-addressed blob store (GET <blob_url>/<sha256>)."
 }
 
+variable "shard_bin_sha256" {
+  type        = string
+  description = "sha256 of the simq-shard binary in the blob store (GET <blob_url>/<sha256>): every node fetches and verifies it. Empty only while simq-indexer rollout does not pass it yet (then shard_bin)."
+  default     = ""
+}
+
 variable "shard_bin" {
   type        = string
-  description = "Absolute path of the simq-shard binary."
+  description = "Transitional: absolute path of simq-shard on the node, used only when shard_bin_sha256 is empty (what simq-indexer rollout passes until it passes shard_bin_sha256; single node only)."
+  default     = ""
+}
+
+variable "driver" {
+  type        = string
+  description = "Task driver: raw_exec (the local cluster) or exec (isolated; where the node's Nomad client allows it). exec needs shard_bin_sha256: a host path is not inside its chroot."
+  default     = "raw_exec"
 }
 
 variable "healthy_deadline" {
@@ -97,6 +113,15 @@ job "simq-shards" {
         port "http" {}
       }
 
+      # Replicas of a shard on different nodes where they can be: losing a node then costs
+      # each shard at most one replica. A preference, not distinct_hosts: a blue/green
+      # rollout runs 2 x replicas instances of the group at once, more than 3 nodes hold
+      # apart; the canaries even out the count per node, so after promotion the new set is
+      # spread again.
+      spread {
+        attribute = "${node.unique.id}"
+      }
+
       update {
         max_parallel      = var.replicas
         canary            = var.canary
@@ -135,7 +160,21 @@ job "simq-shards" {
       }
 
       task "shard" {
-        driver = "raw_exec"
+        driver = var.driver
+
+        # The binary, when it comes from the blob store (see shard_bin_sha256).
+        dynamic "artifact" {
+          for_each = var.shard_bin_sha256 == "" ? [] : [var.shard_bin_sha256]
+          content {
+            source      = "${var.blob_url}/${artifact.value}"
+            destination = "local/simq-shard"
+            mode        = "file"
+
+            options {
+              checksum = "sha256:${artifact.value}"
+            }
+          }
+        }
 
         artifact {
           source      = "${var.blob_url}/${group.value.sha256}"
@@ -148,7 +187,7 @@ job "simq-shards" {
         }
 
         config {
-          command = var.shard_bin
+          command = var.shard_bin_sha256 == "" ? var.shard_bin : "local/simq-shard"
           args = [
             "--file", "local/shard.lmdb",
             "--sha256", group.value.sha256,
@@ -156,8 +195,8 @@ job "simq-shards" {
             "--shard", "${group.value.shard}",
             "--model-id", var.model_id,
             "--dims", "${var.dims}",
-            "--grpc-listen", "127.0.0.1:${NOMAD_PORT_grpc}",
-            "--http-listen", "127.0.0.1:${NOMAD_PORT_http}",
+            "--grpc-listen", "${NOMAD_ADDR_grpc}",
+            "--http-listen", "${NOMAD_ADDR_http}",
           ]
         }
 

@@ -4,17 +4,31 @@
 #   2. run the blob store, publish the dg (blobs + manifest in Consul KV),
 #   3. run the embedder, roll the shards out (canaries when another dg runs; flip; promote),
 #   4. run the balancer and wait until it answers.
-# Idempotent: a second run with the same corpus changes nothing.
+# Idempotent: a second run with the same corpus changes nothing. The binaries, the model
+# and ONNX Runtime go into the blob store too (by sha256): every job fetches them from
+# there as checksummed artifacts, so the same specs run on any node.
+#
+#   scripts/deploy.sh           on the single-node cluster (scripts/cluster.sh start)
+#   scripts/deploy.sh --nodes   on the multi-node cluster (scripts/cluster.sh start --nodes N,
+#                               i.e. scripts/nodes.sh): the blob store is served by the host
+#                               on the nodes' bridge, one balancer and one embedder per node,
+#                               and at the end a query through each node's balancer and the
+#                               placement of every instance are checked. Every request to a
+#                               node address passes scripts/nodes.sh's node_address_ok.
+# (One script for both: the steps, variables and artifacts are the same; only where the
+# blob store runs, how many instances, and the final checks differ.)
 #
 # Settings (environment):
 #   SIMQ_CORPUS    corpus file                  [default: the real corpus, scripts/corpus.sh]
 #   SIMQ_BIN_DIR   directory of simq binaries   [default: release build, built here]
 #   SIMQ_SHARDS    shards (k-means k)           [default: 2]
 #   SIMQ_CLUSTERS  fine clusters over all shards [default: 4096]
-#   SIMQ_REPLICAS  replicas per shard           [default: 1]
-#   SIMQ_EMBEDDERS embedder instances           [default: 2]
-#   SIMQ_BALANCERS balancer instances sharing SIMQ_PORT [default: 2]
-#   SIMQ_PORT      balancer port on 127.0.0.1   [default: 8080]
+#   SIMQ_REPLICAS  replicas per shard           [default: 1; --nodes: 2]
+#   SIMQ_EMBEDDERS embedder instances           [default: 2; --nodes: one per node]
+#   SIMQ_BALANCERS balancer instances sharing SIMQ_PORT [default: 2; --nodes: one per node]
+#   SIMQ_PORT      balancer port on 127.0.0.1 (--nodes: on each node's address) [default: 8080]
+#   SIMQ_DRIVER    Nomad task driver, raw_exec or exec [default: raw_exec]
+#   SIMQ_BLOB_PORT --nodes: port of the host's blob store on the bridge address [default: 8090]
 #   SIMQ_NPROBE    fine clusters probed per query [default: 576]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 #   SIMQ_API_KEYS  off, or required: queries need an API key (simq-indexer keys create) [default: off]
@@ -23,16 +37,36 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # (git pull) while it runs cannot change what a running copy does next.
 {
 
+nodes=0
+case "${1:-}" in
+  --nodes) nodes=1 ;;
+  "") ;;
+  *) die "unknown argument '$1' (usage: scripts/deploy.sh [--nodes])" ;;
+esac
+if [ $nodes = 1 ]; then
+  # The node cluster's state and its guard (node_address_ok, ncurl); sourcing runs nothing.
+  source "$SIMQ_ROOT/scripts/nodes.sh"
+  load_state || die "no node cluster runs: scripts/cluster.sh start --nodes 3 first"
+  # Its own Consul (the host's client agent) and Nomad (any node that answers); never the
+  # single-node cluster's, nor its ACL tokens or namespace.
+  export CONSUL_HTTP_ADDR="http://$OPS_CONSUL_HTTP"
+  NOMAD_ADDR="$(nomad_url)" || die "no Nomad server of the node cluster answers (scripts/nodes.sh status)"
+  export NOMAD_ADDR
+  unset NOMAD_NAMESPACE
+fi
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
 shards="${SIMQ_SHARDS:-2}"
-replicas="${SIMQ_REPLICAS:-1}"
-embedders="${SIMQ_EMBEDDERS:-2}"
-balancers="${SIMQ_BALANCERS:-2}"
+replicas="${SIMQ_REPLICAS:-$([ $nodes = 1 ] && echo 2 || echo 1)}"
+embedders="${SIMQ_EMBEDDERS:-$([ $nodes = 1 ] && echo "$NODES_COUNT" || echo 2)}"
+balancers="${SIMQ_BALANCERS:-$([ $nodes = 1 ] && echo "$NODES_COUNT" || echo 2)}"
 port="${SIMQ_PORT:-8080}"
+driver="${SIMQ_DRIVER:-raw_exec}"
 clusters="${SIMQ_CLUSTERS:-4096}"
 nprobe="${SIMQ_NPROBE:-576}"
 consul_wait="${SIMQ_CONSUL_WAIT:-30}"
 api_keys="${SIMQ_API_KEYS:-off}"
+# (Readiness on nodes reads each balancer's /v1/status, which required keys close.)
+[ $nodes = 0 ] || [ "$api_keys" = off ] || die "deploy.sh --nodes runs with SIMQ_API_KEYS=off only (ACLs and keys on nodes: issue 31 item 6)"
 blobs="$SIMQ_CACHE/blobs"
 if [ -z "${SIMQ_BIN_DIR:-}" ]; then
   log "building release binaries (cargo build --release; several minutes the first time)"
@@ -47,7 +81,7 @@ export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
 # Secure mode: simq-indexer acts with the indexer's Consul token, the balancers with
 # theirs; simq-indexer and the nomad CLI with the Nomad deployer token (simq's namespace).
 balancer_token=""
-if acl_enabled; then
+if [ $nodes = 0 ] && acl_enabled; then
   export CONSUL_HTTP_TOKEN_FILE="$SIMQ_SECRETS/indexer.token"
   unset CONSUL_HTTP_TOKEN
   balancer_token="$SIMQ_SECRETS/balancer.token"
@@ -69,29 +103,146 @@ nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deploy
     { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }
 }
 
+# deploy_shards_on_nodes: the node cluster's first shards deployment, from this
+# checkout's nomad/shards.nomad.hcl with simq-shard as an artifact, then the flip.
+# (simq-indexer rollout registers its compiled-in copy of the spec and passes the host path
+# shard_bin, not shard_bin_sha256 or driver: until it does, a node cluster gets its first
+# dg this way, and moving it to another dg, which needs rollout's blue/green, is refused.)
+deploy_shards_on_nodes() {
+  local active shards_json dims model
+  active="$(ncurl -fsS "$CONSUL_HTTP_ADDR/v1/kv/simq/active?raw" 2>/dev/null | json 'd["dg"]' 2>/dev/null || true)"
+  [ -z "$active" ] || [ "$active" = "$dg" ] ||
+    die "the node cluster serves $active: moving it to $dg needs simq-indexer rollout, which cannot run the shards job on nodes yet (see nomad/shards.nomad.hcl, shard_bin_sha256)"
+  read -r dims model shards_json < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))
+print(m["dims"], m["model_id"], json.dumps([{"shard": s["shard"], "sha256": s["sha256"]} for s in m["shards"]], separators=(",", ":")))' "$dg_dir/manifest.json")
+  nomad_run shards.nomad.hcl "dg=$dg" "model_id=$model" "dims=$dims" "shards_json=$shards_json" "replicas=$replicas" "canary=0" \
+    "blob_url=$blob_url" "shard_bin_sha256=$shard_sha" "driver=$driver"
+  "$bin/simq-indexer" flip "$dg" 2>&1 | sed 's/^/  /' >&2
+}
+
+# guard_cluster_addresses: simq-indexer and the nomad CLI send to the addresses Consul and
+# Nomad name, past ncurl: first check each of them with node_address_ok.
+guard_cluster_addresses() {
+  local a
+  for a in "$(echo "${NOMAD_ADDR#*://}" | cut -d: -f1)" \
+    $(ncurl -fsS "$CONSUL_HTTP_ADDR/v1/catalog/services" | json '" ".join(d)' | tr ' ' '\n' |
+      while read -r s; do ncurl -fsS "$CONSUL_HTTP_ADDR/v1/catalog/service/$s" | json '" ".join(e["ServiceAddress"] or e["Address"] for e in d)'; done); do
+    node_address_ok "$a" || die "refusing: Consul or Nomad names $a, which is neither loopback nor an address of scripts/nodes.sh's cluster"
+  done
+}
+
+# check_nodes: the acceptance of issue 31 for the node cluster: a query answered through
+# every node's balancer, simq-indexer status, and instances on every node with the
+# replicas of each shard on different nodes.
+check_nodes() {
+  local k out
+  for ((k = 1; k <= NODES_COUNT; k++)); do
+    powered_off "$k" && { log "node n$k: powered off, not asked"; continue; }
+    out="$(ncurl -fsS -X POST "http://$(node_addr "$k"):$port/v1/query" -d '{"query": "How long did the war last?", "k": 3}')" ||
+      die "node n$k: no answer from its balancer at $(node_addr "$k"):$port"
+    log "node n$k: $(node_addr "$k"):$port answers: $(printf '%s' "$out" | json '"dg " + d["dg"] + ", degraded " + str(d.get("degraded")) + ", top: " + repr(d["results"][0]["text"])' 2>/dev/null || printf '%s' "$out" | cut -c1-200)"
+  done
+  guard_cluster_addresses
+  "$bin/simq-indexer" status >&2
+  local svc entries=""
+  for svc in simq-balancer simq-embedder simq-shard; do
+    entries+="$(ncurl -fsS "$CONSUL_HTTP_ADDR/v1/health/service/$svc")"$'\n'
+  done
+  python3 - "$NODES_COUNT" "$dg" "$entries" <<'PY' >&2 || die "placement check failed (above)"
+import json, sys
+n, dg = int(sys.argv[1]), sys.argv[2]
+where, bad = {}, []
+for line in sys.argv[3].splitlines():
+    if not line.strip():
+        continue
+    for e in json.loads(line):
+        s, node = e["Service"], e["Node"]["Node"]
+        passing = all(c["Status"] == "passing" for c in e["Checks"])
+        tags = dict(t.split("=", 1) for t in s["Tags"] if "=" in t)
+        key = s["Service"] + (f" shard {tags['shard']}" if "shard" in tags else "")
+        if s["Service"] == "simq-shard" and tags.get("dg") != dg:
+            continue
+        where.setdefault(key, []).append(f"{node}({s['Address']}:{s['Port']}{'' if passing else ', NOT passing'})")
+        if not passing:
+            bad.append(f"{key} on {node} is not passing")
+for key in sorted(where):
+    print(f"  {key}: {', '.join(sorted(where[key]))}")
+nodes = {w.split("(")[0] for ws in where.values() for w in ws}
+if len(nodes) < n:
+    bad.append(f"instances on {len(nodes)} nodes ({', '.join(sorted(nodes))}), not all {n}")
+for key, ws in where.items():
+    on = [w.split("(")[0] for w in ws]
+    if key.startswith("simq-shard") and len(set(on)) < len(on):
+        bad.append(f"{key}: two replicas on one node ({', '.join(on)})")
+for b in bad:
+    print("  FAIL: " + b)
+sys.exit(1 if bad else 0)
+PY
+  log "placement: every node runs instances; the replicas of each shard are on different nodes"
+}
+
 log "build: $corpus ($shards shards, $clusters clusters)"
 dg_dir="$("$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --shards "$shards" --clusters "$clusters")"
 dg="$(basename "$dg_dir")"
 
+# serve_blobs_on_bridge: the host serves the blob store on the bridge address, the only
+# address of this machine the nodes reach (until the replicated store of issue 31 item 3).
+# Started once; it runs from the nodes' dir, so scripts/nodes.sh stop ends it with the rest.
+serve_blobs_on_bridge() {
+  local pidfile="$NODES_DIR/blobs.pid"
+  pid_alive "$pidfile" && return 0
+  (cd "$NODES_DIR" && exec setsid "$bin/simq-indexer" serve-blobs --dir "$blobs" --listen "$OPS_ADDR:$blob_port" \
+    >>"$NODES_DIR/blobs.log" 2>&1 </dev/null) &
+  echo $! >"$pidfile"
+  wait_for 10 ncurl -fsS -o /dev/null "$blob_url/health" ||
+    { tail -n 5 "$NODES_DIR/blobs.log" >&2; die "the blob store did not answer on $blob_url (log above)"; }
+}
+
 log "blob store"
-nomad_run blobs.nomad.hcl "indexer_bin=$bin/simq-indexer" "dir=$blobs"
+if [ $nodes = 1 ]; then
+  blob_port="${SIMQ_BLOB_PORT:-8090}"
+  blob_url="http://$OPS_ADDR:$blob_port"
+  serve_blobs_on_bridge
+else
+  blob_url="http://127.0.0.1:8090"
+  nomad_run blobs.nomad.hcl "indexer_bin=$bin/simq-indexer" "dir=$blobs"
+fi
 "$bin/simq-indexer" publish "$dg_dir" --blobs "$blobs" >/dev/null
+# What the jobs run, as artifacts: binaries, ONNX Runtime, the model's files.
+model_files=""
+for f in model.onnx tokenizer.json simq-model.json; do
+  model_files+="${model_files:+, }\"$f\" = \"$(blob_put "$SIMQ_MODEL_DIR/$f" "$blobs")\""
+done
 
 log "embedder"
 model_id="$("$bin/simq-indexer" model-id)"
-nomad_run embedder.nomad.hcl "model_id=$model_id" "model_dir=$SIMQ_MODEL_DIR" "embedder_bin=$bin/simq-embedder" "ort_library=$ORT_LIB" "count=$embedders"
+nomad_run embedder.nomad.hcl "model_id=$model_id" "blob_url=$blob_url" "embedder_sha256=$(blob_put "$bin/simq-embedder" "$blobs")" \
+  "ort_sha256=$(blob_put "$ORT_LIB" "$blobs")" "model_files={$model_files}" "count=$embedders" "driver=$driver"
 
 log "shards of $dg"
-"$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --shard-bin "$bin/simq-shard" >/dev/null
+shard_sha="$(blob_put "$bin/simq-shard" "$blobs")"
+if [ $nodes = 1 ]; then
+  deploy_shards_on_nodes
+else
+  "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --blob-url "$blob_url" --shard-bin "$bin/simq-shard" >/dev/null
+fi
 
-log "balancer on 127.0.0.1:$port"
-nomad_run balancer.nomad.hcl "balancer_bin=$bin/simq-balancer" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys" "consul_token_file=$balancer_token"
+log "balancer on $([ $nodes = 1 ] && echo "each node's address" || echo 127.0.0.1):$port"
+nomad_run balancer.nomad.hcl "blob_url=$blob_url" "balancer_sha256=$(blob_put "$bin/simq-balancer" "$blobs")" "driver=$driver" \
+  "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys" "consul_token_file=$balancer_token"
 # Ready means the balancers route with this dg (not merely that something answers): on the
 # public port's /v1/status, or, when that needs an admin key, on each instance's own
 # admin port as simq-indexer status reads them.
 ready() {
-  local out
-  if [ "$api_keys" = required ]; then
+  local out k
+  if [ $nodes = 1 ]; then
+    # Every node's balancer (of the nodes that are on) routes with this dg.
+    for ((k = 1; k <= NODES_COUNT; k++)); do
+      powered_off "$k" && continue
+      out="$(ncurl -fsS "http://$(node_addr "$k"):$port/v1/status" 2>/dev/null)" || return 1
+      [[ "$out" == *"\"dg\":\"$dg\""* ]] || return 1
+    done
+  elif [ "$api_keys" = required ]; then
     out="$("$bin/simq-indexer" status 2>/dev/null)" || return 1
     [ "$(grep -c "passing, routes with $dg" <<<"$out")" -ge "$balancers" ]
   else
@@ -104,6 +255,11 @@ until ready; do
   [ $SECONDS -lt $deadline ] || die "balancer did not serve $dg within 60 s (see nomad alloc logs)"
   sleep 0.5
 done
-log "serving dg $dg at http://127.0.0.1:$port"
+if [ $nodes = 1 ]; then
+  check_nodes
+  log "serving dg $dg at $(for ((k = 1; k <= NODES_COUNT; k++)); do printf 'http://%s:%s ' "$(node_addr "$k")" "$port"; done)"
+else
+  log "serving dg $dg at http://127.0.0.1:$port"
+fi
 echo "$dg"
 }; exit

@@ -23,21 +23,40 @@ async fn every_job_spec_passes_nomad_validate() {
             ]) + "dims = 384\nreplicas = 2\ncanary = 2\n",
             2,
         ),
+        // The shards as a node cluster runs them: the binary an artifact, the exec driver.
+        (
+            "simq-shards",
+            jobs::SHARDS,
+            hcl_variables([
+                ("dg", "dg-0123456789abcdef"),
+                ("model_id", "model-1"),
+                ("shards_json", shards_json.as_str()),
+                ("blob_url", "http://127.0.0.1:8090"),
+                ("shard_bin_sha256", sha.as_str()),
+                ("driver", "exec"),
+            ]) + "dims = 384\nreplicas = 2\ncanary = 0\n",
+            2,
+        ),
         (
             "simq-embedder",
             jobs::EMBEDDER,
             hcl_variables([
                 ("model_id", "model-1"),
-                ("model_dir", "/models/m"),
-                ("embedder_bin", "/usr/local/bin/simq-embedder"),
-                ("ort_library", "/lib/libonnxruntime.so"),
-            ]),
+                ("blob_url", "http://127.0.0.1:8090"),
+                ("embedder_sha256", sha.as_str()),
+                ("ort_sha256", sha.as_str()),
+            ]) + &format!(
+                "model_files = {{ \"model.onnx\" = \"{sha}\", \"tokenizer.json\" = \"{sha}\", \"simq-model.json\" = \"{sha}\" }}\n"
+            ),
             1,
         ),
         (
             "simq-balancer",
             jobs::BALANCER,
-            hcl_variables([("balancer_bin", "/usr/local/bin/simq-balancer")]),
+            hcl_variables([
+                ("blob_url", "http://127.0.0.1:8090"),
+                ("balancer_sha256", sha.as_str()),
+            ]),
             1,
         ),
         (
