@@ -26,16 +26,6 @@ CONSUL_DIR="$SIMQ_CLUSTER_DIR/consul"
 NOMAD_DIR="$SIMQ_CLUSTER_DIR/nomad"
 READY_TIMEOUT=60
 
-# wait_until SECONDS WHAT CMD...: poll CMD every 0.5 s until it succeeds.
-wait_until() {
-  local limit=$1 what=$2
-  shift 2
-  local deadline=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || return 1
-    sleep 0.5
-  done
-}
 
 consul_ready() {
   # A leader is elected and the agent answers KV reads.
@@ -194,7 +184,7 @@ start_consul() {
   setsid "$CONSUL_BIN" agent -server -bootstrap-expect 1 -data-dir "$CONSUL_DIR/data" \
     -config-file "$SIMQ_ROOT/consul/dev-agent.hcl" "${acl[@]}" \
     -pid-file "$CONSUL_DIR/consul.pid" >>"$CONSUL_DIR/consul.log" 2>&1 </dev/null &
-  wait_until "$READY_TIMEOUT" "consul" consul_ready ||
+  wait_for "$READY_TIMEOUT" consul_ready ||
     { tail -n 20 "$CONSUL_DIR/consul.log" >&2; die "consul did not become ready within ${READY_TIMEOUT}s (log above)"; }
   log "consul: ready at $CONSUL_HTTP_ADDR (pid $(cat "$CONSUL_DIR/consul.pid"))"
   if acl_enabled && [ -z "$keep" ]; then make_acl_tokens; fi
@@ -253,12 +243,12 @@ start_nomad() {
     -data-dir "$NOMAD_DIR/data" >"$NOMAD_DIR/nomad.log" 2>&1 </dev/null) &
   echo $! >"$NOMAD_DIR/nomad.pid"
   if acl_enabled; then
-    wait_until "$READY_TIMEOUT" "nomad" nomad_healthy && wait_until 30 "nomad acl bootstrap" make_nomad_acl ||
+    wait_for "$READY_TIMEOUT" nomad_healthy && wait_for 30 make_nomad_acl ||
       { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad: ACL bootstrap failed (log above)"; }
     make_workload_auth
     log "nomad: ACLs on (default deny); simq's jobs in namespace simq; deployer token in $SIMQ_SECRETS"
   fi
-  wait_until "$READY_TIMEOUT" "nomad" nomad_ready ||
+  wait_for "$READY_TIMEOUT" nomad_ready ||
     { tail -n 20 "$NOMAD_DIR/nomad.log" >&2; die "nomad did not become ready within ${READY_TIMEOUT}s (log above)"; }
   log "nomad: ready at $NOMAD_ADDR (pid $(cat "$NOMAD_DIR/nomad.pid"))"
 }
@@ -295,7 +285,7 @@ stop_jobs() {
     nomad_curl -fsS "$NOMAD_ADDR/v1/allocations?namespace=*" |
       python3 -c 'import json,sys; sys.exit(1 if any(a["ClientStatus"] in ("running","pending") for a in json.load(sys.stdin)) else 0)'
   }
-  wait_until 60 "allocations" allocations_ended ||
+  wait_for 60 allocations_ended ||
     log "nomad: some allocations were still running after 60 s"
   for j in $jobs; do
     nomad_curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/${j%@*}?namespace=${j#*@}&purge=true" >/dev/null || true

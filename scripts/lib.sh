@@ -92,6 +92,17 @@ first_line() {
   printf '%s\n' "${out%%$'\n'*}"
 }
 
+# wait_for SECONDS CMD...: poll CMD every 0.5 s until it succeeds; false at the deadline.
+wait_for() {
+  local limit=$1
+  shift
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.5
+  done
+}
+
 need_cmd() { # need_cmd CMD HOW-TO-GET-IT
   command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed. $2"
 }

@@ -137,19 +137,6 @@ ncurl() {
 # json EXPR: evaluate the Python expression EXPR with d = the JSON on stdin; print it.
 json() { python3 -c 'import json,sys; d=json.load(sys.stdin); r=eval(sys.argv[1]); print(r if not isinstance(r,(list,dict)) else json.dumps(r))' "$1"; }
 
-# ---- waiting ----
-
-# wait_for SECONDS CMD...: poll CMD every 0.5 s until it succeeds; false at the deadline.
-wait_for() {
-  local limit=$1
-  shift
-  local deadline=$((SECONDS + limit))
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || return 1
-    sleep 0.5
-  done
-}
-
 # show_logs [K...]: the tail of the named nodes' logs (all when none), for an error.
 show_logs() {
   local k f
@@ -630,6 +617,25 @@ stop_jobs() {
   wait_for 30 allocs_ended || log "nomad: allocations still running after 30 s; they will be killed"
 }
 
+# nodes_left: what of the node cluster is still there (processes, mounts, namespaces,
+# links, cgroups), as "KIND: ...;" items; empty when nothing is. stop and the test check it.
+nodes_left() {
+  local k p left=""
+  p="$(node_processes; pgrep -f "$NODES_DIR/" || true)"
+  p="$(echo "$p" | sort -u | tr '\n' ' ')"
+  [ -z "${p// /}" ] || left+=" processes: $p;"
+  p="$(node_mounts; awk '{print $2}' /proc/mounts | grep -E "^/run/netns/simq-" || true)"
+  p="$(echo "$p" | tr '\n' ' ')"
+  [ -z "${p// /}" ] || left+=" mounts: $p;"
+  p="$(ip netns list 2>/dev/null | awk '$1 ~ /^simq-n[0-9]+$/ {print $1}' | tr '\n' ' ')"
+  [ -z "${p// /}" ] || left+=" namespaces: $p;"
+  p="$(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^simq-(br0|v[0-9]+|n[0-9]+)(@|$)/ {print $2}' | tr '\n' ' ')"
+  [ -z "${p// /}" ] || left+=" links: $p;"
+  p="$(ls -d /sys/fs/cgroup/*/simq-n[0-9]* 2>/dev/null | tr '\n' ' ' || true)"
+  [ -z "${p// /}" ] || left+=" cgroups: $p;"
+  printf '%s' "$left"
+}
+
 # cmd_stop: stop everything start made and check that nothing of it is left.
 cmd_stop() {
   local k left=""
@@ -658,16 +664,7 @@ cmd_stop() {
   for ((k = 1; k <= NODES_COUNT; k++)); do node_cgroups_remove "$k" || true; done
   # Check: nothing of the cluster may remain.
   sleep 0.3
-  p="$(node_processes | tr '\n' ' ')"
-  [ -z "${p// /}" ] || left+=" processes: $p;"
-  m="$(node_mounts | tr '\n' ' ')"
-  [ -z "${m// /}" ] || left+=" mounts: $m;"
-  m="$(ip netns list 2>/dev/null | awk '$1 ~ /^simq-n[0-9]+$/ {print $1}' | tr '\n' ' ')"
-  [ -z "${m// /}" ] || left+=" namespaces: $m;"
-  m="$(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^simq-(br0|v[0-9]+)(@|$)/ {print $2}' | tr '\n' ' ')"
-  [ -z "${m// /}" ] || left+=" links: $m;"
-  m="$(for ((k = 1; k <= NODES_COUNT; k++)); do node_cgroups_left "$k" || true; done | tr '\n' ' ')"
-  [ -z "${m// /}" ] || left+=" cgroups: $m;"
+  left="$(nodes_left)"
   [ -z "$left" ] || die "node cluster stop left:$left"
   # The next start begins from empty data dirs; the logs stay for reading.
   for ((k = 1; k <= NODES_COUNT; k++)); do rm -rf --one-file-system "$(node_dir "$k")/consul/data" "$(node_dir "$k")/nomad/data"; done

@@ -10,31 +10,38 @@ async fn every_job_spec_passes_nomad_validate() {
     let sha = "a".repeat(64);
     let shards_json =
         format!(r#"[{{"shard": 0, "sha256": "{sha}"}}, {{"shard": 1, "sha256": "{sha}"}}]"#);
-    let cases: Vec<(&str, &str, String, usize)> = vec![
-        (
-            "simq-shards",
-            jobs::SHARDS,
-            hcl_variables([
+    // The shards job with the variables every caller passes, plus `extra`.
+    let shards_vars = |extra: [(&'static str, &str); 2], counts: &str| {
+        hcl_variables(
+            [
                 ("dg", "dg-0123456789abcdef"),
                 ("model_id", "model-1"),
                 ("shards_json", shards_json.as_str()),
                 ("blob_url", "http://127.0.0.1:8090"),
-                ("shard_bin", "/usr/local/bin/simq-shard"),
-            ]) + "dims = 384\nreplicas = 2\ncanary = 2\n",
+            ]
+            .into_iter()
+            .chain(extra),
+        ) + counts
+    };
+    let cases: Vec<(&str, &str, String, usize)> = vec![
+        // As simq-indexer rollout registers it on the single node (a host path).
+        (
+            "simq-shards",
+            jobs::SHARDS,
+            shards_vars(
+                [("shard_bin", "/usr/local/bin/simq-shard"), ("driver", "raw_exec")],
+                "dims = 384\nreplicas = 2\ncanary = 2\n",
+            ),
             2,
         ),
-        // The shards as a node cluster runs them: the binary an artifact, the exec driver.
+        // As a node cluster runs it: the binary an artifact, the exec driver.
         (
             "simq-shards",
             jobs::SHARDS,
-            hcl_variables([
-                ("dg", "dg-0123456789abcdef"),
-                ("model_id", "model-1"),
-                ("shards_json", shards_json.as_str()),
-                ("blob_url", "http://127.0.0.1:8090"),
-                ("shard_bin_sha256", sha.as_str()),
-                ("driver", "exec"),
-            ]) + "dims = 384\nreplicas = 2\ncanary = 0\n",
+            shards_vars(
+                [("shard_bin_sha256", sha.as_str()), ("driver", "exec")],
+                "dims = 384\nreplicas = 2\ncanary = 0\n",
+            ),
             2,
         ),
         (
