@@ -105,12 +105,20 @@ wait_for 60 allocs_running || die "nomad: the job's 3 allocations did not all ru
 running="$(allocs_running)"
 nodes_used="$(awk '{print $1}' <<<"$running" | sort -u | tr '\n' ' ')"
 [ "$(awk '{print $1}' <<<"$running" | sort -u | grep -c .)" = 3 ] || die "the job's 3 allocations run on nodes '$nodes_used', not on 3 different ones"
+# ns_cmdlines K: the command line of each process in node K's network namespace.
+ns_cmdlines() {
+  ip netns pids "$(node_ns "$1")" | while read -r p; do tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline"; echo; done
+}
+# sleep_in_ns K: true when the job's task runs in node K's namespace.
+sleep_in_ns() { ns_cmdlines "$1" | grep -q '^/bin/sleep 300'; }
 # Each task runs in its node's network namespace and in that node's cgroup subtree.
+# Nomad can report an allocation running a moment before its task's process shows up
+# (CI saw it once), so each check waits up to 10 s and names what it found otherwise.
 while read -r node alloc; do
   k=${node#n}
-  ip netns pids "$(node_ns "$k")" | while read -r p; do tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline"; echo; done |
-    grep -q '^/bin/sleep 300' || die "no sleep task in namespace $(node_ns "$k")"
-  [ -d "/sys/fs/cgroup/cpu/$(node_ns "$k")/nomad/$alloc.sleep" ] ||
+  wait_for 10 sleep_in_ns "$k" ||
+    die "no sleep task in namespace $(node_ns "$k") 10 s after its allocation $alloc ran; its processes: $(ns_cmdlines "$k" | cut -c1-80 | tr '\n' ';')"
+  wait_for 10 test -d "/sys/fs/cgroup/cpu/$(node_ns "$k")/nomad/$alloc.sleep" ||
     die "the task of allocation $alloc is not in node $node's cgroup subtree (/sys/fs/cgroup/cpu/$(node_ns "$k")/nomad/$alloc.sleep)"
 done <<<"$running"
 log "job $JOB: 3 allocations running on $nodes_used; each task in its node's namespace and cgroup subtree"
