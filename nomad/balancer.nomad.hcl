@@ -73,7 +73,7 @@ variable "threads" {
 
 variable "embedder_order" {
   type        = string
-  description = "spread (round robin over embedders) or stable (the first healthy one gets every call, the others stand by). The local cluster runs every embedder on one host's cores, where spreading only makes smaller batches: stable."
+  description = "spread (round robin over embedders), stable (the first healthy one gets every call, the others stand by) or local (the embedders of the balancer's own node first). The single-node cluster runs every embedder on one host's cores, where spreading only makes smaller batches: stable; on nodes, local."
   default     = "stable"
 }
 

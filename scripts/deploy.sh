@@ -228,8 +228,11 @@ else
 fi
 
 log "balancer on $([ $nodes = 1 ] && echo "each node's address" || echo 127.0.0.1):$port"
+# One host: every embedder shares its cores, so one takes every call (stable). Nodes: each
+# balancer uses its own node's embedder first (local).
+embedder_order="$([ $nodes = 1 ] && echo local || echo stable)"
 nomad_run balancer.nomad.hcl "blob_url=$blob_url" "balancer_sha256=$(blob_put "$bin/simq-balancer" "$blobs")" "driver=$driver" \
-  "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys" "consul_token_file=$balancer_token"
+  "embedder_order=$embedder_order" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys" "consul_token_file=$balancer_token"
 # Ready means the balancers route with this dg (not merely that something answers): on the
 # public port's /v1/status, or, when that needs an admin key, on each instance's own
 # admin port as simq-indexer status reads them.

@@ -36,9 +36,15 @@ use serde_json::{json, Value};
 #[derive(Parser, Debug)]
 #[command(about, long_about)]
 struct Args {
-    /// Query endpoint.
-    #[arg(long, default_value = "http://127.0.0.1:8080/v1/query")]
-    url: String,
+    /// Query endpoint; give it more than once to spread the requests over several
+    /// balancers (round robin, e.g. one per node).
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080/v1/query")]
+    urls: Vec<String>,
+    /// With several --url: a request whose connection failed before any answer is sent
+    /// once more, to the next URL (as a client with a list of entry points does); counted
+    /// in "resent". Never a request that got an answer or timed out.
+    #[arg(long)]
+    resend_to_next_url: bool,
     /// One query per line.
     #[arg(long)]
     queries: PathBuf,
@@ -116,6 +122,8 @@ struct Tally {
     by_status: std::collections::BTreeMap<String, usize>,
     degraded: usize,
     cached: usize,
+    /// Requests sent again to the next URL after their connection failed.
+    resent: usize,
     refused_ms: Vec<f64>,
     records: Vec<Value>,
     timeline: Vec<Value>,
@@ -129,7 +137,9 @@ struct Shared {
     taken: Vec<AtomicBool>,
     tally: Mutex<Tally>,
     client: Client<HttpConnector, Full<Bytes>>,
-    uri: Uri,
+    uris: Vec<Uri>,
+    /// Round robin over `uris`.
+    next_uri: AtomicUsize,
     authorization: Option<HeaderValue>,
     timeout: Duration,
     /// One moment as an `Instant` and in Unix milliseconds (every request is due after it).
@@ -172,22 +182,44 @@ impl Shared {
         None
     }
 
-    /// Send one query and tally the outcome; returns the Retry-After of a refusal.
-    async fn send(&self, (line, query): (usize, String), started: Instant) -> Option<Duration> {
-        let body = serde_json::to_vec(&json!({"query": query, "k": self.args.k}))
-            .expect("JSON serialises");
-        let mut req = Request::post(self.uri.clone())
+    /// A query request to `uri` with `body`.
+    fn request(&self, uri: &Uri, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::post(uri.clone())
             .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .expect("valid request");
         if let Some(auth) = &self.authorization {
             req.headers_mut().insert(AUTHORIZATION, auth.clone());
         }
+        req
+    }
+
+    /// Send one query and tally the outcome; returns the Retry-After of a refusal.
+    async fn send(&self, (line, query): (usize, String), started: Instant) -> Option<Duration> {
+        let body = Bytes::from(
+            serde_json::to_vec(&json!({"query": query, "k": self.args.k}))
+                .expect("JSON serialises"),
+        );
+        let first = self.next_uri.fetch_add(1, Ordering::Relaxed);
+        let mut resent = false;
         let exchange = async {
-            let resp = self.client.request(req).await?;
-            let (parts, body) = resp.into_parts();
-            let bytes = body.collect().await?.to_bytes();
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes))
+            let mut n = first;
+            loop {
+                let uri = &self.uris[n % self.uris.len()];
+                match self.client.request(self.request(uri, body.clone())).await {
+                    Ok(resp) => {
+                        let (parts, body) = resp.into_parts();
+                        let bytes = body.collect().await?.to_bytes();
+                        return Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes));
+                    }
+                    // No answer at all (the connection failed): once to the next URL.
+                    Err(_) if self.args.resend_to_next_url && self.uris.len() > 1 && !resent => {
+                        resent = true;
+                        n += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
         let mut retry_after = None;
         let (status, body) = match tokio::time::timeout(self.timeout, exchange).await {
@@ -232,6 +264,7 @@ impl Shared {
             })
         });
         let mut t = self.tally.lock().unwrap();
+        t.resent += usize::from(resent);
         t.timeline.extend(moment);
         *t.by_status.entry(status.clone()).or_default() += 1;
         match (status.as_str(), flags) {
@@ -287,15 +320,20 @@ async fn main() -> anyhow::Result<()> {
             lines.len()
         );
     }
-    let uri: Uri = args
-        .url
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--url {}: {e}", args.url))?;
-    anyhow::ensure!(
-        uri.scheme_str() == Some("http"),
-        "--url {}: only http:// is supported",
-        args.url
-    );
+    let uris = args
+        .urls
+        .iter()
+        .map(|url| {
+            let uri: Uri = url
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--url {url}: {e}"))?;
+            anyhow::ensure!(
+                uri.scheme_str() == Some("http"),
+                "--url {url}: only http:// is supported"
+            );
+            Ok(uri)
+        })
+        .collect::<anyhow::Result<Vec<Uri>>>()?;
     let authorization = match &args.api_key_file {
         None => None,
         Some(file) => {
@@ -320,7 +358,8 @@ async fn main() -> anyhow::Result<()> {
         lines,
         tally: Mutex::new(Tally::default()),
         client,
-        uri,
+        uris,
+        next_uri: AtomicUsize::new(0),
         authorization,
         timeout: Duration::from_secs_f64(args.timeout),
         clock: (
@@ -431,6 +470,7 @@ async fn main() -> anyhow::Result<()> {
             "client_dropped": client_dropped,
             "degraded": t.degraded,
             "cached": t.cached,
+            "resent": t.resent,
             "throughput": ok as f64 / elapsed,
             "p50_ms": percentile(&t.latencies_ms, 0.50),
             "p90_ms": percentile(&t.latencies_ms, 0.90),

@@ -165,6 +165,11 @@ fn main() -> anyhow::Result<()> {
         nprobe: args.nprobe,
         max_inflight: args.max_inflight,
         embedder_order: args.embedder_order,
+        local_host: args
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip()),
         deadline: Duration::from_millis(args.deadline_ms),
         attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
         embed_timeout: Duration::from_millis(args.embed_timeout_ms),

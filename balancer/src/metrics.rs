@@ -30,6 +30,9 @@ pub struct Metrics {
     pub shed: IntCounterVec,
     /// Replicas ejected after failing calls in a row.
     pub ejections: IntCounterVec,
+    /// Hedged attempts by service and outcome: `sent` (a second replica asked while the
+    /// first was still unanswered), `won` (the hedge answered first).
+    pub hedges: IntCounterVec,
     /// Passing instances per service, as Consul reports them.
     pub healthy_instances: IntGaugeVec,
     /// Requests refused by the API key check, by kind (missing_api_key, invalid_api_key,
@@ -127,6 +130,13 @@ impl Metrics {
                 ),
                 &["service"],
             )?,
+            hedges: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_hedges_total",
+                    "Hedged upstream attempts (another replica asked while one was unanswered past the hedge delay), by outcome: sent, won (answered first).",
+                ),
+                &["service", "outcome"],
+            )?,
             healthy_instances: IntGaugeVec::new(
                 Opts::new(
                     "simq_balancer_healthy_instances",
@@ -216,6 +226,7 @@ impl Metrics {
         m.registry.register(Box::new(m.inflight.clone()))?;
         m.registry.register(Box::new(m.shed.clone()))?;
         m.registry.register(Box::new(m.ejections.clone()))?;
+        m.registry.register(Box::new(m.hedges.clone()))?;
         m.registry.register(Box::new(m.healthy_instances.clone()))?;
         m.registry.register(Box::new(m.auth_refusals.clone()))?;
         m.registry.register(Box::new(m.key_queries.clone()))?;

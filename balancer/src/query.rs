@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::request::{ApiError, QueryRequest};
 use crate::state::{Routing, Upstream};
 use crate::upstream::{
-    Admission, Attempt, CallError, Grpc, Outliers, Refusal, RetryBudget, Upstreams,
+    Admission, Attempt, CallError, Grpc, Hedging, Outliers, Refusal, RetryBudget, Upstreams,
 };
 
 /// One result row.
@@ -69,6 +69,8 @@ pub struct QueryOptions {
     pub max_inflight: usize,
     /// How embedders share the calls.
     pub embedder_order: EmbedderOrder,
+    /// This balancer's own address (of --listen), which [`EmbedderOrder::Local`] prefers.
+    pub local_host: Option<std::net::IpAddr>,
 }
 
 /// How the balancer picks an embedder for each query (ejected ones always come last).
@@ -81,6 +83,28 @@ pub enum EmbedderOrder {
     /// ejected. For embedders sharing one host's cores, where splitting the calls only
     /// makes smaller batches (BENCHMARKS.md: 147 against 163 queries/s on 2 cores).
     Stable,
+    /// Embedders on this balancer's own node (same address as --listen) first, round
+    /// robin among them, then the others round robin: one balancer per node, each using
+    /// its node's embedder, and a lost node costs the others nothing but its own share.
+    Local,
+}
+
+/// `list` with the upstreams whose address is `host` first, each part in its order.
+pub fn local_first<'a>(
+    list: Vec<&'a Upstream>,
+    host: Option<std::net::IpAddr>,
+) -> Vec<&'a Upstream> {
+    let on_host = |u: &Upstream| {
+        host.is_some_and(|h| {
+            u.addr
+                .rsplit_once(':')
+                .and_then(|(a, _)| a.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+                == Some(h)
+        })
+    };
+    let (mut near, far): (Vec<_>, Vec<_>) = list.into_iter().partition(|u| on_host(u));
+    near.extend(far);
+    near
 }
 
 /// Retries may be at most this share of the calls in flight (and at least
@@ -155,6 +179,9 @@ pub struct Executor<U: Upstreams = Grpc> {
     admission: Admission,
     budget: RetryBudget,
     outliers: Outliers,
+    /// The typical answer times that set when embedder and shard calls are hedged.
+    embed_hedging: Hedging,
+    shard_hedging: Hedging,
     /// Shadow comparisons running (at most [`SHADOW_SLOTS`]).
     shadow_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Round-robin positions: one for the embedders, one per shard number (mod
@@ -181,6 +208,8 @@ impl<U: Upstreams> Executor<U> {
             admission: Admission::new(options.max_inflight),
             budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN),
             outliers: Outliers::new(EJECT_AFTER_FAILURES, EJECTION),
+            embed_hedging: Hedging::default(),
+            shard_hedging: Hedging::default(),
             shadow_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(SHADOW_SLOTS)),
             options,
             metrics,
@@ -218,7 +247,10 @@ impl<U: Upstreams> Executor<U> {
         } else {
             self.round_robin[position % ROUND_ROBINS].fetch_add(1, Ordering::Relaxed) % list.len()
         };
-        let rotated = list.iter().cycle().skip(start).take(list.len()).collect();
+        let mut rotated = list.iter().cycle().skip(start).take(list.len()).collect();
+        if position == 0 && self.options.embedder_order == EmbedderOrder::Local {
+            rotated = local_first(rotated, self.options.local_host);
+        }
         self.outliers.order(rotated, Instant::now())
     }
 
@@ -378,6 +410,7 @@ impl<U: Upstreams> Executor<U> {
         let vector = self
             .first_answer(
                 "embedder",
+                &self.embed_hedging,
                 &routing.embedders,
                 0,
                 self.options.embed_timeout,
@@ -413,12 +446,22 @@ impl<U: Upstreams> Executor<U> {
 
     /// Call the replicas of one list in turn (round robin from rotation `position`,
     /// ejected ones last) until one answers: each attempt gets what is left of `deadline`,
-    /// at most `limit`; a retry needs the retry budget; every outcome is recorded for
-    /// `service` (errors metric, outlier ejection). The error is what the last attempt
-    /// said. The embedder call and the shard calls both go through here.
+    /// at most `limit`; the next replica is asked at once when an attempt fails, and also
+    /// when it is still unanswered after the service's hedge delay ([`Hedging`]), and the
+    /// first answer wins (the others are dropped, each counted as a failure of its
+    /// replica: a replica that keeps losing to hedges is ejected like one that fails).
+    /// Every attempt after the first needs the retry budget; a hedge over budget is tried
+    /// again one hedge delay later. Every outcome is recorded for `service` (errors metric,
+    /// outlier ejection). The error is what the last attempt said. The embedder call and
+    /// the shard calls both go through here.
+    ///
+    /// Cancellation: the attempts are futures owned by this one, each holding its budget
+    /// place ([`Attempt`]); dropping this future drops them all.
+    #[allow(clippy::too_many_arguments)]
     async fn first_answer<'u, T, Fut>(
         &self,
         service: &'static str,
+        hedging: &Hedging,
         replicas: &'u [Upstream],
         position: usize,
         limit: Duration,
@@ -428,22 +471,93 @@ impl<U: Upstreams> Executor<U> {
     where
         Fut: std::future::Future<Output = Result<T, CallError>>,
     {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let mut last = String::from("no attempt fit in the deadline");
-        for (n, up) in self.candidates(replicas, position).into_iter().enumerate() {
-            let Some(timeout) = self.attempt_timeout(deadline, limit) else {
-                break;
+        let mut next = self
+            .candidates(replicas, position)
+            .into_iter()
+            .enumerate()
+            .peekable();
+        let mut running = FuturesUnordered::new();
+        // The replicas of the attempts in `running`.
+        let mut asked: Vec<&'u Upstream> = Vec::new();
+        // When the next hedge is due (None: no hedge while nothing runs or nothing is left).
+        let mut hedge_at: Option<Instant> = None;
+        loop {
+            let hedge_due = hedge_at.is_some_and(|t| Instant::now() >= t);
+            if running.is_empty() || hedge_due {
+                let hedge = !running.is_empty();
+                hedge_at = None;
+                if let Some(&(n, up)) = next.peek() {
+                    match (self.attempt_timeout(deadline, limit), self.attempt(n)) {
+                        (Some(timeout), Some(attempt)) => {
+                            next.next();
+                            if hedge {
+                                self.metrics
+                                    .hedges
+                                    .with_label_values(&[service, "sent"])
+                                    .inc();
+                            }
+                            let started = Instant::now();
+                            asked.push(up);
+                            let answer = call(up, timeout);
+                            running.push(async move {
+                                let _attempt = attempt;
+                                (up, started, hedge, answer.await)
+                            });
+                        }
+                        (None, _) => {}
+                        (Some(_), None) if hedge => {
+                            // Over budget: the first attempt may still answer; try later.
+                        }
+                        (Some(_), None) => {
+                            last = format!("{last}; no retry: the retry budget is spent");
+                        }
+                    }
+                    if !running.is_empty() && next.peek().is_some() {
+                        hedge_at = Some(Instant::now() + hedging.delay());
+                    }
+                }
+                if running.is_empty() {
+                    break;
+                }
+            }
+            let finished = match hedge_at {
+                Some(at) => tokio::select! {
+                    finished = running.next() => finished,
+                    () = tokio::time::sleep_until(at.into()) => continue,
+                },
+                None => running.next().await,
             };
-            let Some(_attempt) = self.attempt(n) else {
-                last = format!("{last}; no retry: the retry budget is spent");
-                break;
+            let Some((up, started, hedge, outcome)) = finished else {
+                continue;
             };
-            let outcome = call(up, timeout).await;
             self.record(service, up, outcome.as_ref().map(|_| ()));
+            if let Some(i) = asked.iter().position(|a| std::ptr::eq(*a, up)) {
+                asked.swap_remove(i);
+            }
             match outcome {
-                Ok(answer) => return Ok(answer),
+                Ok(answer) => {
+                    hedging.observe(started.elapsed());
+                    if hedge {
+                        self.metrics
+                            .hedges
+                            .with_label_values(&[service, "won"])
+                            .inc();
+                    }
+                    // The attempts still running lost to this one and are dropped on return.
+                    for slow in asked {
+                        self.record(service, slow, Err(&CallError::SlowerThanHedge));
+                    }
+                    return Ok(answer);
+                }
                 Err(e) => {
                     tracing::warn!(service, position, replica = %up.addr, error = %e, "upstream attempt failed");
                     last = format!("{service} {}: {e}", up.addr);
+                    if hedge_at.is_none() && !running.is_empty() && next.peek().is_some() {
+                        // A hedge runs: ask the next replica at once too.
+                        hedge_at = Some(Instant::now());
+                    }
                 }
             }
         }
@@ -521,6 +635,7 @@ impl<U: Upstreams> Executor<U> {
         let dg = &routing.manifest.dg;
         self.first_answer(
             "shard",
+            &self.shard_hedging,
             &routing.shards[shard as usize],
             1 + shard as usize,
             self.options.attempt_timeout,
@@ -716,6 +831,7 @@ mod tests {
         Executor::with_upstreams(
             QueryOptions {
                 embedder_order: EmbedderOrder::Spread,
+                local_host: None,
                 nprobe,
                 deadline: Duration::from_millis(300),
                 attempt_timeout: Duration::from_millis(100),
@@ -774,6 +890,105 @@ mod tests {
             "ejected after 3 failures in a row"
         );
         assert_eq!(ex.ejected_replicas(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_never_answers_is_hedged_and_ejected_after_losing_in_a_row() {
+        // A replica on a node that lost power: no answer, no error, until the timeout.
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(100, Behaviour::Hang);
+        let mut ex = executor(&fake, 2, 8);
+        ex.options.deadline = Duration::from_secs(30);
+        ex.options.attempt_timeout = Duration::from_secs(30);
+        let r = routing(&[100, 101], &[200]);
+        for i in 0..6 {
+            let a = tokio::time::timeout(
+                Duration::from_secs(10),
+                ex.answer(&r, &query(&format!("h{i}"))),
+            )
+            .await
+            .expect("the hedge answers long before the 30 s attempt timeout")
+            .unwrap();
+            assert!(!a.degraded, "the other replica answered in time");
+        }
+        // Round robin asks 100 first every other query; after losing 3 times in a row to
+        // the hedge it is ejected and asked last, so never again while 101 answers.
+        assert_eq!(fake.calls_to(100).len(), 3);
+        assert_eq!(fake.calls_to(101).len(), 6);
+        assert_eq!(ex.ejected_replicas(), 1);
+        let hedges = |outcome| {
+            ex.metrics
+                .hedges
+                .with_label_values(&["shard", outcome])
+                .get()
+        };
+        assert_eq!((hedges("sent"), hedges("won")), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_hedge_over_the_retry_budget_waits_and_the_first_attempt_may_still_answer() {
+        // Every replica answers; a slow one is not hedged when the budget has no room.
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let ex = executor(&fake, 2, 8);
+        let r = routing(&[100, 101], &[200]);
+        let _held: Vec<_> = (0..RETRY_BUDGET_MIN)
+            .map_while(|_| ex.budget.retry())
+            .collect();
+        assert!(ex.budget.retry().is_none(), "the budget is spent");
+        fake.set(100, Behaviour::Hang);
+        let mut hurried = query("over budget");
+        hurried.timeout = Some(Duration::from_millis(200));
+        // A new executor's round robin asks 100 first; without budget 101 is never asked.
+        let a = ex.answer(&r, &hurried).await;
+        assert!(
+            a.is_err(),
+            "shard 0 timed out and shard 1 holds no probed cluster"
+        );
+        assert_eq!(fake.calls_to(100).len(), 1);
+        assert!(fake.calls_to(101).is_empty(), "no hedge without budget");
+        assert_eq!(
+            ex.metrics
+                .hedges
+                .with_label_values(&["shard", "sent"])
+                .get(),
+            0
+        );
+    }
+
+    #[test]
+    fn local_embedder_order_puts_the_embedders_of_the_balancers_own_address_first() {
+        let r = routing(&[100], &[200]);
+        let at = |addr: &str| Upstream {
+            addr: addr.into(),
+            ..r.embedders[0].clone()
+        };
+        let list = [
+            at("10.0.0.12:7001"),
+            at("10.0.0.11:7002"),
+            at("10.0.0.13:7003"),
+            at("10.0.0.11:7004"),
+        ];
+        let addrs = |host: Option<&str>| -> Vec<String> {
+            local_first(list.iter().collect(), host.map(|h| h.parse().unwrap()))
+                .into_iter()
+                .map(|u| u.addr.clone())
+                .collect()
+        };
+        assert_eq!(
+            addrs(Some("10.0.0.11")),
+            [
+                "10.0.0.11:7002",
+                "10.0.0.11:7004",
+                "10.0.0.12:7001",
+                "10.0.0.13:7003"
+            ]
+        );
+        assert_eq!(
+            addrs(None)[0],
+            "10.0.0.12:7001",
+            "no own address: order unchanged"
+        );
+        assert_eq!(addrs(Some("10.0.0.99"))[0], "10.0.0.12:7001");
     }
 
     #[tokio::test]
@@ -869,9 +1084,13 @@ mod tests {
         );
         let calls = fake.calls.lock().unwrap();
         assert!(calls.iter().all(|c| c.2 <= Duration::from_millis(100)));
-        // The embed call and then 100 ms attempts: the third gets what is left.
+        // The embed call, then 100 ms attempts, a hedge every 50 ms while one hangs
+        // (within the retry budget): each gets at most what is left of the deadline.
         let shard_calls: Vec<Duration> = calls.iter().filter(|c| c.0 >= 100).map(|c| c.2).collect();
-        assert!(shard_calls.len() <= 3, "{shard_calls:?}");
+        assert!(
+            shard_calls.len() <= 1 + RETRY_BUDGET_MIN + 1,
+            "{shard_calls:?}"
+        );
     }
 
     #[tokio::test]

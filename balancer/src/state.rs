@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use simq_consul::{ActiveDg, CentroidMap, Manifest, ServiceEntry, TrafficSplit};
@@ -39,6 +39,13 @@ pub struct Upstream {
     pub channel: LazyChannel,
 }
 
+/// How long a connection to an upstream may take to open (loopback or one LAN hop).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// An HTTP/2 ping on every upstream connection this often, even when idle ...
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// ... and a connection whose ping is unanswered this long is closed (then reopened).
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A gRPC channel made at its first call, on the runtime that makes that call.
 ///
 /// tonic spawns a channel's request buffer and its HTTP/2 connection as tasks of the
@@ -56,7 +63,15 @@ impl LazyChannel {
     /// A channel to `http://{addr}`; an error names an address that is no URI authority.
     pub fn new(addr: &str) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|err| format!("{addr} is not a usable endpoint: {err}"))?;
+            .map_err(|err| format!("{addr} is not a usable endpoint: {err}"))?
+            // A peer on a node that lost power or is cut off answers no SYN and sends no
+            // RST: without these a connection attempt waits out the kernel's retries and a
+            // dead connection stays "open" until every call on it times out.
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         Ok(Self {
             endpoint,
             channel: Arc::default(),

@@ -32,6 +32,8 @@ pub enum CallError {
     Overloaded(String),
     /// Any other failure.
     Failed(String),
+    /// Still unanswered when a hedge to another replica answered (the attempt was dropped).
+    SlowerThanHedge,
 }
 
 impl CallError {
@@ -42,12 +44,16 @@ impl CallError {
             CallError::WrongDg(_) => "wrong_dg",
             CallError::Overloaded(_) => "overloaded",
             CallError::Failed(_) => "error",
+            CallError::SlowerThanHedge => "slower_than_hedge",
         }
     }
 
     /// Does this failure count against the replica's health (outlier ejection)?
     pub fn is_replica_fault(&self) -> bool {
-        matches!(self, CallError::Timeout | CallError::Failed(_))
+        matches!(
+            self,
+            CallError::Timeout | CallError::Failed(_) | CallError::SlowerThanHedge
+        )
     }
 
     fn from_status(status: tonic::Status) -> Self {
@@ -64,6 +70,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Timeout => write!(f, "timed out"),
+            CallError::SlowerThanHedge => write!(f, "slower than a hedge to another replica"),
             CallError::WrongDg(m) | CallError::Overloaded(m) | CallError::Failed(m) => {
                 write!(f, "{m}")
             }
@@ -488,9 +495,90 @@ impl Outliers {
     }
 }
 
+/// A hedge is sent when an attempt is still unanswered after this many times the
+/// service's typical answer time ([`Hedging`]).
+pub const HEDGE_FACTOR: u32 = 3;
+/// Never hedge sooner: below it a hedge would mostly double healthy calls.
+pub const HEDGE_MIN: Duration = Duration::from_millis(50);
+/// Never wait longer for a hedge: a replica this late is as good as gone (a node that lost
+/// power answers nothing, and no RST tells the caller so).
+pub const HEDGE_MAX: Duration = Duration::from_millis(400);
+const LATENCY_EWMA_WEIGHT: f64 = 0.05;
+
+/// When to hedge, given the typical answer time of a service: [`HEDGE_FACTOR`] times it,
+/// within [`HEDGE_MIN`]..=[`HEDGE_MAX`].
+pub fn hedge_delay(typical: Duration) -> Duration {
+    (typical * HEDGE_FACTOR).clamp(HEDGE_MIN, HEDGE_MAX)
+}
+
+/// The typical answer time of one service (an EWMA of answered calls), which sets how
+/// long a call waits before a second replica is asked the same thing ("hedged request",
+/// Dean and Barroso, The Tail at Scale). A replica on a node that lost power, froze or
+/// was cut off answers nothing and no error comes back; the hedge answers instead, well
+/// within the query's deadline.
+#[derive(Default)]
+pub struct Hedging {
+    /// The EWMA in microseconds (0 until the first answer).
+    typical_us: AtomicU64,
+}
+
+impl Hedging {
+    /// Note the time an answered call took.
+    pub fn observe(&self, took: Duration) {
+        let sample = took.as_micros() as f64;
+        let _ = self
+            .typical_us
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                let next = if old == 0 {
+                    sample
+                } else {
+                    old as f64 + LATENCY_EWMA_WEIGHT * (sample - old as f64)
+                };
+                Some(next.max(1.0) as u64)
+            });
+    }
+
+    /// How long an attempt may go unanswered before a hedge is sent.
+    pub fn delay(&self) -> Duration {
+        hedge_delay(Duration::from_micros(
+            self.typical_us.load(Ordering::Acquire),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hedge_waits_three_typical_answer_times_within_its_bounds() {
+        assert_eq!(hedge_delay(Duration::ZERO), HEDGE_MIN);
+        assert_eq!(hedge_delay(Duration::from_millis(10)), HEDGE_MIN);
+        assert_eq!(
+            hedge_delay(Duration::from_millis(40)),
+            Duration::from_millis(120)
+        );
+        assert_eq!(hedge_delay(Duration::from_secs(1)), HEDGE_MAX);
+    }
+
+    #[test]
+    fn the_typical_answer_time_follows_answers_slowly() {
+        let h = Hedging::default();
+        assert_eq!(h.delay(), HEDGE_MIN, "no answer yet: the shortest delay");
+        h.observe(Duration::from_millis(40));
+        assert_eq!(
+            h.delay(),
+            Duration::from_millis(120),
+            "the first answer sets it"
+        );
+        h.observe(Duration::from_millis(1040));
+        let after_outlier = h.delay();
+        assert!(
+            after_outlier > Duration::from_millis(120)
+                && after_outlier < Duration::from_millis(300),
+            "one slow answer moves it by a twentieth: {after_outlier:?}"
+        );
+    }
 
     #[test]
     fn expected_wait_is_the_line_ahead_served_limit_at_a_time() {
