@@ -120,6 +120,16 @@ job "simq-balancer" {
       auto_revert       = true
     }
 
+    # A balancer is its node's entry point: while its node is unreachable (lost power, cut
+    # off, frozen) it is not moved to another node (clients use the other nodes' entry
+    # points meanwhile), and when the node is back its own balancer keeps serving there.
+    # Moving it would leave the node without an entry point once it returns.
+    disconnect {
+      lost_after = "24h"
+      replace    = false
+      reconcile  = "keep_original"
+    }
+
     # Leave Consul before the signal; then SIGTERM: Pingora closes this instance's
     # listeners at once (new connections go to the others), answers in-flight queries
     # (at most the 2 s query deadline) within --shutdown-grace-secs and closes kept-alive

@@ -15,6 +15,12 @@
 #                                       namespace SIGKILLed (tasks too), its mounts gone
 #   scripts/nodes.sh power-on K         link up, node K's agents start again on their data
 #                                       dirs and rejoin; waits until they have
+#   scripts/nodes.sh partition K        node K's link goes down, its processes run on
+#   scripts/nodes.sh heal K             ... and comes back up
+#   scripts/nodes.sh freeze K           SIGSTOP every process of node K (a hung machine)
+#   scripts/nodes.sh thaw K             ... SIGCONT
+#   scripts/nodes.sh consul-kill K      node K's Consul server SIGKILLed, the rest runs on
+#   scripts/nodes.sh consul-start K     ... started again; waits until it is a healthy voter
 #
 # Network: SIMQ_NODES_SUBNET (default 10.231.0.0/24, must be private and not routed by the
 # host yet). The host's side of the bridge simq-br0 gets .1 (the "ops" address: the host
@@ -730,6 +736,56 @@ cmd_power_on() {
   log "node n$k: powered on and rejoined in $((SECONDS - t0)) s"
 }
 
+# cmd_partition K: node K is cut off (its link goes down) while everything on it runs on.
+cmd_partition() {
+  check_node_arg "${1:-}"
+  powered_off "$1" && die "node n$1 is powered off"
+  ip link set "$(host_veth "$1")" down
+  log "node n$1: partitioned (link $(host_veth "$1") down, its processes run on)"
+}
+
+# cmd_heal K: node K's link comes back up.
+cmd_heal() {
+  check_node_arg "${1:-}"
+  powered_off "$1" && die "node n$1 is powered off (power-on, not heal)"
+  ip link set "$(host_veth "$1")" up
+  log "node n$1: healed (link $(host_veth "$1") up)"
+}
+
+# cmd_signal_node K SIGNAL WHAT: send SIGNAL to every process of node K's namespace.
+cmd_signal_node() {
+  check_node_arg "${1:-}"
+  local pids
+  pids="$(ip netns pids "$(node_ns "$1")" 2>/dev/null || true)"
+  [ -n "$pids" ] || die "node n$1 runs no process"
+  # shellcheck disable=SC2086
+  kill -"$2" $pids 2>/dev/null || true
+  log "node n$1: $3 ($(wc -w <<<"$pids") processes, SIG$2)"
+}
+
+# cmd_consul_kill K: node K's Consul server dies (SIGKILL); everything else runs on.
+cmd_consul_kill() {
+  check_node_arg "${1:-}"
+  local pid
+  pid="$(cat "$(node_dir "$1")/consul.pid" 2>/dev/null)" && pid_alive "$(node_dir "$1")/consul.pid" ||
+    die "node n$1 runs no Consul server"
+  kill -KILL "$pid"
+  rm -f "$(node_dir "$1")/consul.pid"
+  log "node n$1: Consul server killed (pid $pid)"
+}
+
+# cmd_consul_start K: node K's Consul server starts again on its data dir; waits until it
+# is a healthy voter.
+cmd_consul_start() {
+  check_node_arg "${1:-}"
+  local k=$1 t0=$SECONDS
+  pid_alive "$(node_dir "$k")/consul.pid" && die "node n$k's Consul server runs"
+  start_consul_server "$k"
+  wait_for "$NODES_READY_TIMEOUT" consul_server_healthy "$k" ||
+    { show_logs "$k"; die "node n$k: its Consul server did not rejoin as a healthy voter within ${NODES_READY_TIMEOUT}s (logs above)"; }
+  log "node n$k: Consul server restarted and a healthy voter in $((SECONDS - t0)) s"
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   case "${1:-}" in
     start) shift; cmd_start "$@" ;;
@@ -737,6 +793,12 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     status) cmd_status ;;
     power-off) cmd_power_off "${2:-}" ;;
     power-on) cmd_power_on "${2:-}" ;;
-    *) die "usage: scripts/nodes.sh start [--nodes N] | stop | status | power-off K | power-on K" ;;
+    partition) cmd_partition "${2:-}" ;;
+    heal) cmd_heal "${2:-}" ;;
+    freeze) cmd_signal_node "${2:-}" STOP "frozen" ;;
+    thaw) cmd_signal_node "${2:-}" CONT "thawed" ;;
+    consul-kill) cmd_consul_kill "${2:-}" ;;
+    consul-start) cmd_consul_start "${2:-}" ;;
+    *) die "usage: scripts/nodes.sh start [--nodes N] | stop | status | power-off K | power-on K | partition K | heal K | freeze K | thaw K | consul-kill K | consul-start K" ;;
   esac
 fi

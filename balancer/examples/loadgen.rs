@@ -124,6 +124,10 @@ struct Tally {
     cached: usize,
     /// Requests sent again to the next URL after their connection failed.
     resent: usize,
+    /// Refusals and errors by the `error.kind` of their JSON body.
+    by_error: std::collections::BTreeMap<String, usize>,
+    /// The first message of each error kind, to say what happened.
+    error_examples: std::collections::BTreeMap<String, String>,
     refused_ms: Vec<f64>,
     records: Vec<Value>,
     timeline: Vec<Value>,
@@ -276,6 +280,23 @@ impl Shared {
             }
             ("429" | "503", _) => t.refused_ms.push(ms),
             _ => {}
+        }
+        if status != "200" {
+            let error = body
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .map(|v| v["error"].clone());
+            let kind = error
+                .as_ref()
+                .and_then(|e| e["kind"].as_str())
+                .unwrap_or(status.as_str())
+                .to_string();
+            *t.by_error.entry(kind.clone()).or_default() += 1;
+            if let Some(message) = error.as_ref().and_then(|e| e["message"].as_str()) {
+                t.error_examples
+                    .entry(kind)
+                    .or_insert_with(|| message.chars().take(300).collect());
+            }
         }
         retry_after
     }
@@ -471,6 +492,8 @@ async fn main() -> anyhow::Result<()> {
             "degraded": t.degraded,
             "cached": t.cached,
             "resent": t.resent,
+            "by_error": t.by_error,
+            "error_examples": t.error_examples,
             "throughput": ok as f64 / elapsed,
             "p50_ms": percentile(&t.latencies_ms, 0.50),
             "p90_ms": percentile(&t.latencies_ms, 0.90),

@@ -234,6 +234,14 @@ impl BalancerApp {
                 "mean_hold_ms": self.executor.admission_mean_hold().as_secs_f64() * 1000.0,
             },
             "ejected_replicas": self.executor.ejected_replicas(),
+            // The light contour: serving means it answered within the last 10 s.
+            "lexical_contour": {
+                "serving": self.executor.lexical_last_ms().is_some_and(|t| {
+                    let now = std::time::UNIX_EPOCH.elapsed().unwrap_or_default().as_millis() as u64;
+                    now.saturating_sub(t) < 10_000
+                }),
+                "last_answer_unix_ms": self.executor.lexical_last_ms(),
+            },
             "api_keys": {
                 "mode": format!("{:?}", self.auth.mode).to_lowercase(),
                 "keys": keys,

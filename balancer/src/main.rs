@@ -98,6 +98,12 @@ struct Args {
     /// batch, so it gets more than a shard attempt.
     #[arg(long, default_value_t = 1500)]
     embed_timeout_ms: u64,
+    /// Queries the admission refuses (the model's line is past their deadline) that the
+    /// light contour (BM25 on the shards, no model) may answer at once, marked
+    /// "contour": "lexical" and degraded; more are refused with 503. 0 turns it off.
+    /// Queries no embedder can answer always get the light contour.
+    #[arg(long, default_value_t = 4)]
+    lexical_slots: usize,
     /// Answers kept in the cache (0 turns it off).
     #[arg(long, default_value_t = 10_000)]
     cache_entries: usize,
@@ -170,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             .parse::<std::net::SocketAddr>()
             .ok()
             .map(|a| a.ip()),
+        lexical_slots: args.lexical_slots,
         deadline: Duration::from_millis(args.deadline_ms),
         attempt_timeout: Duration::from_millis(args.attempt_timeout_ms),
         embed_timeout: Duration::from_millis(args.embed_timeout_ms),

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub shed: IntCounterVec,
     /// Replicas ejected after failing calls in a row.
     pub ejections: IntCounterVec,
+    /// Answered queries (not from the cache) by contour (model, lexical) and reason (model:
+    /// ok, shard_fallback; lexical: why the model could not answer: no_embedder,
+    /// embedder_failed, overloaded).
+    pub answers: IntCounterVec,
     /// Hedged attempts by service and outcome: `sent` (a second replica asked while the
     /// first was still unanswered), `won` (the hedge answered first).
     pub hedges: IntCounterVec,
@@ -130,6 +134,13 @@ impl Metrics {
                 ),
                 &["service"],
             )?,
+            answers: IntCounterVec::new(
+                Opts::new(
+                    "simq_balancer_answers_total",
+                    "Answered queries not served from the cache, by contour (model, lexical) and reason (model: ok, shard_fallback; lexical: no_embedder, embedder_failed, overloaded).",
+                ),
+                &["contour", "reason"],
+            )?,
             hedges: IntCounterVec::new(
                 Opts::new(
                     "simq_balancer_hedges_total",
@@ -227,6 +238,7 @@ impl Metrics {
         m.registry.register(Box::new(m.shed.clone()))?;
         m.registry.register(Box::new(m.ejections.clone()))?;
         m.registry.register(Box::new(m.hedges.clone()))?;
+        m.registry.register(Box::new(m.answers.clone()))?;
         m.registry.register(Box::new(m.healthy_instances.clone()))?;
         m.registry.register(Box::new(m.auth_refusals.clone()))?;
         m.registry.register(Box::new(m.key_queries.clone()))?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use simq_consul::Arm;
-use simq_shard::proto::SearchRequest;
+use simq_shard::proto::{LexicalRequest, SearchRequest, SearchResponse};
 
 use crate::metrics::Metrics;
 use crate::request::{ApiError, QueryRequest};
@@ -42,14 +42,30 @@ pub struct Answer {
     /// the split sends to the candidate dg.
     pub arm: Arm,
     pub took_ms: f64,
-    /// True when a shard holding one of the nearest clusters could not answer and farther
-    /// clusters answered instead.
+    /// Which path answered: `model` (embedding and nearest clusters) or `lexical` (the
+    /// light contour: BM25 over the texts, when no embedder could answer in time).
+    pub contour: Contour,
+    /// True when the answer is not the model's best: a shard holding one of the nearest
+    /// clusters could not answer and farther clusters answered instead, or the light
+    /// contour answered.
     pub degraded: bool,
     /// What was degraded, for people reading the answer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     pub cached: bool,
 }
+
+/// The path that answered a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Contour {
+    Model,
+    Lexical,
+}
+
+/// Time the model path leaves for the light contour: an embedder that has not answered
+/// this long before the query's deadline leaves the rest of it to the lexical search.
+pub const LEXICAL_RESERVE: Duration = Duration::from_millis(300);
 
 /// Query settings.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +87,9 @@ pub struct QueryOptions {
     pub embedder_order: EmbedderOrder,
     /// This balancer's own address (of --listen), which [`EmbedderOrder::Local`] prefers.
     pub local_host: Option<std::net::IpAddr>,
+    /// Queries the admission refused that the light contour may answer at once (0: such
+    /// queries are refused with 503).
+    pub lexical_slots: usize,
 }
 
 /// How the balancer picks an embedder for each query (ejected ones always come last).
@@ -182,6 +201,12 @@ pub struct Executor<U: Upstreams = Grpc> {
     /// The typical answer times that set when embedder and shard calls are hedged.
     embed_hedging: Hedging,
     shard_hedging: Hedging,
+    shard_lexical_hedging: Hedging,
+    /// Refused queries answered by the light contour right now (at most
+    /// [`QueryOptions::lexical_slots`]).
+    lexical_slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// When the light contour last answered (ms since the Unix epoch; 0: never).
+    lexical_last_ms: std::sync::atomic::AtomicU64,
     /// Shadow comparisons running (at most [`SHADOW_SLOTS`]).
     shadow_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Round-robin positions: one for the embedders, one per shard number (mod
@@ -210,6 +235,9 @@ impl<U: Upstreams> Executor<U> {
             outliers: Outliers::new(EJECT_AFTER_FAILURES, EJECTION),
             embed_hedging: Hedging::default(),
             shard_hedging: Hedging::default(),
+            shard_lexical_hedging: Hedging::default(),
+            lexical_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(options.lexical_slots)),
+            lexical_last_ms: std::sync::atomic::AtomicU64::new(0),
             shadow_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(SHADOW_SLOTS)),
             options,
             metrics,
@@ -307,6 +335,14 @@ impl<U: Upstreams> Executor<U> {
         {
             Ok(ticket) => ticket,
             Err(refusal) => {
+                // The model's line is past the deadline: the light contour answers while it
+                // has room.
+                if let Ok(_slot) = self.lexical_slots.clone().try_acquire_owned() {
+                    let why = "the model's line is longer than the query's deadline";
+                    return self
+                        .lexical(routing, req, started, deadline, "overloaded", why.into())
+                        .await;
+                }
                 self.metrics.shed.with_label_values(&["overloaded"]).inc();
                 let why = match refusal {
                     Refusal::TooLate { expected } => format!(
@@ -350,20 +386,130 @@ impl<U: Upstreams> Executor<U> {
         started: Instant,
         deadline: Instant,
     ) -> Result<Answer, ApiError> {
-        let vector = self.embed(routing, &req.query, deadline).await?;
+        // The model gets the deadline but the light contour's reserve (all of it when
+        // less than the reserve is left).
+        let model_deadline = deadline
+            .checked_sub(LEXICAL_RESERVE)
+            .filter(|d| *d > Instant::now())
+            .unwrap_or(deadline);
+        let vector = match self.embed(routing, &req.query, model_deadline).await {
+            Ok(vector) => vector,
+            Err(e) if matches!(e.kind, "no_embedder" | "embedder_failed") => {
+                return self
+                    .lexical(routing, req, started, deadline, e.kind, e.message)
+                    .await;
+            }
+            Err(e) => return Err(e),
+        };
         let (hits, notes) = self.search(routing, &vector, req.k, deadline).await?;
-        Ok(Answer {
-            query: req.query.clone(),
-            similar: hits.first().map(|h| h.text.clone()),
-            score: hits.first().map(|h| h.score),
-            results: hits,
-            dg: routing.manifest.dg.clone(),
-            arm: Arm::Active,
-            took_ms: started.elapsed().as_secs_f64() * 1000.0,
-            degraded: !notes.is_empty(),
+        self.metrics
+            .answers
+            .with_label_values(&[
+                "model",
+                if notes.is_empty() {
+                    "ok"
+                } else {
+                    "shard_fallback"
+                },
+            ])
+            .inc();
+        Ok(answer_of(
+            req,
+            routing,
+            hits,
+            Contour::Model,
             notes,
-            cached: false,
-        })
+            started,
+        ))
+    }
+
+    /// The light contour: every shard's best BM25 matches of the query text, merged; the
+    /// answer is marked degraded with `reason` (metric label) and `why` in its notes.
+    async fn lexical(
+        &self,
+        routing: &Routing,
+        req: &QueryRequest,
+        started: Instant,
+        deadline: Instant,
+        reason: &'static str,
+        why: String,
+    ) -> Result<Answer, ApiError> {
+        let dg = &routing.manifest.dg;
+        let shards: Vec<usize> = (0..routing.shards.len())
+            .filter(|&s| !routing.shards[s].is_empty())
+            .collect();
+        if shards.is_empty() {
+            return Err(ApiError::new(
+                503,
+                "no_shard",
+                format!(
+                    "{why}; and no shard of dg {dg} has a healthy replica for the lexical contour"
+                ),
+            )
+            .with_retry_after(1));
+        }
+        let calls = shards.iter().map(|&s| {
+            self.first_answer(
+                "shard",
+                &self.shard_lexical_hedging,
+                &routing.shards[s],
+                1 + s,
+                self.options.attempt_timeout,
+                deadline,
+                |up, timeout| async move {
+                    let req = LexicalRequest {
+                        text: req.query.clone(),
+                        k: req.k as u32,
+                        dg: dg.clone(),
+                    };
+                    rows_of(self.upstreams.lexical(up, req, timeout).await?, dg)
+                },
+            )
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut rows = Vec::new();
+        let mut notes = vec![format!(
+            "answered by the lexical contour (BM25 scores, not cosine): {why}"
+        )];
+        let mut answered = 0;
+        for (s, result) in shards.iter().zip(results) {
+            match result {
+                Ok(hits) => {
+                    answered += 1;
+                    rows.extend(hits);
+                }
+                Err(msg) => notes.push(format!("shard {s} failed on every replica: {msg}")),
+            }
+        }
+        if answered == 0 {
+            return Err(ApiError::new(503, "lexical_failed", notes.join("; ")).with_retry_after(1));
+        }
+        rows.sort_by(|a, b| b.score.total_cmp(&a.score));
+        rows.truncate(req.k);
+        self.metrics
+            .answers
+            .with_label_values(&["lexical", reason])
+            .inc();
+        self.lexical_last_ms.store(
+            std::time::UNIX_EPOCH
+                .elapsed()
+                .unwrap_or_default()
+                .as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        Ok(answer_of(
+            req,
+            routing,
+            rows,
+            Contour::Lexical,
+            notes,
+            started,
+        ))
+    }
+
+    /// When the light contour last answered, in ms since the Unix epoch (None: never).
+    pub fn lexical_last_ms(&self) -> Option<u64> {
+        Some(self.lexical_last_ms.load(Ordering::Relaxed)).filter(|&t| t > 0)
     }
 
     /// Answer `req` from `routing` for a shadow comparison, only when there is room: never
@@ -648,26 +794,55 @@ impl<U: Upstreams> Executor<U> {
                     dg: dg.clone(),
                     clusters: clusters.to_vec(),
                 };
-                let resp = self.upstreams.search(up, req, timeout).await?;
-                // Shards refuse other dgs; this check makes mixing impossible by construction.
-                if &resp.dg != dg {
-                    return Err(CallError::WrongDg(format!("answered for dg {}", resp.dg)));
-                }
+                let rows = rows_of(self.upstreams.search(up, req, timeout).await?, dg)?;
                 self.metrics
                     .shard_seconds
                     .observe(started.elapsed().as_secs_f64());
-                Ok(resp
-                    .hits
-                    .into_iter()
-                    .map(|h| ResultRow {
-                        text: h.text,
-                        score: h.score,
-                        shard: resp.shard,
-                    })
-                    .collect())
+                Ok(rows)
             },
         )
         .await
+    }
+}
+
+/// The rows of a shard's answer, which must be for `dg`: shards refuse other dgs, and this
+/// check makes mixing impossible by construction.
+fn rows_of(resp: SearchResponse, dg: &str) -> Result<Vec<ResultRow>, CallError> {
+    if resp.dg != dg {
+        return Err(CallError::WrongDg(format!("answered for dg {}", resp.dg)));
+    }
+    Ok(resp
+        .hits
+        .into_iter()
+        .map(|h| ResultRow {
+            text: h.text,
+            score: h.score,
+            shard: resp.shard,
+        })
+        .collect())
+}
+
+/// The answer to `req` from `rows` (best first), by `contour`; degraded when notes say why.
+fn answer_of(
+    req: &QueryRequest,
+    routing: &Routing,
+    rows: Vec<ResultRow>,
+    contour: Contour,
+    notes: Vec<String>,
+    started: Instant,
+) -> Answer {
+    Answer {
+        query: req.query.clone(),
+        similar: rows.first().map(|h| h.text.clone()),
+        score: rows.first().map(|h| h.score),
+        results: rows,
+        dg: routing.manifest.dg.clone(),
+        arm: Arm::Active,
+        took_ms: started.elapsed().as_secs_f64() * 1000.0,
+        contour,
+        degraded: contour == Contour::Lexical || !notes.is_empty(),
+        notes,
+        cached: false,
     }
 }
 
@@ -789,6 +964,28 @@ mod tests {
                 Behaviour::Hang => Err(CallError::Timeout),
             }
         }
+
+        async fn lexical(
+            &self,
+            up: &Upstream,
+            req: LexicalRequest,
+            timeout: Duration,
+        ) -> Result<SearchResponse, CallError> {
+            let shard = if port(up) >= 200 { 1 } else { 0 };
+            match self.act(up, Vec::new(), timeout).await {
+                Behaviour::Answer | Behaviour::OtherDg => Ok(SearchResponse {
+                    hits: vec![Hit {
+                        id: shard,
+                        text: format!("lexical match of {} from shard {shard}", req.text),
+                        score: 5.0 + shard as f32,
+                    }],
+                    dg: req.dg,
+                    shard,
+                }),
+                Behaviour::Fail => Err(CallError::Failed("boom".into())),
+                Behaviour::Hang => Err(CallError::Timeout),
+            }
+        }
     }
 
     /// Embedder on port 1; shard 0 replicas on ports 100.., shard 1 on 200...
@@ -832,6 +1029,7 @@ mod tests {
             QueryOptions {
                 embedder_order: EmbedderOrder::Spread,
                 local_host: None,
+                lexical_slots: 4,
                 nprobe,
                 deadline: Duration::from_millis(300),
                 attempt_timeout: Duration::from_millis(100),
@@ -1097,7 +1295,14 @@ mod tests {
     async fn a_query_that_cannot_be_answered_in_time_is_refused_at_once_with_retry_after() {
         let fake = Arc::new(Fake::new([1.0, 0.1]));
         fake.set(100, Behaviour::Hang);
-        let ex = Arc::new(executor(&fake, 2, 1));
+        let mut options = executor(&fake, 2, 1).options;
+        options.lexical_slots = 0; // no light contour: refused is refused
+        let ex = Arc::new(Executor::with_upstreams(
+            options,
+            Metrics::new().unwrap(),
+            AnswerCache::new(0),
+            fake.clone(),
+        ));
         let r = Arc::new(routing(&[100], &[200]));
         let slow = {
             let (ex, r) = (ex.clone(), r.clone());
@@ -1130,6 +1335,71 @@ mod tests {
         slow.abort();
         let _ = slow.await;
         assert!(patient.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_query_the_model_cannot_answer_in_time_gets_the_lexical_contour_while_it_has_room() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(100, Behaviour::Hang);
+        let ex = Arc::new(executor(&fake, 2, 1));
+        let r = Arc::new(routing(&[100, 101], &[200]));
+        // Round robin: the first model call of shard 0 goes to 100, which hangs.
+        let slow = {
+            let (ex, r) = (ex.clone(), r.clone());
+            tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut hurried = query("hurried");
+        hurried.timeout = Some(Duration::from_millis(15));
+        let a = ex.answer(&r, &hurried).await.unwrap();
+        assert_eq!((a.contour, a.degraded), (Contour::Lexical, true));
+        assert!(a.notes[0].contains("the model's line"), "{:?}", a.notes);
+        let lexical = |reason| {
+            ex.metrics
+                .answers
+                .with_label_values(&["lexical", reason])
+                .get()
+        };
+        assert_eq!(lexical("overloaded"), 1);
+        assert!(ex.lexical_last_ms().is_some());
+        slow.abort();
+    }
+
+    #[tokio::test]
+    async fn when_no_embedder_answers_every_shard_answers_by_the_lexical_contour() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(1, Behaviour::Fail);
+        let ex = executor(&fake, 2, 8);
+        let a = ex
+            .answer(&routing(&[100], &[200]), &query("how to cook rice"))
+            .await
+            .unwrap();
+        assert_eq!((a.contour, a.degraded), (Contour::Lexical, true));
+        // Both shards were asked (no vector, no routing) and merged by score.
+        let shards: Vec<u32> = a.results.iter().map(|r| r.shard).collect();
+        assert_eq!(shards, [1, 0]);
+        assert!(a.notes[0].contains("no embedder answered"), "{:?}", a.notes);
+        let lexical = |reason| {
+            ex.metrics
+                .answers
+                .with_label_values(&["lexical", reason])
+                .get()
+        };
+        assert_eq!(lexical("embedder_failed"), 1);
+        // The answer is not cached: once the model is back it answers.
+        fake.set(1, Behaviour::Answer);
+        let a = ex
+            .answer(&routing(&[100], &[200]), &query("how to cook rice"))
+            .await
+            .unwrap();
+        assert_eq!((a.contour, a.cached), (Contour::Model, false));
+        // No shard left: a clear 503.
+        fake.set(1, Behaviour::Fail);
+        let e = ex
+            .answer(&routing(&[], &[]), &query("x"))
+            .await
+            .unwrap_err();
+        assert_eq!((e.status, e.kind), (503, "no_shard"));
     }
 
     #[tokio::test]

@@ -252,6 +252,7 @@ mod tests {
             dg: "dg".into(),
             arm: Arm::Active,
             took_ms: ms,
+            contour: crate::query::Contour::Model,
             degraded: false,
             notes: vec![],
             cached: false,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest};
-use simq_shard::proto::{shard_client::ShardClient, SearchRequest, SearchResponse};
+use simq_shard::proto::{shard_client::ShardClient, LexicalRequest, SearchRequest, SearchResponse};
 
 use crate::state::Upstream;
 
@@ -34,6 +34,8 @@ pub enum CallError {
     Failed(String),
     /// Still unanswered when a hedge to another replica answered (the attempt was dropped).
     SlowerThanHedge,
+    /// The instance does not offer this call (an older build); not a fault of its own.
+    Unsupported(String),
 }
 
 impl CallError {
@@ -45,6 +47,7 @@ impl CallError {
             CallError::Overloaded(_) => "overloaded",
             CallError::Failed(_) => "error",
             CallError::SlowerThanHedge => "slower_than_hedge",
+            CallError::Unsupported(_) => "unsupported",
         }
     }
 
@@ -61,6 +64,7 @@ impl CallError {
             tonic::Code::FailedPrecondition => CallError::WrongDg(status.message().to_string()),
             tonic::Code::ResourceExhausted => CallError::Overloaded(status.message().to_string()),
             tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => CallError::Timeout,
+            tonic::Code::Unimplemented => CallError::Unsupported(status.message().to_string()),
             _ => CallError::Failed(status.message().to_string()),
         }
     }
@@ -71,6 +75,7 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Timeout => write!(f, "timed out"),
             CallError::SlowerThanHedge => write!(f, "slower than a hedge to another replica"),
+            CallError::Unsupported(m) => write!(f, "not offered: {m}"),
             CallError::WrongDg(m) | CallError::Overloaded(m) | CallError::Failed(m) => {
                 write!(f, "{m}")
             }
@@ -99,6 +104,14 @@ pub trait Upstreams: Send + Sync + 'static {
         &self,
         up: &Upstream,
         req: SearchRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<SearchResponse, CallError>> + Send;
+
+    /// The light contour's search of one shard (BM25 over its texts, no model).
+    fn lexical(
+        &self,
+        up: &Upstream,
+        req: LexicalRequest,
         timeout: Duration,
     ) -> impl Future<Output = Result<SearchResponse, CallError>> + Send;
 }
@@ -148,6 +161,18 @@ impl Upstreams for Grpc {
         let mut req = tonic::Request::new(req);
         req.set_timeout(timeout);
         with_deadline(timeout, client.search(req)).await
+    }
+
+    async fn lexical(
+        &self,
+        up: &Upstream,
+        req: LexicalRequest,
+        timeout: Duration,
+    ) -> Result<SearchResponse, CallError> {
+        let mut client = ShardClient::new(up.channel.get());
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(timeout);
+        with_deadline(timeout, client.lexical_search(req)).await
     }
 }
 

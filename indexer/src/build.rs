@@ -15,6 +15,7 @@ use simq_consul::contract::{
 };
 use simq_consul::routing::{chunks, CentroidMap};
 use simq_embedder::runtime::Embedder;
+use simq_shard::lexical::CorpusStats;
 use simq_shard::{build_shard, BuildParams, ClusterItems, Item};
 
 use crate::corpus::Corpus;
@@ -121,6 +122,9 @@ pub fn build(
         vector: &vectors[id as usize * dims..(id as usize + 1) * dims],
     };
     let params = BuildParams { seed: opts.seed };
+    // BM25 statistics of the whole dg, so the light contour's scores of different shards
+    // merge (simq_shard::lexical).
+    let lexical = CorpusStats::from_texts(corpus.texts.iter().map(String::as_str));
     let bar = Progress::new("indexing", opts.shards as u64);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> = (0..opts.shards)
@@ -152,6 +156,7 @@ pub fn build(
                     embedder.model_id(),
                     &clusters,
                     params,
+                    Some(&lexical),
                 )
                 .map_err(anyhow::Error::from)
                 .and_then(|()| {

@@ -8,7 +8,9 @@
 //!   vector as int8 codes in one value ([`crate::scan`]);
 //! - `texts`: item id (u32, big-endian) -> the query text;
 //! - `meta`:  key `shard` -> [`ShardMeta`] as JSON (format version, dims, model id,
-//!   clusters, ...).
+//!   clusters, ...);
+//! - `lexical`: term -> its postings in this shard, for the light contour's BM25 search
+//!   without the model ([`crate::lexical`]; absent in files built before it).
 //!
 //! A query searches only the clusters the balancer asks for. Clusters hold a few dozen
 //! items, so each arroy index is one leaf ("descendants" node). A search reads each probed
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use simq_consul::routing::dot;
 
 use crate::error::{Error, Result};
+use crate::lexical::{self, CorpusStats, LexicalMeta};
 use crate::scan;
 
 /// Candidates re-scored exactly per search: `k * RERANK_FACTOR`, at least `RERANK_MIN`.
@@ -51,11 +54,13 @@ const TEXTS_DB: &str = "texts";
 const SCAN_DB: &str = "scan";
 const META_DB: &str = "meta";
 const META_KEY: &str = "shard";
+const LEXICAL_DB: &str = "lexical";
 
 type ArroyDb = arroy::Database<'static, Cosine>;
 type TextsDb = heed::Database<'static, U32<BigEndian>, Str>;
 type MetaDb = heed::Database<'static, Str, Str>;
 type ScanDb = heed::Database<'static, U32<BigEndian>, heed::types::Bytes>;
+type LexicalDb = heed::Database<'static, Str, heed::types::Bytes>;
 
 /// One cluster of a shard file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +71,7 @@ pub struct ClusterMeta {
 }
 
 /// What a shard file says about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardMeta {
     pub format_version: u32,
     /// Shard number inside its index generation.
@@ -80,6 +85,9 @@ pub struct ShardMeta {
     pub seed: u64,
     /// The clusters in this file, by cluster number.
     pub clusters: Vec<ClusterMeta>,
+    /// The dg-wide BM25 statistics of the `lexical` database (None: the file has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<LexicalMeta>,
 }
 
 /// Parameters of a shard build.
@@ -119,7 +127,9 @@ fn map_size_for(items: usize, dims: usize, text_bytes: usize, clusters: usize) -
     const MIB: usize = 1 << 20;
     // Vectors once as items, descendant bitmaps and metadata per cluster, texts once;
     // doubled for LMDB's copy-on-write pages.
-    let estimate = (items * (dims * 4 + 64) + text_bytes + clusters * 4096) * 2 + 64 * MIB;
+    // The lexical postings take about 8 bytes per word plus each term's key: within
+    // twice the texts' bytes.
+    let estimate = (items * (dims * 4 + 64) + text_bytes * 3 + clusters * 4096) * 2 + 64 * MIB;
     estimate.div_ceil(64 * MIB) * 64 * MIB
 }
 
@@ -174,6 +184,7 @@ pub fn build_shard(
     model_id: &str,
     clusters: &[ClusterItems<'_>],
     params: BuildParams,
+    lexical: Option<&CorpusStats>,
 ) -> Result<()> {
     let items: usize = clusters.iter().map(|c| c.items.len()).sum();
     if items == 0 {
@@ -204,9 +215,20 @@ pub fn build_shard(
         .flat_map(|c| &c.items)
         .map(|i| i.text.len())
         .sum();
+    // Without the dg's statistics (a single shard, tests): this shard's own.
+    let own;
+    let stats = match lexical {
+        Some(stats) => stats,
+        None => {
+            own = CorpusStats::from_texts(clusters.iter().flat_map(|c| &c.items).map(|i| i.text));
+            &own
+        }
+    };
     let first = map_size_for(items, dims, text_bytes, clusters.len());
     write_shard_growing(first, |map_size| {
-        write_shard(out, meta_shard, dims, model_id, clusters, params, map_size)
+        write_shard(
+            out, meta_shard, dims, model_id, clusters, params, stats, map_size,
+        )
     })
 }
 
@@ -234,6 +256,7 @@ fn write_shard_growing(first: usize, mut write: impl FnMut(usize) -> Result<()>)
 }
 
 /// One attempt of [`build_shard`] with an LMDB map of `map_size` bytes.
+#[allow(clippy::too_many_arguments)]
 fn write_shard(
     out: &Path,
     meta_shard: u32,
@@ -241,6 +264,7 @@ fn write_shard(
     model_id: &str,
     clusters: &[ClusterItems<'_>],
     params: BuildParams,
+    stats: &CorpusStats,
     map_size: usize,
 ) -> Result<()> {
     let items: usize = clusters.iter().map(|c| c.items.len()).sum();
@@ -251,7 +275,7 @@ fn write_shard(
     let env = unsafe {
         EnvOpenOptions::new()
             .map_size(map_size)
-            .max_dbs(5)
+            .max_dbs(6)
             .open(work.path())
     }
     .map_err(|e| lmdb(work.path(), e))?;
@@ -260,6 +284,7 @@ fn write_shard(
     let texts_db: TextsDb = create_db(&env, TEXTS_DB, work.path())?;
     let meta_db: MetaDb = create_db(&env, META_DB, work.path())?;
     let scan_db: ScanDb = create_db(&env, SCAN_DB, work.path())?;
+    let lexical_db: LexicalDb = create_db(&env, LEXICAL_DB, work.path())?;
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -301,6 +326,18 @@ fn write_shard(
             items: cluster.items.len() as u64,
         });
     }
+    let shard_postings = lexical::postings(
+        clusters
+            .iter()
+            .flat_map(|c| &c.items)
+            .map(|i| (i.id, i.text)),
+    );
+    for (term, list) in &shard_postings {
+        let df = stats.df.get(term).copied().unwrap_or(list.len() as u32);
+        lexical_db
+            .put(&mut wtxn, term, &lexical::encode_postings(df, list))
+            .map_err(|e| lmdb(work.path(), e))?;
+    }
     metas.sort_by_key(|c| c.id);
     if metas.windows(2).any(|w| w[0].id == w[1].id) {
         return Err(Error::InvalidInput {
@@ -316,6 +353,7 @@ fn write_shard(
         model_id: model_id.to_string(),
         seed: params.seed,
         clusters: metas,
+        lexical: Some(stats.meta()),
     };
     let meta_json = serde_json::to_string(&meta).expect("meta serialises");
     meta_db
@@ -354,6 +392,8 @@ pub struct ShardFile {
     arroy_db: ArroyDb,
     texts_db: TextsDb,
     scan_db: ScanDb,
+    /// The light contour's postings (None in files built before it).
+    lexical_db: Option<LexicalDb>,
     meta: ShardMeta,
     /// Cluster number -> items, for request checks.
     clusters: BTreeMap<u32, u64>,
@@ -370,7 +410,7 @@ impl ShardFile {
         let env = unsafe {
             EnvOpenOptions::new()
                 .map_size(size.max(1 << 20).next_multiple_of(4096))
-                .max_dbs(5)
+                .max_dbs(6)
                 .flags(EnvFlags::READ_ONLY | EnvFlags::NO_SUB_DIR)
                 .open(path)
         }
@@ -384,6 +424,7 @@ impl ShardFile {
         let texts_db: TextsDb = open_db(&env, TEXTS_DB, path)?.ok_or_else(|| missing(TEXTS_DB))?;
         let meta_db: MetaDb = open_db(&env, META_DB, path)?.ok_or_else(|| missing(META_DB))?;
         let scan_db: ScanDb = open_db(&env, SCAN_DB, path)?.ok_or_else(|| missing(SCAN_DB))?;
+        let lexical_db: Option<LexicalDb> = open_db(&env, LEXICAL_DB, path)?;
         let rtxn = env.read_txn().map_err(|e| lmdb(path, e))?;
         let meta_json = meta_db
             .get(&rtxn, META_KEY)
@@ -428,6 +469,13 @@ impl ShardFile {
             }
             clusters.insert(c.id, c.items);
         }
+        if lexical_db.is_some() != meta.lexical.is_some() {
+            return Err(not_a_shard(format!(
+                "the lexical database and its statistics in the meta must come together (database: {}, statistics: {})",
+                lexical_db.is_some(),
+                meta.lexical.is_some()
+            )));
+        }
         let total: u64 = clusters.values().sum();
         if total != meta.items || clusters.len() != meta.clusters.len() {
             return Err(not_a_shard(format!(
@@ -442,6 +490,7 @@ impl ShardFile {
             arroy_db,
             texts_db,
             scan_db,
+            lexical_db,
             meta,
             clusters,
         })
@@ -557,6 +606,42 @@ impl ShardFile {
                 .unwrap_or_default()
                 .to_string();
             // Vectors are L2-normalised: the dot product is the cosine similarity.
+            hits.push(Hit { id, text, score });
+        }
+        Ok(hits)
+    }
+
+    /// The light contour: the best `k` items of this shard for `query` by BM25 over their
+    /// texts (dg-wide statistics: scores of different shards merge), best first. An error
+    /// when the file has no lexical index (built before it).
+    pub fn lexical_search(&self, query: &str, k: usize) -> Result<Vec<Hit>> {
+        let (Some(db), Some(meta)) = (self.lexical_db, self.meta.lexical) else {
+            return Err(Error::InvalidInput {
+                reason: format!(
+                    "shard {} has no lexical index (built before simq had one); rebuild the dg",
+                    self.meta.shard
+                ),
+            });
+        };
+        let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
+        let mut failed = None;
+        let found = lexical::search(query, k.max(1), meta, |term| {
+            db.get(&rtxn, term).unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                None
+            })
+        });
+        if let Some(e) = failed {
+            return Err(lmdb(&self.path, e));
+        }
+        let mut hits = Vec::with_capacity(found.len());
+        for (id, score) in found {
+            let text = self
+                .texts_db
+                .get(&rtxn, &id)
+                .map_err(|e| lmdb(&self.path, e))?
+                .unwrap_or_default()
+                .to_string();
             hits.push(Hit { id, text, score });
         }
         Ok(hits)
@@ -711,6 +796,7 @@ mod tests {
             "test-model",
             &clusters,
             BuildParams { seed: 7 },
+            None,
         )
         .unwrap();
         out
@@ -779,6 +865,7 @@ mod tests {
                 "test-model",
                 &clusters,
                 BuildParams { seed: 1 },
+                &CorpusStats::default(),
                 m,
             )
         };
@@ -799,6 +886,42 @@ mod tests {
         assert!(a == b, "two builds of the same items differ");
         let c = std::fs::read(build(dir.path(), "c.lmdb", &vectors(300, 16, 2))).unwrap();
         assert!(a != c, "different items give different bytes");
+    }
+
+    #[test]
+    fn the_lexical_index_finds_items_by_their_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = [
+            "how to cook rice",
+            "reset my router",
+            "learn rust fast",
+            "cook pasta at home",
+            "rust borrow checker",
+            "router lights blink",
+        ];
+        let vs = vectors(texts.len(), 8, 3);
+        let clusters = vec![ClusterItems {
+            id: 0,
+            items: texts
+                .iter()
+                .zip(&vs)
+                .enumerate()
+                .map(|(i, (text, vector))| Item {
+                    id: i as u32,
+                    text,
+                    vector,
+                })
+                .collect(),
+        }];
+        let out = dir.path().join("lexical.lmdb");
+        build_shard(&out, 0, 8, "m", &clusters, BuildParams { seed: 1 }, None).unwrap();
+        let f = ShardFile::open(&out).unwrap();
+        assert_eq!(f.meta().lexical.unwrap().docs, 6);
+        let hits = f.lexical_search("Router RESET?", 2).unwrap();
+        assert_eq!(hits.len(), 2);
+        assert_eq!(hits[0].text, "reset my router");
+        assert_eq!(hits[1].text, "router lights blink");
+        assert!(f.lexical_search("zebra", 3).unwrap().is_empty());
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! - [`format`]: one compact LMDB file per shard holding one arroy index per fine cluster and the id -> text
 //!   table; written by `indexer build`, read by the shard service. Byte-reproducible.
 //! - [`scan`]: a cluster's vectors as int8 codes in one value, for fast probing.
+//! - [`lexical`]: the light contour, a BM25 index of the shard's texts (no model needed).
 //! - [`verify`]: what a shard instance checks before it reports healthy.
 //! - [`server`]: the gRPC search service; [`proto`]: its contract (`proto/shard.proto`).
 //! - [`error`]: the crate's one error type.
 
 pub mod error;
 pub mod format;
+pub mod lexical;
 pub mod scan;
 pub mod server;
 pub mod verify;

@@ -14,6 +14,9 @@ use tonic::{Request, Response, Status};
 use crate::format::ShardFile;
 use crate::proto;
 
+/// The longest text a lexical search takes (the balancer's own query limit is below it).
+pub const MAX_LEXICAL_TEXT_BYTES: usize = 4096;
+
 /// Per-request bounds, so no request can make the service allocate without bound.
 #[derive(Debug, Clone, Copy)]
 pub struct SearchLimits {
@@ -167,16 +170,87 @@ pub struct ShardService {
 }
 
 impl ShardService {
-    fn check(&self, req: &proto::SearchRequest) -> Result<(), (&'static str, Status)> {
-        if req.dg != self.dg {
+    /// The dg a request routes with must be the served one: generations never mix.
+    fn check_dg(&self, dg: &str) -> Result<(), (&'static str, Status)> {
+        if dg != self.dg {
             return Err((
                 "wrong_dg",
                 Status::failed_precondition(format!(
-                    "this shard serves dg {}, the request routes with dg {:?}",
-                    self.dg, req.dg
+                    "this shard serves dg {}, the request routes with dg {dg:?}",
+                    self.dg
                 )),
             ));
         }
+        Ok(())
+    }
+
+    fn check_lexical(&self, req: &proto::LexicalRequest) -> Result<(), (&'static str, Status)> {
+        self.check_dg(&req.dg)?;
+        if self.file.meta().lexical.is_none() {
+            return Err((
+                "no_lexical_index",
+                Status::unimplemented(format!(
+                    "shard {} of dg {} has no lexical index (built before simq had one)",
+                    self.file.meta().shard,
+                    self.dg
+                )),
+            ));
+        }
+        let invalid = |m: String| Err(("invalid", Status::invalid_argument(m)));
+        if req.k == 0 || req.k as usize > self.limits.max_k {
+            return invalid(format!("k is {}, must be 1..={}", req.k, self.limits.max_k));
+        }
+        if req.text.len() > MAX_LEXICAL_TEXT_BYTES {
+            return invalid(format!(
+                "text is {} bytes, at most {MAX_LEXICAL_TEXT_BYTES}",
+                req.text.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The response to a search that ran in the pool (None: refused, the line was full).
+    fn answer(
+        &self,
+        started: Instant,
+        ran: Option<crate::Result<Vec<crate::Hit>>>,
+    ) -> Result<Response<proto::SearchResponse>, Status> {
+        let Some(hits) = ran else {
+            self.metrics
+                .requests
+                .with_label_values(&["overloaded"])
+                .inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} searches already wait for this shard",
+                self.pool.waiting()
+            )));
+        };
+        self.metrics.search.observe(started.elapsed().as_secs_f64());
+        match hits {
+            Ok(hits) => {
+                self.metrics.requests.with_label_values(&["ok"]).inc();
+                Ok(Response::new(proto::SearchResponse {
+                    hits: hits
+                        .into_iter()
+                        .map(|h| proto::Hit {
+                            id: h.id,
+                            text: h.text,
+                            score: h.score,
+                        })
+                        .collect(),
+                    dg: self.dg.clone(),
+                    shard: self.file.meta().shard,
+                }))
+            }
+            Err(e) => {
+                self.metrics.requests.with_label_values(&["error"]).inc();
+                Err(Status::internal(e.to_string()))
+            }
+        }
+    }
+
+    fn check(&self, req: &proto::SearchRequest) -> Result<(), (&'static str, Status)> {
+        self.check_dg(&req.dg)?;
         let dims = self.file.meta().dims;
         let invalid = |m: String| Err(("invalid", Status::invalid_argument(m)));
         if req.vector.len() != dims {
@@ -223,38 +297,22 @@ impl proto::shard_server::Shard for ShardService {
         let started = Instant::now();
         let file = self.file.clone();
         let search = move || file.search(&req.vector, req.k as usize, &req.clusters);
-        let Some(hits) = self.pool.run(search).await else {
-            self.metrics
-                .requests
-                .with_label_values(&["overloaded"])
-                .inc();
-            return Err(Status::resource_exhausted(format!(
-                "{} searches already wait for this shard",
-                self.pool.waiting()
-            )));
-        };
-        self.metrics.search.observe(started.elapsed().as_secs_f64());
-        match hits {
-            Ok(hits) => {
-                self.metrics.requests.with_label_values(&["ok"]).inc();
-                Ok(Response::new(proto::SearchResponse {
-                    hits: hits
-                        .into_iter()
-                        .map(|h| proto::Hit {
-                            id: h.id,
-                            text: h.text,
-                            score: h.score,
-                        })
-                        .collect(),
-                    dg: self.dg.clone(),
-                    shard: self.file.meta().shard,
-                }))
-            }
-            Err(e) => {
-                self.metrics.requests.with_label_values(&["error"]).inc();
-                Err(Status::internal(e.to_string()))
-            }
+        self.answer(started, self.pool.run(search).await)
+    }
+
+    async fn lexical_search(
+        &self,
+        request: Request<proto::LexicalRequest>,
+    ) -> Result<Response<proto::SearchResponse>, Status> {
+        let req = request.into_inner();
+        if let Err((outcome, status)) = self.check_lexical(&req) {
+            self.metrics.requests.with_label_values(&[outcome]).inc();
+            return Err(status);
         }
+        let started = Instant::now();
+        let file = self.file.clone();
+        let search = move || file.lexical_search(&req.text, req.k as usize);
+        self.answer(started, self.pool.run(search).await)
     }
 
     async fn info(

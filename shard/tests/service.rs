@@ -57,6 +57,7 @@ fn shard_file(dir: &Path, vectors: &[Vec<f32>]) -> (PathBuf, String) {
         "model-a",
         &clusters,
         BuildParams { seed: 3 },
+        None,
     )
     .unwrap();
     let sha = simq_consul::contract::sha256_file(&path).unwrap();
@@ -196,13 +197,41 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
     let e = c.search(req("dg-test", 5, nan)).await.unwrap_err();
     assert!(e.message().contains("NaN"), "{}", e.message());
 
+    // The light contour over the same socket: texts by their words, no vector.
+    let lexical = |dg: &str, text: &str, k: u32| simq_shard::proto::LexicalRequest {
+        text: text.into(),
+        k,
+        dg: dg.into(),
+    };
+    let r = c
+        .lexical_search(lexical("dg-test", "Stored question 42?", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.hits.len(), 3);
+    assert_eq!(
+        r.hits[0].text, "stored question 42",
+        "the rare word decides"
+    );
+    assert!(r.hits[0].score > r.hits[1].score);
+    let e = c
+        .lexical_search(lexical("dg-other", "question", 3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    let e = c
+        .lexical_search(lexical("dg-test", "question", 0))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("k is 0"), "{}", e.message());
+
     let metrics = shard.get_text("/metrics").await;
     assert!(
-        metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 2"),
+        metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 3"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("simq_shard_requests_total{outcome=\"wrong_dg\"} 1"),
+        metrics.contains("simq_shard_requests_total{outcome=\"wrong_dg\"} 2"),
         "{metrics}"
     );
 }

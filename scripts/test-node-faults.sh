@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Proves that simq on the 3-node cluster (scripts/nodes.sh, deploy.sh --nodes) loses a node
+# without a failed query (issue 31, Build item 4). Under open-loop load of unique queries at
+# half the capacity measured on the same cluster, one node at a time:
+#   power-off   of a follower (neither Consul nor Nomad leader), held until every shard is
+#               back to its replica count, then power-on;
+#   partition   of one node for 60 s, then heal;
+#   freeze      (SIGSTOP of every process of one node) for 30 s, then SIGCONT;
+#   consul-kill of one node's Consul server, then restart;
+#   power-off   of the Consul leader's node (the Nomad leader's when it is another), then on.
+# The load goes to the surviving nodes' balancers (round robin); a query whose connection
+# failed before any answer is sent once to the other balancer (counted as resent).
+# Each fault asserts: 0 failed, 0 degraded, p99 < 2 s; the victim's instances leave
+# Consul's passing set within 10 s; every shard back to its replica count within 60 s;
+# after recovery, no job runs more allocations than it asks for, Consul's passing
+# instances are exactly the running allocations (no stale entry), the rollout lock is free.
+# Prints a table of the measurements (RELIABILITY.md holds a full run's).
+#
+#   scripts/test-node-faults.sh
+#
+# Needs root and the release build; starts its own node cluster and stops it at the end
+# (on failure too). SIMQ_TEST_CORPUS: the corpus served (default: testdata/corpus).
+source "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
+
+CORPUS="${SIMQ_TEST_CORPUS:-$SIMQ_ROOT/testdata/corpus/queries-20000.txt}"
+LOADGEN="${SIMQ_LOADGEN:-$CARGO_TARGET_DIR/release/examples/loadgen}"
+WORK="$(mktemp -d)"
+P99_BOUND_MS=2000
+GONE_BOUND=10
+REPLACED_BOUND=60
+SETTLE_LIMIT=120
+ROWS=()
+
+started=0
+load_pid=""
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  [ -n "$load_pid" ] && kill -TERM "$load_pid" 2>/dev/null
+  if [ $started = 1 ]; then
+    log "stopping the node cluster"
+    "$SIMQ_ROOT/scripts/nodes.sh" stop >/dev/null || rc=1
+  fi
+  rm -rf "$WORK"
+  exit $rc
+}
+trap cleanup EXIT
+
+[ -x "$LOADGEN" ] || die "no load generator at $LOADGEN (cargo build --release -p simq-balancer --examples)"
+[ -s "$CORPUS" ] || die "no corpus at $CORPUS"
+
+# ---- the cluster and the stack ----
+t0=$SECONDS
+started=1
+"$SIMQ_ROOT/scripts/nodes.sh" start --nodes 3 >/dev/null
+load_state
+SIMQ_CORPUS="$CORPUS" SIMQ_CLUSTERS="${SIMQ_CLUSTERS:-256}" "$SIMQ_ROOT/scripts/deploy.sh" --nodes >"$WORK/deploy.log" 2>&1 ||
+  { tail -30 "$WORK/deploy.log"; die "deploy.sh --nodes failed (log above)"; }
+DG="$(tail -1 "$WORK/deploy.log")"
+NOMAD="$(nomad_url)" || die "no Nomad server answers"
+log "stack on 3 nodes serving $DG in $((SECONDS - t0)) s"
+
+# Unique queries: the corpus three times, each round with its own suffix, so no answer
+# of the whole test can come from the balancers' cache.
+for r in 1 2 3; do awk -v r="$r" '{ print $0 " (" r ")" }' "$CORPUS"; done | shuf --random-source=<(yes) >"$WORK/queries.txt"
+NEXT=0
+
+# balancer_url K: node K's balancer query endpoint (checked: a node address of this cluster).
+balancer_url() {
+  local a
+  a="$(node_addr "$1")"
+  node_address_ok "$a" || die "refusing: $a is not a node address of this cluster"
+  echo "http://$a:8080/v1/query"
+}
+
+# field JSON-FILE EXPR: one field of the load generator's summary.
+field() { tail -1 "$1" | json "$2"; }
+
+# ---- capacity on this cluster ----
+urls=()
+for k in 1 2 3; do urls+=(--url "$(balancer_url "$k")"); done
+"$LOADGEN" --queries "$WORK/queries.txt" --start 0 --connections 16 --seconds 10 "${urls[@]}" >"$WORK/capacity.json" 2>/dev/null ||
+  die "the capacity run failed"
+CAPACITY="$(field "$WORK/capacity.json" 'round(d["throughput"])')"
+NEXT="$(field "$WORK/capacity.json" 'd["next"]')"
+[ "$(field "$WORK/capacity.json" 'd["failed"]')" = 0 ] || die "the capacity run had failures: $(tail -1 "$WORK/capacity.json")"
+RATE=$((CAPACITY / 2))
+log "capacity on 3 nodes: $CAPACITY queries/s (closed loop, 16 connections, 3 balancers); the faults run at $RATE/s"
+
+# ---- what the checks read ----
+# passing_nodes SERVICE: the node of each passing instance of SERVICE, sorted.
+passing_nodes() { ops_consul "/v1/health/service/$1?passing" | json '" ".join(sorted(e["Node"]["Node"] for e in d))'; }
+# running_nodes JOB: the node of each running allocation of JOB, sorted.
+running_nodes() {
+  nomad_get "/v1/job/$1/allocations" | json '" ".join(sorted(a["NodeName"] for a in d if a["ClientStatus"] == "running"))'
+}
+# victim_gone NODE: no instance of simq on NODE passes in Consul.
+victim_gone() {
+  local s
+  for s in simq-balancer simq-embedder simq-shard; do
+    [[ " $(passing_nodes "$s") " != *" $1 "* ]] || return 1
+  done
+}
+# shards_full VICTIM: every shard of the dg has 2 passing replicas on 2 different nodes
+# other than VICTIM.
+shards_full() {
+  ops_consul "/v1/health/service/simq-shard?passing" | python3 -c '
+import json, sys
+dg, d = sys.argv[1], json.load(sys.stdin)
+nodes = {}
+for e in d:
+    tags = dict(t.split("=", 1) for t in e["Service"]["Tags"] if "=" in t)
+    if tags.get("dg") == dg and e["Node"]["Node"] != sys.argv[2]:
+        nodes.setdefault(tags.get("shard"), set()).add(e["Node"]["Node"])
+sys.exit(0 if len(nodes) == 2 and all(len(n) >= 2 for n in nodes.values()) else 1)' "$DG" "$1"
+}
+# settled: every job runs exactly the allocations it asks for, Consul passes exactly the
+# running ones, and the rollout lock is free. Prints what is off when it is not.
+settled() {
+  local job service want run pass
+  for job in simq-balancer:simq-balancer simq-embedder:simq-embedder simq-shards:simq-shard; do
+    service=${job#*:} job=${job%:*}
+    want="$(nomad_get "/v1/job/$job" | json 'sum(g["Count"] for g in d["TaskGroups"])')" || return 1
+    run="$(running_nodes "$job")" || return 1
+    pass="$(passing_nodes "$service")" || return 1
+    [ "$(wc -w <<<"$run")" = "$want" ] || { echo "$job: $(wc -w <<<"$run") running, wants $want"; return 1; }
+    [ "$run" = "$pass" ] || { echo "$service: passing on [$pass], running on [$run]"; return 1; }
+  done
+  [ -z "$(ops_consul "/v1/kv/simq/rollout/lock?raw" 2>/dev/null)" ] || { echo "the rollout lock is held"; return 1; }
+}
+# seconds_since T: seconds (one decimal) since the date +%s.%N value T.
+seconds_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+# first_within LIMIT T0 CMD...: seconds since T0 at which CMD first succeeded (polled every
+# 0.5 s), or "-" when it did not within LIMIT seconds of T0.
+first_within() {
+  local limit=$1 t=$2
+  shift 2
+  while awk -v s="$(seconds_since "$t")" -v l="$limit" 'BEGIN { exit !(s <= l) }'; do
+    if NCURL_MAX_TIME=2 "$@" >/dev/null 2>&1; then seconds_since "$t"; return; fi
+    sleep 0.5
+  done
+  echo "-"
+}
+
+# fault NAME VICTIM HOLD DO UNDO REPLACES: run the load on the other nodes' balancers, do
+# DO to node VICTIM, measure, wait HOLD seconds (and, when REPLACES is 1, until every shard
+# is back to its replica count on the other nodes), UNDO, let the load run 10 s more, and
+# assert the bounds.
+fault() {
+  local name=$1 victim=$2 hold=$3 do=$4 undo=$5 replaces=$6 k t gone back="" summary urls=() settle_out
+  for k in 1 2 3; do [ "$k" = "$victim" ] || urls+=(--url "$(balancer_url "$k")"); done
+  "$LOADGEN" --queries "$WORK/queries.txt" --start "$NEXT" --rate "$RATE" --seconds 600 --max 100000 \
+    --resend-to-next-url "${urls[@]}" --label "$name" >"$WORK/$name.json" 2>"$WORK/$name.err" &
+  load_pid=$!
+  sleep 8
+  log "$name: n$victim (Consul leader $(consul_leader_node), Nomad leader $(nomad_leader_node)) under $RATE queries/s"
+  t="$(date +%s.%N)"
+  "$SIMQ_ROOT/scripts/nodes.sh" "$do" "$victim"
+  gone="$(first_within 20 "$t" victim_gone "n$victim")"
+  [ "$replaces" = 1 ] && back="$(first_within 90 "$t" shards_full "n$victim")"
+  sleep "$(awk -v h="$hold" -v s="$(seconds_since "$t")" 'BEGIN { d = h - s; print (d > 0 ? d : 0) }')"
+  "$SIMQ_ROOT/scripts/nodes.sh" "$undo" "$victim" >/dev/null
+  local held
+  held="$(seconds_since "$t")"
+  sleep 10
+  kill -TERM "$load_pid"
+  wait "$load_pid" || die "$name: the load generator failed: $(cat "$WORK/$name.err")"
+  load_pid=""
+  summary="$WORK/$name.json"
+  NEXT="$(field "$summary" 'd["next"]')"
+  local sent failed degraded p99 resent settle
+  sent="$(field "$summary" 'd["sent"]')" failed="$(field "$summary" 'd["failed"] + d["client_dropped"]')"
+  degraded="$(field "$summary" 'd["degraded"]')" p99="$(field "$summary" 'round(d["p99_ms"] or 0)')"
+  resent="$(field "$summary" 'd["resent"]')"
+  t="$(date +%s.%N)"
+  settle="$(first_within "$SETTLE_LIMIT" "$t" settled)"
+  ROWS+=("$(printf '%-22s n%-2s %5s %7s %6s %8s %7s %6s %8s %9s %8s' "$name" "$victim" "$held" "$sent" "$failed" "$degraded" "$resent" "$p99" "$gone" "${back:--}" "$settle")")
+  log "$name: $sent queries, $failed failed, $degraded degraded, $resent resent, p99 $p99 ms; victim out of Consul after $gone s; shards back after ${back:--} s; settled $settle s after recovery"
+  [ "$failed" = 0 ] || die "$name: $failed queries failed: $(tail -1 "$summary")"
+  [ "$degraded" = 0 ] || die "$name: $degraded answers degraded: $(tail -1 "$summary")"
+  [ "$p99" -lt "$P99_BOUND_MS" ] || die "$name: p99 $p99 ms, bound $P99_BOUND_MS ms"
+  [ "$gone" != - ] && awk -v g="$gone" -v b="$GONE_BOUND" 'BEGIN { exit !(g <= b) }' ||
+    die "$name: n$victim's instances still passed in Consul after $GONE_BOUND s (first gone: $gone)"
+  if [ "$replaces" = 1 ]; then
+    [ "$back" != - ] && awk -v g="$back" -v b="$REPLACED_BOUND" 'BEGIN { exit !(g <= b) }' ||
+      die "$name: shards not back to 2 replicas within $REPLACED_BOUND s (at: $back)"
+  fi
+  if [ "$settle" = - ]; then
+    settle_out="$(settled || true)"
+    die "$name: not settled $SETTLE_LIMIT s after recovery: $settle_out"
+  fi
+}
+
+# follower: a node that leads neither Consul nor Nomad, one holding shard replicas if any does.
+follower() {
+  local cl nl k shard_nodes
+  cl="$(consul_leader_node)" nl="$(nomad_leader_node)"
+  shard_nodes="$(passing_nodes simq-shard)"
+  for k in 1 2 3; do
+    [ "n$k" != "$cl" ] && [ "n$k" != "$nl" ] && [[ " $shard_nodes " == *" n$k "* ]] && { echo "$k"; return; }
+  done
+  for k in 1 2 3; do
+    [ "n$k" != "$cl" ] && [ "n$k" != "$nl" ] && { echo "$k"; return; }
+  done
+  echo 1
+}
+
+wait_for "$SETTLE_LIMIT" settled || die "the stack did not settle after the deploy: $(settled || true)"
+fault power-off-follower "$(follower)" 0 power-off power-on 1
+fault partition-60s "$(follower)" 60 partition heal 1
+fault freeze-30s "$(follower)" 30 freeze thaw 0
+fault consul-server-kill "$(follower)" 15 consul-kill consul-start 0
+leader="$(consul_leader_node)"
+fault power-off-leader "${leader#n}" 0 power-off power-on 1
+
+"$SIMQ_ROOT/scripts/nodes.sh" stop >/dev/null
+started=0
+echo
+echo "scripts/test-node-faults.sh: all passed ($CAPACITY queries/s capacity on 3 nodes, faults at $RATE/s, $DG)"
+printf '  %-22s %-3s %5s %7s %6s %8s %7s %6s %8s %9s %8s\n' fault node "held" queries failed degraded resent "p99ms" "gone_s" "shards_s" "settle_s"
+printf '  %s\n' "${ROWS[@]}"
