@@ -205,11 +205,25 @@ follower() {
   echo 1
 }
 
+# busiest: the node other than the Consul leader's that runs the most instances of simq
+# (a fault on a node that runs nothing proves nothing).
+busiest() {
+  local cl k n best=1 most=-1 all
+  cl="$(consul_leader_node)"
+  all="$(for s in simq-embedder simq-shard simq-balancer; do passing_nodes "$s"; echo; done | tr ' ' '\n')"
+  for k in 1 2 3; do
+    [ "n$k" != "$cl" ] || continue
+    n="$(grep -cx "n$k" <<<"$all" || true)"
+    [ "$n" -gt "$most" ] && most=$n best=$k
+  done
+  echo "$best"
+}
+
 wait_for "$SETTLE_LIMIT" settled || die "the stack did not settle after the deploy: $(settled || true)"
 fault power-off-follower "$(follower)" 0 power-off power-on 1
-fault partition-60s "$(follower)" 60 partition heal 1
-fault freeze-30s "$(follower)" 30 freeze thaw 0
-fault consul-server-kill "$(follower)" 15 consul-kill consul-start 0
+fault partition-60s "$(busiest)" 60 partition heal 1
+fault freeze-30s "$(busiest)" 30 freeze thaw 0
+fault consul-server-kill "$(busiest)" 15 consul-kill consul-start 0
 leader="$(consul_leader_node)"
 fault power-off-leader "${leader#n}" 0 power-off power-on 1
 

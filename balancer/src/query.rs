@@ -629,13 +629,20 @@ impl<U: Upstreams> Executor<U> {
         let mut asked: Vec<&'u Upstream> = Vec::new();
         // When the next hedge is due (None: no hedge while nothing runs or nothing is left).
         let mut hedge_at: Option<Instant> = None;
+        // The last attempt never reached its replica: the next one is no retry of work.
+        let mut unsent = false;
         loop {
             let hedge_due = hedge_at.is_some_and(|t| Instant::now() >= t);
             if running.is_empty() || hedge_due {
                 let hedge = !running.is_empty();
                 hedge_at = None;
                 if let Some(&(n, up)) = next.peek() {
-                    match (self.attempt_timeout(deadline, limit), self.attempt(n)) {
+                    let attempt = if unsent && !hedge {
+                        Some(self.budget.call())
+                    } else {
+                        self.attempt(n)
+                    };
+                    match (self.attempt_timeout(deadline, limit), attempt) {
                         (Some(timeout), Some(attempt)) => {
                             next.next();
                             if hedge {
@@ -698,6 +705,7 @@ impl<U: Upstreams> Executor<U> {
                     return Ok(answer);
                 }
                 Err(e) => {
+                    unsent = e.never_sent();
                     tracing::warn!(service, position, replica = %up.addr, error = %e, "upstream attempt failed");
                     last = format!("{service} {}: {e}", up.addr);
                     if hedge_at.is_none() && !running.is_empty() && next.peek().is_some() {
@@ -866,6 +874,7 @@ mod tests {
         Fail,
         Hang,
         OtherDg,
+        Unreachable,
     }
 
     /// Upstreams that answer from a table keyed by port, and log every call.
@@ -931,6 +940,7 @@ mod tests {
                     model_id: "model-a".into(),
                 }),
                 Behaviour::Fail => Err(CallError::Failed("boom".into())),
+                Behaviour::Unreachable => Err(CallError::Unreachable("tcp connect error".into())),
                 Behaviour::Hang => Err(CallError::Timeout),
             }
         }
@@ -961,6 +971,7 @@ mod tests {
                     shard,
                 }),
                 Behaviour::Fail => Err(CallError::Failed("boom".into())),
+                Behaviour::Unreachable => Err(CallError::Unreachable("tcp connect error".into())),
                 Behaviour::Hang => Err(CallError::Timeout),
             }
         }
@@ -983,6 +994,7 @@ mod tests {
                     shard,
                 }),
                 Behaviour::Fail => Err(CallError::Failed("boom".into())),
+                Behaviour::Unreachable => Err(CallError::Unreachable("tcp connect error".into())),
                 Behaviour::Hang => Err(CallError::Timeout),
             }
         }
@@ -1121,6 +1133,25 @@ mod tests {
                 .get()
         };
         assert_eq!((hedges("sent"), hedges("won")), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_cannot_be_reached_is_passed_over_even_without_retry_budget() {
+        // A node that lost power: connecting fails at once. The request never reached it,
+        // so asking the other replica is no retry and needs no budget.
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let ex = executor(&fake, 2, 8);
+        let _held: Vec<_> = (0..RETRY_BUDGET_MIN)
+            .map_while(|_| ex.budget.retry())
+            .collect();
+        assert!(ex.budget.retry().is_none(), "the budget is spent");
+        fake.set(100, Behaviour::Unreachable);
+        let a = ex
+            .answer(&routing(&[100, 101], &[200]), &query("q"))
+            .await
+            .unwrap();
+        assert!(!a.degraded);
+        assert_eq!((fake.calls_to(100).len(), fake.calls_to(101).len()), (1, 1));
     }
 
     #[tokio::test]

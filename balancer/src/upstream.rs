@@ -36,6 +36,9 @@ pub enum CallError {
     SlowerThanHedge,
     /// The instance does not offer this call (an older build); not a fault of its own.
     Unsupported(String),
+    /// No connection could be made (refused, no route, connect timeout): the request never
+    /// reached the instance, so asking another costs nobody a second piece of work.
+    Unreachable(String),
 }
 
 impl CallError {
@@ -48,6 +51,7 @@ impl CallError {
             CallError::Failed(_) => "error",
             CallError::SlowerThanHedge => "slower_than_hedge",
             CallError::Unsupported(_) => "unsupported",
+            CallError::Unreachable(_) => "unreachable",
         }
     }
 
@@ -55,8 +59,17 @@ impl CallError {
     pub fn is_replica_fault(&self) -> bool {
         matches!(
             self,
-            CallError::Timeout | CallError::Failed(_) | CallError::SlowerThanHedge
+            CallError::Timeout
+                | CallError::Failed(_)
+                | CallError::SlowerThanHedge
+                | CallError::Unreachable(_)
         )
+    }
+
+    /// Did the request never reach the instance? Then asking another replica is not a
+    /// retry of the work, and needs no retry budget.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, CallError::Unreachable(_))
     }
 
     fn from_status(status: tonic::Status) -> Self {
@@ -65,6 +78,10 @@ impl CallError {
             tonic::Code::ResourceExhausted => CallError::Overloaded(status.message().to_string()),
             tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => CallError::Timeout,
             tonic::Code::Unimplemented => CallError::Unsupported(status.message().to_string()),
+            // tonic's transport errors: "tcp connect error", "error trying to connect".
+            tonic::Code::Unavailable if status.message().contains("connect") => {
+                CallError::Unreachable(status.message().to_string())
+            }
             _ => CallError::Failed(status.message().to_string()),
         }
     }
@@ -76,6 +93,7 @@ impl std::fmt::Display for CallError {
             CallError::Timeout => write!(f, "timed out"),
             CallError::SlowerThanHedge => write!(f, "slower than a hedge to another replica"),
             CallError::Unsupported(m) => write!(f, "not offered: {m}"),
+            CallError::Unreachable(m) => write!(f, "unreachable: {m}"),
             CallError::WrongDg(m) | CallError::Overloaded(m) | CallError::Failed(m) => {
                 write!(f, "{m}")
             }

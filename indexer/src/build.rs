@@ -279,10 +279,12 @@ pub fn find_existing(
         let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
             continue;
         };
-        // Files of an older simq-indexer do not open (format version): build again.
-        let complete = (0..m.shards.len())
-            .all(|s| simq_shard::ShardFile::open(&dir.join(shard_file_name(s))).is_ok())
-            && dir.join(CENTROIDS_FILE).is_file();
+        // Files of an older simq-indexer do not open (format version) or have no lexical
+        // index (the light contour): build again.
+        let complete = (0..m.shards.len()).all(|s| {
+            simq_shard::ShardFile::open(&dir.join(shard_file_name(s)))
+                .is_ok_and(|f| f.meta().lexical.is_some())
+        }) && dir.join(CENTROIDS_FILE).is_file();
         if complete
             && m.validate().is_ok()
             && m.model_id == model_id

@@ -19,6 +19,7 @@
 pub mod blobs;
 pub mod build;
 pub mod compare;
+pub mod contours;
 pub mod corpus;
 pub mod eval;
 pub mod flip;

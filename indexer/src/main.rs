@@ -40,6 +40,10 @@ enum Command {
     /// (fine clusters probed per query), with the share of the corpus scanned and the
     /// per-query latency.
     Eval(EvalArgs),
+    /// Compare the light contour (BM25 over the texts) with the model on perturbed
+    /// duplicates of stored questions (typo, dropped word, swapped words, lower case):
+    /// top-1 and top-5, and the time (one thread: also the CPU) per query of each.
+    Contours(ContoursArgs),
     /// Write a built dg's items in id order (vectors.f32 and texts.txt) for other tools,
     /// e.g. the benchmark's peer service and its exact search.
     Export(ExportArgs),
@@ -380,6 +384,26 @@ struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+struct ContoursArgs {
+    /// A built dg directory (the one `build` printed).
+    dg_dir: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Stored questions perturbed per kind of perturbation.
+    #[arg(long, default_value_t = 500)]
+    samples: usize,
+    /// Fine clusters the model path probes (as the balancer's --nprobe).
+    #[arg(long, default_value_t = 576)]
+    nprobe: usize,
+    /// Seed of the perturbations.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Also write the table as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 struct EvalArgs {
     /// A built dg directory (the one `build` printed).
     dg_dir: PathBuf,
@@ -421,6 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build(args) => run_build(args),
         Command::Eval(args) => run_eval(args),
+        Command::Contours(args) => run_contours(args),
         Command::Export(args) => {
             let n = simq_indexer::eval::export(&DgDir::open(&args.dg_dir)?, &args.out)?;
             eprintln!("{n} items written to {}", args.out.display());
@@ -1008,6 +1033,47 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         report.total.as_secs_f64() / report.embed.as_secs_f64()
     );
     println!("{}", report.dir.display());
+    Ok(())
+}
+
+fn run_contours(args: ContoursArgs) -> anyhow::Result<()> {
+    let dg = DgDir::open(&args.dg_dir)?;
+    let library = args.model.ort_library.unwrap_or_else(default_ort_library);
+    let embedder = Embedder::load(
+        &library,
+        &args.model.model_dir,
+        RuntimeOptions::for_queries(),
+    )?;
+    let rows =
+        simq_indexer::contours::compare(&dg, &embedder, args.samples, args.nprobe, args.seed)?;
+    println!(
+        "dg {} ({} items, {} shards), {} perturbed stored questions per kind, model path nprobe {}",
+        dg.manifest.dg,
+        dg.manifest.items,
+        dg.manifest.shards.len(),
+        args.samples,
+        args.nprobe
+    );
+    println!("| perturbation | queries | model top-1 | model top-5 | lexical top-1 | lexical top-5 | model ms/query | lexical ms/query |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+            serde_json::to_value(r.perturbation)?
+                .as_str()
+                .unwrap_or("?"),
+            r.queries,
+            r.model_top1,
+            r.model_top5,
+            r.lexical_top1,
+            r.lexical_top5,
+            r.model_ms,
+            r.lexical_ms
+        );
+    }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)?;
+    }
     Ok(())
 }
 
