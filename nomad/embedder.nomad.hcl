@@ -69,6 +69,18 @@ job "simq-embedder" {
     # node), so that losing a node leaves an embedder.
     spread {
       attribute = "${node.unique.id}"
+      weight    = 100
+    }
+
+    # One embedder per node stays one per node: while its node is unreachable it is not
+    # replaced elsewhere (the other nodes' embedders answer; a replacement would stay when
+    # the node returns, and embedders would pile up on the surviving nodes, measured: after
+    # a partition and a freeze all three ran on one node), and once the node is back its
+    # own embedder serves again.
+    disconnect {
+      lost_after = "24h"
+      replace    = false
+      reconcile  = "keep_original"
     }
 
     # A new version starts as a canary beside the running ones; once its checks pass it

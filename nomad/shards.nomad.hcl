@@ -78,6 +78,12 @@ variable "progress_deadline" {
   default     = "35s"
 }
 
+variable "replicas_apart" {
+  type        = bool
+  description = "Never two replicas of one shard on one node (distinct_hosts). Only where no blue/green rollout needs room for twice the replicas: the node cluster until simq-indexer rolls out there (its canaries run beside the old replicas). Off on the single node, which holds every replica."
+  default     = false
+}
+
 variable "attempt" {
   type        = string
   description = "Changed only to retry a failed deployment of the same dg (forces a new job version)."
@@ -117,9 +123,23 @@ job "simq-shards" {
       # each shard at most one replica. A preference, not distinct_hosts: a blue/green
       # rollout runs 2 x replicas instances of the group at once, more than 3 nodes hold
       # apart; the canaries even out the count per node, so after promotion the new set is
-      # spread again.
+      # spread again. Weight 100 (the most): with the default 50 binpacking won when a lost
+      # node's replicas were replaced, and put both replicas of each shard on one node
+      # (measured on the 3-node cluster: then cutting that node off left no replica).
       spread {
         attribute = "${node.unique.id}"
+        weight    = 100
+      }
+      # Even at weight 100 the spread lost to the other scores when a lost node's replicas
+      # were replaced: after a partition and a freeze every replica ran on one node, and
+      # losing it lost every shard. Where no rollout needs room (replicas_apart), a hard
+      # constraint: a lost node's replica goes to the node without one.
+      dynamic "constraint" {
+        for_each = var.replicas_apart ? [1] : []
+        content {
+          operator = "distinct_hosts"
+          value    = "true"
+        }
       }
 
       update {

@@ -115,7 +115,7 @@ deploy_shards_on_nodes() {
     die "the node cluster serves $active: moving it to $dg needs simq-indexer rollout, which cannot run the shards job on nodes yet (see nomad/shards.nomad.hcl, shard_bin_sha256)"
   read -r dims model shards_json < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))
 print(m["dims"], m["model_id"], json.dumps([{"shard": s["shard"], "sha256": s["sha256"]} for s in m["shards"]], separators=(",", ":")))' "$dg_dir/manifest.json")
-  nomad_run shards.nomad.hcl "dg=$dg" "model_id=$model" "dims=$dims" "shards_json=$shards_json" "replicas=$replicas" "canary=0" \
+  nomad_run shards.nomad.hcl "dg=$dg" "model_id=$model" "dims=$dims" "shards_json=$shards_json" "replicas=$replicas" "canary=0" "replicas_apart=true" \
     "blob_url=$blob_url" "shard_bin_sha256=$shard_sha" "driver=$driver"
   "$bin/simq-indexer" flip "$dg" 2>&1 | sed 's/^/  /' >&2
 }
