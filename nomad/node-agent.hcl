@@ -15,13 +15,14 @@ server {
   enabled = true
   # How soon a node that stopped answering (power-off, partition, freeze) is marked down
   # and its allocations replaced: its heartbeat TTL (at least min_heartbeat_ttl) plus
-  # heartbeat_grace, about 10 s here. After a leader election the new leader cannot know
+  # heartbeat_grace, about 15 s here (the grace covers a client whose RPC still waits on a
+  # server that lost power before it turns to another). After a leader election the new leader cannot know
   # when each client last called, and gives every client failover_heartbeat_ttl: 5 min by
   # default, which is how long a lost leader's node would otherwise keep its allocations
   # (measured: n3, the leader's node, still "ready" 55 s after its power-off). On a small
   # cluster of reliable links short values cost nothing; on a large or lossy one keep the
   # defaults (each heartbeat is a Raft-free RPC, bounded by max_heartbeats_per_second).
-  heartbeat_grace        = "5s"
+  heartbeat_grace        = "10s"
   min_heartbeat_ttl      = "5s"
   failover_heartbeat_ttl = "20s"
 }

@@ -142,6 +142,18 @@ job "simq-shards" {
         }
       }
 
+      # A node that stops heartbeating may be a node that lost power, or a live node whose
+      # Nomad client was still waiting on a server that lost power (measured: n2's client
+      # missed its TTL for that reason, and without this block Nomad killed n2's healthy
+      # replicas when it called again, leaving no shard for 9 s). Its replicas are
+      # replaced at once (replace), but when the node calls again its own replicas are the
+      # ones kept and the replacements stop (keep_original).
+      disconnect {
+        lost_after = "24h"
+        replace    = true
+        reconcile  = "keep_original"
+      }
+
       update {
         max_parallel      = var.replicas
         canary            = var.canary
