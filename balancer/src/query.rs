@@ -467,25 +467,15 @@ impl<U: Upstreams> Executor<U> {
             )
         });
         let results = futures::future::join_all(calls).await;
-        let mut rows = Vec::new();
         let mut notes = vec![format!(
             "answered by the lexical contour (BM25 scores, not cosine): {why}"
         )];
-        let mut answered = 0;
-        for (s, result) in shards.iter().zip(results) {
-            match result {
-                Ok(hits) => {
-                    answered += 1;
-                    rows.extend(hits);
-                }
-                Err(msg) => notes.push(format!("shard {s} failed on every replica: {msg}")),
-            }
-        }
-        if answered == 0 {
-            return Err(ApiError::new(503, "lexical_failed", notes.join("; ")).with_retry_after(1));
-        }
-        rows.sort_by(|a, b| b.score.total_cmp(&a.score));
-        rows.truncate(req.k);
+        let rows = merge(
+            shards.iter().map(|&s| s as u32).zip(results),
+            req.k,
+            &mut notes,
+            "lexical_failed",
+        )?;
         self.metrics
             .answers
             .with_label_values(&["lexical", reason])
@@ -758,22 +748,8 @@ impl<U: Upstreams> Executor<U> {
             .map(|(s, clusters)| self.call_shard(routing, *s, clusters, vector, k, deadline));
         // The shards of a query are asked concurrently.
         let results = futures::future::join_all(calls).await;
-        let mut rows = Vec::new();
-        let mut answered = 0;
-        for ((s, _), result) in plan.shards.iter().zip(results) {
-            match result {
-                Ok(hits) => {
-                    answered += 1;
-                    rows.extend(hits);
-                }
-                Err(msg) => notes.push(format!("shard {s} failed on every replica: {msg}")),
-            }
-        }
-        if answered == 0 {
-            return Err(ApiError::new(503, "shards_failed", notes.join("; ")).with_retry_after(1));
-        }
-        rows.sort_by(|a, b| b.score.total_cmp(&a.score));
-        rows.truncate(k);
+        let shards = plan.shards.iter().map(|(s, _)| *s);
+        let rows = merge(shards.zip(results), k, &mut notes, "shards_failed")?;
         Ok((rows, notes))
     }
 
@@ -811,6 +787,34 @@ impl<U: Upstreams> Executor<U> {
         )
         .await
     }
+}
+
+/// The best `k` rows of the shards' answers (shard number, its rows or why it failed); a
+/// failed shard is noted in `notes`, and when none answered the error is a 503 of `kind`
+/// saying why each failed. Both contours merge here.
+fn merge(
+    answers: impl Iterator<Item = (u32, Result<Vec<ResultRow>, String>)>,
+    k: usize,
+    notes: &mut Vec<String>,
+    kind: &'static str,
+) -> Result<Vec<ResultRow>, ApiError> {
+    let mut rows = Vec::new();
+    let mut answered = 0;
+    for (s, result) in answers {
+        match result {
+            Ok(hits) => {
+                answered += 1;
+                rows.extend(hits);
+            }
+            Err(msg) => notes.push(format!("shard {s} failed on every replica: {msg}")),
+        }
+    }
+    if answered == 0 {
+        return Err(ApiError::new(503, kind, notes.join("; ")).with_retry_after(1));
+    }
+    rows.sort_by(|a, b| b.score.total_cmp(&a.score));
+    rows.truncate(k);
+    Ok(rows)
 }
 
 /// The rows of a shard's answer, which must be for `dg`: shards refuse other dgs, and this
