@@ -26,6 +26,12 @@ pub const B: f32 = 0.75;
 pub const MAX_TERM_BYTES: usize = 64;
 /// Terms of one query used at most (the rarest first), so no query costs without bound.
 pub const MAX_QUERY_TERMS: usize = 32;
+/// A term held by more than this share of the dg's texts ("what", "how", "the") is only
+/// scored when the query has no rarer term: its postings are the longest to read and its
+/// weight (idf) the smallest. Measured on the full corpus (`simq-indexer contours`,
+/// indexer/BENCH.md): scoring every term cost 3.5-5.0 ms per query, a share of 0.2 cost
+/// 1.4-2.0 ms, 0.05 cost 0.37-0.52 ms (a tenth of the model path) for 1-4 points of top-1.
+pub const COMMON_TERM_SHARE: f64 = 0.05;
 const POSTING_BYTES: usize = 8;
 
 /// The terms of `text`: lower-cased runs of letters and digits, in order.
@@ -181,9 +187,14 @@ pub fn search<'b>(
         .filter_map(|t| lookup(t))
         .filter_map(|bytes| decode_postings(bytes).map(|(df, _)| (df, bytes)))
         .collect();
-    // The rarest terms carry the most weight; a query of many words keeps the rarest.
+    // The rarest terms carry the most weight; a query of many words keeps the rarest, and
+    // one with a rare term drops the very common ones.
     lists.sort_by_key(|(df, _)| *df);
     lists.truncate(MAX_QUERY_TERMS);
+    let common = (meta.docs as f64 * COMMON_TERM_SHARE) as u32;
+    if lists.first().is_some_and(|(df, _)| *df <= common) {
+        lists.retain(|(df, _)| *df <= common);
+    }
     let mut scores: HashMap<u32, f32> = HashMap::new();
     for (df, bytes) in lists {
         let idf = idf(meta.docs, df);
@@ -290,6 +301,20 @@ mod tests {
             alone.get(t).map(Vec::as_slice)
         });
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn very_common_words_count_only_when_the_query_has_nothing_rarer() {
+        // "how" is in every text: beside "router" it is skipped, alone it still ranks.
+        let mut texts: Vec<String> = (0..40).map(|i| format!("how to item{i}")).collect();
+        texts.push("how to reset the router".into());
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (meta, db) = index(&refs);
+        let hits = search("how router", 3, meta, |t| db.get(t).map(Vec::as_slice));
+        assert_eq!(hits.len(), 1, "only the text with the rare word: {hits:?}");
+        assert_eq!(hits[0].0, 40);
+        let hits = search("how to", 3, meta, |t| db.get(t).map(Vec::as_slice));
+        assert_eq!(hits.len(), 3, "common words alone still answer");
     }
 
     #[test]
