@@ -110,7 +110,9 @@ ns_cmdlines() {
   ip netns pids "$(node_ns "$1")" | while read -r p; do tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline"; echo; done
 }
 # sleep_in_ns K: true when the job's task runs in node K's namespace.
-sleep_in_ns() { ns_cmdlines "$1" | grep -q '^/bin/sleep 300'; }
+# (grep without -q: with pipefail, grep -q leaving at its first match made the listing
+# fail on SIGPIPE whenever a process came after the task, which CI saw twice.)
+sleep_in_ns() { ns_cmdlines "$1" | grep '^/bin/sleep 300' >/dev/null; }
 # Each task runs in its node's network namespace and in that node's cgroup subtree.
 # Nomad can report an allocation running a moment before its task's process shows up
 # (CI saw it once), so each check waits up to 10 s and names what it found otherwise.
