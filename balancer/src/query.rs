@@ -1058,6 +1058,18 @@ mod tests {
         )
     }
 
+    /// A query that takes a place and hangs (its replica set to hang first), started and
+    /// given 20 ms to take the place; abort it to give the place back.
+    async fn occupy(
+        ex: &Arc<Executor<Arc<Fake>>>,
+        r: &Arc<Routing>,
+    ) -> tokio::task::JoinHandle<Result<Answer, ApiError>> {
+        let (ex, r) = (ex.clone(), r.clone());
+        let slow = tokio::spawn(async move { ex.answer(&r, &query("slow")).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        slow
+    }
+
     fn query(text: &str) -> QueryRequest {
         QueryRequest {
             query: text.into(),
@@ -1339,11 +1351,7 @@ mod tests {
             fake.clone(),
         ));
         let r = Arc::new(routing(&[100], &[200]));
-        let slow = {
-            let (ex, r) = (ex.clone(), r.clone());
-            tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let slow = occupy(&ex, &r).await;
         // The one place is taken: a query whose deadline leaves no room for the expected
         // wait (10 ms hold assumed) and its own hold is refused at once.
         let mut hurried = query("hurried");
@@ -1379,11 +1387,7 @@ mod tests {
         let ex = Arc::new(executor(&fake, 2, 1));
         let r = Arc::new(routing(&[100, 101], &[200]));
         // Round robin: the first model call of shard 0 goes to 100, which hangs.
-        let slow = {
-            let (ex, r) = (ex.clone(), r.clone());
-            tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let slow = occupy(&ex, &r).await;
         let mut hurried = query("hurried");
         hurried.timeout = Some(Duration::from_millis(15));
         let a = ex.answer(&r, &hurried).await.unwrap();
@@ -1444,11 +1448,7 @@ mod tests {
         let r = Arc::new(routing(&[100], &[200]));
         assert!(ex.answer(&r, &query("known")).await.is_ok());
         fake.set(100, Behaviour::Hang);
-        let slow = {
-            let (ex, r) = (ex.clone(), r.clone());
-            tokio::spawn(async move { ex.answer(&r, &query("slow")).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let slow = occupy(&ex, &r).await;
         let mut hurried = query("known");
         hurried.timeout = Some(Duration::from_millis(10));
         let hit = ex.answer(&r, &hurried).await.unwrap();
