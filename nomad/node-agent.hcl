@@ -14,17 +14,23 @@ log_level                   = "INFO"
 server {
   enabled = true
   # How soon a node that stopped answering (power-off, partition, freeze) is marked down
-  # and its allocations replaced: its heartbeat TTL (at least min_heartbeat_ttl) plus
-  # heartbeat_grace, about 15 s here (the grace covers a client whose RPC still waits on a
-  # server that lost power before it turns to another). After a leader election the new leader cannot know
-  # when each client last called, and gives every client failover_heartbeat_ttl: 5 min by
-  # default, which is how long a lost leader's node would otherwise keep its allocations
-  # (measured: n3, the leader's node, still "ready" 55 s after its power-off). On a small
-  # cluster of reliable links short values cost nothing; on a large or lossy one keep the
-  # defaults (each heartbeat is a Raft-free RPC, bounded by max_heartbeats_per_second).
-  heartbeat_grace        = "10s"
+  # and its allocations replaced: its heartbeat TTL (5-10 s here: min_heartbeat_ttl plus a
+  # random stagger) plus heartbeat_grace, 30-35 s in all. The grace covers a live client
+  # whose RPC still waits on a server that lost power: it notices only when its yamux
+  # keep-alive to that server times out. Measured on the 3-node cluster: n2's client went
+  # 27.6 s without a heartbeat after n1 (its server) lost power; with a 10 s grace Nomad
+  # marked n2 disconnected too, and its reconnection cancelled the pending replacement of
+  # n1's allocations ("allocs reconnected"). After a leader election the new leader cannot
+  # know when each client last called, and gives every client failover_heartbeat_ttl: 5
+  # min by default, which is how long a lost leader's node would otherwise keep its
+  # allocations (measured: n3, the leader's node, still "ready" 55 s after its power-off);
+  # 30 s, not less: a client attached to the lost leader needs up to ~28 s to turn to another.
+  # On a small cluster of reliable links short values cost nothing; on a large or lossy
+  # one keep the defaults (each heartbeat is a Raft-free RPC, bounded by
+  # max_heartbeats_per_second).
+  heartbeat_grace        = "25s"
   min_heartbeat_ttl      = "5s"
-  failover_heartbeat_ttl = "20s"
+  failover_heartbeat_ttl = "30s"
 }
 
 client {
