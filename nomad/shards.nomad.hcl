@@ -6,10 +6,17 @@
 # node's; 127.0.0.1 on the single-node cluster, whose client uses the "lo" interface),
 # the address Nomad registers in Consul and checks.
 #
-# Rolling to a new dg changes the artifact and args of every group, which makes a new
-# deployment: with canary = replicas, a full new set starts beside the old one; the
-# indexer flips the active dg once every canary is healthy, then promotes; Nomad reverts
-# by itself (auto_revert) when a canary fails its checks.
+# Blue/green, two ways (simq-indexer rollout chooses, indexer/src/rollout.rs):
+# - canaries (the single node): the groups are named shard-N, so rolling to a new dg
+#   changes the artifact and args of every group, which makes a new deployment: with
+#   canary = replicas, a full new set starts beside the old one; the indexer flips the
+#   active dg once every canary is healthy, then promotes; Nomad reverts by itself
+#   (auto_revert) when a canary fails its checks.
+# - groups (replicas_apart, the node cluster): the groups are named shard-N-<dg>, so a new
+#   dg is new groups, placed beside the old dg's groups (registered again unchanged); the
+#   indexer flips once they are healthy, then registers the job without the old groups.
+#   Each group's replicas are on distinct nodes, which canaries beside their old replicas
+#   could not be on 3 nodes (2 x replicas instances of one group).
 
 variable "dg" {
   type        = string
@@ -80,7 +87,7 @@ variable "progress_deadline" {
 
 variable "replicas_apart" {
   type        = bool
-  description = "Never two replicas of one shard on one node (distinct_hosts). Only where no blue/green rollout needs room for twice the replicas: the node cluster until simq-indexer rolls out there (its canaries run beside the old replicas). Off on the single node, which holds every replica."
+  description = "Never two replicas of one shard on one node (distinct_hosts), and blue/green by groups named after the dg (see the top of this file). The node cluster; off on the single node, which holds every replica."
   default     = false
 }
 
@@ -100,7 +107,7 @@ job "simq-shards" {
 
   dynamic "group" {
     for_each = local.shards
-    labels   = ["shard-${group.value.shard}"]
+    labels   = [var.replicas_apart ? "shard-${group.value.shard}-${var.dg}" : "shard-${group.value.shard}"]
 
     content {
       count = var.replicas
@@ -120,20 +127,19 @@ job "simq-shards" {
       }
 
       # Replicas of a shard on different nodes where they can be: losing a node then costs
-      # each shard at most one replica. A preference, not distinct_hosts: a blue/green
-      # rollout runs 2 x replicas instances of the group at once, more than 3 nodes hold
-      # apart; the canaries even out the count per node, so after promotion the new set is
-      # spread again. Weight 100 (the most): with the default 50 binpacking won when a lost
-      # node's replicas were replaced, and put both replicas of each shard on one node
-      # (measured on the 3-node cluster: then cutting that node off left no replica).
+      # each shard at most one replica. Weight 100 (the most): with the default 50
+      # binpacking won when a lost node's replicas were replaced, and put both replicas of
+      # each shard on one node (measured on the 3-node cluster: then cutting that node off
+      # left no replica).
       spread {
         attribute = "${node.unique.id}"
         weight    = 100
       }
       # Even at weight 100 the spread lost to the other scores when a lost node's replicas
       # were replaced: after a partition and a freeze every replica ran on one node, and
-      # losing it lost every shard. Where no rollout needs room (replicas_apart), a hard
-      # constraint: a lost node's replica goes to the node without one.
+      # losing it lost every shard. With replicas_apart (blue/green by groups, so no
+      # canaries share a group with their old replicas), a hard constraint: a lost node's
+      # replica goes to the node without one.
       dynamic "constraint" {
         for_each = var.replicas_apart ? [1] : []
         content {

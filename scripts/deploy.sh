@@ -103,34 +103,6 @@ nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deploy
     { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }
 }
 
-# deploy_shards_on_nodes: the node cluster's first shards deployment, from this
-# checkout's nomad/shards.nomad.hcl with simq-shard as an artifact, then the flip.
-# (simq-indexer rollout registers its compiled-in copy of the spec and passes the host path
-# shard_bin, not shard_bin_sha256 or driver: until it does, a node cluster gets its first
-# dg this way, and moving it to another dg, which needs rollout's blue/green, is refused.)
-deploy_shards_on_nodes() {
-  local active shards_json dims model
-  active="$(ncurl -fsS "$CONSUL_HTTP_ADDR/v1/kv/simq/active?raw" 2>/dev/null | json 'd["dg"]' 2>/dev/null || true)"
-  [ -z "$active" ] || [ "$active" = "$dg" ] ||
-    die "the node cluster serves $active: moving it to $dg needs simq-indexer rollout, which cannot run the shards job on nodes yet (see nomad/shards.nomad.hcl, shard_bin_sha256)"
-  read -r dims model shards_json < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))
-print(m["dims"], m["model_id"], json.dumps([{"shard": s["shard"], "sha256": s["sha256"]} for s in m["shards"]], separators=(",", ":")))' "$dg_dir/manifest.json")
-  nomad_run shards.nomad.hcl "dg=$dg" "model_id=$model" "dims=$dims" "shards_json=$shards_json" "replicas=$replicas" "canary=0" "replicas_apart=true" \
-    "blob_url=$blob_url" "shard_bin_sha256=$shard_sha" "driver=$driver"
-  "$bin/simq-indexer" flip "$dg" 2>&1 | sed 's/^/  /' >&2
-}
-
-# guard_cluster_addresses: simq-indexer and the nomad CLI send to the addresses Consul and
-# Nomad name, past ncurl: first check each of them with node_address_ok.
-guard_cluster_addresses() {
-  local a
-  for a in "$(echo "${NOMAD_ADDR#*://}" | cut -d: -f1)" \
-    $(ncurl -fsS "$CONSUL_HTTP_ADDR/v1/catalog/services" | json '" ".join(d)' | tr ' ' '\n' |
-      while read -r s; do ncurl -fsS "$CONSUL_HTTP_ADDR/v1/catalog/service/$s" | json '" ".join(e["ServiceAddress"] or e["Address"] for e in d)'; done); do
-    node_address_ok "$a" || die "refusing: Consul or Nomad names $a, which is neither loopback nor an address of scripts/nodes.sh's cluster"
-  done
-}
-
 # check_nodes: the acceptance of issue 31 for the node cluster: a query answered through
 # every node's balancer, simq-indexer status, and instances on every node with the
 # replicas of each shard on different nodes.
@@ -201,7 +173,7 @@ serve_blobs_on_bridge() {
 log "blob store"
 if [ $nodes = 1 ]; then
   blob_port="${SIMQ_BLOB_PORT:-8090}"
-  blob_url="http://$OPS_ADDR:$blob_port"
+  blob_url="$(nodes_blob_url)"
   serve_blobs_on_bridge
 else
   blob_url="http://127.0.0.1:8090"
@@ -220,9 +192,12 @@ nomad_run embedder.nomad.hcl "model_id=$model_id" "blob_url=$blob_url" "embedder
   "ort_sha256=$(blob_put "$ORT_LIB" "$blobs")" "model_files={$model_files}" "count=$embedders" "driver=$driver"
 
 log "shards of $dg"
-shard_sha="$(blob_put "$bin/simq-shard" "$blobs")"
 if [ $nodes = 1 ]; then
-  deploy_shards_on_nodes
+  # Every node fetches simq-shard from the blob store; each shard's replicas on distinct
+  # nodes, so new dgs roll out as new groups beside the old (indexer/src/rollout.rs).
+  guard_cluster_addresses
+  "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --blob-url "$blob_url" \
+    --shard-bin-sha256 "$(blob_put "$bin/simq-shard" "$blobs")" --driver "$driver" --replicas-apart true >/dev/null
 else
   "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --blob-url "$blob_url" --shard-bin "$bin/simq-shard" >/dev/null
 fi

@@ -155,6 +155,22 @@ show_logs() {
   return 0
 }
 
+# guard_cluster_addresses: simq-indexer and the nomad CLI send to the addresses Consul
+# (CONSUL_HTTP_ADDR) and Nomad (NOMAD_ADDR) name, past ncurl: first check each of them
+# with node_address_ok.
+guard_cluster_addresses() {
+  local a
+  for a in "$(echo "${NOMAD_ADDR#*://}" | cut -d: -f1)" \
+    $(ncurl -fsS "$CONSUL_HTTP_ADDR/v1/catalog/services" | json '" ".join(d)' | tr ' ' '\n' |
+      while read -r s; do ncurl -fsS "$CONSUL_HTTP_ADDR/v1/catalog/service/$s" | json '" ".join(e["ServiceAddress"] or e["Address"] for e in d)'; done); do
+    node_address_ok "$a" || die "refusing: Consul or Nomad names $a, which is neither loopback nor an address of scripts/nodes.sh's cluster"
+  done
+}
+
+# nodes_blob_url: where the nodes fetch artifacts: the host's blob store on the bridge
+# address (scripts/deploy.sh --nodes starts it; port SIMQ_BLOB_PORT, default 8090).
+nodes_blob_url() { echo "http://$OPS_ADDR:${SIMQ_BLOB_PORT:-8090}"; }
+
 # ---- Consul and Nomad API views ----
 
 # ops_consul PATH: GET from the host's Consul client agent.
@@ -659,6 +675,8 @@ cmd_stop() {
   stop_pids 30 "${nomads[@]}"
   stop_pids 30 "${consuls[@]}" "$NODES_DIR/ops/consul.pid"
   for ((k = 1; k <= NODES_COUNT; k++)); do kill_namespace "$k"; done
+  # The host's blob store (scripts/deploy.sh --nodes).
+  stop_pids 10 "$NODES_DIR/blobs.pid"
   local p
   for p in $(node_processes); do
     log "stray process $p ($(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | cut -c1-80)): killing"

@@ -7,6 +7,8 @@
 #   partition   of one node for 60 s, then heal;
 #   freeze      (SIGSTOP of every process of one node) for 30 s, then SIGCONT;
 #   consul-kill of one node's Consul server, then restart;
+#   power-off   of a follower, and once its replicas are placed again, a rollout of another
+#               dg and a rollback (simq-indexer rollout, rollback), then power-on;
 #   power-off   of the Consul leader's node (the Nomad leader's when it is another), then on.
 # The load goes to the surviving nodes' balancers (round robin); a query whose connection
 # failed before any answer is sent once to the other balancer (counted as resent).
@@ -23,6 +25,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
 
 CORPUS="${SIMQ_TEST_CORPUS:-$SIMQ_ROOT/testdata/corpus/queries-20000.txt}"
+BIN="${SIMQ_BIN_DIR:-$CARGO_TARGET_DIR/release}"
 LOADGEN="${SIMQ_LOADGEN:-$CARGO_TARGET_DIR/release/examples/loadgen}"
 WORK="$(mktemp -d)"
 P99_BOUND_MS=2000
@@ -59,6 +62,16 @@ SIMQ_CORPUS="$CORPUS" SIMQ_CLUSTERS="${SIMQ_CLUSTERS:-256}" "$SIMQ_ROOT/scripts/
 DG="$(tail -1 "$WORK/deploy.log")"
 NOMAD="$(nomad_url)" || die "no Nomad server answers"
 log "stack on 3 nodes serving $DG in $((SECONDS - t0)) s"
+
+# A second dg of the same corpus (other fine clusters), published, for the rollout and the
+# rollback with a node down. simq-indexer sends to Nomad and to the balancers Consul names:
+# node addresses of this cluster only (guard_cluster_addresses).
+export CONSUL_HTTP_ADDR="http://$OPS_CONSUL_HTTP" NOMAD_ADDR="$NOMAD" ORT_DYLIB_PATH="$ORT_LIB"
+DG_B_DIR="$("$BIN/simq-indexer" build "$CORPUS" --model-dir "$SIMQ_MODEL_DIR" --out "$SIMQ_CACHE/dgs" --shards 2 --clusters 128 2>"$WORK/build-b.log")" ||
+  { tail -5 "$WORK/build-b.log"; die "building the second dg failed (log above)"; }
+DG_B="$(basename "$DG_B_DIR")"
+"$BIN/simq-indexer" publish "$DG_B_DIR" --blobs "$SIMQ_CACHE/blobs" >/dev/null
+ROLLOUT_ARGS=(--blob-url "$(nodes_blob_url)" --shard-bin-sha256 "$(sha256sum "$BIN/simq-shard" | cut -d' ' -f1)")
 
 # Unique queries: the corpus three times, each round with its own suffix, so no answer
 # of the whole test can come from the balancers' cache.
@@ -142,12 +155,12 @@ first_within() {
   echo "-"
 }
 
-# fault NAME VICTIM HOLD DO UNDO REPLACES: run the load on the other nodes' balancers, do
-# DO to node VICTIM, measure, wait HOLD seconds (and, when REPLACES is 1, until every shard
-# is back to its replica count on the other nodes), UNDO, let the load run 10 s more, and
-# assert the bounds.
+# fault NAME VICTIM HOLD DO UNDO REPLACES [DURING]: run the load on the other nodes'
+# balancers, do DO to node VICTIM, measure, wait HOLD seconds (and, when REPLACES is 1,
+# until every shard is back to its replica count on the other nodes), run DURING (a
+# function) if given, UNDO, let the load run 10 s more, and assert the bounds.
 fault() {
-  local name=$1 victim=$2 hold=$3 do=$4 undo=$5 replaces=$6 k t gone back="" summary urls=() settle_out
+  local name=$1 victim=$2 hold=$3 do=$4 undo=$5 replaces=$6 during=${7:-} k t gone back="" summary urls=() settle_out
   for k in 1 2 3; do [ "$k" = "$victim" ] || urls+=(--url "$(balancer_url "$k")"); done
   "$LOADGEN" --queries "$WORK/queries.txt" --start "$NEXT" --rate "$RATE" --seconds 600 --max 100000 \
     --resend-to-next-url "${urls[@]}" --label "$name" --timeline "$SIMQ_CLUSTER_DIR/node-faults-$name.timeline.jsonl" >"$WORK/$name.json" 2>"$WORK/$name.err" &
@@ -158,6 +171,7 @@ fault() {
   "$SIMQ_ROOT/scripts/nodes.sh" "$do" "$victim"
   gone="$(first_within 20 "$t" victim_gone "n$victim")"
   [ "$replaces" = 1 ] && back="$(first_within 90 "$t" shards_full "n$victim")"
+  [ -z "$during" ] || "$during" "$name" "$victim"
   sleep "$(awk -v h="$hold" -v s="$(seconds_since "$t")" 'BEGIN { d = h - s; print (d > 0 ? d : 0) }')"
   "$SIMQ_ROOT/scripts/nodes.sh" "$undo" "$victim" >/dev/null
   local held
@@ -188,6 +202,27 @@ fault() {
   if [ "$settle" = - ]; then
     settle_out="$(settled || true)"
     die "$name: not settled $SETTLE_LIMIT s after recovery (the next fault would measure nothing): $settle_out"
+  fi
+}
+
+# rollout_and_back NAME VICTIM: with VICTIM down, roll DG_B out and roll back to DG (each
+# must succeed; their times are logged); the load keeps running.
+rollout_and_back() {
+  local name=$1 victim=$2 t
+  # A Nomad server that is on (the one the test started with may be the victim).
+  NOMAD_ADDR="$(nomad_url)" || { miss "$name: no Nomad server answers with n$victim down"; return; }
+  guard_cluster_addresses
+  t=$SECONDS
+  if "$BIN/simq-indexer" rollout "$DG_B" "${ROLLOUT_ARGS[@]}" >"$WORK/rollout.log" 2>&1; then
+    log "$name: rollout of $DG_B with n$victim down: $((SECONDS - t)) s"
+  else
+    miss "$name: rollout of $DG_B with n$victim down failed: $(tail -3 "$WORK/rollout.log" | tr '\n' ' ')"
+  fi
+  t=$SECONDS
+  if "$BIN/simq-indexer" rollback "${ROLLOUT_ARGS[@]}" >"$WORK/rollback.log" 2>&1; then
+    log "$name: rollback to $DG with n$victim down: $((SECONDS - t)) s"
+  else
+    miss "$name: rollback to $DG with n$victim down failed: $(tail -3 "$WORK/rollback.log" | tr '\n' ' ')"
   fi
 }
 
@@ -230,6 +265,7 @@ fault power-off-follower "$(follower)" 0 power-off power-on 1
 fault partition-60s "$(busiest)" 60 partition heal 1
 fault freeze-30s "$(busiest)" 30 freeze thaw 0
 fault consul-server-kill "$(busiest)" 15 consul-kill consul-start 0
+fault rollout-node-down "$(follower)" 0 power-off power-on 1 rollout_and_back
 leader="$(consul_leader_node)"
 fault power-off-leader "${leader#n}" 0 power-off power-on 1
 

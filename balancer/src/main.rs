@@ -83,9 +83,10 @@ struct Args {
     /// wait fits their deadline, the rest get 503 + Retry-After at once.
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
-    /// How embedders share the calls: spread (round robin) or stable (the first healthy
+    /// How embedders share the calls: spread (round robin), stable (the first healthy
     /// embedder by Consul id gets every call, the others stand by; for embedders that
-    /// share one host's cores).
+    /// share one host's cores) or local (embedders on this balancer's own address, the
+    /// host of --listen, first, round robin, then the others; for a cluster of nodes).
     #[arg(long, value_enum, default_value = "spread")]
     embedder_order: EmbedderOrder,
     /// Whole-request deadline in milliseconds.

@@ -216,8 +216,22 @@ struct RolloutArgs {
     #[arg(long)]
     model_dir: Option<PathBuf>,
     /// Absolute path of the simq-shard binary the job runs [default: beside this binary].
+    /// Used where --shard-bin-sha256 is not given: a host path, so a single node only.
     #[arg(long)]
     shard_bin: Option<PathBuf>,
+    /// sha256 of the simq-shard binary in the blob store: every node fetches it from
+    /// --blob-url and verifies it, instead of running --shard-bin (needed on several nodes).
+    #[arg(long, value_name = "SHA256")]
+    shard_bin_sha256: Option<String>,
+    /// Nomad task driver of the shards: raw_exec, or exec (isolated; needs
+    /// --shard-bin-sha256, since a host path is not inside its chroot).
+    #[arg(long, default_value = "raw_exec", value_parser = ["raw_exec", "exec"])]
+    driver: String,
+    /// Keep each shard's replicas on distinct nodes; new dgs then roll out as new Nomad
+    /// groups beside the old (no canaries) [default: as the running shards job does, else
+    /// false].
+    #[arg(long, value_name = "BOOL")]
+    replicas_apart: Option<bool>,
     /// Seconds a new shard instance may take to pass its checks.
     #[arg(long, default_value_t = 30)]
     healthy_deadline_secs: u64,
@@ -621,10 +635,30 @@ mod cluster {
                 .await?
                 .unwrap_or(1),
         };
+        let shard_bin_sha256 = args.shard_bin_sha256.clone().unwrap_or_default();
+        anyhow::ensure!(
+            shard_bin_sha256.is_empty()
+                || (shard_bin_sha256.len() == 64
+                    && shard_bin_sha256.bytes().all(|b| b.is_ascii_hexdigit())),
+            "--shard-bin-sha256 {shard_bin_sha256:?} is not a sha256 (64 hex digits)"
+        );
+        anyhow::ensure!(
+            args.driver != "exec" || !shard_bin_sha256.is_empty(),
+            "--driver exec needs --shard-bin-sha256: the host path of --shard-bin is not inside the exec driver's chroot"
+        );
+        let replicas_apart = match args.replicas_apart {
+            Some(apart) => apart,
+            None => simq_indexer::rollout::running_apart(&nomad)
+                .await?
+                .unwrap_or(false),
+        };
         let opts = RolloutOptions {
             replicas,
             blob_url: args.blob_url.clone(),
             shard_bin: shard_bin.to_string_lossy().into_owned(),
+            shard_bin_sha256,
+            driver: args.driver.clone(),
+            replicas_apart,
             healthy_deadline: Duration::from_secs(args.healthy_deadline_secs),
             progress_deadline: Duration::from_secs(args.progress_deadline_secs),
             timeout: Duration::from_secs(args.timeout_secs),

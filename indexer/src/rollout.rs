@@ -17,6 +17,14 @@
 //! the old dg's extra shards away while balancers still route with the old dg: those
 //! groups are registered again unchanged (copied from the running job), keep running
 //! through the deployment, and are removed by a second registration after the promote.
+//!
+//! On the node cluster (`replicas_apart`) each group keeps its replicas on distinct nodes
+//! (`distinct_hosts`), and canaries beside the old replicas would need 2 x replicas nodes.
+//! There the groups carry the dg in their names (`shard-N-<dg>`), so a new dg is all new
+//! groups: the same mechanism as the extra shards above, for every shard. The old dg's
+//! groups are registered again unchanged, the new ones are placed at once, the pointer
+//! flips when they are all healthy, and a second registration removes the old groups. A
+//! failed deployment is reverted by Nomad as with canaries (the new groups go).
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +42,14 @@ pub const SHARDS_JOB_ID: &str = "simq-shards";
 pub struct RolloutOptions {
     pub replicas: usize,
     pub blob_url: String,
+    /// Host path of simq-shard, run where `shard_bin_sha256` is empty (single node only).
     pub shard_bin: String,
+    /// sha256 of simq-shard in the blob store: every node fetches and verifies it.
+    pub shard_bin_sha256: String,
+    /// Nomad task driver (raw_exec, exec).
+    pub driver: String,
+    /// Replicas of a shard on distinct nodes, blue/green by groups (see the module doc).
+    pub replicas_apart: bool,
     pub healthy_deadline: Duration,
     pub progress_deadline: Duration,
     /// Give up waiting after this long (Nomad keeps its own deadlines).
@@ -58,7 +73,8 @@ pub enum RolloutOutcome {
     CandidateReady { seconds: f64 },
 }
 
-/// The first shard group of the running shards job (None when no such job runs).
+/// The first shard group of the running shards job: the group of shard 0 listed first (a
+/// rollout by groups lists the new dg's before the old dg's). None when no job runs.
 async fn running_first_group(nomad: &NomadClient) -> anyhow::Result<Option<serde_json::Value>> {
     let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
         return Ok(None);
@@ -70,8 +86,16 @@ async fn running_first_group(nomad: &NomadClient) -> anyhow::Result<Option<serde
         .as_array()
         .into_iter()
         .flatten()
-        .find(|g| g["Name"] == group_name(0).as_str())
+        .find(|g| g["Name"].as_str().and_then(group_shard) == Some(0))
         .cloned())
+}
+
+/// Whether the running shards job keeps replicas apart (its groups carry the dg in their
+/// names); None when no job runs.
+pub async fn running_apart(nomad: &NomadClient) -> anyhow::Result<Option<bool>> {
+    Ok(running_first_group(nomad)
+        .await?
+        .and_then(|g| g["Name"].as_str().map(|n| n != group_name(0, "", false))))
 }
 
 /// The dg the running shards job serves, if any.
@@ -111,9 +135,20 @@ fn go_duration(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
-/// The Nomad group that runs shard `shard`.
-pub fn group_name(shard: u32) -> String {
-    format!("shard-{shard}")
+/// The Nomad group that runs shard `shard` of `dg`: `shard-N`, or `shard-N-<dg>` when
+/// replicas are kept apart (blue/green by groups). The job spec names them the same way.
+pub fn group_name(shard: u32, dg: &str, apart: bool) -> String {
+    if apart {
+        format!("shard-{shard}-{dg}")
+    } else {
+        format!("shard-{shard}")
+    }
+}
+
+/// The shard a group name (of [`group_name`]) runs.
+pub fn group_shard(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("shard-")?;
+    rest.split_once('-').map_or(rest, |(n, _)| n).parse().ok()
 }
 
 /// Register the shards job for `manifest` with `canary` canaries per group, plus `keep`:
@@ -148,12 +183,17 @@ pub async fn register_shards(
         ("shards_json", shards_json.as_str()),
         ("blob_url", opts.blob_url.as_str()),
         ("shard_bin", opts.shard_bin.as_str()),
+        ("shard_bin_sha256", opts.shard_bin_sha256.as_str()),
+        ("driver", opts.driver.as_str()),
         ("healthy_deadline", healthy.as_str()),
         ("progress_deadline", progress.as_str()),
         ("attempt", attempt),
     ]);
     // Numbers are HCL numbers, not strings.
-    let vars = format!("{vars}dims = {dims}\nreplicas = {replicas}\ncanary = {canary}\n");
+    let vars = format!(
+        "{vars}dims = {dims}\nreplicas = {replicas}\ncanary = {canary}\nreplicas_apart = {}\n",
+        opts.replicas_apart
+    );
     let mut job = nomad
         .parse_job(simq_nomad::jobs::SHARDS, &vars)
         .await
@@ -195,41 +235,40 @@ async fn groups_beyond(
         .collect())
 }
 
-/// After the flip: register the job again without the old dg's extra groups, so Nomad
-/// stops them (no balancer routes with the old dg any more).
-async fn drop_groups(
-    nomad: &NomadClient,
-    keep: &[serde_json::Value],
-    progress: &impl Fn(&str),
-) -> anyhow::Result<()> {
-    let names: Vec<&str> = keep.iter().filter_map(|g| g["Name"].as_str()).collect();
+/// The names of Nomad task groups.
+fn group_names(groups: &[serde_json::Value]) -> Vec<String> {
+    groups
+        .iter()
+        .filter_map(|g| g["Name"].as_str().map(String::from))
+        .collect()
+}
+
+/// Register the job again without the groups `names` (the old dg's after the flip, or a
+/// candidate's on abort), so Nomad stops them; waits (bounded) until they ended.
+async fn drop_groups(nomad: &NomadClient, names: &[String]) -> anyhow::Result<()> {
     let mut job = nomad
         .job(SHARDS_JOB_ID)
         .await?
         .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} vanished"))?;
     if let Some(groups) = job["TaskGroups"].as_array_mut() {
-        groups.retain(|g| g["Name"].as_str().is_none_or(|n| !names.contains(&n)));
+        groups.retain(|g| g["Name"].as_str().is_none_or(|n| !names.iter().any(|x| x == n)));
     }
     nomad
         .register_job(&job)
         .await
-        .context("removing the previous dg's extra shard groups")?;
+        .with_context(|| format!("removing the shard groups {}", names.join(", ")))?;
     // Wait (bounded) until their instances ended, so the next rollout starts clean.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let allocs = nomad.job_allocations(SHARDS_JOB_ID).await?;
         if !allocs.iter().any(|a| {
-            names.contains(&a.task_group.as_str())
+            names.contains(&a.task_group)
                 && matches!(a.client_status.as_str(), "running" | "pending")
         }) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    progress(&format!(
-        "removed {} of the previous dg (the new dg has fewer shards)",
-        names.join(", ")
-    ));
     Ok(())
 }
 
@@ -363,6 +402,93 @@ async fn flip_back(
     })
 }
 
+/// What a rollout sees before it acts.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    /// The dg to roll out.
+    pub dg: &'a str,
+    /// The dg the shards job's spec names (its first shard-0 group), if a job runs.
+    pub current: Option<&'a str>,
+    /// The dg the active pointer names, if any.
+    pub active: Option<&'a str>,
+    /// Replicas apart: blue/green by groups instead of canaries.
+    pub apart: bool,
+    pub replicas: usize,
+    /// The shards job's latest deployment.
+    pub latest: Option<LatestDeployment<'a>>,
+}
+
+/// The parts of a Nomad deployment a rollout decides by.
+#[derive(Debug, Clone, Copy)]
+pub struct LatestDeployment<'a> {
+    pub status: &'a str,
+    pub job_version: u64,
+    /// Some group of it has canaries.
+    pub canaried: bool,
+}
+
+/// What a rollout does, decided from what it sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Canaries per group: `replicas` when another dg serves and replicas share nodes.
+    pub canary: usize,
+    /// Follow this job version's deployment instead of registering the job again.
+    pub resume: Option<u64>,
+    /// Another dg serves: its groups that are not the new dg's stay until after the flip.
+    pub keep_others: bool,
+    /// Flip as soon as the new dg's shards are all healthy (then the old ones go).
+    pub blue_green: bool,
+    /// Force a new job version though the spec may not change: a retry after a failed
+    /// deployment, or a spec that names `dg` while another dg serves and its deployment
+    /// ended (the new shards must be placed again).
+    pub new_attempt: bool,
+}
+
+impl Plan {
+    /// How the new dg's shards run beside the old, in words.
+    fn beside(&self) -> &'static str {
+        if self.canary > 0 {
+            "canaries"
+        } else {
+            "new groups"
+        }
+    }
+}
+
+/// Decide a rollout (a pure function: what it does in each state is unit-tested below).
+pub fn plan(seen: &Seen) -> Plan {
+    let dg = seen.dg;
+    // What the job spec names and what the balancers route with can differ after an
+    // interrupted rollout: the spec may already name `dg` while the pointer still names
+    // the dg whose shards serve. Blue/green is needed whenever another dg serves.
+    let another_serves =
+        seen.active.is_some_and(|a| a != dg) || seen.current.is_some_and(|c| c != dg);
+    let canary = if another_serves && !seen.apart {
+        seen.replicas
+    } else {
+        0
+    };
+    let spec_names_dg = seen.current == Some(dg);
+    // An interrupted rollout of `dg` whose deployment still runs is picked up where it is,
+    // not registered again (which would cancel it and start its canaries over). By groups,
+    // so is one whose new groups already run beside the serving dg's (a candidate).
+    let resume = seen.latest.filter(|_| spec_names_dg).and_then(|d| {
+        let live = matches!(d.status, "running" | "paused" | "pending");
+        let beside = seen.apart && another_serves && (live || d.status == "successful");
+        ((live && d.canaried) || beside).then_some(d.job_version)
+    });
+    let last_failed =
+        spec_names_dg && seen.latest.is_some_and(|d| matches!(d.status, "failed" | "cancelled"));
+    let stale_spec = spec_names_dg && another_serves;
+    Plan {
+        canary,
+        resume,
+        keep_others: another_serves,
+        blue_green: canary > 0 || resume.is_some() || (seen.apart && another_serves),
+        new_attempt: resume.is_none() && (last_failed || stale_spec),
+    }
+}
+
 /// Roll `dg` out; `progress` receives one line per change of state.
 pub async fn rollout(
     nomad: &NomadClient,
@@ -374,51 +500,37 @@ pub async fn rollout(
 ) -> anyhow::Result<RolloutOutcome> {
     let started = Instant::now();
     let manifest = published_manifest(consul, layout, dg).await?;
-    // What the job spec names and what the balancers route with can differ after an
-    // interrupted rollout: the spec may already name `dg` while the pointer still names
-    // the dg whose shards serve. Canaries are needed whenever another dg serves.
     let current = running_dg(nomad).await?;
     let active = crate::flip::observe(consul, layout)
         .await?
         .active
         .map(|a| a.dg);
-    let another_serves =
-        active.as_deref().is_some_and(|a| a != dg) || current.as_deref().is_some_and(|c| c != dg);
-    let canary = if another_serves { opts.replicas } else { 0 };
-    // An interrupted rollout of `dg` whose deployment still runs is picked up where it is,
-    // not registered again (which would cancel it and start its canaries over).
-    let resumed = match nomad.latest_deployment(SHARDS_JOB_ID).await? {
-        Some(d)
-            if current.as_deref() == Some(dg)
-                && matches!(d.status.as_str(), "running" | "paused" | "pending")
-                && d.task_groups.values().any(|g| g.desired_canaries > 0) =>
-        {
-            Some(d.job_version)
-        }
-        _ => None,
-    };
+    let latest = nomad.latest_deployment(SHARDS_JOB_ID).await?;
+    let plan = plan(&Seen {
+        dg,
+        current: current.as_deref(),
+        active: active.as_deref(),
+        apart: opts.replicas_apart,
+        replicas: opts.replicas,
+        latest: latest.as_ref().map(|d| LatestDeployment {
+            status: d.status.as_str(),
+            job_version: d.job_version,
+            canaried: d.task_groups.values().any(|g| g.desired_canaries > 0),
+        }),
+    });
+    let (canary, resumed, blue_green) = (plan.canary, plan.resume, plan.blue_green);
     progress(&format!(
         "rolling out {dg} ({} shards x {} replicas){}",
         manifest.shards.len(),
         opts.replicas,
         match (&active, &current) {
-            (Some(a), _) if a != dg => format!(", canaries beside {a}, which serves"),
-            (_, Some(c)) if c != dg => format!(", canaries beside running {c}"),
+            (Some(a), _) if a != dg => format!(", {} beside {a}, which serves", plan.beside()),
+            (_, Some(c)) if c != dg => format!(", {} beside running {c}", plan.beside()),
             (_, Some(_)) => ", same dg already running".into(),
             _ => String::new(),
         }
     ));
-    // Retrying a dg whose last deployment failed needs a new job version, else Nomad sees
-    // no change and nothing is placed again.
-    // So does a spec that names `dg` while another dg serves (an interrupted rollout whose
-    // deployment ended): its canaries must be placed again.
-    let last_failed = current.as_deref() == Some(dg)
-        && nomad
-            .latest_deployment(SHARDS_JOB_ID)
-            .await?
-            .is_some_and(|d| d.status == "failed" || d.status == "cancelled");
-    let stale_spec = current.as_deref() == Some(dg) && another_serves;
-    let attempt = if last_failed || stale_spec {
+    let attempt = if plan.new_attempt {
         crate::flip::now_rfc3339()
     } else {
         String::new()
@@ -426,12 +538,14 @@ pub async fn rollout(
     let new_groups: Vec<String> = manifest
         .shards
         .iter()
-        .map(|s| group_name(s.shard))
+        .map(|s| group_name(s.shard, dg, opts.replicas_apart))
         .collect();
-    // Groups of the running dg beyond the new dg's shard count: kept until after the flip.
-    let keep = match &current {
-        Some(cur) if cur != dg => groups_beyond(nomad, &new_groups).await?,
-        _ => Vec::new(),
+    // Groups of the serving dg that are not the new dg's (beyond its shard count; by groups,
+    // all of them): kept until after the flip.
+    let keep = if plan.keep_others {
+        groups_beyond(nomad, &new_groups).await?
+    } else {
+        Vec::new()
     };
     let version = match resumed {
         Some(version) => {
@@ -514,7 +628,6 @@ pub async fn rollout(
             last_at = Instant::now();
         }
         match dep.status.as_str() {
-            "successful" => break,
             "failed" | "cancelled" => {
                 let causes = failure_causes(nomad, version).await?;
                 if let Some(back) = flip_back(consul, layout, &flipped).await {
@@ -538,13 +651,15 @@ pub async fn rollout(
             _ => {}
         }
         // A resumed deployment has canaries even when `dg` is already active (a run killed
-        // between the flip and the promotion): they still wait for the promotion.
-        let all_canaries_healthy = (canary > 0 || resumed.is_some())
-            && new_groups.iter().all(|name| {
-                dep.task_groups
-                    .get(name)
-                    .is_some_and(|g| target(g) > 0 && g.healthy_allocs >= target(g))
-            });
+        // between the flip and the promotion): they still wait for the promotion. By
+        // groups, a successful deployment means every new group is healthy.
+        let all_canaries_healthy = blue_green
+            && ((opts.replicas_apart && dep.status == "successful")
+                || new_groups.iter().all(|name| {
+                    dep.task_groups
+                        .get(name)
+                        .is_some_and(|g| target(g) > 0 && g.healthy_allocs >= target(g))
+                }));
         if all_canaries_healthy && opts.candidate_only {
             progress(&format!(
                 "candidate {dg} ready: every shard's canaries are healthy beside the active dg ({:.1} s); not flipped",
@@ -568,23 +683,35 @@ pub async fn rollout(
             // The old set may only go once no balancer routes with it any more.
             let waited = wait_for_balancers(consul, dg, Duration::from_secs(15)).await;
             progress(&format!("balancers route with {dg}: {waited}"));
-            // (A resumed run finds it promoted when its last run was killed after that.)
-            let mut canaried = dep.task_groups.values().filter(|g| g.desired_canaries > 0);
-            if canaried.all(|g| g.promoted) {
-                progress("deployment already promoted: old shards stop");
-            } else {
-                nomad
-                    .promote_deployment(&dep.id)
-                    .await
-                    .context("promoting the deployment")?;
-                progress("deployment promoted: old shards stop");
+            // (A resumed run finds it promoted when its last run was killed after that; by
+            // groups there are no canaries, the old groups go below.)
+            let mut canaried = dep
+                .task_groups
+                .values()
+                .filter(|g| g.desired_canaries > 0)
+                .peekable();
+            if canaried.peek().is_some() {
+                if canaried.all(|g| g.promoted) {
+                    progress("deployment already promoted: old shards stop");
+                } else {
+                    nomad
+                        .promote_deployment(&dep.id)
+                        .await
+                        .context("promoting the deployment")?;
+                    progress("deployment promoted: old shards stop");
+                }
             }
+        }
+        // By groups, the flip ends the wait: the old groups go next, by a registration
+        // that supersedes this deployment. (It would not end while an old group has an
+        // instance on a lost node, which the registration cannot update: measured, a
+        // rollback with a node down failed at its progress deadline.)
+        if dep.status == "successful" || (opts.replicas_apart && flipped.is_some()) {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    if !keep.is_empty() {
-        drop_groups(nomad, &keep, &progress).await?;
-    }
+    // The flip comes before the old dg's groups go.
     let (flipped, seconds_to_flip) = match flipped {
         Some(f) => f,
         None => {
@@ -596,6 +723,14 @@ pub async fn rollout(
             (f, started.elapsed().as_secs_f64())
         }
     };
+    if !keep.is_empty() {
+        let names = group_names(&keep);
+        drop_groups(nomad, &names).await?;
+        progress(&format!(
+            "removed the previous dg's groups {}",
+            names.join(", ")
+        ));
+    }
     Ok(RolloutOutcome::Done {
         flipped,
         seconds_to_flip,
@@ -623,6 +758,19 @@ pub async fn abort(
     let Some(active) = active else {
         bail!("no dg is active: {candidate} is the only one running; stop it with nomad job stop");
     };
+    if running_apart(nomad).await? == Some(true) {
+        // By groups: the candidate is its own groups; the job without them is the active's.
+        let names: Vec<String> = group_names(&groups_beyond(nomad, &[]).await?)
+            .into_iter()
+            .filter(|n| n.ends_with(&format!("-{candidate}")))
+            .collect();
+        drop_groups(nomad, &names).await?;
+        progress(&format!(
+            "candidate {candidate}'s groups removed ({}); {active} serves",
+            names.join(", ")
+        ));
+        return Ok(Some(candidate));
+    }
     if let Some(dep) = nomad.latest_deployment(SHARDS_JOB_ID).await? {
         if matches!(dep.status.as_str(), "running" | "paused" | "pending") {
             nomad
@@ -654,5 +802,97 @@ pub async fn abort(
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen<'a>(current: Option<&'a str>, active: Option<&'a str>, apart: bool) -> Seen<'a> {
+        Seen {
+            dg: "dg-b",
+            current,
+            active,
+            apart,
+            replicas: 2,
+            latest: None,
+        }
+    }
+
+    fn deployment(status: &str, canaried: bool) -> Option<LatestDeployment<'_>> {
+        Some(LatestDeployment {
+            status,
+            job_version: 7,
+            canaried,
+        })
+    }
+
+    #[test]
+    fn group_names_carry_the_dg_only_when_replicas_are_apart() {
+        assert_eq!(group_name(3, "dg-b", false), "shard-3");
+        assert_eq!(group_name(3, "dg-b", true), "shard-3-dg-b");
+        assert_eq!(group_shard("shard-3"), Some(3));
+        assert_eq!(group_shard("shard-12-dg-0123456789abcdef"), Some(12));
+        assert_eq!(group_shard("embedder"), None);
+        assert_eq!(group_shard("shard-x"), None);
+    }
+
+    #[test]
+    fn the_first_dg_is_placed_without_blue_green() {
+        for apart in [false, true] {
+            let p = plan(&seen(None, None, apart));
+            assert_eq!((p.canary, p.resume, p.blue_green), (0, None, false));
+            assert!(!p.keep_others && !p.new_attempt);
+        }
+    }
+
+    #[test]
+    fn another_dg_serving_means_canaries_where_replicas_share_nodes() {
+        let p = plan(&seen(Some("dg-a"), Some("dg-a"), false));
+        assert_eq!(p.canary, 2);
+        assert!(p.blue_green && p.keep_others && !p.new_attempt);
+    }
+
+    #[test]
+    fn another_dg_serving_means_new_groups_where_replicas_are_apart() {
+        let p = plan(&seen(Some("dg-a"), Some("dg-a"), true));
+        assert_eq!(p.canary, 0, "no canaries: they could not sit apart from the old replicas");
+        assert!(p.blue_green && p.keep_others && !p.new_attempt);
+    }
+
+    #[test]
+    fn a_running_deployment_of_the_dg_is_resumed_not_registered_again() {
+        let mut s = seen(Some("dg-b"), Some("dg-a"), false);
+        s.latest = deployment("running", true);
+        assert_eq!(plan(&s).resume, Some(7));
+        // By groups, also once the new groups are all healthy (a candidate).
+        let mut s = seen(Some("dg-b"), Some("dg-a"), true);
+        s.latest = deployment("successful", false);
+        let p = plan(&s);
+        assert_eq!(p.resume, Some(7));
+        assert!(p.blue_green && p.keep_others && !p.new_attempt);
+    }
+
+    #[test]
+    fn a_failed_deployment_of_the_dg_is_retried_with_a_new_job_version() {
+        for apart in [false, true] {
+            let mut s = seen(Some("dg-b"), Some("dg-a"), apart);
+            s.latest = deployment("failed", !apart);
+            let p = plan(&s);
+            assert_eq!(p.resume, None);
+            assert!(p.new_attempt && p.blue_green);
+        }
+    }
+
+    #[test]
+    fn the_dg_that_already_serves_is_registered_again_as_is() {
+        for apart in [false, true] {
+            let mut s = seen(Some("dg-b"), Some("dg-b"), apart);
+            s.latest = deployment("successful", false);
+            let p = plan(&s);
+            assert_eq!((p.canary, p.resume), (0, None));
+            assert!(!p.blue_green && !p.keep_others && !p.new_attempt);
+        }
     }
 }

@@ -34,13 +34,14 @@ async fn every_job_spec_passes_nomad_validate() {
             ),
             2,
         ),
-        // As a node cluster runs it: the binary an artifact, the exec driver.
+        // As a node cluster runs it: the binary an artifact, the exec driver, replicas
+        // apart (groups named after the dg).
         (
             "simq-shards",
             jobs::SHARDS,
             shards_vars(
                 [("shard_bin_sha256", sha.as_str()), ("driver", "exec")],
-                "dims = 384\nreplicas = 2\ncanary = 0\n",
+                "dims = 384\nreplicas = 2\ncanary = 0\nreplicas_apart = true\n",
             ),
             2,
         ),
