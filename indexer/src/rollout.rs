@@ -251,7 +251,11 @@ async fn drop_groups(nomad: &NomadClient, names: &[String]) -> anyhow::Result<()
         .await?
         .ok_or_else(|| anyhow!("job {SHARDS_JOB_ID} vanished"))?;
     if let Some(groups) = job["TaskGroups"].as_array_mut() {
-        groups.retain(|g| g["Name"].as_str().is_none_or(|n| !names.iter().any(|x| x == n)));
+        groups.retain(|g| {
+            g["Name"]
+                .as_str()
+                .is_none_or(|n| !names.iter().any(|x| x == n))
+        });
     }
     nomad
         .register_job(&job)
@@ -477,8 +481,10 @@ pub fn plan(seen: &Seen) -> Plan {
         let beside = seen.apart && another_serves && (live || d.status == "successful");
         ((live && d.canaried) || beside).then_some(d.job_version)
     });
-    let last_failed =
-        spec_names_dg && seen.latest.is_some_and(|d| matches!(d.status, "failed" | "cancelled"));
+    let last_failed = spec_names_dg
+        && seen
+            .latest
+            .is_some_and(|d| matches!(d.status, "failed" | "cancelled"));
     let stale_spec = spec_names_dg && another_serves;
     Plan {
         canary,
@@ -857,7 +863,10 @@ mod tests {
     #[test]
     fn another_dg_serving_means_new_groups_where_replicas_are_apart() {
         let p = plan(&seen(Some("dg-a"), Some("dg-a"), true));
-        assert_eq!(p.canary, 0, "no canaries: they could not sit apart from the old replicas");
+        assert_eq!(
+            p.canary, 0,
+            "no canaries: they could not sit apart from the old replicas"
+        );
         assert!(p.blue_green && p.keep_others && !p.new_attempt);
     }
 
