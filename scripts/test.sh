@@ -105,11 +105,18 @@ if [ ${#cargo_args[@]} -eq 0 ] || [ "${cargo_args[*]}" = acl ]; then
   fi
 fi
 # The 3-node cluster (network namespaces): quorum, spread placement, a powered-off leader
-# node, rejoin, nothing left behind. Needs the single-node cluster stopped (port 8500).
+# node, rejoin, nothing left behind; then simq on it under faults. Needs the single-node
+# cluster stopped (port 8500).
 if [ ${#cargo_args[@]} -eq 0 ] || [ "${cargo_args[*]}" = nodes ]; then
   if [ $started_here -eq 0 ] && ! "$SIMQ_ROOT/scripts/cluster.sh" status >/dev/null 2>&1; then
     log "3-node cluster in network namespaces (scripts/test-nodes.sh)"
     bash "$SIMQ_ROOT/scripts/test-nodes.sh"
+    check_stopped
+    # simq on it: a node lost in five ways, and a rollout and a rollback with a node down,
+    # under unique-query load at half its capacity (about 8 minutes).
+    log "simq on 3 nodes: faults under load (scripts/test-node-faults.sh)"
+    cargo_build "cargo build --release (binaries, load generator)" --release --workspace --bins --examples
+    bash "$SIMQ_ROOT/scripts/test-node-faults.sh"
     check_stopped
   else
     log "3-node cluster test skipped: a single-node cluster runs"
