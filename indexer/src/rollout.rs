@@ -256,6 +256,19 @@ async fn drop_groups(nomad: &NomadClient, names: &[String]) -> anyhow::Result<()
                 .as_str()
                 .is_none_or(|n| !names.iter().any(|x| x == n))
         });
+        // No auto-revert for this version: its deployment only moves the remaining
+        // instances to the new job version in place, and one on a lost node never gets
+        // there; the deployment then fails at its deadline, and a revert would bring the
+        // dropped groups back (measured with a node down: the old dg's groups ran again).
+        // The next rollout registers the spec, auto-revert on, again.
+        for g in groups.iter_mut() {
+            if g["Update"].is_object() {
+                g["Update"]["AutoRevert"] = serde_json::Value::Bool(false);
+            }
+        }
+    }
+    if job["Update"].is_object() {
+        job["Update"]["AutoRevert"] = serde_json::Value::Bool(false);
     }
     nomad
         .register_job(&job)
@@ -481,7 +494,10 @@ pub fn plan(seen: &Seen) -> Plan {
         let beside = seen.apart && another_serves && (live || d.status == "successful");
         ((live && d.canaried) || beside).then_some(d.job_version)
     });
+    // (Not when `dg` already serves: its shards run, and a new version would restart them
+    // all; its last deployment may have failed only to move an instance on a lost node.)
     let last_failed = spec_names_dg
+        && seen.active != Some(dg)
         && seen
             .latest
             .is_some_and(|d| matches!(d.status, "failed" | "cancelled"));
@@ -891,6 +907,16 @@ mod tests {
             let p = plan(&s);
             assert_eq!(p.resume, None);
             assert!(p.new_attempt && p.blue_green);
+        }
+    }
+
+    #[test]
+    fn the_serving_dg_is_not_restarted_because_its_last_deployment_failed() {
+        for apart in [false, true] {
+            let mut s = seen(Some("dg-b"), Some("dg-b"), apart);
+            s.latest = deployment("failed", false);
+            let p = plan(&s);
+            assert!(!p.new_attempt && !p.blue_green && p.resume.is_none());
         }
     }
 
