@@ -342,7 +342,7 @@ async fn shard_count_changes_roll_out_without_failed_or_degraded_queries() {
     assert_switch(&load, &[&dg4, &dg3], &dg3);
     assert_eq!(load.degraded, 0, "degraded answers during 4 -> 3 shards");
     assert!(
-        stderr(&o).contains("removed shard-3 of the previous dg"),
+        stderr(&o).contains("removed the previous dg's groups shard-3"),
         "{}",
         stderr(&o)
     );
