@@ -180,16 +180,19 @@ else
   nomad_run blobs.nomad.hcl "indexer_bin=$bin/simq-indexer" "dir=$blobs"
 fi
 "$bin/simq-indexer" publish "$dg_dir" --blobs "$blobs" >/dev/null
+# blob_put FILE: store FILE in the blob store under its sha256 (content-checked, as publish
+# stores shard files) and print the sha256; the jobs fetch <blob_url>/<sha256> and check it.
+blob_put() { "$bin/simq-indexer" put-blob "$1" --blobs "$blobs"; }
 # What the jobs run, as artifacts: binaries, ONNX Runtime, the model's files.
 model_files=""
 for f in model.onnx tokenizer.json simq-model.json; do
-  model_files+="${model_files:+, }\"$f\" = \"$(blob_put "$SIMQ_MODEL_DIR/$f" "$blobs")\""
+  model_files+="${model_files:+, }\"$f\" = \"$(blob_put "$SIMQ_MODEL_DIR/$f")\""
 done
 
 log "embedder"
 model_id="$("$bin/simq-indexer" model-id)"
-nomad_run embedder.nomad.hcl "model_id=$model_id" "blob_url=$blob_url" "embedder_sha256=$(blob_put "$bin/simq-embedder" "$blobs")" \
-  "ort_sha256=$(blob_put "$ORT_LIB" "$blobs")" "model_files={$model_files}" "count=$embedders" "driver=$driver"
+nomad_run embedder.nomad.hcl "model_id=$model_id" "blob_url=$blob_url" "embedder_sha256=$(blob_put "$bin/simq-embedder")" \
+  "ort_sha256=$(blob_put "$ORT_LIB")" "model_files={$model_files}" "count=$embedders" "driver=$driver"
 
 log "shards of $dg"
 if [ $nodes = 1 ]; then
@@ -197,7 +200,7 @@ if [ $nodes = 1 ]; then
   # nodes, so new dgs roll out as new groups beside the old (indexer/src/rollout.rs).
   guard_cluster_addresses
   "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --blob-url "$blob_url" \
-    --shard-bin-sha256 "$(blob_put "$bin/simq-shard" "$blobs")" --driver "$driver" --replicas-apart true >/dev/null
+    --shard-bin-sha256 "$(blob_put "$bin/simq-shard")" --driver "$driver" --replicas-apart true >/dev/null
 else
   "$bin/simq-indexer" rollout "$dg" --replicas "$replicas" --blob-url "$blob_url" --shard-bin "$bin/simq-shard" >/dev/null
 fi
@@ -206,7 +209,7 @@ log "balancer on $([ $nodes = 1 ] && echo "each node's address" || echo 127.0.0.
 # One host: every embedder shares its cores, so one takes every call (stable). Nodes: each
 # balancer uses its own node's embedder first (local).
 embedder_order="$([ $nodes = 1 ] && echo local || echo stable)"
-nomad_run balancer.nomad.hcl "blob_url=$blob_url" "balancer_sha256=$(blob_put "$bin/simq-balancer" "$blobs")" "driver=$driver" \
+nomad_run balancer.nomad.hcl "blob_url=$blob_url" "balancer_sha256=$(blob_put "$bin/simq-balancer")" "driver=$driver" \
   "embedder_order=$embedder_order" "port=$port" "nprobe=$nprobe" "consul_wait_secs=$consul_wait" "count=$balancers" "api_keys=$api_keys" "consul_token_file=$balancer_token"
 # Ready means the balancers route with this dg (not merely that something answers): on the
 # public port's /v1/status, or, when that needs an admin key, on each instance's own

@@ -109,21 +109,6 @@ need_cmd() { # need_cmd CMD HOW-TO-GET-IT
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
-# blob_put FILE DIR: store FILE in the content-addressed blob store DIR under its sha256
-# (atomically, as simq-indexer publish stores shard files: indexer/src/blobs.rs), unless
-# a blob of that name and content is there already; print the sha256. Nomad's artifact
-# fetch then gets it from <blob url>/<sha256> and checks it again.
-blob_put() {
-  local file=$1 dir=$2 sha
-  sha="$(sha256_of "$file")"
-  if [ ! -f "$dir/$sha" ] || [ "$(sha256_of "$dir/$sha")" != "$sha" ]; then
-    mkdir -p "$dir"
-    cp "$file" "$dir/.$sha.tmp"
-    mv -f "$dir/.$sha.tmp" "$dir/$sha"
-  fi
-  echo "$sha"
-}
-
 # verify_sha256 FILE EXPECTED WHAT
 verify_sha256() {
   local got

@@ -1,8 +1,12 @@
-//! The content-addressed blob store: a directory of files named by their sha256, and the
-//! small HTTP server (`simq-indexer serve-blobs`) Nomad's artifact fetch reads them from.
+//! The content-addressed blob store: blobs named by their sha256, kept either in a
+//! directory (the single node; `simq-indexer serve-blobs` is the small HTTP server Nomad's
+//! artifact fetch reads them from) or in a bucket of an S3-compatible object store (the
+//! node cluster's replicated SeaweedFS, or any S3), written through `object_store`.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -10,7 +14,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use simq_consul::contract::sha256_file;
+use object_store::{path::Path as Key, ObjectStore, PutPayload};
+use sha2::Digest;
 
 /// What putting a blob did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,51 +36,157 @@ pub fn is_content_address(name: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A directory of blobs named by their sha256.
+/// The lower-case hex sha256 of `bytes`.
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Where blobs are put: one bucket or directory, behind one or more endpoints.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
-    pub dir: PathBuf,
+    /// Each endpoint (for messages) and its client, tried in order: the gateways of one
+    /// replicated store, any of which may be down.
+    endpoints: Vec<(String, Arc<dyn ObjectStore>)>,
 }
 
 impl BlobStore {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+    /// A directory of files named by their sha256 (created if missing).
+    pub fn dir(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .with_context(|| format!("opening {} as a blob store", dir.display()))?;
+        Ok(Self {
+            endpoints: vec![(dir.display().to_string(), Arc::new(fs))],
+        })
     }
 
-    pub fn path_of(&self, sha256: &str) -> PathBuf {
-        self.dir.join(sha256)
+    /// Bucket `bucket` behind each S3 endpoint of `endpoints` (`http://host:port`; the
+    /// first that answers takes each blob). Requests are signed when AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY are set, else sent unsigned (a store on a private network
+    /// that allows anonymous writes, as the node cluster's does).
+    pub fn s3(bucket: &str, endpoints: &[String]) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !endpoints.is_empty(),
+            "s3://{bucket} needs an endpoint (--s3-endpoint or SIMQ_S3_ENDPOINTS)"
+        );
+        let key_id = std::env::var("AWS_ACCESS_KEY_ID").ok();
+        let secret = std::env::var("AWS_SECRET_ACCESS_KEY").ok();
+        let mut out = Vec::new();
+        for endpoint in endpoints {
+            let mut b = object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_endpoint(endpoint)
+                .with_region(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()))
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false)
+                // A gateway that is down is refused (or times out) in seconds, and the
+                // next endpoint is asked, instead of object_store's default 3 min of retries.
+                .with_client_options(
+                    object_store::ClientOptions::new()
+                        .with_connect_timeout(Duration::from_secs(2))
+                        .with_timeout(Duration::from_secs(300)),
+                )
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: Duration::from_secs(10),
+                    ..Default::default()
+                });
+            b = match (&key_id, &secret) {
+                (Some(k), Some(s)) => b.with_access_key_id(k).with_secret_access_key(s),
+                _ => b.with_skip_signature(true),
+            };
+            let client = b
+                .build()
+                .with_context(|| format!("s3://{bucket} at {endpoint}"))?;
+            out.push((
+                format!("s3://{bucket} at {endpoint}"),
+                Arc::new(client) as _,
+            ));
+        }
+        Ok(Self { endpoints: out })
     }
 
-    /// Store `file` under its content address `sha256` (checked), atomically.
-    pub fn put(&self, file: &Path, sha256: &str) -> anyhow::Result<Put> {
+    /// `s3://BUCKET` behind `endpoints`, or else a directory path.
+    pub fn open(spec: &str, endpoints: &[String]) -> anyhow::Result<Self> {
+        match spec.strip_prefix("s3://") {
+            Some(bucket) => {
+                anyhow::ensure!(
+                    !bucket.is_empty() && !bucket.contains('/'),
+                    "{spec:?}: name a bucket, s3://BUCKET"
+                );
+                Self::s3(bucket, endpoints)
+            }
+            None => Self::dir(spec),
+        }
+    }
+
+    /// Store `file` under its content address `sha256` (checked): on the first endpoint
+    /// that answers. A blob already there with the right content is left alone; one with
+    /// the wrong content is replaced.
+    pub async fn put(&self, file: &Path, sha256: &str) -> anyhow::Result<Put> {
         anyhow::ensure!(
             is_content_address(sha256),
             "{sha256:?} is not a sha256 content address"
         );
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
-        let target = self.path_of(sha256);
-        let existed = target.exists();
-        if existed && sha256_file(&target)? == sha256 {
-            return Ok(Put::Present);
+        let mut failed = Vec::new();
+        for (name, store) in &self.endpoints {
+            match put_on(store.as_ref(), file, sha256).await {
+                Ok(put) => return Ok(put),
+                // The file itself is wrong: no other endpoint will take it either.
+                Err(PutError::File(e)) => return Err(e),
+                Err(PutError::Store(e)) => failed.push(format!("{name}: {e}")),
+            }
         }
-        let got = sha256_file(file).with_context(|| format!("reading {}", file.display()))?;
-        anyhow::ensure!(
-            got == sha256,
-            "{} has sha256 {got}, the manifest says {sha256}",
-            file.display()
-        );
-        let tmp = self.dir.join(format!(".{sha256}.tmp"));
-        std::fs::copy(file, &tmp)
-            .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
-        std::fs::rename(&tmp, &target)?;
-        Ok(if existed { Put::Repaired } else { Put::Added })
+        anyhow::bail!(
+            "no endpoint of the blob store took {sha256}: {}",
+            failed.join("; ")
+        )
     }
 }
 
-/// Serve `GET /<sha256>` (and HEAD) from the store, `GET /health`, until `stop` resolves.
+enum PutError {
+    /// The local file: unreadable, or not the content the address names.
+    File(anyhow::Error),
+    /// The store did not answer or refused.
+    Store(object_store::Error),
+}
+
+async fn put_on(store: &dyn ObjectStore, file: &Path, sha256: &str) -> Result<Put, PutError> {
+    let key = Key::from(sha256);
+    let existed = match store.get(&key).await {
+        Ok(found) => {
+            let bytes = found.bytes().await.map_err(PutError::Store)?;
+            if sha256_hex(&bytes) == sha256 {
+                return Ok(Put::Present);
+            }
+            true
+        }
+        Err(object_store::Error::NotFound { .. }) => false,
+        Err(e) => return Err(PutError::Store(e)),
+    };
+    let bytes = tokio::fs::read(file)
+        .await
+        .with_context(|| format!("reading {}", file.display()))
+        .map_err(PutError::File)?;
+    let got = sha256_hex(&bytes);
+    if got != sha256 {
+        return Err(PutError::File(anyhow::anyhow!(
+            "{} has sha256 {got}, the manifest says {sha256}",
+            file.display()
+        )));
+    }
+    store
+        .put(&key, PutPayload::from(bytes))
+        .await
+        .map_err(PutError::Store)?;
+    Ok(if existed { Put::Repaired } else { Put::Added })
+}
+
+/// Serve `GET /<sha256>` (and HEAD) from the directory `dir`, `GET /health`, until `stop`
+/// resolves.
 pub async fn serve(
-    store: BlobStore,
+    dir: PathBuf,
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -85,11 +196,11 @@ pub async fn serve(
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             _ = &mut stop => return,
         };
-        let store = store.clone();
+        let dir = dir.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let store = store.clone();
-                async move { Ok::<_, Infallible>(answer(&store, &req).await) }
+                let dir = dir.clone();
+                async move { Ok::<_, Infallible>(answer(&dir, &req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -100,7 +211,7 @@ pub async fn serve(
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-async fn answer<B>(store: &BlobStore, req: &Request<B>) -> Response<Body> {
+async fn answer<B>(dir: &Path, req: &Request<B>) -> Response<Body> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
@@ -116,7 +227,7 @@ async fn answer<B>(store: &BlobStore, req: &Request<B>) -> Response<Body> {
     match (req.method(), name) {
         (&Method::GET, "health") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET | &Method::HEAD, name) if is_content_address(name) => {
-            match tokio::fs::File::open(store.path_of(name)).await {
+            match tokio::fs::File::open(dir.join(name)).await {
                 Ok(file) => {
                     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
                     // Streamed: shard files are large and Nomad fetches several at once.
@@ -152,25 +263,46 @@ async fn answer<B>(store: &BlobStore, req: &Request<B>) -> Response<Body> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn put_is_idempotent_and_repairs_wrong_content() {
+    #[tokio::test]
+    async fn put_is_idempotent_and_repairs_wrong_content() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("file");
         std::fs::write(&src, b"shard bytes").unwrap();
-        let sha = sha256_file(&src).unwrap();
-        let store = BlobStore::new(dir.path().join("blobs"));
-        assert_eq!(store.put(&src, &sha).unwrap(), Put::Added);
-        assert_eq!(store.put(&src, &sha).unwrap(), Put::Present);
-        std::fs::write(store.path_of(&sha), b"corrupted").unwrap();
-        assert_eq!(store.put(&src, &sha).unwrap(), Put::Repaired);
-        assert_eq!(std::fs::read(store.path_of(&sha)).unwrap(), b"shard bytes");
+        let sha = sha256_hex(b"shard bytes");
+        let blobs = dir.path().join("blobs");
+        let store = BlobStore::dir(&blobs).unwrap();
+        assert_eq!(store.put(&src, &sha).await.unwrap(), Put::Added);
+        assert_eq!(std::fs::read(blobs.join(&sha)).unwrap(), b"shard bytes");
+        assert_eq!(store.put(&src, &sha).await.unwrap(), Put::Present);
+        std::fs::write(blobs.join(&sha), b"corrupted").unwrap();
+        assert_eq!(store.put(&src, &sha).await.unwrap(), Put::Repaired);
+        assert_eq!(std::fs::read(blobs.join(&sha)).unwrap(), b"shard bytes");
         let wrong = "0".repeat(64);
-        assert!(store
-            .put(&src, &wrong)
+        let err = store.put(&src, &wrong).await.unwrap_err().to_string();
+        assert!(err.contains("the manifest says"), "{err}");
+        assert!(store.put(&src, "../etc/passwd").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_s3_store_that_does_not_answer_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("file");
+        std::fs::write(&src, b"x").unwrap();
+        // Nothing listens on port 9 of loopback: refused at once.
+        let store =
+            BlobStore::open("s3://simq-blobs", &["http://127.0.0.1:9".to_string()]).unwrap();
+        let err = store
+            .put(&src, &sha256_hex(b"x"))
+            .await
             .unwrap_err()
-            .to_string()
-            .contains("the manifest says"));
-        assert!(store.put(&src, "../etc/passwd").is_err());
+            .to_string();
+        assert!(
+            err.contains("no endpoint of the blob store took")
+                && err.contains("s3://simq-blobs at http://127.0.0.1:9"),
+            "{err}"
+        );
+        assert!(BlobStore::open("s3://simq-blobs", &[]).is_err());
+        assert!(BlobStore::open("s3://", &["http://127.0.0.1:9".into()]).is_err());
     }
 
     #[test]

@@ -75,6 +75,9 @@ enum Command {
     Status(ClusterArgs),
     /// Serve the blob store over HTTP (GET /<sha256>) for Nomad's artifact fetch.
     ServeBlobs(ServeBlobsArgs),
+    /// Put files into the blob store under their sha256 and print each sha256 (one per
+    /// line): the binaries, ONNX Runtime and model files the jobs fetch as artifacts.
+    PutBlob(PutBlobArgs),
     /// Print the model id of a model directory.
     ModelId(ModelArgs),
     /// API keys for balancers run with --api-keys required: create (prints the key once;
@@ -190,11 +193,39 @@ struct ClusterArgs {
 struct PublishArgs {
     /// A built dg directory.
     dg_dir: PathBuf,
-    /// Blob store directory.
-    #[arg(long, env = "SIMQ_BLOBS")]
-    blobs: PathBuf,
+    #[command(flatten)]
+    blobs: BlobArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// Where blobs go.
+#[derive(Args, Debug)]
+struct BlobArgs {
+    /// The blob store: a directory (served by `serve-blobs`), or s3://BUCKET of an
+    /// S3-compatible store (at --s3-endpoint; signed with AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY when set, else unsigned).
+    #[arg(long, env = "SIMQ_BLOBS")]
+    blobs: String,
+    /// S3 endpoints of the bucket, comma-separated (http://host:port), tried in order: the
+    /// gateways of one replicated store.
+    #[arg(long, env = "SIMQ_S3_ENDPOINTS", value_delimiter = ',')]
+    s3_endpoint: Vec<String>,
+}
+
+impl BlobArgs {
+    fn open(&self) -> anyhow::Result<simq_indexer::blobs::BlobStore> {
+        simq_indexer::blobs::BlobStore::open(&self.blobs, &self.s3_endpoint)
+    }
+}
+
+#[derive(Args, Debug)]
+struct PutBlobArgs {
+    /// Files to store.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    blobs: BlobArgs,
 }
 
 #[derive(Args, Debug)]
@@ -481,6 +512,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => rt()?.block_on(cluster::status(args)),
         Command::Keys(cmd) => rt()?.block_on(cluster::keys(cmd)),
         Command::Traffic(cmd) => rt()?.block_on(cluster::traffic(cmd)),
+        Command::PutBlob(args) => rt()?.block_on(async {
+            let store = args.blobs.open()?;
+            for file in &args.files {
+                let sha = simq_consul::contract::sha256_file(file)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                store.put(file, &sha).await?;
+                println!("{sha}");
+            }
+            Ok(())
+        }),
         Command::ServeBlobs(args) => {
             // Handing out shard files is background work: serving queries comes first.
             simq_consul::service::lower_priority(10);
@@ -495,7 +536,7 @@ mod cluster {
 
     use anyhow::Context;
     use simq_consul::{ConsulClient, KvLayout};
-    use simq_indexer::blobs::{serve, BlobStore};
+    use simq_indexer::blobs::serve;
     use simq_indexer::flip::{self, Flipped};
     use simq_indexer::lock::{read_holder, RolloutLock};
     use simq_indexer::models;
@@ -531,7 +572,7 @@ mod cluster {
 
     pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         let (consul, _, layout) = clients(&args.cluster)?;
-        let r = publish_dg(&args.dg_dir, &BlobStore::new(&args.blobs), &consul, &layout).await?;
+        let r = publish_dg(&args.dg_dir, &args.blobs.open()?, &consul, &layout).await?;
         if r.unchanged() {
             eprintln!(
                 "dg {} already published: {} blobs present, manifest unchanged; nothing to do",
@@ -979,7 +1020,7 @@ mod cluster {
             .with_context(|| format!("binding {}", args.listen))?;
         tracing::info!(dir = %args.dir.display(), listen = %args.listen, "serving blobs");
         serve(
-            BlobStore::new(&args.dir),
+            args.dir.clone(),
             listener,
             simq_consul::service::shutdown_signal(),
         )

@@ -63,7 +63,7 @@ pub async fn publish(
     };
     for entry in &manifest.shards {
         let file = dg_dir.join(shard_file_name(entry.shard as usize));
-        match store.put(&file, &entry.sha256)? {
+        match store.put(&file, &entry.sha256).await? {
             Put::Added => report.blobs_added += 1,
             Put::Present => report.blobs_present += 1,
             Put::Repaired => report.blobs_repaired += 1,
