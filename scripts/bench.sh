@@ -12,6 +12,9 @@
 #   scripts/bench.sh rollout    a rollout of a second full-corpus dg and the rollback, each
 #                               under unique-query load at half of serve's capacity (rows
 #                               added to the serve results; run after serve)
+#   scripts/bench.sh nodes      the full-corpus dg on the single-node stack and on the 3-node
+#                               cluster, one after the other: latency and throughput side
+#                               by side (BENCHMARKS-NODES.md)
 #   scripts/bench.sh            embedder, build and recall
 # Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --clusters 512").
 # The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
@@ -359,6 +362,98 @@ PY
   log "bench: scale rows added to BENCHMARKS.md"
 }
 
+# nodes: what the 3-node cluster costs against the single node, on the same machine: the
+# full-corpus dg served by the scripts/up.sh layout (one node: 2 balancers, 2 embedders of
+# which one takes the calls, 2 shards) and by scripts/deploy.sh --nodes (3 nodes: a
+# balancer and an embedder each, 2 shards x 2 replicas apart), one after the other, with the
+# same unique queries and load generator: 1 connection (unloaded latency), 16 and 32
+# connections closed loop (throughput), SIMQ_BENCH_SECONDS (10) each. Starts and stops
+# both stacks; refuses when a cluster runs. Writes BENCHMARKS-NODES.md.
+run_nodes() {
+  local secs="${SIMQ_BENCH_SECONDS:-10}" results="$out/nodes.jsonl" queries="$out/queries.txt" next=0
+  if "$SIMQ_ROOT/scripts/cluster.sh" status >/dev/null 2>&1 || ip netns list 2>/dev/null | grep simq- >/dev/null; then
+    die "a simq cluster runs: stop it first (scripts/down.sh, scripts/nodes.sh stop)"
+  fi
+  cargo build --release --locked --quiet -p simq-balancer --examples
+  if [ ! -s "$queries" ]; then
+    log "bench: 150000 unique perturbed queries (seed 7)"
+    python3 "$SIMQ_ROOT/scripts/bench/queries.py" "$corpus" --n 150000 --seed 7 >"$queries"
+  fi
+  : >"$results"
+  measure() { # measure STACK CONNECTIONS URL...: one closed-loop run, appended to results
+    local stack=$1 conns=$2 line u urls=()
+    shift 2
+    for u in "$@"; do urls+=(--url "$u"); done
+    line="$("$bin/examples/loadgen" --queries "$queries" --start "$next" --connections "$conns" --seconds "$secs" "${urls[@]}")" ||
+      die "loadgen failed against $stack"
+    next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(stack=sys.argv[2], connections=int(sys.argv[3])); print(json.dumps(r))' \
+      "$line" "$stack" "$conns" | tee -a "$results" |
+      python3 -c 'import json,sys; r=json.load(sys.stdin); print("[bench]", r["stack"], "connections", r["connections"], "answered/s %.1f" % r["throughput"], "p50", r["p50_ms"], "p99", r["p99_ms"], "failed", r["failed"], "degraded", r["degraded"])' >&2
+  }
+  sweep() { # sweep STACK URL...: a 3 s warm-up (discarded), then 1, 16 and 32 connections
+    local stack=$1 c u warm=()
+    shift
+    for u in "$@"; do warm+=(--url "$u"); done
+    "$bin/examples/loadgen" --queries "$queries" --start "$next" --connections 4 --seconds 3 "${warm[@]}" >/dev/null || true
+    next=$((next + 2000))
+    for c in 1 16 32; do measure "$stack" "$c" "$@"; done
+  }
+  local stop_stack=""
+  trap '[ -z "$stop_stack" ] || $stop_stack >/dev/null 2>&1 || true' EXIT
+
+  log "bench: nodes: the single node (scripts/cluster.sh start, scripts/deploy.sh)"
+  stop_stack="$SIMQ_ROOT/scripts/down.sh"
+  "$SIMQ_ROOT/scripts/cluster.sh" start >"$out/nodes-single.log" 2>&1 || die "cluster.sh start failed ($out/nodes-single.log)"
+  SIMQ_CORPUS="$corpus" "$SIMQ_ROOT/scripts/deploy.sh" >>"$out/nodes-single.log" 2>&1 || die "deploy.sh failed ($out/nodes-single.log)"
+  sweep "one node" "http://127.0.0.1:${SIMQ_PORT:-8080}/v1/query"
+  "$SIMQ_ROOT/scripts/down.sh" >/dev/null 2>&1
+  stop_stack=""
+
+  log "bench: nodes: three nodes (scripts/nodes.sh start --nodes 3, scripts/deploy.sh --nodes)"
+  stop_stack="$SIMQ_ROOT/scripts/nodes.sh stop"
+  "$SIMQ_ROOT/scripts/nodes.sh" start --nodes 3 >"$out/nodes-three.log" 2>&1 || die "nodes.sh start failed ($out/nodes-three.log)"
+  SIMQ_CORPUS="$corpus" "$SIMQ_ROOT/scripts/deploy.sh" --nodes >>"$out/nodes-three.log" 2>&1 || die "deploy.sh --nodes failed ($out/nodes-three.log)"
+  local urls=() k a
+  for k in 1 2 3; do
+    a="$(source "$SIMQ_ROOT/scripts/nodes.sh" && load_state && node_addr "$k")"
+    (source "$SIMQ_ROOT/scripts/nodes.sh" && node_address_ok "$a") || die "refusing: $a is not a node address of scripts/nodes.sh's cluster"
+    urls+=("http://$a:${SIMQ_PORT:-8080}/v1/query")
+  done
+  sweep "three nodes" "${urls[@]}"
+  "$SIMQ_ROOT/scripts/nodes.sh" stop >/dev/null 2>&1
+  stop_stack=""
+
+  python3 - "$results" "$SIMQ_ROOT/BENCHMARKS-NODES.md" "$(git -C "$SIMQ_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$secs" <<'PY'
+import datetime, json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {(r["stack"], r["connections"]): r for r in rows}
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+out = ["# simq on one node and on three", "",
+       "Reproduce: `scripts/bench.sh nodes` (starts and stops both stacks itself).", "",
+       f"Machine: 2 cores, run {now}, simq {sys.argv[3]}; the full corpus dg; unique perturbed queries "
+       f"(`scripts/bench/queries.py`, seed 7), closed loop, {sys.argv[4]} s per row, the same load generator "
+       "(`balancer/examples/loadgen.rs`) on the same 2 cores. One node: the `scripts/up.sh` layout (2 balancers "
+       "sharing 127.0.0.1:8080, 2 embedders of which one takes the calls, 2 shards). Three nodes: "
+       "`scripts/deploy.sh --nodes` on `scripts/nodes.sh`'s namespaces (a balancer and an embedder per node, "
+       "each balancer using its own node's embedder first, 2 shards x 2 replicas on distinct nodes, the load "
+       "round robin over the 3 balancers). Same 2 cores for both: the nodes add hops, agents and 3 model "
+       "sessions competing for the cores, not capacity.", "",
+       "| connections | one node: answered/s | p50 ms | p99 ms | three nodes: answered/s | p50 ms | p99 ms | throughput ratio (3 / 1) |",
+       "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for c in (1, 16, 32):
+    a, b = by.get(("one node", c)), by.get(("three nodes", c))
+    if not a or not b:
+        continue
+    out.append(f"| {c} | {a['throughput']:.1f} | {a['p50_ms']:.2f} | {a['p99_ms']:.1f} | {b['throughput']:.1f} | "
+               f"{b['p50_ms']:.2f} | {b['p99_ms']:.1f} | {b['throughput'] / a['throughput']:.2f} |")
+bad = [(r["stack"], r["connections"], r["failed"], r["degraded"]) for r in rows if r["failed"] or r["degraded"]]
+out += ["", "Failed or degraded answers: " + (", ".join(f"{s} at {c} connections: {f} failed, {d} degraded" for s, c, f, d in bad) if bad else "none in any row.")]
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
+}
+
 case "${1:-all}" in
   embedder) run_embedder ;;
   build) run_build ;;
@@ -366,8 +461,9 @@ case "${1:-all}" in
   serve) run_serve ;;
   scale) run_scale ;;
   rollout) run_rollout ;;
+  nodes) run_nodes ;;
   all) run_embedder; run_build; run_recall ;;
-  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|rollout|all]" ;;
+  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|rollout|nodes|all]" ;;
 esac
 exit
 }

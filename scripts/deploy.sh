@@ -28,7 +28,6 @@
 #   SIMQ_BALANCERS balancer instances sharing SIMQ_PORT [default: 2; --nodes: one per node]
 #   SIMQ_PORT      balancer port on 127.0.0.1 (--nodes: on each node's address) [default: 8080]
 #   SIMQ_DRIVER    Nomad task driver, raw_exec or exec [default: raw_exec]
-#   SIMQ_BLOB_PORT --nodes: port of the host's blob store on the bridge address [default: 8090]
 #   SIMQ_NPROBE    fine clusters probed per query [default: 576]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 #   SIMQ_API_KEYS  off, or required: queries need an API key (simq-indexer keys create) [default: off]
@@ -146,35 +145,28 @@ for key, ws in where.items():
     on = [w.split("(")[0] for w in ws]
     if key.startswith("simq-shard") and len(set(on)) < len(on):
         bad.append(f"{key}: two replicas on one node ({', '.join(on)})")
+    # One balancer and one embedder per node: a node lost then costs one of each.
+    if key in ("simq-balancer", "simq-embedder") and len(on) <= n and len(set(on)) < len(on):
+        bad.append(f"{key}: two instances on one node ({', '.join(sorted(on))})")
 for b in bad:
     print("  FAIL: " + b)
 sys.exit(1 if bad else 0)
 PY
-  log "placement: every node runs instances; the replicas of each shard are on different nodes"
+  log "placement: every node runs instances, balancers and embedders one per node, the replicas of each shard on different nodes"
 }
 
 log "build: $corpus ($shards shards, $clusters clusters)"
 dg_dir="$("$bin/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --shards "$shards" --clusters "$clusters")"
 dg="$(basename "$dg_dir")"
 
-# serve_blobs_on_bridge: the host serves the blob store on the bridge address, the only
-# address of this machine the nodes reach (until the replicated store of issue 31 item 3).
-# Started once; it runs from the nodes' dir, so scripts/nodes.sh stop ends it with the rest.
-serve_blobs_on_bridge() {
-  local pidfile="$NODES_DIR/blobs.pid"
-  pid_alive "$pidfile" && return 0
-  (cd "$NODES_DIR" && exec setsid "$bin/simq-indexer" serve-blobs --dir "$blobs" --listen "$OPS_ADDR:$blob_port" \
-    >>"$NODES_DIR/blobs.log" 2>&1 </dev/null) &
-  echo $! >"$pidfile"
-  wait_for 10 ncurl -fsS -o /dev/null "$blob_url/health" ||
-    { tail -n 5 "$NODES_DIR/blobs.log" >&2; die "the blob store did not answer on $blob_url (log above)"; }
-}
-
 log "blob store"
 if [ $nodes = 1 ]; then
-  blob_port="${SIMQ_BLOB_PORT:-8090}"
+  # The nodes' replicated SeaweedFS (scripts/nodes.sh): simq-indexer writes through any
+  # node's S3 gateway, each node's Nomad client reads from its own.
+  blobs="$(nodes_blobs)"
+  SIMQ_S3_ENDPOINTS="$(nodes_s3_endpoints)"
+  export SIMQ_S3_ENDPOINTS
   blob_url="$(nodes_blob_url)"
-  serve_blobs_on_bridge
 else
   blob_url="http://127.0.0.1:8090"
   nomad_run blobs.nomad.hcl "indexer_bin=$bin/simq-indexer" "dir=$blobs"

@@ -21,6 +21,9 @@ NOMAD_VERSION="1.11.3"
 ORT_VERSION="1.31.1"
 # Prometheus 3.16.0 is the Go module github.com/prometheus/prometheus v0.316.0.
 PROMETHEUS_VERSION="3.16.0"
+# SeaweedFS, the node cluster's replicated blob store: the one version the Go module proxy
+# serves (a pseudo-version; seaweedfs/build/go.mod pins it with its dependencies).
+SEAWEEDFS_VERSION="v0.0.0-20261109003541-7506e5f91cd6"
 # sha256 of libonnxruntime.so.$ORT_VERSION inside the manylinux x86_64 wheel.
 ORT_LIB_SHA256="fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3"
 # PyPI distributions of the set-up (`scripts/setup.sh check` asks PyPI for each).
@@ -44,6 +47,7 @@ CONSUL_BIN="$SIMQ_BIN/consul-$CONSUL_VERSION/consul"
 NOMAD_BIN="$SIMQ_BIN/nomad-$NOMAD_VERSION/nomad"
 PROMTOOL_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/promtool"
 PROMETHEUS_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/prometheus"
+WEED_BIN="$SIMQ_BIN/seaweedfs-$SEAWEEDFS_VERSION/weed"
 ORT_LIB="$SIMQ_CACHE/ort/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
 SIMQ_MODEL_DIR="${SIMQ_MODEL_DIR:-$SIMQ_CACHE/models/minilm-l6-v2-int8}"
 # The second model (model rollouts): scripts/setup.sh model_b installs it.

@@ -59,6 +59,11 @@ OPS_CONSUL_HTTP="${SIMQ_NODES_CONSUL_HTTP:-127.0.0.1:8500}"
 # Low CPU weight for each node's agents (cgroup v1 cpu.shares; tasks get 1024), as
 # scripts/cluster.sh does for the single node's agent: serving gets the CPU first.
 NODES_AGENT_CPU_SHARES="${SIMQ_AGENT_CPU_SHARES:-64}"
+# The blob store (SeaweedFS) in a cgroup of its own beside the agents: sharing theirs, its
+# work (serving artifacts, re-electing its masters) took Consul's and Nomad's small share
+# under load (measured: Raft leaders stepped down, a client missed its heartbeats and every
+# embedder was placed on the one other node).
+NODES_BLOBS_CPU_SHARES="${SIMQ_BLOBS_CPU_SHARES:-512}"
 # Agents must not send anything through a proxy the caller's environment names.
 AGENT_ENV=(env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u all_proxy -u ALL_PROXY)
 
@@ -166,10 +171,6 @@ guard_cluster_addresses() {
     node_address_ok "$a" || die "refusing: Consul or Nomad names $a, which is neither loopback nor an address of scripts/nodes.sh's cluster"
   done
 }
-
-# nodes_blob_url: where the nodes fetch artifacts: the host's blob store on the bridge
-# address (scripts/deploy.sh --nodes starts it; port SIMQ_BLOB_PORT, default 8090).
-nodes_blob_url() { echo "http://$OPS_ADDR:${SIMQ_BLOB_PORT:-8090}"; }
 
 # ---- Consul and Nomad API views ----
 
@@ -326,7 +327,8 @@ net_down() {
 
 # node_cgroups_make K: /sys/fs/cgroup/<controller>/simq-nK for every hierarchy (the root
 # of node K's cgroup view; cpusets need CPUs and memory nodes before anything may join),
-# and simq-nK/agents in "cpu" at a low weight for the node's agents.
+# and simq-nK/agents and simq-nK/blobs in "cpu" at low weights for the node's agents and
+# its blob store.
 node_cgroups_make() {
   local k=$1 c cg
   for c in $(cgroup_controllers); do
@@ -337,9 +339,10 @@ node_cgroups_make() {
       cat /sys/fs/cgroup/cpuset/cpuset.mems >"$cg/cpuset.mems"
     fi
   done
-  cg="/sys/fs/cgroup/cpu/$(node_ns "$k")/agents"
-  mkdir -p "$cg"
-  echo "$NODES_AGENT_CPU_SHARES" >"$cg/cpu.shares"
+  cg="/sys/fs/cgroup/cpu/$(node_ns "$k")"
+  mkdir -p "$cg/agents" "$cg/blobs"
+  echo "$NODES_AGENT_CPU_SHARES" >"$cg/agents/cpu.shares"
+  echo "$NODES_BLOBS_CPU_SHARES" >"$cg/blobs/cpu.shares"
 }
 
 # node_cgroups_remove K [SUBTREE]: remove node K's cgroups (or only SUBTREE of them, e.g.
@@ -474,12 +477,92 @@ record_pids() {
   [ -n "$pid" ] && echo "$pid" >"$(node_dir "$k")/nomad.pid" && pid_alive "$(node_dir "$k")/consul.pid"
 }
 
+# The replicated blob store: on each node a SeaweedFS server (master, volume server, filer
+# and S3 gateway in one `weed` process). Masters elect a leader among the nodes (Raft);
+# each blob is kept on 2 nodes (replication 001); every node's S3 gateway serves every
+# blob, so each Nomad client fetches artifacts from its own node (blob_url on the
+# namespace's loopback) and losing a node loses no blob. The masters' election timeout is
+# 2 s, not 10: while they have no leader, reads of chunks not yet located stall (measured:
+# a lost leader's replicas took 31 s to fetch their artifacts with 10 s). Ports: master
+# 9333, volume 8380 (8080 is the balancers'), filer 8888, S3 8333, each gRPC port +10000.
+NODES_BUCKET=simq-blobs
+NODES_S3_PORT=8333
+
+# start_weed K: node K's SeaweedFS server, in its namespace, on its data dir.
+start_weed() {
+  local k=$1 dir ns peers="" j
+  dir="$(node_dir "$k")"
+  ns="$(node_ns "$k")"
+  mkdir -p "$dir/weed"
+  for ((j = 1; j <= NODES_COUNT; j++)); do peers+="${peers:+,}$(node_addr "$j"):9333"; done
+  (
+    echo "$BASHPID" >"/sys/fs/cgroup/cpu/$ns/blobs/cgroup.procs"
+    # A /tmp of its own (a tmpfs in a mount namespace of its own): weed's processes talk
+    # over unix sockets named /tmp/seaweedfs-*-<port>.sock, which the three nodes of this
+    # one machine would otherwise share (measured: n2's filer dialled n1's). (-ip.bind
+    # 0.0.0.0 inside the namespace: its address and its own loopback, nothing else.)
+    # (Without AWS credentials in its environment: with them weed turns S3 auth on.)
+    exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY nsenter --net="/run/netns/$ns" unshare --mount --propagation private -- bash -c '
+      mount -t tmpfs -o size=64m tmpfs /tmp && exec setsid "$@"' bash \
+      "$WEED_BIN" -logtostderr server -dir="$dir/weed" \
+      -ip="$(node_addr "$k")" -ip.bind=0.0.0.0 -master.port=9333 -master.peers="$peers" \
+      -master.defaultReplication=001 -master.volumeSizeLimitMB=256 -master.telemetry=false -master.electionTimeout=2s \
+      -volume.port=8380 -volume.max=0 -filer.port=8888 -filer.localSocket="$dir/weed/filer.sock" \
+      -s3 -s3.port="$NODES_S3_PORT" -s3.localSocket="$dir/weed/s3.sock" -s3.port.iceberg=0 -s3.port.lance=0
+  ) >>"$dir/weed.log" 2>&1 </dev/null &
+  echo $! >"$dir/weed.pid"
+}
+
+# nodes_blobs: the blob store spec of simq-indexer (publish, put-blob) on this cluster.
+nodes_blobs() { echo "s3://$NODES_BUCKET"; }
+# nodes_s3_endpoints: the S3 gateways of the nodes that are on, comma-separated (simq-indexer
+# tries them in order: SIMQ_S3_ENDPOINTS).
+nodes_s3_endpoints() {
+  local k out=""
+  for ((k = 1; k <= NODES_COUNT; k++)); do
+    powered_off "$k" || out+="${out:+,}http://$(node_addr "$k"):$NODES_S3_PORT"
+  done
+  echo "$out"
+}
+# nodes_blob_url: where a node's Nomad client fetches artifacts: its own node's S3 gateway
+# (on the namespace's loopback), GET <url>/<sha256>.
+nodes_blob_url() { echo "http://127.0.0.1:$NODES_S3_PORT/$NODES_BUCKET"; }
+
+# blob_copies SHA256: on how many nodes the blob's least-copied chunk lies (the filer's
+# metadata names each chunk's volume, the master where each volume is); fails when the
+# blob is not there.
+blob_copies() {
+  local k a="" vids v n min=""
+  for ((k = 1; k <= NODES_COUNT; k++)); do powered_off "$k" || { a="$(node_addr "$k")"; break; }; done
+  [ -n "$a" ] || return 1
+  vids="$(ncurl -fsS "http://$a:8888/buckets/$NODES_BUCKET/$1?metadata=true" |
+    json '" ".join(sorted({c["file_id"].split(",")[0] for c in d.get("chunks") or []}))')" || return 1
+  [ -n "$vids" ] || return 1
+  for v in $vids; do
+    n="$(ncurl -fsS "http://$a:9333/dir/lookup?volumeId=$v" | json 'len({l["url"].rsplit(":", 1)[0] for l in d.get("locations") or []})')" || return 1
+    if [ -z "$min" ] || [ "$n" -lt "$min" ]; then min=$n; fi
+  done
+  echo "$min"
+}
+
+# blob_store_ready: every node that is on answers S3, and the bucket exists (made once).
+blob_store_ready() {
+  local k code
+  for ((k = 1; k <= NODES_COUNT; k++)); do
+    powered_off "$k" && continue
+    code="$(NCURL_MAX_TIME=5 ncurl -s -o /dev/null -w '%{http_code}' -X PUT "http://$(node_addr "$k"):$NODES_S3_PORT/$NODES_BUCKET" 2>/dev/null)" || return 1
+    # 200: made now; 409: it exists.
+    [ "$code" = 200 ] || [ "$code" = 409 ] || return 1
+  done
+}
+
 # start_nodes K...: both agents of the nodes K... (every Consul first: Nomad registers in
 # it; then every Nomad agent at once, so that they elect a leader before a client's first
 # registration gives up).
 start_nodes() {
   local k
   for k in "$@"; do start_consul_server "$k"; done
+  for k in "$@"; do start_weed "$k"; done
   for k in "$@"; do start_nomad_agent "$k"; done
   for k in "$@"; do
     wait_for 20 record_pids "$k" || { show_logs "$k"; die "node n$k: its agents did not start (logs above)"; }
@@ -584,6 +667,7 @@ cmd_start() {
   need_cmd curl "Install Debian's curl package."
   [ -x "$CONSUL_BIN" ] || die "consul $CONSUL_VERSION is not built ($CONSUL_BIN): run scripts/setup.sh first"
   [ -x "$NOMAD_BIN" ] || die "nomad $NOMAD_VERSION is not built ($NOMAD_BIN): run scripts/setup.sh first"
+  [ -x "$WEED_BIN" ] || die "seaweedfs is not built ($WEED_BIN): run scripts/setup.sh first"
   [ -w /sys/fs/cgroup/cpu/cgroup.procs ] || die "scripts/nodes.sh needs writable cgroups v1 (hybrid) at /sys/fs/cgroup/cpu"
   if [ -f "$NODES_STATE" ] || ip link show "$NODES_BRIDGE" >/dev/null 2>&1; then
     die "a node cluster is already set up ($NODES_STATE or link $NODES_BRIDGE exists): scripts/nodes.sh stop first"
@@ -617,6 +701,9 @@ cmd_start() {
   wait_for "$NODES_READY_TIMEOUT" nomad_quorum "$NODES_COUNT" ||
     { show_logs; die "nomad: not $NODES_COUNT servers alive with a leader and $NODES_COUNT clients ready with raw_exec within ${NODES_READY_TIMEOUT}s (logs above)"; }
   log "nomad: leader on $(nomad_leader_node), $(nomad_servers_alive) servers alive, $(nomad_nodes_ready) clients ready"
+  wait_for 60 blob_store_ready ||
+    { tail -n 20 "$(node_dir 1)/weed.log" >&2; die "seaweedfs: the S3 gateways did not all answer (or make bucket $NODES_BUCKET) within 60 s (log of n1 above)"; }
+  log "blob store: SeaweedFS on every node, bucket $NODES_BUCKET, 2 copies of each blob, S3 at $(nodes_s3_endpoints)"
   trap - EXIT
   log "cluster of $NODES_COUNT nodes ready in $((SECONDS - t0)) s: CONSUL_HTTP_ADDR=http://$OPS_CONSUL_HTTP NOMAD_ADDR=http://$(node_addr 1):4646"
   echo "export CONSUL_HTTP_ADDR=http://$OPS_CONSUL_HTTP NOMAD_ADDR=http://$(node_addr 1):4646"
@@ -666,17 +753,17 @@ cmd_stop() {
     NODES_COUNT=9 NODE_ADDRS=() RUN_NETNS_WAS_MOUNTED=1
   fi
   stop_jobs
-  local nomads=() consuls=()
+  local nomads=() consuls=() weeds=()
   for ((k = 1; k <= NODES_COUNT; k++)); do
     nomads+=("$(node_dir "$k")/nomad.pid")
     consuls+=("$(node_dir "$k")/consul.pid")
+    weeds+=("$(node_dir "$k")/weed.pid")
   done
-  log "stopping the Nomad agents, then the Consul agents"
+  log "stopping the Nomad agents, then SeaweedFS and the Consul agents"
   stop_pids 30 "${nomads[@]}"
+  stop_pids 10 "${weeds[@]}"
   stop_pids 30 "${consuls[@]}" "$NODES_DIR/ops/consul.pid"
   for ((k = 1; k <= NODES_COUNT; k++)); do kill_namespace "$k"; done
-  # The host's blob store (scripts/deploy.sh --nodes).
-  stop_pids 10 "$NODES_DIR/blobs.pid"
   local p
   for p in $(node_processes); do
     log "stray process $p ($(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | cut -c1-80)): killing"
@@ -691,7 +778,7 @@ cmd_stop() {
   left="$(nodes_left)"
   [ -z "$left" ] || die "node cluster stop left:$left"
   # The next start begins from empty data dirs; the logs stay for reading.
-  for ((k = 1; k <= NODES_COUNT; k++)); do rm -rf --one-file-system "$(node_dir "$k")/consul/data" "$(node_dir "$k")/nomad/data"; done
+  for ((k = 1; k <= NODES_COUNT; k++)); do rm -rf --one-file-system "$(node_dir "$k")/consul/data" "$(node_dir "$k")/nomad/data" "$(node_dir "$k")/weed"; done
   rm -rf --one-file-system "$NODES_DIR/ops/data"
   rm -f "$NODES_STATE"
   log "node cluster stopped: no process, mount, namespace, link or cgroup left"
@@ -705,6 +792,7 @@ cmd_status() {
   for ((k = 1; k <= NODES_COUNT; k++)); do
     c="$(pid_alive "$(node_dir "$k")/consul.pid" && echo "consul pid $(cat "$(node_dir "$k")/consul.pid")" || echo "consul stopped")"
     n="$(pid_alive "$(node_dir "$k")/nomad.pid" && echo "nomad pid $(cat "$(node_dir "$k")/nomad.pid")" || echo "nomad stopped")"
+    n+=", $(pid_alive "$(node_dir "$k")/weed.pid" && echo "seaweedfs pid $(cat "$(node_dir "$k")/weed.pid")" || echo "seaweedfs stopped")"
     link="$(ip -j link show "$(host_veth "$k")" 2>/dev/null | json 'd[0]["operstate"]' 2>/dev/null || echo missing)"
     echo "  n$k $(node_addr "$k") (netns $(node_ns "$k"), link $link$(powered_off "$k" && echo ", POWERED OFF")): $c, $n"
     powered_off "$k" || { [[ "$c" == *pid* && "$n" == *pid* ]] || rc=1; }

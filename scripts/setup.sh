@@ -3,7 +3,7 @@
 # Every step is skipped when its result is already in place, so a second run takes seconds.
 #
 #   scripts/setup.sh            all steps
-#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model model_b prometheus
+#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model model_b prometheus seaweedfs
 #   scripts/setup.sh check      ask every registry whether each pinned artifact (Debian
 #                               packages, Go modules, PyPI wheels, crates) is still served,
 #                               without downloading; names each one that is not (seconds)
@@ -164,6 +164,24 @@ step_prometheus() {
   log "prometheus: built v$PROMETHEUS_VERSION in $((SECONDS - start)) s"
 }
 
+# SeaweedFS `weed` (master, volume server, filer and S3 gateway in one binary), built
+# through seaweedfs/build: the replicated blob store of the node cluster (scripts/nodes.sh).
+step_seaweedfs() {
+  if [ -x "$WEED_BIN" ]; then
+    log "seaweedfs: $(first_line "$WEED_BIN" version) (cached at $WEED_BIN)"
+    return
+  fi
+  grep -q "github.com/seaweedfs/seaweedfs $SEAWEEDFS_VERSION" "$SIMQ_ROOT/seaweedfs/build/go.mod" ||
+    die "seaweedfs: scripts/lib.sh pins $SEAWEEDFS_VERSION but seaweedfs/build/go.mod requires another version"
+  log "seaweedfs: building $SEAWEEDFS_VERSION from the Go module proxy (several minutes on 2 cores; done once)"
+  local start=$SECONDS dir
+  dir="$(dirname "$WEED_BIN")"
+  mkdir -p "$dir"
+  go_build "seaweedfs" seaweedfs/build github.com/seaweedfs/seaweedfs 0 "" "$WEED_BIN.tmp" github.com/seaweedfs/seaweedfs/weed
+  mv "$WEED_BIN.tmp" "$WEED_BIN"
+  log "seaweedfs: built $(first_line "$WEED_BIN" version) in $((SECONDS - start)) s"
+}
+
 # check: every pinned artifact still served? (scripts/sources.py; the repo's Cargo.lock,
 # Go wrapper modules and bench requirements, and the pins of lib.sh). SIMQ_EXTRA_PINS
 # adds pins (KIND:SPEC, space-separated; the error-case test names one that is not served).
@@ -183,12 +201,12 @@ step_check() {
 
 main() {
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model model_b prometheus)
+  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model model_b prometheus seaweedfs)
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      debs | consul | nomad | ort | model | model_b | prometheus | check) "step_$s" ;;
-      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus check)" ;;
+      debs | consul | nomad | ort | model | model_b | prometheus | seaweedfs | check) "step_$s" ;;
+      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus seaweedfs check)" ;;
     esac
   done
   need_cmd cargo "Install Rust with rustup (https://rustup.rs); simq builds with stable Rust >= 1.85."

@@ -204,7 +204,7 @@ def repo_pins(root):
         fields = dict(re.findall(r'^(\w+) = "([^"]*)"', block, re.M))
         if fields.get("source", "").startswith("registry+https://github.com/rust-lang/crates.io-index"):
             pins.append(f"crate:{fields['name']}@{fields['version']}@{fields.get('checksum', '')}".rstrip("@"))
-    for gomod in ["consul/build/go.mod", "nomad/build/go.mod", "consul/prometheus/build/go.mod"]:
+    for gomod in ["consul/build/go.mod", "nomad/build/go.mod", "consul/prometheus/build/go.mod", "seaweedfs/build/go.mod"]:
         text = open(os.path.join(root, gomod), encoding="utf-8").read()
         text = re.sub(r"//.*", "", text)
         for module, version in re.findall(r"^\s*(?:require\s+)?([a-zA-Z0-9.\-_~/]+\.[a-z]+/\S+)\s+(v\S+)\s*$", text, re.M):

@@ -62,15 +62,21 @@ SIMQ_CORPUS="$CORPUS" SIMQ_CLUSTERS="${SIMQ_CLUSTERS:-256}" "$SIMQ_ROOT/scripts/
 DG="$(tail -1 "$WORK/deploy.log")"
 NOMAD="$(nomad_url)" || die "no Nomad server answers"
 log "stack on 3 nodes serving $DG in $((SECONDS - t0)) s"
+# Every shard file of the dg is in the blob store on 2 nodes: losing one loses none.
+for sha in $(json '" ".join(s["sha256"] for s in d["shards"])' <"$SIMQ_CACHE/dgs/$DG/manifest.json"); do
+  copies="$(blob_copies "$sha")" || die "blob $sha of $DG is not in the nodes' blob store"
+  [ "$copies" -ge 2 ] || die "blob $sha of $DG is on $copies node(s) only, not 2"
+done
+log "blob store: every shard file of $DG on 2 nodes"
 
-# A second dg of the same corpus (other fine clusters), published, for the rollout and the
-# rollback with a node down. simq-indexer sends to Nomad and to the balancers Consul names:
-# node addresses of this cluster only (guard_cluster_addresses).
+# A second dg of the same corpus (other fine clusters), for the rollout and the rollback
+# with a node down (published then, into the nodes' blob store). simq-indexer sends to
+# Nomad, to the nodes' S3 gateways and to the balancers Consul names: node addresses of
+# this cluster only (guard_cluster_addresses).
 export CONSUL_HTTP_ADDR="http://$OPS_CONSUL_HTTP" NOMAD_ADDR="$NOMAD" ORT_DYLIB_PATH="$ORT_LIB"
 DG_B_DIR="$("$BIN/simq-indexer" build "$CORPUS" --model-dir "$SIMQ_MODEL_DIR" --out "$SIMQ_CACHE/dgs" --shards 2 --clusters 128 2>"$WORK/build-b.log")" ||
   { tail -5 "$WORK/build-b.log"; die "building the second dg failed (log above)"; }
 DG_B="$(basename "$DG_B_DIR")"
-"$BIN/simq-indexer" publish "$DG_B_DIR" --blobs "$SIMQ_CACHE/blobs" >/dev/null
 ROLLOUT_ARGS=(--blob-url "$(nodes_blob_url)" --shard-bin-sha256 "$(sha256sum "$BIN/simq-shard" | cut -d' ' -f1)")
 
 # Unique queries: the corpus three times, each round with its own suffix, so no answer
@@ -190,14 +196,14 @@ fault() {
   settle="$(first_within "$SETTLE_LIMIT" "$t" settled)"
   ROWS+=("$(printf '%-22s n%-2s %5s %7s %6s %8s %7s %6s %8s %9s %8s' "$name" "$victim" "$held" "$sent" "$failed" "$degraded" "$resent" "$p99" "$gone" "${back:--}" "$settle")")
   log "$name: $sent queries, $failed failed, $degraded degraded, $resent resent, p99 $p99 ms; victim out of Consul after $gone s; shards back after ${back:--} s; settled $settle s after recovery"
-  [ "$failed" = 0 ] || miss "$name: $failed queries failed: $(field "$summary" 'json.dumps({"by_error": d["by_error"], "examples": d["error_examples"]})')"
-  [ "$degraded" = 0 ] || miss "$name: $degraded answers degraded"
-  [ "$p99" -lt "$P99_BOUND_MS" ] || miss "$name: p99 $p99 ms, bound $P99_BOUND_MS ms"
+  [ "$failed" = 0 ] || miss "$name:failed" "$name: $failed queries failed: $(field "$summary" 'json.dumps({"by_error": d["by_error"], "examples": d["error_examples"]})')"
+  [ "$degraded" = 0 ] || miss "$name:degraded" "$name: $degraded answers degraded"
+  [ "$p99" -lt "$P99_BOUND_MS" ] || miss "$name:p99" "$name: p99 $p99 ms, bound $P99_BOUND_MS ms"
   [ "$gone" != - ] && awk -v g="$gone" -v b="$GONE_BOUND" 'BEGIN { exit !(g <= b) }' ||
-    miss "$name: n$victim's instances still passed in Consul after $GONE_BOUND s (first gone: $gone)"
+    miss "$name:gone" "$name: n$victim's instances still passed in Consul after $GONE_BOUND s (first gone: $gone)"
   if [ "$replaces" = 1 ]; then
     [ "$back" != - ] && awk -v g="$back" -v b="$REPLACED_BOUND" 'BEGIN { exit !(g <= b) }' ||
-      miss "$name: shards not back to 2 replicas within $REPLACED_BOUND s (at: $back); allocations: $(nomad_get "/v1/job/simq-shards/allocations" | json '[(a["TaskGroup"], a["NodeName"], a["ClientStatus"], a["DesiredStatus"]) for a in d if a["DesiredStatus"] == "run"]'); last evaluation: $(nomad_get "/v1/job/simq-shards/evaluations" | json '[(e["Status"], e.get("StatusDescription", ""), e["TriggeredBy"], e.get("FailedTGAllocs")) for e in d][:2]' | cut -c1-600)"
+      miss "$name:shards" "$name: shards not back to 2 replicas within $REPLACED_BOUND s (at: $back); allocations: $(nomad_get "/v1/job/simq-shards/allocations" | json '[(a["TaskGroup"], a["NodeName"], a["ClientStatus"], a["DesiredStatus"]) for a in d if a["DesiredStatus"] == "run"]'); last evaluation: $(nomad_get "/v1/job/simq-shards/evaluations" | json '[(e["Status"], e.get("StatusDescription", ""), e["TriggeredBy"], e.get("FailedTGAllocs")) for e in d][:2]' | cut -c1-600)"
   fi
   if [ "$settle" = - ]; then
     settle_out="$(settled || true)"
@@ -205,32 +211,47 @@ fault() {
   fi
 }
 
-# rollout_and_back NAME VICTIM: with VICTIM down, roll DG_B out and roll back to DG (each
+# rollout_and_back NAME VICTIM: with VICTIM down, publish DG_B into the blob store (its
+# blobs then have their 2 copies on the other nodes), roll it out and roll back to DG (each
 # must succeed; their times are logged); the load keeps running.
 rollout_and_back() {
   local name=$1 victim=$2 t
   # A Nomad server that is on (the one the test started with may be the victim).
-  NOMAD_ADDR="$(nomad_url)" || { miss "$name: no Nomad server answers with n$victim down"; return; }
+  NOMAD_ADDR="$(nomad_url)" || { miss "$name:nomad" "$name: no Nomad server answers with n$victim down"; return; }
   guard_cluster_addresses
+  t=$SECONDS
+  if SIMQ_S3_ENDPOINTS="$(nodes_s3_endpoints)" "$BIN/simq-indexer" publish "$DG_B_DIR" --blobs "$(nodes_blobs)" >"$WORK/publish.log" 2>&1; then
+    log "$name: $DG_B published with n$victim down: $((SECONDS - t)) s"
+  else
+    miss "$name:publish" "$name: publishing $DG_B with n$victim down failed: $(tail -3 "$WORK/publish.log" | tr '\n' ' ')"
+  fi
   t=$SECONDS
   if "$BIN/simq-indexer" rollout "$DG_B" "${ROLLOUT_ARGS[@]}" >"$WORK/rollout.log" 2>&1; then
     log "$name: rollout of $DG_B with n$victim down: $((SECONDS - t)) s"
   else
-    miss "$name: rollout of $DG_B with n$victim down failed: $(tail -3 "$WORK/rollout.log" | tr '\n' ' ')"
+    miss "$name:rollout" "$name: rollout of $DG_B with n$victim down failed: $(tail -3 "$WORK/rollout.log" | tr '\n' ' ')"
   fi
   t=$SECONDS
   if "$BIN/simq-indexer" rollback "${ROLLOUT_ARGS[@]}" >"$WORK/rollback.log" 2>&1; then
     log "$name: rollback to $DG with n$victim down: $((SECONDS - t)) s"
   else
-    miss "$name: rollback to $DG with n$victim down failed: $(tail -3 "$WORK/rollback.log" | tr '\n' ' ')"
+    miss "$name:rollback" "$name: rollback to $DG with n$victim down failed: $(tail -3 "$WORK/rollback.log" | tr '\n' ' ')"
   fi
 }
 
-# miss WHAT: a bound missed; every fault still runs, the test fails at the end.
+# miss KEY WHAT: a bound missed (KEY: FAULT:BOUND); every fault still runs, and the test
+# fails at the end, unless KEY is one of SIMQ_NODE_FAULTS_KNOWN (space-separated): a miss
+# known and stated (RELIABILITY.md), reported as KNOWN MISS without failing the test.
 MISSES=()
+KNOWN_MISSES=()
 miss() {
-  log "MISSED: $1"
-  MISSES+=("$1")
+  if [[ " ${SIMQ_NODE_FAULTS_KNOWN:-} " == *" $1 "* ]]; then
+    log "KNOWN MISS ($1): $2"
+    KNOWN_MISSES+=("$2")
+  else
+    log "MISSED: $2"
+    MISSES+=("$2")
+  fi
 }
 
 # follower: a node that leads neither Consul nor Nomad, one holding shard replicas if any does.
@@ -275,4 +296,5 @@ echo
 echo "scripts/test-node-faults.sh: $([ ${#MISSES[@]} = 0 ] && echo "all passed" || echo "${#MISSES[@]} bounds missed") ($CAPACITY queries/s capacity on 3 nodes, faults at $RATE/s, $DG)"
 printf '  %-22s %-3s %5s %7s %6s %8s %7s %6s %8s %9s %8s\n' fault node "held" queries failed degraded resent "p99ms" "gone_s" "shards_s" "settle_s"
 printf '  %s\n' "${ROWS[@]}"
+[ ${#KNOWN_MISSES[@]} = 0 ] || printf '  KNOWN MISS (not failing the test): %s\n' "${KNOWN_MISSES[@]}"
 [ ${#MISSES[@]} = 0 ] || { printf '  MISSED: %s\n' "${MISSES[@]}"; exit 1; }

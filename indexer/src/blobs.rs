@@ -78,12 +78,14 @@ impl BlobStore {
                 .with_bucket_name(bucket)
                 .with_endpoint(endpoint)
                 .with_region(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()))
-                .with_allow_http(endpoint.starts_with("http://"))
                 .with_virtual_hosted_style_request(false)
                 // A gateway that is down is refused (or times out) in seconds, and the
                 // next endpoint is asked, instead of object_store's default 3 min of retries.
+                // (allow_http is a client option: set here, as a builder call before this
+                // one would be replaced.)
                 .with_client_options(
                     object_store::ClientOptions::new()
+                        .with_allow_http(endpoint.starts_with("http://"))
                         .with_connect_timeout(Duration::from_secs(2))
                         .with_timeout(Duration::from_secs(300)),
                 )
