@@ -1,11 +1,12 @@
 //! The content-addressed blob store: blobs named by their sha256, kept either in a
 //! directory (the single node; `simq-indexer serve-blobs` is the small HTTP server Nomad's
 //! artifact fetch reads them from) or in a bucket of an S3-compatible object store (the
-//! node cluster's replicated SeaweedFS, or any S3), written through `object_store`.
+//! node cluster's replicated SeaweedFS, or any S3). S3 requests are plain HTTP through the
+//! workspace's `reqwest`, signed (SigV4 presigned URLs) by the sans-IO `rusty-s3`: a full
+//! S3 SDK would bring its own HTTP and TLS stack into every service's build.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +15,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use object_store::{path::Path as Key, ObjectStore, PutPayload};
+use rusty_s3::S3Action;
 use sha2::Digest;
 
 /// What putting a blob did.
@@ -41,12 +42,30 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// How long a presigned S3 request stays valid: it is sent at once.
+const SIGNED_FOR: Duration = Duration::from_secs(600);
+/// Rounds over the endpoints before a put gives up (a gateway restarting, a master
+/// election in progress), and the pause between them.
+const ROUNDS: u32 = 3;
+const ROUND_PAUSE: Duration = Duration::from_secs(1);
+
+/// One place blobs can be written to.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Dir(PathBuf),
+    S3 {
+        bucket: rusty_s3::Bucket,
+        credentials: Option<rusty_s3::Credentials>,
+        http: reqwest::Client,
+    },
+}
+
 /// Where blobs are put: one bucket or directory, behind one or more endpoints.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
-    /// Each endpoint (for messages) and its client, tried in order: the gateways of one
-    /// replicated store, any of which may be down.
-    endpoints: Vec<(String, Arc<dyn ObjectStore>)>,
+    /// Each endpoint (named for messages), tried in order: the gateways of one replicated
+    /// store, any of which may be down.
+    endpoints: Vec<(String, Endpoint)>,
 }
 
 impl BlobStore {
@@ -54,10 +73,8 @@ impl BlobStore {
     pub fn dir(dir: impl AsRef<Path>) -> anyhow::Result<Self> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
-            .with_context(|| format!("opening {} as a blob store", dir.display()))?;
         Ok(Self {
-            endpoints: vec![(dir.display().to_string(), Arc::new(fs))],
+            endpoints: vec![(dir.display().to_string(), Endpoint::Dir(dir.to_path_buf()))],
         })
     }
 
@@ -70,40 +87,44 @@ impl BlobStore {
             !endpoints.is_empty(),
             "s3://{bucket} needs an endpoint (--s3-endpoint or SIMQ_S3_ENDPOINTS)"
         );
-        let key_id = std::env::var("AWS_ACCESS_KEY_ID").ok();
-        let secret = std::env::var("AWS_SECRET_ACCESS_KEY").ok();
+        let credentials = match (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            std::env::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Ok(k), Ok(s)) => Some(match std::env::var("AWS_SESSION_TOKEN") {
+                Ok(t) => rusty_s3::Credentials::new_with_token(k, s, t),
+                Err(_) => rusty_s3::Credentials::new(k, s),
+            }),
+            _ => None,
+        };
+        let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+        // A gateway that is down is refused (or times out) in seconds, and the next one
+        // is asked; a large blob still has minutes to go through.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .context("building the HTTP client")?;
         let mut out = Vec::new();
         for endpoint in endpoints {
-            let mut b = object_store::aws::AmazonS3Builder::new()
-                .with_bucket_name(bucket)
-                .with_endpoint(endpoint)
-                .with_region(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()))
-                .with_virtual_hosted_style_request(false)
-                // A gateway that is down is refused (or times out) in seconds, and the
-                // next endpoint is asked, instead of object_store's default 3 min of retries.
-                // (allow_http is a client option: set here, as a builder call before this
-                // one would be replaced.)
-                .with_client_options(
-                    object_store::ClientOptions::new()
-                        .with_allow_http(endpoint.starts_with("http://"))
-                        .with_connect_timeout(Duration::from_secs(2))
-                        .with_timeout(Duration::from_secs(300)),
-                )
-                .with_retry(object_store::RetryConfig {
-                    max_retries: 2,
-                    retry_timeout: Duration::from_secs(10),
-                    ..Default::default()
-                });
-            b = match (&key_id, &secret) {
-                (Some(k), Some(s)) => b.with_access_key_id(k).with_secret_access_key(s),
-                _ => b.with_skip_signature(true),
-            };
-            let client = b
-                .build()
-                .with_context(|| format!("s3://{bucket} at {endpoint}"))?;
+            let name = format!("s3://{bucket} at {endpoint}");
+            let url: reqwest::Url = endpoint
+                .parse()
+                .with_context(|| format!("{name}: not a URL"))?;
+            let b = rusty_s3::Bucket::new(
+                url,
+                rusty_s3::UrlStyle::Path,
+                bucket.to_string(),
+                region.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?;
             out.push((
-                format!("s3://{bucket} at {endpoint}"),
-                Arc::new(client) as _,
+                name,
+                Endpoint::S3 {
+                    bucket: b,
+                    credentials: credentials.clone(),
+                    http: http.clone(),
+                },
             ));
         }
         Ok(Self { endpoints: out })
@@ -132,16 +153,21 @@ impl BlobStore {
             "{sha256:?} is not a sha256 content address"
         );
         let mut failed = Vec::new();
-        for (name, store) in &self.endpoints {
-            match put_on(store.as_ref(), file, sha256).await {
-                Ok(put) => return Ok(put),
-                // The file itself is wrong: no other endpoint will take it either.
-                Err(PutError::File(e)) => return Err(e),
-                Err(PutError::Store(e)) => failed.push(format!("{name}: {e}")),
+        for round in 0..ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
+            for (name, endpoint) in &self.endpoints {
+                match put_on(endpoint, file, sha256).await {
+                    Ok(put) => return Ok(put),
+                    // The file itself is wrong: no other endpoint will take it either.
+                    Err(PutError::File(e)) => return Err(e),
+                    Err(PutError::Store(e)) => failed.push(format!("{name}: {e:#}")),
+                }
             }
         }
         anyhow::bail!(
-            "no endpoint of the blob store took {sha256}: {}",
+            "no endpoint of the blob store took {sha256} ({ROUNDS} rounds): {}",
             failed.join("; ")
         )
     }
@@ -151,22 +177,11 @@ enum PutError {
     /// The local file: unreadable, or not the content the address names.
     File(anyhow::Error),
     /// The store did not answer or refused.
-    Store(object_store::Error),
+    Store(anyhow::Error),
 }
 
-async fn put_on(store: &dyn ObjectStore, file: &Path, sha256: &str) -> Result<Put, PutError> {
-    let key = Key::from(sha256);
-    let existed = match store.get(&key).await {
-        Ok(found) => {
-            let bytes = found.bytes().await.map_err(PutError::Store)?;
-            if sha256_hex(&bytes) == sha256 {
-                return Ok(Put::Present);
-            }
-            true
-        }
-        Err(object_store::Error::NotFound { .. }) => false,
-        Err(e) => return Err(PutError::Store(e)),
-    };
+/// The bytes of `file`, checked against its content address.
+async fn read_checked(file: &Path, sha256: &str) -> Result<Vec<u8>, PutError> {
     let bytes = tokio::fs::read(file)
         .await
         .with_context(|| format!("reading {}", file.display()))
@@ -178,11 +193,86 @@ async fn put_on(store: &dyn ObjectStore, file: &Path, sha256: &str) -> Result<Pu
             file.display()
         )));
     }
-    store
-        .put(&key, PutPayload::from(bytes))
-        .await
-        .map_err(PutError::Store)?;
-    Ok(if existed { Put::Repaired } else { Put::Added })
+    Ok(bytes)
+}
+
+async fn put_on(endpoint: &Endpoint, file: &Path, sha256: &str) -> Result<Put, PutError> {
+    // What is stored under the name now: None when nothing is.
+    let stored: Option<Vec<u8>> = match endpoint {
+        Endpoint::Dir(dir) => match tokio::fs::read(dir.join(sha256)).await {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(PutError::Store(e.into())),
+        },
+        Endpoint::S3 {
+            bucket,
+            credentials,
+            http,
+        } => {
+            let url = bucket
+                .get_object(credentials.as_ref(), sha256)
+                .sign(SIGNED_FOR);
+            let resp = http.get(url).send().await.map_err(store_error)?;
+            match resp.status() {
+                reqwest::StatusCode::NOT_FOUND => None,
+                s if s.is_success() => Some(resp.bytes().await.map_err(store_error)?.to_vec()),
+                s => return Err(refused("GET", s, resp).await),
+            }
+        }
+    };
+    if stored.as_deref().is_some_and(|b| sha256_hex(b) == sha256) {
+        return Ok(Put::Present);
+    }
+    let bytes = read_checked(file, sha256).await?;
+    match endpoint {
+        Endpoint::Dir(dir) => {
+            // Written beside, then renamed: a reader never sees half a blob.
+            let tmp = dir.join(format!(".{sha256}.tmp"));
+            tokio::fs::write(&tmp, &bytes)
+                .await
+                .with_context(|| format!("writing {}", tmp.display()))
+                .map_err(PutError::Store)?;
+            tokio::fs::rename(&tmp, dir.join(sha256))
+                .await
+                .with_context(|| format!("renaming {}", tmp.display()))
+                .map_err(PutError::Store)?;
+        }
+        Endpoint::S3 {
+            bucket,
+            credentials,
+            http,
+        } => {
+            let url = bucket
+                .put_object(credentials.as_ref(), sha256)
+                .sign(SIGNED_FOR);
+            let resp = http
+                .put(url)
+                .header(reqwest::header::CONTENT_LENGTH, bytes.len())
+                .body(bytes)
+                .send()
+                .await
+                .map_err(store_error)?;
+            if !resp.status().is_success() {
+                return Err(refused("PUT", resp.status(), resp).await);
+            }
+        }
+    }
+    Ok(if stored.is_some() {
+        Put::Repaired
+    } else {
+        Put::Added
+    })
+}
+
+fn store_error(e: reqwest::Error) -> PutError {
+    PutError::Store(e.into())
+}
+
+/// A refusal, with the start of the store's answer (S3 errors explain themselves in XML).
+async fn refused(method: &str, status: reqwest::StatusCode, resp: reqwest::Response) -> PutError {
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    PutError::Store(anyhow::anyhow!("{method} answered {status}: {body}"))
 }
 
 /// Serve `GET /<sha256>` (and HEAD) from the directory `dir`, `GET /health`, until `stop`
