@@ -284,10 +284,12 @@ run_rollout() {
   [ "$(basename "$other")" != "$active" ] || die "the second dg equals the active one ($active)"
   "$bin/simq-indexer" publish "$other" --blobs "$SIMQ_CACHE/blobs" >/dev/null
   sed -i '/"phase": "rollout"/d' "$results"
-  under_load() { # under_load STEP COMMAND...: COMMAND under open-loop load; one result line
+  # under_load STEP COMMAND...: COMMAND under open-loop load (every other query from a client
+  # that sends it again at once after a 503); one result line
+  under_load() {
     local step=$1 pid started took line
     shift
-    "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 \
+    "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 --impatient 10 \
       --timeout 5 --url "http://127.0.0.1:$port/v1/query" --timeline "$out/rollout-$step-timeline.jsonl" >"$out/rollout-load.json" &
     pid=$!
     python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-before.json"

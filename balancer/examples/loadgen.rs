@@ -92,6 +92,13 @@ struct Args {
     /// that gets 429/503 with Retry-After waits that long, as a well-behaved client does.
     #[arg(long)]
     ignore_retry_after: bool,
+    /// Open loop: every other query comes from an impatient client, which sends it again
+    /// at once after a 503 or a failed connection (no pause, Retry-After ignored, as `wrk`
+    /// and most worker pools do), up to this many times; counted in "resent_at_once".
+    /// Only its last outcome counts. The other queries are polite: their first refusal
+    /// is a failure. 0: every query is polite.
+    #[arg(long, default_value_t = 0)]
+    impatient: u32,
     /// Send the API key in this file (`Authorization: Bearer`) with every query.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
@@ -124,6 +131,8 @@ struct Tally {
     cached: usize,
     /// Requests sent again to the next URL after their connection failed.
     resent: usize,
+    /// Requests an impatient client sent again at once after a 503 or a failed connection.
+    resent_at_once: usize,
     /// Refusals and errors by the `error.kind` of their JSON body.
     by_error: std::collections::BTreeMap<String, usize>,
     /// The first message of each error kind, to say what happened.
@@ -198,12 +207,10 @@ impl Shared {
         req
     }
 
-    /// Send one query and tally the outcome; returns the Retry-After of a refusal.
-    async fn send(&self, (line, query): (usize, String), started: Instant) -> Option<Duration> {
-        let body = Bytes::from(
-            serde_json::to_vec(&json!({"query": query, "k": self.args.k}))
-                .expect("JSON serialises"),
-        );
+    /// One request of `body` (once more to the next URL when its connection failed and
+    /// `--resend-to-next-url` is set): (status or "timeout"/"connect_error", body,
+    /// Retry-After, whether it went to the next URL).
+    async fn exchange(&self, body: &Bytes) -> (String, Option<Bytes>, Option<Duration>, bool) {
         let first = self.next_uri.fetch_add(1, Ordering::Relaxed);
         let mut resent = false;
         let exchange = async {
@@ -225,19 +232,43 @@ impl Shared {
                 }
             }
         };
-        let mut retry_after = None;
-        let (status, body) = match tokio::time::timeout(self.timeout, exchange).await {
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok((parts, bytes))) => {
-                retry_after = parts
+                let retry_after = parts
                     .headers
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                (parts.status.as_str().to_string(), Some(bytes))
+                (parts.status.as_str().to_string(), Some(bytes), retry_after, resent)
             }
-            Err(_) => ("timeout".to_string(), None),
-            Ok(Err(_)) => ("connect_error".to_string(), None),
+            Err(_) => ("timeout".to_string(), None, None, resent),
+            Ok(Err(_)) => ("connect_error".to_string(), None, None, resent),
+        }
+    }
+
+    /// Send one query and tally the outcome (after up to `resends` sends again at once
+    /// following a 503 or a failed connection); returns the Retry-After of a refusal.
+    async fn send(
+        &self,
+        (line, query): (usize, String),
+        started: Instant,
+        resends: u32,
+    ) -> Option<Duration> {
+        let request = Bytes::from(
+            serde_json::to_vec(&json!({"query": query, "k": self.args.k}))
+                .expect("JSON serialises"),
+        );
+        let (mut left, mut at_once, mut to_next) = (resends, 0, 0);
+        let (status, body, retry_after) = loop {
+            let (status, body, retry_after, resent) = self.exchange(&request).await;
+            to_next += usize::from(resent);
+            if left > 0 && (status == "503" || status == "connect_error") {
+                left -= 1;
+                at_once += 1;
+                continue;
+            }
+            break (status, body, retry_after);
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         // Only the flags are read from an answer (results too when recording): parsing
@@ -268,7 +299,8 @@ impl Shared {
             })
         });
         let mut t = self.tally.lock().unwrap();
-        t.resent += usize::from(resent);
+        t.resent += to_next;
+        t.resent_at_once += at_once;
         t.timeline.extend(moment);
         *t.by_status.entry(status.clone()).or_default() += 1;
         match (status.as_str(), flags) {
@@ -417,7 +449,7 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     while sending() {
                         let Some(q) = s.take() else { break };
-                        let retry_after = s.send(q, Instant::now()).await;
+                        let retry_after = s.send(q, Instant::now(), 0).await;
                         if let Some(wait) = retry_after.filter(|_| !s.args.ignore_retry_after) {
                             let left = run.saturating_sub(began.elapsed());
                             tokio::time::sleep(wait.min(left)).await;
@@ -449,9 +481,10 @@ async fn main() -> anyhow::Result<()> {
                 let Some(q) = shared.take() else { break };
                 let s = shared.clone();
                 let counted = Outstanding::enter(&outstanding);
+                let resends = if n % 2 == 0 { s.args.impatient } else { 0 };
                 tasks.push(tokio::spawn(async move {
                     let _counted = counted;
-                    s.send(q, at).await;
+                    s.send(q, at, resends).await;
                 }));
             }
             futures::future::join_all(tasks).await;
@@ -492,6 +525,8 @@ async fn main() -> anyhow::Result<()> {
             "degraded": t.degraded,
             "cached": t.cached,
             "resent": t.resent,
+            "impatient": a.impatient,
+            "resent_at_once": t.resent_at_once,
             "by_error": t.by_error,
             "error_examples": t.error_examples,
             "throughput": ok as f64 / elapsed,

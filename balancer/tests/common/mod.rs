@@ -316,8 +316,14 @@ pub struct LoadReport {
     pub failed: Vec<(u16, String)>,
     /// dg of each successful answer, in order.
     pub dgs: Vec<String>,
-    /// Successful answers marked degraded (a routed shard had no healthy replica).
+    /// Successful answers marked degraded (a routed shard had no healthy replica, or the
+    /// light contour answered).
     pub degraded: usize,
+    /// Unix time (s) at which each degraded answer came back.
+    pub degraded_unix: Vec<f64>,
+    /// Sends that repeated a query at once after a 503 or a broken connection (the
+    /// impatient clients of an open-loop load: `RESENDS`).
+    pub resent: usize,
     /// What each degraded answer said, with the Unix time at which it came back (to set
     /// against timestamped logs): a failure then names its cause and its moment.
     pub degraded_notes: Vec<String>,
@@ -342,10 +348,11 @@ impl LoadReport {
             self.sent()
         );
         eprintln!(
-            "{what}: {} answered, {} failed, {} degraded",
+            "{what}: {} answered, {} failed, {} degraded, {} sent again at once (after a 503 or a broken connection)",
             self.ok,
             self.failed.len(),
-            self.degraded
+            self.degraded,
+            self.resent
         );
         assert!(
             self.failed.is_empty(),
@@ -381,29 +388,50 @@ pub enum Pace {
     /// One query at a time with a 20 ms pause, cycling through the texts.
     Serial,
     /// Open loop: this many queries per second, each text once (no answer cache hits);
-    /// the run ends when the texts do.
+    /// the run ends when the texts do. Every other query comes from an impatient client
+    /// (sends again at once after a 503, up to `RESENDS` times), the others from polite
+    /// ones (a 503 is a failure).
     Rate(f64),
 }
 
+/// How often an impatient client sends a query again at once (no pause, no look at
+/// Retry-After) after a 503 or a broken connection, as `wrk` and most worker pools do.
+pub const RESENDS: u32 = 10;
+
 /// One query and what came back, into `report`; latency counted from `since` (the
-/// scheduled time in open loop: no coordinated omission).
+/// scheduled time in open loop: no coordinated omission). After a 503 or a broken
+/// connection the query is sent again at once, up to `resends` times; only the last
+/// outcome counts (a polite client has `resends` 0: its first refusal is a failure).
 async fn send_query(
     client: &reqwest::Client,
     text: &str,
     report: &std::sync::Mutex<LoadReport>,
     since: Instant,
+    resends: u32,
 ) {
     let body = json!({"query": text, "k": 3}).to_string();
-    let outcome = client
-        .post(format!("http://127.0.0.1:{PORT}/v1/query"))
-        .body(body)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await;
-    let mut entry = match outcome {
-        Ok(r) if r.status().is_success() => Ok(r.json::<Value>().await.unwrap_or(Value::Null)),
-        Ok(r) => Err((r.status().as_u16(), r.text().await.unwrap_or_default())),
-        Err(e) => Err((0, e.to_string())),
+    let mut left = resends;
+    let mut entry = loop {
+        let outcome = client
+            .post(format!("http://127.0.0.1:{PORT}/v1/query"))
+            .body(body.clone())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        let entry = match outcome {
+            Ok(r) if r.status().is_success() => {
+                Ok(r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+            Ok(r) => Err((r.status().as_u16(), r.text().await.unwrap_or_default())),
+            Err(e) => Err((0, e.to_string())),
+        };
+        match entry {
+            Err((0 | 503, _)) if left > 0 => {
+                left -= 1;
+                report.lock().unwrap().resent += 1;
+            }
+            entry => break entry,
+        }
     };
     let ms = since.elapsed().as_secs_f64() * 1000.0;
     let mut report = report.lock().unwrap();
@@ -420,9 +448,10 @@ async fn send_query(
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs_f64();
+                report.degraded_unix.push(unix);
                 report.degraded_notes.push(format!(
-                    "answered at unix {unix:.3}: {} {}",
-                    v["dg"], v["notes"]
+                    "answered at unix {unix:.3}: {} contour {} {}",
+                    v["dg"], v["contour"], v["notes"]
                 ));
             }
             report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
@@ -454,7 +483,8 @@ pub fn start_load(
             }
             match pace {
                 Pace::Serial => {
-                    send_query(&client, &texts[i % texts.len()], &report, Instant::now()).await;
+                    send_query(&client, &texts[i % texts.len()], &report, Instant::now(), 0)
+                        .await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Pace::Rate(rate) => {
@@ -464,8 +494,9 @@ pub fn start_load(
                     let at = started + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(at.into()).await;
                     let (client, report) = (client.clone(), report.clone());
+                    let resends = if i % 2 == 1 { RESENDS } else { 0 };
                     inflight.push(tokio::spawn(async move {
-                        send_query(&client, &text, &report, at).await
+                        send_query(&client, &text, &report, at, resends).await
                     }));
                 }
             }
@@ -518,7 +549,7 @@ pub async fn capacity(texts: &[String], connections: usize, seconds: f64) -> f64
             while started.elapsed().as_secs_f64() < seconds {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(text) = texts.get(i) else { break };
-                send_query(&client, text, &report, Instant::now()).await;
+                send_query(&client, text, &report, Instant::now(), 0).await;
             }
         })
     });
