@@ -240,7 +240,12 @@ impl Shared {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                (parts.status.as_str().to_string(), Some(bytes), retry_after, resent)
+                (
+                    parts.status.as_str().to_string(),
+                    Some(bytes),
+                    retry_after,
+                    resent,
+                )
             }
             Err(_) => ("timeout".to_string(), None, None, resent),
             Ok(Err(_)) => ("connect_error".to_string(), None, None, resent),

@@ -335,7 +335,12 @@ async fn every_fault_of_reliability_md_measured_under_unique_query_load() {
     let back_unix = unix_now();
     tokio::time::sleep(CALM).await;
     let run = load.finish(&mut questions).await;
-    let lexical = run.0.degraded_notes.iter().filter(|n| n.contains("\"lexical\"")).count();
+    let lexical = run
+        .0
+        .degraded_notes
+        .iter()
+        .filter(|n| n.contains("\"lexical\""))
+        .count();
     let last_degraded = run.0.degraded_unix.iter().copied().fold(0.0, f64::max);
     let model_again = last_degraded - back_unix;
     assert!(

@@ -419,9 +419,7 @@ async fn send_query(
             .send()
             .await;
         let entry = match outcome {
-            Ok(r) if r.status().is_success() => {
-                Ok(r.json::<Value>().await.unwrap_or(Value::Null))
-            }
+            Ok(r) if r.status().is_success() => Ok(r.json::<Value>().await.unwrap_or(Value::Null)),
             Ok(r) => Err((r.status().as_u16(), r.text().await.unwrap_or_default())),
             Err(e) => Err((0, e.to_string())),
         };
@@ -483,8 +481,7 @@ pub fn start_load(
             }
             match pace {
                 Pace::Serial => {
-                    send_query(&client, &texts[i % texts.len()], &report, Instant::now(), 0)
-                        .await;
+                    send_query(&client, &texts[i % texts.len()], &report, Instant::now(), 0).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Pace::Rate(rate) => {
