@@ -30,7 +30,7 @@ const REPLICAS: usize = 2;
 /// Share of the measured capacity the load offers.
 const SHARE: f64 = 0.5;
 /// The load is capped at this rate, which bounds the number of queries of the suite.
-const MAX_RATE: f64 = 40.0;
+const MAX_RATE: f64 = 80.0;
 /// Load before each fault and after the stack is whole again.
 const CALM: Duration = Duration::from_secs(5);
 
@@ -358,9 +358,13 @@ async fn every_fault_of_reliability_md_measured_under_unique_query_load() {
         run,
         Some(recovery),
         format!(
-            "{lexical} answered by the light contour (degraded); the model again {:.1} s \
-             after the embedders passed; no restart by hand",
-            model_again.max(0.0)
+            "{lexical} answered by the light contour (degraded), the last {} the embedders \
+             passed in Consul again; no restart by hand",
+            if model_again > 0.0 {
+                format!("{model_again:.1} s after")
+            } else {
+                format!("{:.1} s before", -model_again)
+            }
         ),
     ));
 

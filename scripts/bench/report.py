@@ -91,7 +91,7 @@ md.append(f"| recall@10 >= 0.98 at the defaults | simq {fmt(rs, 4)}, peer {fmt(r
 md.append(f"| cache hits >= 20,000 /s | {fmt(cache.get('throughput'), 0)} /s | {'yes' if cache.get('throughput', 0) >= 20000 else 'no'} |")
 for label, o in (("clients wait Retry-After", over), ("clients ignore Retry-After", hostile)):
     if o:
-        md.append(f"| overload ({label}): refusals < 50 ms, accepted answer in the deadline | refused p99 {fmt(o.get('refused_p99_ms'))} ms, accepted p99 {fmt(o.get('p99_ms'))} ms, {o.get('by_status')}, {o.get('cached', 0)} accepted from the answer cache | "
+        md.append(f"| overload ({label}): refusals < 50 ms, accepted answer in the deadline | refused p99 {fmt(o.get('refused_p99_ms'))} ms, accepted p99 {fmt(o.get('p99_ms'))} ms, {o.get('by_status')}, {o.get('degraded', 0)} of the accepted answered by the light contour (degraded), {o.get('cached', 0)} from the answer cache | "
                   f"{'yes' if (o.get('refused_p99_ms') or 0) < 50 and (o.get('p99_ms') or 0) < 2000 else 'no'} |")
 if after:
     md.append(f"| normal service within 5 s after overload | p50 {fmt(after.get('p50_ms'), 2)} ms, failed {after.get('failed')}, queues {after.get('queues', '?')} | "
@@ -243,7 +243,7 @@ if over:
     for label, o in (("Clients waiting Retry-After", over), ("Clients ignoring Retry-After", hostile)):
         if o:
             md.append(f"{label}: {o.get('connections')} connections of long unique queries for {fmt(o.get('seconds'), 0)} s: "
-                      f"answers by status {o.get('by_status')} ({o.get('cached', 0)} from the answer cache), accepted p50 {fmt(o.get('p50_ms'))} ms / p99 {fmt(o.get('p99_ms'))} ms, "
+                      f"answers by status {o.get('by_status')} ({o.get('degraded', 0)} answered by the light contour, degraded; {o.get('cached', 0)} from the answer cache), accepted p50 {fmt(o.get('p50_ms'))} ms / p99 {fmt(o.get('p99_ms'))} ms, "
                       f"refusals p99 {fmt(o.get('refused_p99_ms'))} ms.\n")
     if after:
         md.append(f"Then, {after.get('after_s', '?')} s after the last overload stopped, 8 connections of normal unique queries: "
