@@ -153,9 +153,9 @@ job "simq-embedder" {
 
       # One artifact per model file, under its own name (the embedder checks model.onnx
       # and tokenizer.json against simq-model.json's sha256s again). A model rollout
-      # (indexer/src/models.rs) copies this job and replaces the --model-dir value below
-      # with the new model's host directory: on the single node that still works (these
-      # files are then unused); on nodes it needs models.rs to rewrite these artifacts.
+      # (indexer/src/models.rs) puts the new model's files into the blob store, copies this
+      # job and points these artifacts at them (it finds them by their local/model/
+      # destination).
       dynamic "artifact" {
         for_each = var.model_files
         content {

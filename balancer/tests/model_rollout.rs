@@ -11,8 +11,15 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{build_and_publish_with, corpus_slice, deploy, indexer, start_load, stop_jobs, Pace};
+use common::{
+    build_and_publish_with, cache_dir, corpus_slice, deploy, indexer, start_load, stop_jobs, Pace,
+};
 use simq_consul::{ConsulClient, KvLayout};
+
+/// The blob store the jobs fetch from, where a model rollout puts the new model's files.
+fn blobs() -> String {
+    cache_dir().join("blobs").to_string_lossy().into_owned()
+}
 
 fn model_b_dir() -> String {
     std::env::var("SIMQ_MODEL_B_DIR").expect("SIMQ_MODEL_B_DIR (scripts/test.sh sets it)")
@@ -94,12 +101,26 @@ async fn a_dg_of_another_model_rolls_out_and_back_under_load_without_a_failed_or
         !refused.status.success() && said.contains("--model-dir") && said.contains(&model_b),
         "{said}"
     );
+    // With the model but no blob store to put its files in, too.
+    let refused = tokio::task::spawn_blocking({
+        let dg_b = dg_b.clone();
+        move || indexer(&["rollout", &dg_b, "--model-dir", &model_b_dir()])
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("give --blobs"),
+        "{said}"
+    );
 
     let said = run(vec![
         "rollout".into(),
         dg_b.clone(),
         "--model-dir".into(),
         model_b_dir(),
+        "--blobs".into(),
+        blobs(),
     ])
     .await;
     assert!(
@@ -131,6 +152,8 @@ async fn a_dg_of_another_model_rolls_out_and_back_under_load_without_a_failed_or
         dg_b.clone(),
         "--model-dir".into(),
         model_b_dir(),
+        "--blobs".into(),
+        blobs(),
         "--candidate-only".into(),
     ])
     .await;

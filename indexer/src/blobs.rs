@@ -197,66 +197,12 @@ async fn read_checked(file: &Path, sha256: &str) -> Result<Vec<u8>, PutError> {
 }
 
 async fn put_on(endpoint: &Endpoint, file: &Path, sha256: &str) -> Result<Put, PutError> {
-    // What is stored under the name now: None when nothing is.
-    let stored: Option<Vec<u8>> = match endpoint {
-        Endpoint::Dir(dir) => match tokio::fs::read(dir.join(sha256)).await {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(PutError::Store(e.into())),
-        },
-        Endpoint::S3 {
-            bucket,
-            credentials,
-            http,
-        } => {
-            let url = bucket
-                .get_object(credentials.as_ref(), sha256)
-                .sign(SIGNED_FOR);
-            let resp = http.get(url).send().await.map_err(store_error)?;
-            match resp.status() {
-                reqwest::StatusCode::NOT_FOUND => None,
-                s if s.is_success() => Some(resp.bytes().await.map_err(store_error)?.to_vec()),
-                s => return Err(refused("GET", s, resp).await),
-            }
-        }
-    };
+    let stored = endpoint.get(sha256).await.map_err(PutError::Store)?;
     if stored.as_deref().is_some_and(|b| sha256_hex(b) == sha256) {
         return Ok(Put::Present);
     }
     let bytes = read_checked(file, sha256).await?;
-    match endpoint {
-        Endpoint::Dir(dir) => {
-            // Written beside, then renamed: a reader never sees half a blob.
-            let tmp = dir.join(format!(".{sha256}.tmp"));
-            tokio::fs::write(&tmp, &bytes)
-                .await
-                .with_context(|| format!("writing {}", tmp.display()))
-                .map_err(PutError::Store)?;
-            tokio::fs::rename(&tmp, dir.join(sha256))
-                .await
-                .with_context(|| format!("renaming {}", tmp.display()))
-                .map_err(PutError::Store)?;
-        }
-        Endpoint::S3 {
-            bucket,
-            credentials,
-            http,
-        } => {
-            let url = bucket
-                .put_object(credentials.as_ref(), sha256)
-                .sign(SIGNED_FOR);
-            let resp = http
-                .put(url)
-                .header(reqwest::header::CONTENT_LENGTH, bytes.len())
-                .body(bytes)
-                .send()
-                .await
-                .map_err(store_error)?;
-            if !resp.status().is_success() {
-                return Err(refused("PUT", resp.status(), resp).await);
-            }
-        }
-    }
+    endpoint.put(sha256, bytes).await.map_err(PutError::Store)?;
     Ok(if stored.is_some() {
         Put::Repaired
     } else {
@@ -264,15 +210,78 @@ async fn put_on(endpoint: &Endpoint, file: &Path, sha256: &str) -> Result<Put, P
     })
 }
 
-fn store_error(e: reqwest::Error) -> PutError {
-    PutError::Store(e.into())
+impl Endpoint {
+    /// What is stored under `name`: None when nothing is.
+    async fn get(&self, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        match self {
+            Endpoint::Dir(dir) => match tokio::fs::read(dir.join(name)).await {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            Endpoint::S3 {
+                bucket,
+                credentials,
+                http,
+            } => {
+                let url = bucket
+                    .get_object(credentials.as_ref(), name)
+                    .sign(SIGNED_FOR);
+                let resp = http.get(url).send().await?;
+                match resp.status() {
+                    reqwest::StatusCode::NOT_FOUND => Ok(None),
+                    s if s.is_success() => Ok(Some(resp.bytes().await?.to_vec())),
+                    s => Err(refused("GET", s, resp).await),
+                }
+            }
+        }
+    }
+
+    /// Store `bytes` under `name`.
+    async fn put(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Endpoint::Dir(dir) => {
+                // Written beside, then renamed: a reader never sees half a blob.
+                let tmp = dir.join(format!(".{name}.tmp"));
+                tokio::fs::write(&tmp, &bytes)
+                    .await
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                tokio::fs::rename(&tmp, dir.join(name))
+                    .await
+                    .with_context(|| format!("renaming {}", tmp.display()))
+            }
+            Endpoint::S3 {
+                bucket,
+                credentials,
+                http,
+            } => {
+                let url = bucket
+                    .put_object(credentials.as_ref(), name)
+                    .sign(SIGNED_FOR);
+                let resp = http
+                    .put(url)
+                    .header(reqwest::header::CONTENT_LENGTH, bytes.len())
+                    .body(bytes)
+                    .send()
+                    .await?;
+                match resp.status() {
+                    s if s.is_success() => Ok(()),
+                    s => Err(refused("PUT", s, resp).await),
+                }
+            }
+        }
+    }
 }
 
 /// A refusal, with the start of the store's answer (S3 errors explain themselves in XML).
-async fn refused(method: &str, status: reqwest::StatusCode, resp: reqwest::Response) -> PutError {
+async fn refused(
+    method: &str,
+    status: reqwest::StatusCode,
+    resp: reqwest::Response,
+) -> anyhow::Error {
     let body = resp.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
-    PutError::Store(anyhow::anyhow!("{method} answered {status}: {body}"))
+    anyhow::anyhow!("{method} answered {status}: {body}")
 }
 
 /// Serve `GET /<sha256>` (and HEAD) from the directory `dir`, `GET /health`, until `stop`

@@ -97,6 +97,30 @@ pub async fn rollout(args: RolloutArgs, back: bool) -> anyhow::Result<()> {
     .await
 }
 
+/// Embedders of `dg`'s model pass, started from `--model-dir` and `--blobs` if needed
+/// (`models::ensure_for`).
+async fn embedders_for(
+    nomad: &NomadClient,
+    consul: &ConsulClient,
+    layout: &KvLayout,
+    dg: &str,
+    args: &RolloutArgs,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<()> {
+    let blobs = args.blobs.open_if_given()?;
+    let model_dir = args.model_dir.as_deref();
+    models::ensure_for_dg(
+        nomad,
+        consul,
+        layout,
+        dg,
+        model_dir,
+        blobs.as_ref(),
+        progress,
+    )
+    .await
+}
+
 async fn rollout_locked(
     consul: &ConsulClient,
     nomad: &NomadClient,
@@ -120,9 +144,7 @@ async fn rollout_locked(
             );
         } else {
             let progress = |line: &str| eprintln!("{line}");
-            let model_dir = args.model_dir.as_deref();
-            models::ensure_for_dg(&nomad, &consul, &layout, &previous, model_dir, &progress)
-                .await?;
+            embedders_for(&nomad, &consul, &layout, &previous, &args, &progress).await?;
             match flip::flip_from(&consul, &layout, &observed, &previous).await? {
                 Flipped::Now(a) | Flipped::AlreadyActive(a) => {
                     eprintln!("active dg is {a}")
@@ -137,7 +159,7 @@ async fn rollout_locked(
         anyhow::ensure!(!args.dg.is_empty(), "name the dg to roll out");
         args.dg.clone()
     };
-    let shard_bin = match args.shard_bin {
+    let shard_bin = match args.shard_bin.clone() {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("simq-shard"),
     };
@@ -182,8 +204,7 @@ async fn rollout_locked(
     let candidate_before = simq_indexer::rollout::running_dg(&nomad).await?;
     let outcome: anyhow::Result<RolloutOutcome> = async {
         // Embedders of the dg's model first (a model rollout starts them beside the old).
-        let model_dir = args.model_dir.as_deref();
-        models::ensure_for_dg(&nomad, &consul, &layout, &dg, model_dir, &progress).await?;
+        embedders_for(&nomad, &consul, &layout, &dg, &args, &progress).await?;
         match &args.progressive {
             Some(weights) if !back => {
                 let plan = simq_indexer::progressive::Plan {

@@ -205,11 +205,12 @@ struct PublishArgs {
 /// Where blobs go.
 #[derive(Args, Debug)]
 struct BlobArgs {
-    /// The blob store: a directory (served by `serve-blobs`), or s3://BUCKET of an
-    /// S3-compatible store (at --s3-endpoint; signed with AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY when set, else unsigned).
+    /// The blob store: a directory (served by `serve-blobs`; scripts/up.sh's is
+    /// ~/.cache/simq/blobs), or s3://BUCKET of an S3-compatible store (at --s3-endpoint;
+    /// signed with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY when set, else unsigned).
+    /// Needed by publish and put-blob, and by a rollout that starts a new model.
     #[arg(long, env = "SIMQ_BLOBS")]
-    blobs: String,
+    blobs: Option<String>,
     /// S3 endpoints of the bucket, comma-separated (http://host:port), tried in order: the
     /// gateways of one replicated store.
     #[arg(long, env = "SIMQ_S3_ENDPOINTS", value_delimiter = ',')]
@@ -217,8 +218,17 @@ struct BlobArgs {
 }
 
 impl BlobArgs {
+    /// The store, or an error naming the flag when it was not given.
     fn open(&self) -> anyhow::Result<simq_indexer::blobs::BlobStore> {
-        simq_indexer::blobs::BlobStore::open(&self.blobs, &self.s3_endpoint)
+        self.open_if_given()?
+            .ok_or_else(|| anyhow::anyhow!("give --blobs (or SIMQ_BLOBS): the blob store"))
+    }
+
+    fn open_if_given(&self) -> anyhow::Result<Option<simq_indexer::blobs::BlobStore>> {
+        self.blobs
+            .as_deref()
+            .map(|spec| simq_indexer::blobs::BlobStore::open(spec, &self.s3_endpoint))
+            .transpose()
     }
 }
 
@@ -249,6 +259,9 @@ struct RolloutArgs {
     /// moves, and the old model's stop after the flip.
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// Where a model rollout puts the new model's files, which its embedders fetch.
+    #[command(flatten)]
+    blobs: BlobArgs,
     /// Absolute path of the simq-shard binary the job runs [default: beside this binary].
     /// Used where --shard-bin-sha256 is not given: a host path, so a single node only.
     #[arg(long)]

@@ -7,7 +7,11 @@
 //! moves ([`ensure_for`]); once the flip is done and the old shards went, the jobs of
 //! models the active dg does not use stop ([`retire_unused`]). They are stopped, not
 //! purged: `rollback` starts them again the same way.
+//!
+//! A new model's job fetches its files like the first one: as checksummed artifacts from
+//! the blob store (the rollout puts them there first), so it runs on any node.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,6 +19,8 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 use simq_consul::{ConsulClient, KvLayout};
 use simq_nomad::NomadClient;
+
+use crate::blobs::BlobStore;
 
 /// Job ids of embedder jobs start with this.
 pub const JOB_PREFIX: &str = "simq-embedder";
@@ -37,28 +43,58 @@ pub fn model_of(job: &Value) -> Option<String> {
         .find_map(|t| t.as_str()?.strip_prefix("model=").map(String::from))
 }
 
-/// The model directory an embedder job runs: the value after `--model-dir` in its task's
-/// arguments.
-pub fn model_dir_of(job: &Value) -> Option<String> {
-    job["TaskGroups"]
-        .as_array()?
-        .iter()
+/// Where an embedder task's artifacts put the model's files (`nomad/embedder.nomad.hcl`:
+/// `local/model/<file name>`, which the task runs as its `--model-dir`).
+const MODEL_DEST: &str = "local/model/";
+
+/// The model files an embedder job fetches: file name -> sha256 (from its artifacts'
+/// checksums).
+pub fn model_files_of(job: &Value) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    for task in job["TaskGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .flat_map(|g| g["Tasks"].as_array().into_iter().flatten())
-        .find_map(|t| {
-            let args = t["Config"]["args"].as_array()?;
-            let i = args.iter().position(|a| a == "--model-dir")?;
-            args.get(i + 1)?.as_str().map(String::from)
-        })
+    {
+        for a in task["Artifacts"].as_array().into_iter().flatten() {
+            let name = a["RelativeDest"]
+                .as_str()
+                .and_then(|d| d.strip_prefix(MODEL_DEST));
+            let sha = a["GetterOptions"]["checksum"]
+                .as_str()
+                .and_then(|c| c.strip_prefix("sha256:"));
+            if let (Some(name), Some(sha)) = (name, sha) {
+                files.insert(name.to_string(), sha.to_string());
+            }
+        }
+    }
+    files
 }
 
 /// A new model's embedder job, made from a running one's: the same binaries, counts,
-/// checks and update rules, with the model directory and model id replaced everywhere
-/// (task arguments, service tag) and a job id of its own.
-pub fn job_for_model(template: &Value, model_id: &str, model_dir: &str) -> anyhow::Result<Value> {
+/// checks and update rules, with the model id replaced everywhere (service tag,
+/// arguments), each model file's artifact pointed at the new model's blob of that name
+/// (`files`: name -> sha256, every file the template fetches and no other), and a job id
+/// of its own.
+pub fn job_for_model(
+    template: &Value,
+    model_id: &str,
+    files: &BTreeMap<String, String>,
+) -> anyhow::Result<Value> {
     let old_model =
         model_of(template).ok_or_else(|| anyhow!("the embedder job has no model= tag"))?;
-    let old_dir =
-        model_dir_of(template).ok_or_else(|| anyhow!("the embedder job runs no --model-dir"))?;
+    let fetched = model_files_of(template);
+    if fetched.is_empty() {
+        bail!("the embedder job fetches no model files as artifacts (into {MODEL_DEST})");
+    }
+    if !fetched.keys().eq(files.keys()) {
+        bail!(
+            "the embedder job fetches the model files {:?}, the new model has {:?}",
+            fetched.keys().collect::<Vec<_>>(),
+            files.keys().collect::<Vec<_>>()
+        );
+    }
     fn replace(v: &mut Value, from: &[(&str, &str)]) {
         match v {
             Value::String(s) => {
@@ -74,13 +110,11 @@ pub fn job_for_model(template: &Value, model_id: &str, model_dir: &str) -> anyho
         }
     }
     let mut job = template.clone();
-    replace(
-        &mut job,
-        &[
-            (old_dir.as_str(), model_dir),
-            (old_model.as_str(), model_id),
-        ],
-    );
+    replace(&mut job, &[(old_model.as_str(), model_id)]);
+    for (name, old) in &fetched {
+        let new = &files[name];
+        replace(&mut job, &[(old.as_str(), new.as_str())]);
+    }
     let id = job_id(model_id);
     let members = job
         .as_object_mut()
@@ -139,13 +173,15 @@ fn is_stopped(job: &Value) -> bool {
 }
 
 /// Make sure embedders of `model_id` run and pass: nothing to do when some already pass; a
-/// stopped job of that model is started again; otherwise a new job is made from a running
-/// embedder job, running `model_dir` (which must hold that model).
+/// stopped job of that model is started again; otherwise the files of `model_dir` (which
+/// must hold that model) go into `blobs`, and a new job is made from a running embedder
+/// job that fetches them.
 pub async fn ensure_for(
     nomad: &NomadClient,
     consul: &ConsulClient,
     model_id: &str,
     model_dir: Option<&Path>,
+    blobs: Option<&BlobStore>,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<()> {
     if passing(consul, model_id).await? > 0 {
@@ -169,17 +205,38 @@ pub async fn ensure_for(
                      give --model-dir DIR, the directory of that model (e.g. scripts/setup.sh model_b installs one)"
                 )
             })?;
-            let found = simq_embedder::model::ModelDir::open(dir)
-                .with_context(|| format!("--model-dir {}", dir.display()))?
-                .model_id;
-            if found != model_id {
+            let model = simq_embedder::model::ModelDir::open(dir)
+                .with_context(|| format!("--model-dir {}", dir.display()))?;
+            if model.model_id != model_id {
                 bail!(
-                    "--model-dir {} holds model {found}, but the dg was built with {model_id}",
-                    dir.display()
+                    "--model-dir {} holds model {}, but the dg was built with {model_id}",
+                    dir.display(),
+                    model.model_id
                 );
             }
-            let dir = std::fs::canonicalize(dir)
-                .with_context(|| format!("--model-dir {}", dir.display()))?;
+            let blobs = blobs.ok_or_else(|| {
+                anyhow!(
+                    "a model rollout puts the model's files into the blob store the jobs fetch \
+                     from: give --blobs (a directory, scripts/up.sh's is ~/.cache/simq/blobs, or \
+                     s3://BUCKET)"
+                )
+            })?;
+            // The model's files, each checked against its manifest by ModelDir::open; the
+            // manifest itself too.
+            let mut files = model.manifest.files.clone();
+            let manifest = dir.join(simq_embedder::model::MANIFEST_FILE);
+            files.insert(
+                simq_embedder::model::MANIFEST_FILE.to_string(),
+                simq_consul::contract::sha256_file(&manifest)
+                    .with_context(|| format!("reading {}", manifest.display()))?,
+            );
+            for (name, sha) in &files {
+                blobs.put(&dir.join(name), sha).await?;
+            }
+            progress(&format!(
+                "model {model_id}: {} files in the blob store",
+                files.len()
+            ));
             let template = jobs
                 .iter()
                 .find(|(_, j, _)| !is_stopped(j))
@@ -192,7 +249,7 @@ pub async fn ensure_for(
                 job_id(model_id),
                 template.0
             ));
-            job_for_model(&template.1, model_id, &dir.to_string_lossy())?
+            job_for_model(&template.1, model_id, &files)?
         }
     };
     nomad
@@ -251,12 +308,13 @@ pub async fn ensure_for_dg(
     layout: &KvLayout,
     dg: &str,
     model_dir: Option<&Path>,
+    blobs: Option<&BlobStore>,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<()> {
     let model = crate::rollout::published_manifest(consul, layout, dg)
         .await?
         .model_id;
-    ensure_for(nomad, consul, &model, model_dir, progress).await
+    ensure_for(nomad, consul, &model, model_dir, blobs, progress).await
 }
 
 /// Whether an embedder job of `job_model` is to stop: it runs and serves none of the
@@ -351,31 +409,79 @@ mod tests {
             "TaskGroups": [{
                 "Name": "embedder", "Count": 2,
                 "Services": [{"Name": "simq-embedder", "Tags": ["model=model-a-123"]}],
-                "Tasks": [{"Name": "embedder", "Config": {"command": "/bin/simq-embedder",
-                    "args": ["--model-dir", "/m/a", "--ort-library", "/lib/ort.so"]}}]
+                "Tasks": [{"Name": "embedder",
+                    "Config": {"command": "local/simq-embedder",
+                        "args": ["--model-dir", "${NOMAD_TASK_DIR}/model", "--ort-library",
+                            "${NOMAD_TASK_DIR}/ort/libonnxruntime.so"]},
+                    "Artifacts": [
+                        artifact("aaa1", "local/simq-embedder"),
+                        artifact("0001", "local/model/model.onnx"),
+                        artifact("0002", "local/model/tokenizer.json"),
+                        artifact("0003", "local/model/simq-model.json"),
+                    ]}]
             }]
         })
     }
 
+    fn artifact(sha: &str, dest: &str) -> Value {
+        json!({"GetterSource": format!("http://127.0.0.1:8333/simq-blobs/{sha}"),
+            "GetterOptions": {"checksum": format!("sha256:{sha}")},
+            "GetterMode": "file", "RelativeDest": dest})
+    }
+
+    fn files(shas: [&str; 3]) -> BTreeMap<String, String> {
+        ["model.onnx", "tokenizer.json", "simq-model.json"]
+            .into_iter()
+            .zip(shas)
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn a_model_and_its_directory_are_read_from_the_job() {
+    fn a_model_and_its_files_are_read_from_the_job() {
         assert_eq!(model_of(&template()).as_deref(), Some("model-a-123"));
-        assert_eq!(model_dir_of(&template()).as_deref(), Some("/m/a"));
+        assert_eq!(model_files_of(&template()), files(["0001", "0002", "0003"]));
         assert_eq!(model_of(&json!({"TaskGroups": []})), None);
     }
 
     #[test]
-    fn a_new_model_job_replaces_the_model_and_its_directory_only() {
-        let job = job_for_model(&template(), "model-b-456", "/m/b").unwrap();
+    fn a_new_model_job_replaces_the_model_and_its_files_only() {
+        let new = files(["b001", "b002", "b003"]);
+        let job = job_for_model(&template(), "model-b-456", &new).unwrap();
         assert_eq!(job["ID"], "simq-embedder-model-b-456");
         assert_eq!(job["Name"], "simq-embedder-model-b-456");
         assert_eq!(model_of(&job).as_deref(), Some("model-b-456"));
-        assert_eq!(model_dir_of(&job).as_deref(), Some("/m/b"));
-        let args = &job["TaskGroups"][0]["Tasks"][0]["Config"]["args"];
-        assert_eq!(args[3], "/lib/ort.so", "everything else is kept");
+        assert_eq!(model_files_of(&job), new);
+        let task = &job["TaskGroups"][0]["Tasks"][0];
+        assert_eq!(
+            task["Artifacts"][1]["GetterSource"], "http://127.0.0.1:8333/simq-blobs/b001",
+            "fetched from the same store"
+        );
+        assert_eq!(
+            task["Artifacts"][0],
+            template()["TaskGroups"][0]["Tasks"][0]["Artifacts"][0],
+            "the binary is kept"
+        );
+        assert_eq!(task["Config"]["args"][1], "${NOMAD_TASK_DIR}/model");
         assert_eq!(job["TaskGroups"][0]["Count"], 2);
         assert!(job.get("Version").is_none() && job.get("Status").is_none());
         assert_eq!(job["Stop"], false);
+    }
+
+    #[test]
+    fn a_new_model_must_bring_every_file_the_job_fetches() {
+        let mut two = files(["b001", "b002", "b003"]);
+        two.remove("tokenizer.json");
+        let err = job_for_model(&template(), "model-b-456", &two)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
+        let mut bare = template();
+        bare["TaskGroups"][0]["Tasks"][0]["Artifacts"] = json!([]);
+        let err = job_for_model(&bare, "model-b-456", &files(["1", "2", "3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fetches no model files"), "{err}");
     }
 
     #[test]
