@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{
     agent_pid, bin_dir, build_and_publish, capacity, corpus_slice, deploy_with, eventually,
     indexer, passing, pids_of, quantile_ms, repo_root, shard_pids, signal, start_load, stop_jobs,
-    unique_questions, unique_texts, Frozen, LoadReport, Pace, RESENDS,
+    unique_questions, unique_texts, unix_now, Frozen, LoadReport, Pace, RESENDS,
 };
 use simq_consul::{ConsulClient, KvLayout};
 
@@ -606,13 +606,6 @@ async fn every_fault_of_reliability_md_measured_under_unique_query_load() {
         write_generated(std::path::Path::new(&path), &table);
     }
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 fn date() -> String {

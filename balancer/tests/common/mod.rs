@@ -394,6 +394,14 @@ pub enum Pace {
     Rate(f64),
 }
 
+/// Now, in seconds since the Unix epoch (to set answers against timestamped logs).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
 /// How often an impatient client sends a query again at once (no pause, no look at
 /// Retry-After) after a 503 or a broken connection, as `wrk` and most worker pools do.
 pub const RESENDS: u32 = 10;
@@ -442,10 +450,7 @@ async fn send_query(
             report.ok += 1;
             if v["degraded"] == true {
                 report.degraded += 1;
-                let unix = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64();
+                let unix = unix_now();
                 report.degraded_unix.push(unix);
                 report.degraded_notes.push(format!(
                     "answered at unix {unix:.3}: {} contour {} {}",
