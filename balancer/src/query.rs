@@ -63,6 +63,23 @@ pub enum Contour {
     Lexical,
 }
 
+/// How long a query refused by the model's line waits for a place of the light contour
+/// before it is refused at the door: short, so that a refusal stays fast (a polite client
+/// waits its Retry-After anyway), and long enough that a client which resends at once is
+/// paced by it instead of spinning refusals on the cores that answer.
+pub const LEXICAL_DOOR_WAIT: Duration = Duration::from_millis(25);
+
+/// How long a query that the model's line refused (`refusal`, with `left` of its deadline)
+/// may wait for a place of the light contour: at the door [`LEXICAL_DOOR_WAIT`]; after a
+/// wait in line whatever is left but the light contour's own [`LEXICAL_RESERVE`], since a
+/// degraded answer after that wait serves the client better than a late 503.
+pub fn lexical_wait(refusal: &Refusal, left: Duration) -> Duration {
+    match refusal {
+        Refusal::TooLate { .. } => LEXICAL_DOOR_WAIT.min(left),
+        Refusal::WaitedTooLong { .. } => left.saturating_sub(LEXICAL_RESERVE),
+    }
+}
+
 /// Time the model path leaves for the light contour: an embedder that has not answered
 /// this long before the query's deadline leaves the rest of it to the lexical search.
 pub const LEXICAL_RESERVE: Duration = Duration::from_millis(300);
@@ -87,8 +104,8 @@ pub struct QueryOptions {
     pub embedder_order: EmbedderOrder,
     /// This balancer's own address (of --listen), which [`EmbedderOrder::Local`] prefers.
     pub local_host: Option<std::net::IpAddr>,
-    /// Queries the admission refused that the light contour may answer at once (0: such
-    /// queries are refused with 503).
+    /// Queries the admission refused that the light contour may answer at once; more
+    /// wait for a place up to [`lexical_wait`] (0: such queries are refused with 503).
     pub lexical_slots: usize,
 }
 
@@ -335,9 +352,20 @@ impl<U: Upstreams> Executor<U> {
         {
             Ok(ticket) => ticket,
             Err(refusal) => {
-                // The model's line is past the deadline: the light contour answers while it
-                // has room.
-                if let Ok(_slot) = self.lexical_slots.clone().try_acquire_owned() {
+                // The model's line is past the deadline: the light contour answers if one
+                // of its places frees up in time (lexical_wait).
+                let slot = match self.options.lexical_slots {
+                    0 => None,
+                    _ => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let slot = self.lexical_slots.clone().acquire_owned();
+                        tokio::time::timeout(lexical_wait(&refusal, left), slot)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    }
+                };
+                if let Some(_slot) = slot {
                     let why = "the model's line is longer than the query's deadline";
                     return self
                         .lexical(routing, req, started, deadline, "overloaded", why.into())
@@ -1401,6 +1429,63 @@ mod tests {
         };
         assert_eq!(lexical("overloaded"), 1);
         assert!(ex.lexical_last_ms().is_some());
+        slow.abort();
+    }
+
+    #[test]
+    fn a_refused_query_waits_a_moment_at_the_door_and_the_rest_of_its_time_after_a_wait_in_line() {
+        let door = Refusal::TooLate {
+            expected: Duration::from_secs(2),
+        };
+        let late = Refusal::WaitedTooLong {
+            waited: Duration::from_millis(400),
+            expected: Duration::from_secs(1),
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(lexical_wait(&door, ms(1000)), LEXICAL_DOOR_WAIT);
+        assert_eq!(lexical_wait(&door, ms(10)), ms(10));
+        assert_eq!(lexical_wait(&late, ms(700)), ms(700) - LEXICAL_RESERVE);
+        assert_eq!(lexical_wait(&late, ms(200)), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_refused_query_gets_the_lexical_contour_if_a_place_frees_up_within_the_door_wait() {
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        fake.set(100, Behaviour::Hang);
+        let mut options = executor(&fake, 2, 1).options;
+        options.lexical_slots = 1;
+        let ex = Arc::new(Executor::with_upstreams(
+            options,
+            Metrics::new().unwrap(),
+            AnswerCache::new(0),
+            fake.clone(),
+        ));
+        let r = Arc::new(routing(&[100, 101], &[200]));
+        let slow = occupy(&ex, &r).await;
+        // 28 ms: too short to wait for the model's place (10 ms hold assumed, twice the
+        // wait plus a hold), long enough for the whole door wait.
+        let mut hurried = query("hurried");
+        hurried.timeout = Some(Duration::from_millis(28));
+        // The light contour's one place is taken throughout: refused after the door wait.
+        let taken = ex.lexical_slots.clone().try_acquire_owned().unwrap();
+        let started = Instant::now();
+        let e = ex.answer(&r, &hurried).await.unwrap_err();
+        let waited = started.elapsed();
+        assert_eq!((e.status, e.kind), (503, "overloaded"));
+        assert!(
+            waited >= LEXICAL_DOOR_WAIT - Duration::from_millis(2)
+                && waited < Duration::from_millis(200),
+            "refused after {waited:?}"
+        );
+        // The place frees up 5 ms into the wait: answered by the light contour.
+        let waiting = {
+            let (ex, r, q) = (ex.clone(), r.clone(), hurried.clone());
+            tokio::spawn(async move { ex.answer(&r, &q).await })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(taken);
+        let a = waiting.await.unwrap().unwrap();
+        assert_eq!((a.contour, a.degraded), (Contour::Lexical, true));
         slow.abort();
     }
 
