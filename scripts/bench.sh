@@ -15,6 +15,9 @@
 #   scripts/bench.sh nodes      the full-corpus dg on the single-node stack and on the 3-node
 #                               cluster, one after the other: latency and throughput side
 #                               by side (BENCHMARKS-NODES.md)
+#   scripts/bench.sh update     an incremental build (build --base: 1 % added, 0.1 % removed)
+#                               against a full rebuild of the same corpus: time, bytes written,
+#                               shard files re-addressed, recall@10 (BENCHMARKS-UPDATE.md)
 #   scripts/bench.sh            embedder, build and recall
 # Extra build flags can be given in SIMQ_BUILD_FLAGS (e.g. "--shards 4 --clusters 512").
 # The build always runs (--force); embeddings are reused from $SIMQ_CACHE/dgs/.embeddings/
@@ -464,6 +467,102 @@ print("\n".join(out))
 PY
 }
 
+# update: an incremental build (build --base) of the full-corpus dg with 1 % new questions
+# added and 0.1 % removed, against a full rebuild of the same corpus from scratch: time,
+# bytes written, shard files re-addressed, recall@10 (BENCHMARKS-UPDATE.md).
+run_update() {
+  local dgs="$SIMQ_CACHE/dgs" work="$out/update" base
+  base="$("$bin/simq-indexer" build "$corpus" --out "$dgs" --only-if-built)" ||
+    die "no full-corpus dg in $dgs: run scripts/up.sh --wait first"
+  rm -rf "$work"
+  mkdir -p "$work/dgs"
+  "$bin/simq-indexer" export "$base" --out "$work/base" >/dev/null 2>&1 || die "export of $base failed"
+  log "bench: update: change set (1 % new perturbed questions, seed 9; every 1000th question removed)"
+  python3 "$SIMQ_ROOT/scripts/bench/queries.py" "$corpus" --n 20000 --seed 9 >"$work/candidates.txt"
+  python3 - "$work" <<'PY'
+import sys
+work = sys.argv[1]
+base = open(f"{work}/base/texts.txt").read().splitlines()
+known = {t.lower() for t in base}
+add = []
+for line in open(f"{work}/candidates.txt"):
+    t = " ".join(line.split())
+    if t and t.lower() not in known and len(t) <= 1000:
+        known.add(t.lower())
+        add.append(t)
+    if len(add) == len(base) // 100:
+        break
+remove = base[::1000]
+gone = set(remove)
+open(f"{work}/add.txt", "w").write("\n".join(add) + "\n")
+open(f"{work}/remove.txt", "w").write("\n".join(remove) + "\n")
+open(f"{work}/full.txt", "w").write("\n".join([t for t in base if t not in gone] + add) + "\n")
+print(f"[bench] base {len(base)} questions, {len(add)} added, {len(remove)} removed", file=sys.stderr)
+PY
+  local flags shards clusters started inc_s full_s inc full
+  read -r shards clusters < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m["shards"]), m["build"]["clusters_requested"])' "$base/manifest.json")
+  flags="--shards $shards --clusters $clusters"
+  log "bench: update: incremental build from $(basename "$base")"
+  started=$SECONDS
+  inc="$("$bin/simq-indexer" build --base "$base" --add "$work/add.txt" --remove "$work/remove.txt" --out "$work/dgs" 2>"$work/incremental.log")" ||
+    { cat "$work/incremental.log" >&2; die "the incremental build failed (log above)"; }
+  inc_s=$((SECONDS - started))
+  log "bench: update: full rebuild of the same corpus ($flags; embeds every question)"
+  started=$SECONDS
+  # shellcheck disable=SC2086
+  full="$("$bin/simq-indexer" build "$work/full.txt" --out "$work/dgs" $flags 2>"$work/full.log")" ||
+    { cat "$work/full.log" >&2; die "the full rebuild failed (log above)"; }
+  full_s=$((SECONDS - started))
+  log "bench: update: recall@10 of both (1000 queries, nprobe 576)"
+  "$bin/simq-indexer" eval "$inc" --queries 1000 --nprobe 576 --json "$work/eval-incremental.json" >/dev/null 2>&1
+  "$bin/simq-indexer" eval "$full" --queries 1000 --nprobe 576 --json "$work/eval-full.json" >/dev/null 2>&1
+  python3 - "$work" "$base" "$inc" "$full" "$inc_s" "$full_s" "$SIMQ_ROOT/BENCHMARKS-UPDATE.md" \
+    "$(git -C "$SIMQ_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import datetime, json, os, re, sys
+work, base, inc, full, inc_s, full_s, md, commit = sys.argv[1:]
+man = lambda d: json.load(open(os.path.join(d, "manifest.json")))
+b, i, f = man(base), man(inc), man(full)
+def size(d):
+    return sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))
+def readdressed(m):
+    old = {s["shard"]: s["sha256"] for s in b["shards"]}
+    return sum(1 for s in m["shards"] if old.get(s["shard"]) != s["sha256"])
+def recall(path):
+    rows = json.load(open(path))
+    rows = rows if isinstance(rows, list) else rows.get("rows", rows)
+    row = rows[-1]
+    return row.get("recall") or row.get("recall_at_k")
+log = open(f"{work}/incremental.log").read()
+written = re.search(r"\(([\d.]+) MB written\)", log)
+timing = re.search(r"time: total ([\d.]+) s = read base ([\d.]+) s \+ embed ([\d.]+) s \+ index ([\d.]+) s", log)
+fit = re.search(r"fit: .*", log)
+full_log = open(f"{work}/full.log").read()
+full_t = re.search(r"time: total .*", full_log)
+base_info = i["build"].get("base", {})
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+ri, rf = recall(f"{work}/eval-incremental.json"), recall(f"{work}/eval-full.json")
+out = [
+    "# Incremental builds: `build --base` against a full rebuild", "",
+    f"Measured {now} at commit {commit} on this machine ({os.cpu_count()} cores) by `scripts/bench.sh update`.", "",
+    f"Base: {b['dg']} ({b['items']:,} questions, {len(b['shards'])} shards, {len(b['clusters']['shard_of']):,} fine clusters). "
+    f"Change: {base_info.get('added', '?'):,} new questions added (1 %: perturbed corpus questions the base does not hold, seed 9) "
+    f"and {base_info.get('removed', '?'):,} removed (0.1 %: every 1000th). The full rebuild builds the same resulting corpus "
+    "from scratch with the same options (embedding every question: a new corpus has no cached embeddings).", "",
+    "| build | time s | bytes written MB | shard files re-addressed | recall@10 (1000 queries, nprobe 576) | dg |",
+    "|---|---:|---:|---:|---:|---|",
+    f"| incremental (`build --base`) | {inc_s} | {float(written.group(1)) if written else float('nan'):.1f} | {readdressed(i)} of {len(i['shards'])} | {ri:.4f} | {i['dg']} |",
+    f"| full rebuild | {full_s} | {size(full) / 1e6:.1f} | {readdressed(f)} of {len(f['shards'])} | {rf:.4f} | {f['dg']} |",
+    "",
+    f"Incremental / full time: {int(inc_s) / max(int(full_s), 1):.2f}. Recall difference: {ri - rf:+.4f}.", "",
+    f"Incremental phases: {timing.group(0) if timing else '?'}. Full rebuild: {full_t.group(0) if full_t else '?'}.", "",
+    f"Drift guard: {fit.group(0) if fit else '?'}.", "",
+]
+open(md, "w").write("\n".join(out))
+print("\n".join(out))
+PY
+  log "bench: wrote BENCHMARKS-UPDATE.md (work files in $work)"
+}
+
 case "${1:-all}" in
   embedder) run_embedder ;;
   build) run_build ;;
@@ -472,8 +571,9 @@ case "${1:-all}" in
   scale) run_scale ;;
   rollout) run_rollout ;;
   nodes) run_nodes ;;
+  update) run_update ;;
   all) run_embedder; run_build; run_recall ;;
-  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|rollout|nodes|all]" ;;
+  *) die "usage: scripts/bench.sh [embedder|build|recall|serve|scale|rollout|nodes|update|all]" ;;
 esac
 exit
 }

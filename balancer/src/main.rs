@@ -101,7 +101,7 @@ struct Args {
     embed_timeout_ms: u64,
     /// Queries the admission refuses (the model's line is past their deadline) that the
     /// light contour (BM25 on the shards, no model) may answer at once, marked
-    /// "contour": "lexical" and degraded. A refused query waits up to 25 ms for one of
+    /// "contour": "lexical" and degraded. A refused query waits up to 20 ms for one of
     /// these places (one that waited in line: the rest of its deadline but 300 ms), then
     /// gets 503. 0 turns it off.
     /// Queries no embedder can answer always get the light contour.

@@ -67,7 +67,7 @@ pub enum Contour {
 /// before it is refused at the door: short, so that a refusal stays fast (a polite client
 /// waits its Retry-After anyway), and long enough that a client which resends at once is
 /// paced by it instead of spinning refusals on the cores that answer.
-pub const LEXICAL_DOOR_WAIT: Duration = Duration::from_millis(25);
+pub const LEXICAL_DOOR_WAIT: Duration = Duration::from_millis(20);
 
 /// How long a query that the model's line refused (`refusal`, with `left` of its deadline)
 /// may wait for a place of the light contour: at the door [`LEXICAL_DOOR_WAIT`]; after a
@@ -1524,6 +1524,34 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!((e.status, e.kind), (503, "no_shard"));
+    }
+
+    #[tokio::test]
+    async fn an_answer_cached_under_one_dg_is_not_served_after_the_flip_to_another() {
+        // A text removed by an incremental build must not come back from the cache.
+        let fake = Arc::new(Fake::new([1.0, 0.1]));
+        let ex = executor_with_cache(&fake, 2, 4, 16);
+        let old = routing(&[100], &[200]);
+        assert!(
+            !ex.answer(&old, &query("asked before"))
+                .await
+                .unwrap()
+                .cached
+        );
+        assert!(
+            ex.answer(&old, &query("asked before"))
+                .await
+                .unwrap()
+                .cached
+        );
+        let mut new = routing(&[100], &[200]);
+        new.manifest = Arc::new(simq_consul::Manifest {
+            dg: "dg-00000000000000ff".into(),
+            ..(*new.manifest).clone()
+        });
+        let answer = ex.answer(&new, &query("asked before")).await.unwrap();
+        assert!(!answer.cached, "the new dg's shards answer");
+        assert_eq!(answer.dg, "dg-00000000000000ff");
     }
 
     #[tokio::test]

@@ -46,6 +46,7 @@ pub fn two_shard_index(model: &str) -> ActiveIndex {
             seed: 1,
             kmeans_iterations: 1,
             clusters_requested: 4,
+            base: None,
         },
         clusters: ClusterTable {
             shard_of,

@@ -131,6 +131,24 @@ pub struct BuildInfo {
     pub kmeans_iterations: usize,
     /// Fine clusters asked for (the table holds about this many).
     pub clusters_requested: usize,
+    /// Set when the dg was built incrementally (`simq-indexer build --base`): it keeps
+    /// this base's centroids and reuses its unchanged shard files byte for byte. Absent
+    /// in full builds (their manifests, and so their dg ids, are as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseInfo>,
+}
+
+/// The base of an incremental build and what changed against it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseInfo {
+    /// The dg whose centroids, model and unchanged shard files were kept.
+    pub dg: String,
+    /// Texts added and removed against it.
+    pub added: u64,
+    pub removed: u64,
+    /// Shards whose file was written again (the others are the base's bytes).
+    pub shards_rewritten: Vec<u32>,
 }
 
 /// An index generation ("dg"): everything a balancer needs to route, and everything a
@@ -423,6 +441,7 @@ pub(crate) mod tests {
                 seed: 1,
                 kmeans_iterations: 3,
                 clusters_requested: 3,
+                base: None,
             },
             clusters: ClusterTable {
                 shard_of: vec![0, 1, 0],
@@ -581,6 +600,7 @@ mod properties {
                         seed: 1,
                         kmeans_iterations: 1,
                         clusters_requested: 1,
+                        base: None,
                     },
                     clusters: ClusterTable {
                         shard_of,

@@ -107,77 +107,90 @@ pub fn build(
         "embedded"
     );
 
+    let built = build_embedded(
+        &corpus.texts,
+        &vectors,
+        (embedder.model_id(), dims),
+        &corpus.sha256(),
+        out,
+        opts,
+    )?;
+    Ok(BuildReport {
+        dir: built.dir,
+        manifest: built.manifest,
+        embed,
+        kmeans: built.kmeans,
+        index: built.index,
+        total: started.elapsed(),
+        unchanged: built.unchanged,
+        embeddings_cached,
+    })
+}
+
+/// A dg written by [`build_embedded`].
+pub struct Built {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub kmeans: Duration,
+    pub index: Duration,
+    pub unchanged: bool,
+}
+
+/// Build a dg from texts and their embeddings (`texts.len() * dims` floats, item id =
+/// position): two-level k-means, every shard indexed, centroids and manifest written.
+pub fn build_embedded(
+    texts: &[String],
+    vectors: &[f32],
+    (model_id, dims): (&str, usize),
+    corpus_sha256: &str,
+    out: &Path,
+    opts: BuildOptions,
+) -> anyhow::Result<Built> {
+    if texts.len() < opts.shards || vectors.len() != texts.len() * dims {
+        bail!(
+            "{} texts with {} floats for {} shards of {dims} dims; need a vector per text and a text per shard",
+            texts.len(),
+            vectors.len(),
+            opts.shards
+        );
+    }
     let t = Instant::now();
-    let plan = cluster(&vectors, dims, &opts)?;
+    let plan = cluster(vectors, dims, &opts)?;
     let kmeans = t.elapsed();
 
     let t = Instant::now();
-    let work = tempfile::Builder::new()
-        .prefix(".dg-build-")
-        .tempdir_in(out)
-        .with_context(|| format!("creating a build directory in {}", out.display()))?;
+    let work = build_dir(out)?;
     let item = |id: u32| Item {
         id,
-        text: &corpus.texts[id as usize],
+        text: &texts[id as usize],
         vector: &vectors[id as usize * dims..(id as usize + 1) * dims],
     };
-    let params = BuildParams { seed: opts.seed };
     // BM25 statistics of the whole dg, so the light contour's scores of different shards
     // merge (simq_shard::lexical).
-    let lexical = CorpusStats::from_texts(corpus.texts.iter().map(String::as_str));
-    let bar = Progress::new("indexing", opts.shards as u64);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> = (0..opts.shards)
-        .map(|_| std::sync::Mutex::new(None))
-        .collect();
-    std::thread::scope(|scope| {
-        for _ in 0..opts.parallel_shards.clamp(1, opts.shards) {
-            scope.spawn(|| loop {
-                let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if s >= opts.shards {
-                    break;
-                }
-                let clusters: Vec<ClusterItems> = plan
-                    .members
-                    .iter()
-                    .enumerate()
-                    .filter(|(c, _)| plan.shard_of[*c] as usize == s)
-                    .map(|(c, ids)| ClusterItems {
-                        id: c as u32,
-                        items: ids.iter().map(|&id| item(id)).collect(),
-                    })
-                    .collect();
-                let items: usize = clusters.iter().map(|c| c.items.len()).sum();
-                let path = work.path().join(shard_file_name(s));
-                let entry = build_shard(
-                    &path,
-                    s as u32,
-                    dims,
-                    embedder.model_id(),
-                    &clusters,
-                    params,
-                    Some(&lexical),
-                )
-                .map_err(anyhow::Error::from)
-                .and_then(|()| {
-                    Ok(ShardEntry {
-                        shard: s as u32,
-                        sha256: sha256_file(&path)?,
-                        size: std::fs::metadata(&path)?.len(),
-                        items: items as u64,
-                    })
-                });
-                *results[s].lock().unwrap() = Some(entry);
-                bar.inc(1);
-                tracing::info!(shard = s, of = opts.shards, "shard indexed");
-            });
-        }
-    });
-    drop(bar);
-    let shards = results
-        .into_iter()
-        .map(|r| r.into_inner().unwrap().expect("every shard was built"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let lexical = CorpusStats::from_texts(texts.iter().map(String::as_str));
+    let all: Vec<usize> = (0..opts.shards).collect();
+    let shards = index_shards(
+        work.path(),
+        &all,
+        &ShardSettings {
+            dims,
+            model_id,
+            seed: opts.seed,
+            lexical: &lexical,
+            parallel: opts.parallel_shards,
+        },
+        |s| {
+            plan.members
+                .iter()
+                .enumerate()
+                .filter(|(c, _)| plan.shard_of[*c] as usize == s)
+                .map(|(c, ids)| ClusterItems {
+                    id: c as u32,
+                    items: ids.iter().map(|&id| item(id)).collect(),
+                })
+                .collect()
+        },
+    )?;
     let index = t.elapsed();
 
     let centroid_bytes = plan.map.to_bytes();
@@ -185,15 +198,16 @@ pub fn build(
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         dg: String::new(),
-        model_id: embedder.model_id().to_string(),
+        model_id: model_id.to_string(),
         dims,
         distance: "cosine".into(),
-        items: n as u64,
+        items: texts.len() as u64,
         build: BuildInfo {
-            corpus_sha256: corpus.sha256(),
+            corpus_sha256: corpus_sha256.to_string(),
             seed: opts.seed,
             kmeans_iterations: plan.coarse_iterations,
             clusters_requested: opts.clusters,
+            base: None,
         },
         clusters: ClusterTable {
             shard_of: plan.shard_of.clone(),
@@ -201,8 +215,103 @@ pub fn build(
             centroid_chunks: chunks(&centroid_bytes).len() as u32,
         },
         shards,
-    }
-    .seal();
+    };
+    let (dir, manifest, unchanged) = seal_into(work, manifest, out)?;
+    Ok(Built {
+        dir,
+        manifest,
+        kmeans,
+        index,
+        unchanged,
+    })
+}
+
+/// A fresh build directory inside `out` (removed unless [`seal_into`] keeps it).
+pub fn build_dir(out: &Path) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(".dg-build-")
+        .tempdir_in(out)
+        .with_context(|| format!("creating a build directory in {}", out.display()))
+}
+
+/// What every shard of a build shares.
+pub struct ShardSettings<'a> {
+    pub dims: usize,
+    pub model_id: &'a str,
+    pub seed: u64,
+    /// The dg's BM25 statistics, written into every shard.
+    pub lexical: &'a CorpusStats,
+    /// Shards indexed at once.
+    pub parallel: usize,
+}
+
+/// Index the shards `todo` into `dir` (`shard-<s>.lmdb`), `settings.parallel` at once,
+/// shard `s` from the clusters `clusters_of(s)` gives; their manifest entries, by shard.
+pub fn index_shards<'t>(
+    dir: &Path,
+    todo: &[usize],
+    settings: &ShardSettings,
+    clusters_of: impl Fn(usize) -> Vec<ClusterItems<'t>> + Sync,
+) -> anyhow::Result<Vec<ShardEntry>> {
+    let bar = Progress::new("indexing", todo.len() as u64);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<anyhow::Result<ShardEntry>>>> =
+        todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..settings.parallel.clamp(1, todo.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&s) = todo.get(i) else {
+                    break;
+                };
+                let clusters = clusters_of(s);
+                let items: usize = clusters.iter().map(|c| c.items.len()).sum();
+                let path = dir.join(shard_file_name(s));
+                let entry = build_shard(
+                    &path,
+                    s as u32,
+                    settings.dims,
+                    settings.model_id,
+                    &clusters,
+                    BuildParams {
+                        seed: settings.seed,
+                    },
+                    Some(settings.lexical),
+                )
+                .map_err(anyhow::Error::from)
+                .and_then(|()| shard_entry(&path, s, items as u64));
+                *results[i].lock().unwrap() = Some(entry);
+                bar.inc(1);
+                tracing::info!(shard = s, done = i + 1, of = todo.len(), "shard indexed");
+            });
+        }
+    });
+    drop(bar);
+    results
+        .into_iter()
+        .map(|r| r.into_inner().unwrap().expect("every shard was built"))
+        .collect()
+}
+
+/// The manifest entry of the shard file at `path`.
+pub fn shard_entry(path: &Path, s: usize, items: u64) -> anyhow::Result<ShardEntry> {
+    Ok(ShardEntry {
+        shard: s as u32,
+        sha256: sha256_file(path).with_context(|| format!("reading {}", path.display()))?,
+        size: std::fs::metadata(path)?.len(),
+        items,
+    })
+}
+
+/// Seal `manifest`, write it into the build directory `work` (which holds the shard files
+/// and centroids) and move that to `<out>/<dg>/`, unless the same dg is already there.
+/// Returns the directory, the sealed manifest and whether it was already there.
+pub fn seal_into(
+    work: tempfile::TempDir,
+    manifest: Manifest,
+    out: &Path,
+) -> anyhow::Result<(PathBuf, Manifest, bool)> {
+    let manifest = manifest.seal();
     let json = serde_json::to_vec_pretty(&manifest)?;
     if json.len() > simq_consul::contract::KV_VALUE_LIMIT {
         bail!(
@@ -223,16 +332,7 @@ pub fn build(
         std::fs::rename(work.keep(), &dir)
             .with_context(|| format!("moving the build to {}", dir.display()))?;
     }
-    Ok(BuildReport {
-        dir,
-        manifest,
-        embed,
-        kmeans,
-        index,
-        total: started.elapsed(),
-        unchanged,
-        embeddings_cached,
-    })
+    Ok((dir, manifest, unchanged))
 }
 
 fn read_embeddings(path: &Path, floats: usize) -> Option<Vec<f32>> {
@@ -280,7 +380,8 @@ pub fn find_existing(
             continue;
         };
         // Files of an older simq-indexer do not open (format version) or have no lexical
-        // index (the light contour): build again.
+        // index (the light contour): build again. An incremental build (base) keeps
+        // another dg's centroids: not what a full build would give.
         let complete = (0..m.shards.len()).all(|s| {
             simq_shard::ShardFile::open(&dir.join(shard_file_name(s)))
                 .is_ok_and(|f| f.meta().lexical.is_some())
@@ -288,6 +389,7 @@ pub fn find_existing(
         if complete
             && m.validate().is_ok()
             && m.model_id == model_id
+            && m.build.base.is_none()
             && m.build.corpus_sha256 == corpus_sha256
             && m.build.clusters_requested == opts.clusters
             && m.build.seed == opts.seed

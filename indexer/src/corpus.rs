@@ -221,7 +221,7 @@ pub fn validate(text: &str) -> Result<String, String> {
 }
 
 /// The de-duplication key: case-folded.
-fn fold(text: &str) -> String {
+pub fn fold(text: &str) -> String {
     text.to_lowercase()
 }
 

@@ -4,6 +4,8 @@
 //! - [`kmeans`]: spherical k-means with k-means++ seeding and a fixed seed.
 //! - [`build`]: the build pipeline: embed (the embedder's own runtime), cluster, index
 //!   each shard (`simq-shard`'s file format), write the manifest (`simq-consul`'s contract).
+//! - [`update`]: an incremental build (`build --base`): a base dg plus a change set,
+//!   only the changed shard files written, with a drift guard.
 //! - [`eval`]: recall@k of the sharded path against exact search.
 //! - [`blobs`]: the content-addressed blob store and its HTTP server.
 //! - [`publish`]: blobs into the store, the manifest into Consul KV; idempotent.
@@ -32,3 +34,4 @@ pub mod progressive;
 pub mod publish;
 pub mod rollout;
 pub mod traffic;
+pub mod update;

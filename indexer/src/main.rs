@@ -4,7 +4,7 @@
 
 mod cluster;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
@@ -391,8 +391,29 @@ struct ModelArgs {
 
 #[derive(Args, Debug)]
 struct BuildArgs {
-    /// Corpus file.
-    corpus: PathBuf,
+    /// Corpus file. With --base: the new full corpus, diffed against the base's texts
+    /// (its texts the base lacks are added, the base's texts it lacks are removed).
+    #[arg(required_unless_present_any = ["add", "remove"])]
+    corpus: Option<PathBuf>,
+    /// Build incrementally from this built dg directory: keep its model, centroids and
+    /// BM25 statistics, embed only the added texts, write only the shard files that gain
+    /// or lose an item and reuse the others byte for byte (same sha256). The change is
+    /// CORPUS (a new full corpus) or --add/--remove. Past the drift bounds (the added
+    /// texts fit their clusters worse than the base's by 0.05 of cosine, the largest
+    /// cluster grows 1.5 times relative to the mean, or a cluster is left empty) it
+    /// rebuilds in full (k-means again; nothing embedded twice) unless --allow-drift.
+    #[arg(long, value_name = "DG_DIR")]
+    base: Option<PathBuf>,
+    /// With --base: a corpus file of texts to add.
+    #[arg(long, requires = "base", conflicts_with = "corpus")]
+    add: Option<PathBuf>,
+    /// With --base: a corpus file of texts to remove (matched to the base's texts with
+    /// case folded; texts it does not hold are listed and skipped).
+    #[arg(long, requires = "base", conflicts_with = "corpus")]
+    remove: Option<PathBuf>,
+    /// With --base: keep the base's centroids even past the drift bounds.
+    #[arg(long, requires = "base")]
+    allow_drift: bool,
     /// Directory that receives <dg>/ (created if missing).
     #[arg(long, short, default_value = "dgs")]
     out: PathBuf,
@@ -546,26 +567,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_build(args: BuildArgs) -> anyhow::Result<()> {
-    let format = Format::from_path(&args.corpus, &args.column);
-    let corpus = corpus::read(&args.corpus, &format)?;
+/// Read a corpus file, listing its bad lines; they stop the build unless `skip_bad`.
+fn read_corpus(path: &Path, column: &str, skip_bad: bool) -> anyhow::Result<corpus::Corpus> {
+    let corpus = corpus::read(path, &Format::from_path(path, column))?;
     if !corpus.bad.is_empty() {
         eprintln!("{}", corpus.bad_report(20));
-        if !args.skip_bad_lines {
+        if !skip_bad {
             bail!(
                 "{}: {} bad lines (listed above); fix them or pass --skip-bad-lines",
-                args.corpus.display(),
+                path.display(),
                 corpus.bad.len()
             );
         }
     }
     eprintln!(
         "corpus {}: {} texts ({} duplicates dropped, {} bad lines skipped)",
-        args.corpus.display(),
+        path.display(),
         corpus.texts.len(),
         corpus.duplicates,
         corpus.bad.len()
     );
+    Ok(corpus)
+}
+
+fn run_build(args: BuildArgs) -> anyhow::Result<()> {
+    if args.base.is_some() {
+        return run_update(args);
+    }
+    let path = args
+        .corpus
+        .as_deref()
+        .expect("clap requires a corpus without --base");
+    let corpus = read_corpus(path, &args.column, args.skip_bad_lines)?;
     let library = args.model.ort_library.unwrap_or_else(default_ort_library);
     let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
     let opts = BuildOptions {
@@ -589,7 +622,7 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         eprintln!(
             "no dg in {} was built from {} with this model and these options",
             args.out.display(),
-            args.corpus.display()
+            path.display()
         );
         std::process::exit(3);
     }
@@ -625,6 +658,96 @@ fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         report.total.as_secs_f64() / report.embed.as_secs_f64()
     );
     println!("{}", report.dir.display());
+    Ok(())
+}
+
+/// `build --base`: an incremental build (simq_indexer::update).
+fn run_update(args: BuildArgs) -> anyhow::Result<()> {
+    use simq_indexer::update::{update, Base, ChangeSet, DriftBounds, UpdateOptions};
+    let base_dir = args.base.as_deref().expect("run_update needs --base");
+    let t = std::time::Instant::now();
+    let base = Base::open(base_dir)?;
+    let read = t.elapsed();
+    eprintln!(
+        "base {}: {} items in {} shards, read in {:.1} s",
+        base.manifest.dg,
+        base.items.len(),
+        base.manifest.shards.len(),
+        read.as_secs_f64()
+    );
+    let texts = |path: &Option<PathBuf>| -> anyhow::Result<Vec<String>> {
+        match path {
+            Some(p) => Ok(read_corpus(p, &args.column, args.skip_bad_lines)?.texts),
+            None => Ok(Vec::new()),
+        }
+    };
+    let change = match &args.corpus {
+        Some(path) => ChangeSet::diff(
+            base.texts(),
+            &read_corpus(path, &args.column, args.skip_bad_lines)?.texts,
+        ),
+        None => ChangeSet {
+            add: texts(&args.add)?,
+            remove: texts(&args.remove)?,
+        },
+    };
+    let library = args.model.ort_library.unwrap_or_else(default_ort_library);
+    let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
+    let opts = UpdateOptions {
+        embed_chunk: 256,
+        parallel_shards: args.parallel_shards.unwrap_or_else(cores),
+        bounds: DriftBounds::default(),
+        allow_drift: args.allow_drift,
+        kmeans_iterations: args.kmeans_iterations,
+    };
+    let r = update(&base, &change, &embedder, &args.out, opts, read)?;
+    let p = &r.plan;
+    if !p.not_found.is_empty() {
+        eprintln!(
+            "{} texts to remove are not in the base (skipped), e.g. {:?}",
+            p.not_found.len(),
+            p.not_found[0]
+        );
+    }
+    if p.already_present > 0 {
+        eprintln!(
+            "{} texts to add are already in the base or came twice (skipped)",
+            p.already_present
+        );
+    }
+    let d = &r.drift;
+    eprintln!(
+        "fit: added texts {:.3} vs base {:.3} mean cosine to their centroid; largest cluster {:.1} vs {:.1} times the mean",
+        d.added_fit, d.base_fit, d.imbalance, d.base_imbalance
+    );
+    let m = &r.manifest;
+    if p.added.is_empty() && p.removed.is_empty() {
+        eprintln!("nothing to change: the base dg {} stays", m.dg);
+    } else if let (Some(why), true) = (&r.past_bounds, r.rebuilt) {
+        eprintln!("drift: {why}; rebuilt in full (--allow-drift keeps the base's centroids)");
+    } else if let Some(why) = &r.past_bounds {
+        eprintln!("drift: {why}; the base's centroids are kept (--allow-drift)");
+    }
+    eprintln!(
+        "dg {} {}: {} items ({} added, {} removed) in {} shards, shard files written: {} of {} ({:.1} MB written)",
+        m.dg,
+        if r.unchanged { "unchanged (already built)" } else { "built" },
+        m.items,
+        p.added.len(),
+        p.removed.len(),
+        m.shards.len(),
+        r.shards_rewritten.len(),
+        m.shards.len(),
+        r.bytes_written as f64 / 1e6
+    );
+    eprintln!(
+        "time: total {:.1} s = read base {:.1} s + embed {:.1} s + index {:.1} s",
+        r.total.as_secs_f64(),
+        r.read.as_secs_f64(),
+        r.embed.as_secs_f64(),
+        r.index.as_secs_f64()
+    );
+    println!("{}", r.dir.display());
     Ok(())
 }
 

@@ -192,3 +192,203 @@ fn a_missing_corpus_or_too_few_texts_is_a_clear_error() {
         stderr(&out)
     );
 }
+
+/// The first `n` lines of the real corpus sample.
+fn corpus_lines(n: usize) -> Vec<String> {
+    let source = std::env::var("SIMQ_TEST_CORPUS")
+        .expect("SIMQ_TEST_CORPUS names a real corpus sample (scripts/test.sh sets it)");
+    let text = std::fs::read_to_string(&source).unwrap();
+    let lines: Vec<String> = text.lines().take(n).map(str::to_string).collect();
+    assert_eq!(lines.len(), n, "{source} has fewer than {n} lines");
+    lines
+}
+
+fn write_lines(path: &Path, lines: &[String]) -> PathBuf {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    path.to_path_buf()
+}
+
+fn manifest_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// `build --base BASE` with `extra`, into `out`; the dg directory it prints.
+fn update(base: &Path, out: &Path, extra: &[&str]) -> (PathBuf, String) {
+    let mut args = vec![
+        "build",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = indexer(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (PathBuf::from(stdout(&o)), stderr(&o))
+}
+
+#[test]
+#[ignore = "needs the model and corpus: run scripts/test.sh"]
+fn an_incremental_build_rewrites_only_the_changed_shards_and_never_holds_a_removed_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = corpus_lines(1201);
+    let base_corpus = write_lines(&tmp.path().join("base.txt"), &lines[..1200]);
+    let b = indexer(&[
+        "build",
+        base_corpus.to_str().unwrap(),
+        "--out",
+        tmp.path().join("base").to_str().unwrap(),
+        "--shards",
+        "4",
+        "--clusters",
+        "40",
+    ]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let base_dir = PathBuf::from(stdout(&b));
+    let base = manifest_of(&base_dir);
+
+    // One text in, one out.
+    let (added, removed) = (lines[1200].clone(), lines[5].clone());
+    let add = write_lines(&tmp.path().join("add.txt"), std::slice::from_ref(&added));
+    let remove = write_lines(
+        &tmp.path().join("remove.txt"),
+        std::slice::from_ref(&removed),
+    );
+    let change = [
+        "--add",
+        add.to_str().unwrap(),
+        "--remove",
+        remove.to_str().unwrap(),
+    ];
+    let (dir, log) = update(&base_dir, &tmp.path().join("u1"), &change);
+    let m = manifest_of(&dir);
+    assert_eq!(m["build"]["base"]["dg"], base["dg"], "{log}");
+    assert_eq!(
+        (
+            m["build"]["base"]["added"].as_u64(),
+            m["build"]["base"]["removed"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(m["items"], 1200);
+    assert_eq!(
+        m["clusters"], base["clusters"],
+        "the base's centroids are kept"
+    );
+    let rewritten: Vec<u64> = m["build"]["base"]["shards_rewritten"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    assert!(
+        !rewritten.is_empty() && rewritten.len() <= 2,
+        "{rewritten:?}"
+    );
+    for s in 0..4u64 {
+        let (new, old) = (&m["shards"][s as usize], &base["shards"][s as usize]);
+        if rewritten.contains(&s) {
+            assert_ne!(new["sha256"], old["sha256"], "shard {s} changed");
+        } else {
+            assert_eq!(new, old, "an unchanged shard keeps its entry and sha256");
+            let name = format!("shard-{s}.lmdb");
+            assert!(
+                std::fs::read(dir.join(&name)).unwrap()
+                    == std::fs::read(base_dir.join(&name)).unwrap()
+            );
+        }
+    }
+
+    // Same base and change set, same bytes.
+    let (again, _) = update(&base_dir, &tmp.path().join("u2"), &change);
+    assert_eq!(again.file_name(), dir.file_name());
+    for s in 0..4 {
+        let name = format!("shard-{s}.lmdb");
+        assert!(
+            std::fs::read(dir.join(&name)).unwrap() == std::fs::read(again.join(&name)).unwrap()
+        );
+    }
+    // The same change given as a new full corpus (diffed against the base) is the same dg.
+    let mut full: Vec<String> = lines[..1200]
+        .iter()
+        .filter(|l| **l != removed)
+        .cloned()
+        .collect();
+    full.push(added.clone());
+    let full = write_lines(&tmp.path().join("full.txt"), &full);
+    let (diffed, _) = update(&base_dir, &tmp.path().join("u3"), &[full.to_str().unwrap()]);
+    assert_eq!(diffed.file_name(), dir.file_name());
+
+    // The removed text is in no shard, by text, by BM25 or by its own vector; the added
+    // one is found.
+    let old = simq_indexer::eval::DgDir::open(&base_dir).unwrap();
+    let removed_vector = old
+        .items()
+        .unwrap()
+        .into_iter()
+        .find(|i| old.shards[i.shard].text(i.id).unwrap().as_deref() == Some(removed.as_str()))
+        .expect("the base holds the removed text")
+        .vector;
+    let new = simq_indexer::eval::DgDir::open(&dir).unwrap();
+    let mut found_added = false;
+    for file in &new.shards {
+        let texts = file.texts().unwrap();
+        assert!(texts.iter().all(|(_, t)| *t != removed));
+        found_added |= texts.iter().any(|(_, t)| *t == added);
+        for hit in file.lexical_search(&removed, 10).unwrap() {
+            assert_ne!(hit.text, removed);
+        }
+        for hit in file.search(&removed_vector, 10, &[]).unwrap() {
+            assert_ne!(hit.text, removed);
+        }
+    }
+    assert!(found_added);
+    let top = new
+        .shards
+        .iter()
+        .flat_map(|f| f.lexical_search(&added, 1).unwrap())
+        .map(|h| h.text);
+    assert!(top.into_iter().any(|t| t == added));
+}
+
+#[test]
+#[ignore = "needs the model and corpus: run scripts/test.sh"]
+fn the_drift_guard_rebuilds_in_full_when_a_change_crowds_one_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = sample_corpus(tmp.path(), 600);
+    let b = build(&corpus, &tmp.path().join("base"), &[]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let base_dir = PathBuf::from(stdout(&b));
+    let base = manifest_of(&base_dir);
+    // Half as many texts again, all on one narrow topic.
+    let skewed: Vec<String> = (1..=300)
+        .map(|n| format!("how many calories are in {n} grams of cooked white rice"))
+        .collect();
+    let add = write_lines(&tmp.path().join("add.txt"), &skewed);
+    let (dir, log) = update(
+        &base_dir,
+        &tmp.path().join("u"),
+        &["--add", add.to_str().unwrap()],
+    );
+    assert!(
+        log.contains("drift:") && log.contains("largest cluster"),
+        "{log}"
+    );
+    let m = manifest_of(&dir);
+    assert!(m["build"].get("base").is_none(), "a full rebuild: {log}");
+    assert_ne!(
+        m["clusters"]["centroids_sha256"],
+        base["clusters"]["centroids_sha256"]
+    );
+    assert_eq!(m["items"], 900);
+    // Told to keep the centroids, it does, and says how far they drifted.
+    let (kept, log) = update(
+        &base_dir,
+        &tmp.path().join("k"),
+        &["--add", add.to_str().unwrap(), "--allow-drift"],
+    );
+    let k = manifest_of(&kept);
+    assert_eq!(k["build"]["base"]["dg"], base["dg"], "{log}");
+    assert_eq!(k["clusters"], base["clusters"]);
+    assert!(log.contains("largest cluster"), "{log}");
+}

@@ -657,6 +657,39 @@ impl ShardFile {
             .map(str::to_string))
     }
 
+    /// Every item's id and text, in id order.
+    pub fn texts(&self) -> Result<Vec<(u32, String)>> {
+        let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
+        let mut out = Vec::with_capacity(self.meta.items as usize);
+        for entry in self.texts_db.iter(&rtxn).map_err(|e| lmdb(&self.path, e))? {
+            let (id, text) = entry.map_err(|e| lmdb(&self.path, e))?;
+            out.push((id, text.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// The dg-wide BM25 statistics this file was written with (documents, mean length,
+    /// and the document frequency of every term it holds), or None when it has no lexical
+    /// index. A dg's statistics are the union over its shard files.
+    pub fn lexical_stats(&self) -> Result<Option<(LexicalMeta, Vec<(String, u32)>)>> {
+        let (Some(db), Some(meta)) = (self.lexical_db, self.meta.lexical) else {
+            return Ok(None);
+        };
+        let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;
+        let mut dfs = Vec::new();
+        for entry in db.iter(&rtxn).map_err(|e| lmdb(&self.path, e))? {
+            let (term, bytes) = entry.map_err(|e| lmdb(&self.path, e))?;
+            let Some((df, _)) = lexical::decode_postings(bytes) else {
+                return Err(Error::NotAShard {
+                    path: self.path.clone(),
+                    reason: format!("the postings of term {term:?} are not valid"),
+                });
+            };
+            dfs.push((term.to_string(), df));
+        }
+        Ok(Some((meta, dfs)))
+    }
+
     /// Every item's id, cluster and vector, in id order (for evaluation and self-tests).
     pub fn vectors(&self) -> Result<Vec<(u32, u32, Vec<f32>)>> {
         let rtxn = self.env.read_txn().map_err(|e| lmdb(&self.path, e))?;

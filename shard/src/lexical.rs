@@ -78,6 +78,32 @@ impl CorpusStats {
         stats
     }
 
+    /// The statistics a dg's shard files were written with: `meta` (the same in every
+    /// file) and the document frequencies of each file's terms (`dfs`, over every file).
+    /// Inverse of [`Self::meta`] and the `df` written with each term's postings.
+    pub fn from_written(meta: LexicalMeta, dfs: impl IntoIterator<Item = (String, u32)>) -> Self {
+        Self {
+            docs: meta.docs,
+            total_terms: (meta.mean_terms * meta.docs as f64).round() as u64,
+            df: dfs.into_iter().collect(),
+        }
+    }
+
+    /// These statistics, frozen, for a dg that adds `texts` to the one they describe:
+    /// terms they already know keep their numbers (so shard files that do not change keep
+    /// their bytes, and every shard of the new dg scores with the same numbers); a term
+    /// only the new texts hold gets its document frequency among them. Document count and
+    /// mean length stay: for a change of a few per cent they move BM25 scores by about as
+    /// much, and a larger change is a full rebuild (the indexer's drift guard).
+    pub fn extended_by<'a>(&self, texts: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut out = self.clone();
+        let new = Self::from_texts(texts);
+        for (term, df) in new.df {
+            out.df.entry(term).or_insert(df);
+        }
+        out
+    }
+
     /// What the shard file's meta keeps of these statistics.
     pub fn meta(&self) -> LexicalMeta {
         LexicalMeta {
@@ -214,6 +240,38 @@ pub fn search<'b>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statistics_read_back_from_what_shard_files_keep_are_the_ones_written() {
+        let texts = [
+            "how to cook rice",
+            "how to boil an egg",
+            "Rice or pasta?",
+            "why",
+        ];
+        let stats = CorpusStats::from_texts(texts);
+        let back = CorpusStats::from_written(stats.meta(), stats.df.clone());
+        assert_eq!(back, stats);
+        assert_eq!(back.meta(), stats.meta());
+    }
+
+    #[test]
+    fn extended_statistics_keep_known_terms_and_count_new_ones_among_the_new_texts() {
+        let stats = CorpusStats::from_texts(["how to cook rice", "how to boil an egg"]);
+        let more = stats.extended_by(["how to fry an egg", "fry tofu", "rice noodles"]);
+        assert_eq!(
+            (more.docs, more.total_terms),
+            (stats.docs, stats.total_terms)
+        );
+        assert_eq!(more.df["how"], 2, "a known term keeps its frequency");
+        assert_eq!(more.df["rice"], 1);
+        assert_eq!(
+            more.df["fry"], 2,
+            "a new term: documents among the new texts"
+        );
+        assert_eq!(more.df["tofu"], 1);
+        assert_eq!(more.meta(), stats.meta());
+    }
 
     #[test]
     fn tokens_are_lower_cased_alphanumeric_runs() {
