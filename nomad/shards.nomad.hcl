@@ -18,6 +18,12 @@
 #   Each group's replicas are on distinct nodes, which canaries beside their old replicas
 #   could not be on 3 nodes (2 x replicas instances of one group).
 
+variable "kept_dgs" {
+  type        = string
+  default     = ""
+  description = "Comma-separated dgs of the groups this registration keeps unchanged (shards whose file the new dg shares with the running one, indexer/src/rollout.rs): a group naming one of them in its meta dg is not what the job serves now."
+}
+
 variable "dg" {
   type        = string
   description = "The index generation these shards belong to (dg-...)."
@@ -117,8 +123,9 @@ job "simq-shards" {
       # until after the flip (indexer/src/rollout.rs). `simq-indexer` reads the running dg
       # from shard-0's meta.
       meta {
-        dg      = var.dg
-        attempt = var.attempt
+        dg       = var.dg
+        attempt  = var.attempt
+        kept_dgs = var.kept_dgs
       }
 
       network {
@@ -193,7 +200,9 @@ job "simq-shards" {
         name     = "simq-shard"
         port     = "grpc"
         provider = "consul"
-        tags     = ["dg=${var.dg}", "shard=${group.value.shard}"]
+        # sha256=: balancers also route a later dg to this shard when that dg pins the same
+        # file here (an incremental build's unchanged shard, kept without a restart).
+        tags     = ["dg=${var.dg}", "shard=${group.value.shard}", "sha256=${group.value.sha256}"]
         # Where Prometheus scrapes /metrics (consul/prometheus/prometheus.yml).
         meta {
           metrics_port = "${NOMAD_PORT_http}"

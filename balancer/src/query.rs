@@ -477,6 +477,7 @@ impl<U: Upstreams> Executor<U> {
             .with_retry_after(1));
         }
         let calls = shards.iter().map(|&s| {
+            let pinned = &routing.manifest.shards[s].sha256;
             self.first_answer(
                 "shard",
                 &self.shard_lexical_hedging,
@@ -484,11 +485,12 @@ impl<U: Upstreams> Executor<U> {
                 1 + s,
                 self.options.attempt_timeout,
                 deadline,
-                |up, timeout| async move {
+                move |up, timeout| async move {
                     let req = LexicalRequest {
                         text: req.query.clone(),
                         k: req.k as u32,
                         dg: dg.clone(),
+                        shard_sha256: pinned.clone(),
                     };
                     rows_of(self.upstreams.lexical(up, req, timeout).await?, dg)
                 },
@@ -805,6 +807,7 @@ impl<U: Upstreams> Executor<U> {
                     k: k as u32,
                     dg: dg.clone(),
                     clusters: clusters.to_vec(),
+                    shard_sha256: routing.manifest.shards[shard as usize].sha256.clone(),
                 };
                 let rows = rows_of(self.upstreams.search(up, req, timeout).await?, dg)?;
                 self.metrics

@@ -362,12 +362,23 @@ pub fn routing_for(
         .collect();
     let mut shards = vec![Vec::new(); manifest.shards.len()];
     let mut bad_shard = Vec::new();
-    for e in parts
-        .shards
-        .iter()
-        .filter(|e| e.status == "passing" && tag_value(&e.tags, "dg") == Some(manifest.dg.as_str()))
-    {
-        match tag_value(&e.tags, "shard").and_then(|s| s.parse::<usize>().ok()) {
+    for e in parts.shards.iter().filter(|e| e.status == "passing") {
+        let number = tag_value(&e.tags, "shard").and_then(|s| s.parse::<usize>().ok());
+        // A shard of another dg that serves the very file this dg pins at its place (an
+        // incremental build keeps its base's unchanged shard files): it answers for this
+        // dg too (the request pins the sha256 and the shard checks it).
+        let same_file = number
+            .zip(tag_value(&e.tags, "sha256"))
+            .is_some_and(|(n, sha)| {
+                manifest
+                    .shards
+                    .iter()
+                    .any(|s| s.shard as usize == n && s.sha256 == sha)
+            });
+        if tag_value(&e.tags, "dg") != Some(manifest.dg.as_str()) && !same_file {
+            continue;
+        }
+        match number {
             Some(n) if n < shards.len() => {
                 if let Some(u) = upstream(SHARD_SERVICE, e) {
                     shards[n].push(u);
@@ -449,6 +460,49 @@ mod tests {
             r.shards[1].is_empty(),
             "another dg's shard never serves this dg"
         );
+    }
+
+    #[tokio::test]
+    async fn another_dgs_shard_serving_the_file_this_dg_pins_at_its_place_serves_it_too() {
+        let index = two_shard_index("model-a");
+        let pinned = index.manifest.shards[1].sha256.clone();
+        let other = "dg-base";
+        let shard = |id: &str, port, tags: &[&str]| entry(id, port, "passing", tags);
+        let parts = Parts {
+            active: Some(index),
+            candidate: None,
+            embedders: vec![],
+            shards: vec![
+                // The base's shard 1 file, unchanged in this dg: serves it.
+                shard(
+                    "kept",
+                    20,
+                    &[
+                        &format!("dg={other}"),
+                        "shard=1",
+                        &format!("sha256={pinned}"),
+                    ],
+                ),
+                // The same file at another place, and another file: not this dg's.
+                shard(
+                    "moved",
+                    21,
+                    &[
+                        &format!("dg={other}"),
+                        "shard=0",
+                        &format!("sha256={pinned}"),
+                    ],
+                ),
+                shard(
+                    "changed",
+                    22,
+                    &[&format!("dg={other}"), "shard=1", "sha256=00ff"],
+                ),
+            ],
+        };
+        let r = build_routing(&parts, &mut HashMap::new()).unwrap();
+        let ids = |s: usize| r.shards[s].iter().map(|u| u.id.clone()).collect::<Vec<_>>();
+        assert_eq!((ids(0), ids(1)), (vec![], vec!["kept".to_string()]));
     }
 
     #[tokio::test]

@@ -295,8 +295,8 @@ async fn wait_reverted_to(dg: &str, versions_before: usize) {
     }
 }
 
-/// The groups of the shards job, by name, and how many of their instances run.
-async fn running_groups() -> Vec<(String, usize)> {
+/// The running instances of the shards job: allocation ids by group name.
+async fn running_allocations() -> std::collections::BTreeMap<String, Vec<String>> {
     let allocs: serde_json::Value =
         reqwest::get(format!("{}/v1/job/simq-shards/allocations", nomad_addr()))
             .await
@@ -304,15 +304,25 @@ async fn running_groups() -> Vec<(String, usize)> {
             .json()
             .await
             .unwrap();
-    let mut groups = std::collections::BTreeMap::<String, usize>::new();
+    let mut groups = std::collections::BTreeMap::<String, Vec<String>>::new();
     for a in allocs.as_array().unwrap() {
         if a["ClientStatus"] == "running" && a["DesiredStatus"] == "run" {
-            *groups
+            groups
                 .entry(a["TaskGroup"].as_str().unwrap().to_string())
-                .or_default() += 1;
+                .or_default()
+                .push(a["ID"].as_str().unwrap().to_string());
         }
     }
-    groups.into_iter().collect()
+    groups
+}
+
+/// The groups of the shards job, by name, and how many of their instances run.
+async fn running_groups() -> Vec<(String, usize)> {
+    running_allocations()
+        .await
+        .into_iter()
+        .map(|(g, ids)| (g, ids.len()))
+        .collect()
 }
 
 #[tokio::test]
@@ -356,6 +366,104 @@ async fn shard_count_changes_roll_out_without_failed_or_degraded_queries() {
     assert_eq!(load.degraded, 0, "degraded answers during 3 -> 5 shards");
     assert_eq!(running_groups().await, expect(5));
     assert_eq!(query(&lines[10]).await["dg"], dg5.as_str());
+
+    tokio::task::spawn_blocking(stop_jobs).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs the cluster, model and corpus: run scripts/test.sh"]
+async fn an_incremental_dg_restarts_only_its_changed_shards_and_never_answers_a_removed_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, lines) = corpus_slice(tmp.path(), "base.txt", 1200..1800);
+    let (_, extra) = corpus_slice(tmp.path(), "extra.txt", 5000..5001);
+    let texts: Vec<String> = lines.iter().skip(1).step_by(2).cloned().collect();
+    let out = tmp.path().join("dgs");
+    let corpus_a = corpus.clone();
+    let dg_a = tokio::task::spawn_blocking(move || deploy(&corpus_a, 4, 1, 8))
+        .await
+        .unwrap();
+    let (same, dir_a) = build_and_publish(&corpus, &out, 4);
+    assert_eq!(
+        same, dg_a,
+        "the same corpus and options build the deployed dg"
+    );
+
+    // One question in, one out: at most two of the four shard files change.
+    let (added, removed) = (extra[0].clone(), lines[0].clone());
+    let add = tmp.path().join("add.txt");
+    let remove = tmp.path().join("remove.txt");
+    std::fs::write(&add, format!("{added}\n")).unwrap();
+    std::fs::write(&remove, format!("{removed}\n")).unwrap();
+    let b = indexer(&[
+        "build",
+        "--base",
+        dir_a.to_str().unwrap(),
+        "--add",
+        add.to_str().unwrap(),
+        "--remove",
+        remove.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let dir_b = String::from_utf8_lossy(&b.stdout).trim().to_string();
+    let blobs = dirs_blobs();
+    let p = indexer(&["publish", &dir_b, "--blobs", blobs.to_str().unwrap()]);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let dg_b = String::from_utf8_lossy(&p.stdout).trim().to_string();
+    let (consul, layout) = (ConsulClient::from_env().unwrap(), KvLayout::default());
+    let (a, bm) = (
+        published(&consul, &layout, &dg_a).await,
+        published(&consul, &layout, &dg_b).await,
+    );
+    let changed: Vec<String> = (0..4)
+        .filter(|&s| a.shards[s].sha256 != bm.shards[s].sha256)
+        .map(|s| format!("shard-{s}"))
+        .collect();
+    assert!(!changed.is_empty() && changed.len() <= 2, "{changed:?}");
+
+    let before = running_allocations().await;
+    let (o, load) = under_load(&texts, args(&["rollout", &dg_b])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("keep running as they are"),
+        "{}",
+        stderr(&o)
+    );
+    assert_switch(&load, &[&dg_a, &dg_b], &dg_b);
+    assert_eq!(
+        load.degraded, 0,
+        "degraded answers during the incremental rollout"
+    );
+    let after = running_allocations().await;
+    for (group, ids) in &before {
+        if changed.contains(group) {
+            assert_ne!(after[group], *ids, "{group} changed: new instances");
+        } else {
+            assert_eq!(after[group], *ids, "{group} kept its file: never restarted");
+        }
+    }
+    assert_eq!(active(&consul, &layout).await, dg_b);
+
+    // The removed question is not answered any more (not even from the answer cache, which
+    // is per dg); the added one is.
+    let answer = query(&removed).await;
+    assert_eq!(answer["dg"], dg_b.as_str());
+    let results = answer["results"].as_array().unwrap();
+    assert!(
+        results.iter().all(|r| r["text"] != removed.as_str()),
+        "{answer}"
+    );
+    assert_eq!(query(&added).await["results"][0]["text"], added.as_str());
+
+    // Back to the base: every query answered throughout.
+    let (o, load) = under_load(&texts, args(&["rollback"])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_switch(&load, &[&dg_b, &dg_a], &dg_a);
+    assert_eq!(
+        query(&removed).await["results"][0]["text"],
+        removed.as_str()
+    );
 
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();
 }

@@ -98,11 +98,76 @@ pub async fn running_apart(nomad: &NomadClient) -> anyhow::Result<Option<bool>> 
         .and_then(|g| g["Name"].as_str().map(|n| n != group_name(0, "", false))))
 }
 
-/// The dg the running shards job serves, if any.
+/// The task groups of the running shards job (empty when none runs).
+async fn running_groups(nomad: &NomadClient) -> anyhow::Result<Vec<serde_json::Value>> {
+    let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
+        return Ok(Vec::new());
+    };
+    if job["Stop"].as_bool() == Some(true) || job["Status"] == "dead" {
+        return Ok(Vec::new());
+    }
+    Ok(job["TaskGroups"].as_array().cloned().unwrap_or_default())
+}
+
+/// The dg the running shards job serves, if any ([`served_dg`]).
 pub async fn running_dg(nomad: &NomadClient) -> anyhow::Result<Option<String>> {
-    Ok(running_first_group(nomad)
-        .await?
-        .and_then(|g| g["Meta"]["dg"].as_str().map(String::from)))
+    Ok(served_dg(&running_groups(nomad).await?))
+}
+
+/// The dg a shards job's groups serve: the dg their meta names, except a dg that a later
+/// registration lists as kept (`kept_dgs`: groups left unchanged because the new dg
+/// shares their file, which still name the dg they were started for). None: no groups.
+pub fn served_dg(groups: &[serde_json::Value]) -> Option<String> {
+    let meta = |g: &serde_json::Value, key: &str| g["Meta"][key].as_str().map(String::from);
+    let kept: Vec<String> = groups
+        .iter()
+        .filter_map(|g| meta(g, "kept_dgs"))
+        .flat_map(|k| k.split(',').map(String::from).collect::<Vec<_>>())
+        .collect();
+    let named: Vec<String> = groups.iter().filter_map(|g| meta(g, "dg")).collect();
+    named
+        .iter()
+        .find(|dg| !kept.contains(dg))
+        .or(named.first())
+        .cloned()
+}
+
+/// The shard number and file sha256 a running group serves (its name and the shard's
+/// `--sha256` argument).
+fn group_file(g: &serde_json::Value) -> Option<(u32, String)> {
+    let shard = group_shard(g["Name"].as_str()?)?;
+    let args = g["Tasks"]
+        .as_array()?
+        .iter()
+        .find_map(|t| t["Config"]["args"].as_array())?;
+    let at = args.iter().position(|a| a == "--sha256")?;
+    Some((shard, args.get(at + 1)?.as_str()?.to_string()))
+}
+
+/// Which running groups a rollout of `manifest` keeps as they are, and which shards it
+/// (re)starts: a group of another dg that serves the very file `manifest` pins at its
+/// shard is kept unchanged (no canary, no restart; an incremental build's unchanged
+/// shard); every other shard of `manifest` is rendered from the job spec.
+pub fn split_groups(
+    running: &[serde_json::Value],
+    manifest: &Manifest,
+) -> (
+    Vec<serde_json::Value>,
+    Vec<simq_consul::contract::ShardEntry>,
+) {
+    let mut kept = Vec::new();
+    let mut render = Vec::new();
+    for s in &manifest.shards {
+        let same_file = running.iter().find(|g| {
+            g["Meta"]["dg"].as_str() != Some(manifest.dg.as_str())
+                && group_file(g).is_some_and(|(n, sha)| n == s.shard && sha == s.sha256)
+        });
+        match same_file {
+            Some(g) => kept.push(g.clone()),
+            None => render.push(s.clone()),
+        }
+    }
+    (kept, render)
 }
 
 /// Replicas per shard of the running shards job, if one runs: what a rollout keeps unless
@@ -151,22 +216,40 @@ pub fn group_shard(name: &str) -> Option<u32> {
     rest.split_once('-').map_or(rest, |(n, _)| n).parse().ok()
 }
 
-/// Register the shards job for `manifest` with `canary` canaries per group, plus `keep`:
-/// task groups of the running job registered again unchanged; returns the job version
-/// Nomad assigned.
+/// Register the shards job for `manifest`: its shards `render` from the job spec with
+/// `canary` canaries per group, plus `keep`: task groups of the running job registered
+/// again unchanged; returns the job version Nomad assigned.
+#[allow(clippy::too_many_arguments)]
 pub async fn register_shards(
     nomad: &NomadClient,
     manifest: &Manifest,
+    render: &[simq_consul::contract::ShardEntry],
     canary: usize,
     attempt: &str,
     opts: &RolloutOptions,
     keep: &[serde_json::Value],
 ) -> anyhow::Result<u64> {
-    let shards: Vec<serde_json::Value> = manifest
-        .shards
+    let shards: Vec<serde_json::Value> = render
         .iter()
         .map(|s| serde_json::json!({"shard": s.shard, "sha256": s.sha256}))
         .collect();
+    // The dgs of the groups kept because this dg shares their file (served_dg).
+    let mut kept_dgs: Vec<&str> = keep
+        .iter()
+        .filter(|g| {
+            group_file(g).is_some_and(|(n, sha)| {
+                manifest
+                    .shards
+                    .iter()
+                    .any(|s| s.shard == n && s.sha256 == sha)
+            })
+        })
+        .filter_map(|g| g["Meta"]["dg"].as_str())
+        .filter(|d| *d != manifest.dg)
+        .collect();
+    kept_dgs.sort_unstable();
+    kept_dgs.dedup();
+    let kept_dgs = kept_dgs.join(",");
     let shards_json = serde_json::to_string(&shards)?;
     let (dims, replicas, canary) = (
         manifest.dims.to_string(),
@@ -188,6 +271,7 @@ pub async fn register_shards(
         ("healthy_deadline", healthy.as_str()),
         ("progress_deadline", progress.as_str()),
         ("attempt", attempt),
+        ("kept_dgs", kept_dgs.as_str()),
     ]);
     // Numbers are HCL numbers, not strings.
     let vars = format!(
@@ -557,18 +641,34 @@ pub async fn rollout(
     } else {
         String::new()
     };
-    let new_groups: Vec<String> = manifest
-        .shards
+    // Shards whose file the running job already serves keep their groups as they are.
+    let (unchanged, render) = split_groups(&running_groups(nomad).await?, &manifest);
+    if !unchanged.is_empty() {
+        progress(&format!(
+            "{} of {} shards serve the same file already and keep running as they are: {}",
+            unchanged.len(),
+            manifest.shards.len(),
+            group_names(&unchanged).join(", ")
+        ));
+    }
+    // The groups this rollout starts (and waits for), then every group of the new dg.
+    let new_groups: Vec<String> = render
         .iter()
         .map(|s| group_name(s.shard, dg, opts.replicas_apart))
         .collect();
+    let dg_groups: Vec<String> = new_groups
+        .iter()
+        .cloned()
+        .chain(group_names(&unchanged))
+        .collect();
     // Groups of the serving dg that are not the new dg's (beyond its shard count; by groups,
     // all of them): kept until after the flip.
-    let keep = if plan.keep_others {
-        groups_beyond(nomad, &new_groups).await?
+    let others = if plan.keep_others {
+        groups_beyond(nomad, &dg_groups).await?
     } else {
         Vec::new()
     };
+    let keep: Vec<serde_json::Value> = unchanged.iter().chain(&others).cloned().collect();
     let version = match resumed {
         Some(version) => {
             progress(&format!(
@@ -576,7 +676,7 @@ pub async fn rollout(
             ));
             version
         }
-        None => register_shards(nomad, &manifest, canary, &attempt, opts, &keep).await?,
+        None => register_shards(nomad, &manifest, &render, canary, &attempt, opts, &keep).await?,
     };
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
@@ -745,8 +845,8 @@ pub async fn rollout(
             (f, started.elapsed().as_secs_f64())
         }
     };
-    if !keep.is_empty() {
-        let names = group_names(&keep);
+    if !others.is_empty() {
+        let names = group_names(&others);
         drop_groups(nomad, &names).await?;
         progress(&format!(
             "removed the previous dg's groups {}",
@@ -848,6 +948,95 @@ mod tests {
             job_version: 7,
             canaried,
         })
+    }
+
+    /// A running shard group as Nomad returns it: name, meta and the shard's arguments.
+    fn group(name: &str, dg: &str, sha: &str, kept_dgs: &str) -> serde_json::Value {
+        serde_json::json!({
+            "Name": name,
+            "Meta": {"dg": dg, "attempt": "", "kept_dgs": kept_dgs},
+            "Tasks": [{"Name": "shard", "Config": {"args": ["--file", "local/shard.lmdb", "--sha256", sha, "--dg", dg]}}],
+        })
+    }
+
+    /// A manifest of `dg` whose shard `n` is the file `shas[n]` (only what rollouts read).
+    fn manifest(dg: &str, shas: &[&str]) -> Manifest {
+        use simq_consul::contract::{BuildInfo, ClusterTable, ShardEntry};
+        Manifest {
+            format: simq_consul::contract::MANIFEST_FORMAT,
+            dg: dg.into(),
+            model_id: "m".into(),
+            dims: 4,
+            distance: "cosine".into(),
+            items: shas.len() as u64,
+            build: BuildInfo {
+                corpus_sha256: String::new(),
+                seed: 0,
+                kmeans_iterations: 0,
+                clusters_requested: 0,
+                base: None,
+            },
+            clusters: ClusterTable {
+                shard_of: (0..shas.len() as u32).collect(),
+                centroids_sha256: String::new(),
+                centroid_chunks: 1,
+            },
+            shards: shas
+                .iter()
+                .enumerate()
+                .map(|(n, sha)| ShardEntry {
+                    shard: n as u32,
+                    sha256: sha.to_string(),
+                    size: 1,
+                    items: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn shards_whose_file_the_running_job_serves_keep_their_groups_and_the_rest_are_rendered() {
+        let running = [
+            group("shard-0", "dg-a", "f0", ""),
+            group("shard-1", "dg-a", "f1", ""),
+            group("shard-2", "dg-a", "f2", ""),
+        ];
+        // An incremental dg that rewrote shard 1 only.
+        let (kept, render) = split_groups(&running, &manifest("dg-b", &["f0", "g1", "f2"]));
+        assert_eq!(group_names(&kept), vec!["shard-0", "shard-2"]);
+        assert_eq!(render.iter().map(|s| s.shard).collect::<Vec<_>>(), vec![1]);
+        // A full rebuild shares no file: everything is rendered.
+        let (kept, render) = split_groups(&running, &manifest("dg-c", &["h0", "h1", "h2"]));
+        assert!(kept.is_empty() && render.len() == 3);
+        // The same file at another shard number is not the same shard.
+        let (kept, _) = split_groups(&running, &manifest("dg-d", &["f1", "h1", "h2"]));
+        assert!(kept.is_empty());
+        // Rolling the running dg out again renders its groups (a new binary or spec takes
+        // effect; an unchanged spec is no change for Nomad).
+        let (kept, render) = split_groups(&running, &manifest("dg-a", &["f0", "f1", "f2"]));
+        assert!(kept.is_empty() && render.len() == 3);
+    }
+
+    #[test]
+    fn the_served_dg_is_the_one_no_registration_lists_as_kept() {
+        assert_eq!(served_dg(&[]), None);
+        let full = [
+            group("shard-0", "dg-a", "f0", ""),
+            group("shard-1", "dg-a", "f1", ""),
+        ];
+        assert_eq!(served_dg(&full).as_deref(), Some("dg-a"));
+        // dg-b rewrote shard 1 and kept shard 0 (still naming dg-a).
+        let incremental = [
+            group("shard-0", "dg-a", "f0", ""),
+            group("shard-1", "dg-b", "g1", "dg-a"),
+        ];
+        assert_eq!(served_dg(&incremental).as_deref(), Some("dg-b"));
+        // Then dg-c rewrote shard 0 and kept shard 1 (naming dg-b).
+        let twice = [
+            group("shard-0", "dg-c", "h0", "dg-b"),
+            group("shard-1", "dg-b", "g1", "dg-a"),
+        ];
+        assert_eq!(served_dg(&twice).as_deref(), Some("dg-c"));
     }
 
     #[test]

@@ -159,6 +159,12 @@ impl ShardMetrics {
     }
 }
 
+/// Whether a shard serving `served_dg` from a file with sha256 `served_sha256` may
+/// answer a request routing with `dg` that pins `pinned_sha256` for it (empty: unknown).
+pub fn serves(served_dg: &str, served_sha256: &str, dg: &str, pinned_sha256: &str) -> bool {
+    dg == served_dg || (!pinned_sha256.is_empty() && pinned_sha256 == served_sha256)
+}
+
 /// Implements `simq.shard.v1.Shard` for one dg's shard.
 pub struct ShardService {
     pub file: Arc<ShardFile>,
@@ -170,14 +176,16 @@ pub struct ShardService {
 }
 
 impl ShardService {
-    /// The dg a request routes with must be the served one: generations never mix.
-    fn check_dg(&self, dg: &str) -> Result<(), (&'static str, Status)> {
-        if dg != self.dg {
+    /// The dg a request routes with must be the served one, or one that pins this very
+    /// file (its manifest's sha256 for this shard, sent with the request): generations
+    /// never mix, and an incremental dg's unchanged shards are its base's files.
+    fn check_dg(&self, dg: &str, shard_sha256: &str) -> Result<(), (&'static str, Status)> {
+        if !serves(&self.dg, &self.sha256, dg, shard_sha256) {
             return Err((
                 "wrong_dg",
                 Status::failed_precondition(format!(
-                    "this shard serves dg {}, the request routes with dg {dg:?}",
-                    self.dg
+                    "this shard serves dg {} (file sha256 {}), the request routes with dg {dg:?} pinning {:?}",
+                    self.dg, self.sha256, shard_sha256
                 )),
             ));
         }
@@ -185,7 +193,7 @@ impl ShardService {
     }
 
     fn check_lexical(&self, req: &proto::LexicalRequest) -> Result<(), (&'static str, Status)> {
-        self.check_dg(&req.dg)?;
+        self.check_dg(&req.dg, &req.shard_sha256)?;
         if self.file.meta().lexical.is_none() {
             return Err((
                 "no_lexical_index",
@@ -210,8 +218,10 @@ impl ShardService {
     }
 
     /// The response to a search that ran in the pool (None: refused, the line was full).
+    /// `dg`: the dg the request routes with (checked: this file is that dg's).
     fn answer(
         &self,
+        dg: String,
         started: Instant,
         ran: Option<crate::Result<Vec<crate::Hit>>>,
     ) -> Result<Response<proto::SearchResponse>, Status> {
@@ -238,7 +248,7 @@ impl ShardService {
                             score: h.score,
                         })
                         .collect(),
-                    dg: self.dg.clone(),
+                    dg,
                     shard: self.file.meta().shard,
                 }))
             }
@@ -250,7 +260,7 @@ impl ShardService {
     }
 
     fn check(&self, req: &proto::SearchRequest) -> Result<(), (&'static str, Status)> {
-        self.check_dg(&req.dg)?;
+        self.check_dg(&req.dg, &req.shard_sha256)?;
         let dims = self.file.meta().dims;
         let invalid = |m: String| Err(("invalid", Status::invalid_argument(m)));
         if req.vector.len() != dims {
@@ -296,8 +306,9 @@ impl proto::shard_server::Shard for ShardService {
         }
         let started = Instant::now();
         let file = self.file.clone();
+        let dg = req.dg.clone();
         let search = move || file.search(&req.vector, req.k as usize, &req.clusters);
-        self.answer(started, self.pool.run(search).await)
+        self.answer(dg, started, self.pool.run(search).await)
     }
 
     async fn lexical_search(
@@ -311,8 +322,9 @@ impl proto::shard_server::Shard for ShardService {
         }
         let started = Instant::now();
         let file = self.file.clone();
+        let dg = req.dg.clone();
         let search = move || file.lexical_search(&req.text, req.k as usize);
-        self.answer(started, self.pool.run(search).await)
+        self.answer(dg, started, self.pool.run(search).await)
     }
 
     async fn info(
@@ -335,6 +347,19 @@ impl proto::shard_server::Shard for ShardService {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_shard_answers_for_its_dg_and_for_any_dg_that_pins_its_file() {
+        let (dg, sha) = ("dg-aaaa", "5ha");
+        assert!(serves(dg, sha, "dg-aaaa", ""));
+        assert!(serves(dg, sha, "dg-aaaa", "other"), "its own dg");
+        assert!(
+            serves(dg, sha, "dg-bbbb", "5ha"),
+            "an incremental dg keeping the file"
+        );
+        assert!(!serves(dg, sha, "dg-bbbb", "other"));
+        assert!(!serves(dg, sha, "dg-bbbb", ""), "no pin: by dg only");
+    }
 
     // Searches block the worker they run on, as in the service, whose runtime has a worker
     // more than the pool's turns.

@@ -148,6 +148,7 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
         k,
         dg: dg.to_string(),
         clusters: vec![4],
+        shard_sha256: String::new(),
     };
     let r = c
         .search(req("dg-test", 5, vectors[7].clone()))
@@ -184,6 +185,16 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("serves dg dg-test"), "{}", e.message());
+    // Another dg that pins this very file (an incremental build's unchanged shard) is
+    // answered, for that dg; one pinning another file is not.
+    let pinned = |pin: &str| SearchRequest {
+        shard_sha256: pin.to_string(),
+        ..req("dg-other", 5, vectors[7].clone())
+    };
+    let r = c.search(pinned(&sha)).await.unwrap().into_inner();
+    assert_eq!((r.hits[0].id, r.dg.as_str()), (507, "dg-other"));
+    let e = c.search(pinned(&"0".repeat(64))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     let e = c.search(req("dg-test", 5, vec![0.1; 8])).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("8 dims"), "{}", e.message());
@@ -202,6 +213,7 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
         text: text.into(),
         k,
         dg: dg.into(),
+        shard_sha256: String::new(),
     };
     let r = c
         .lexical_search(lexical("dg-test", "Stored question 42?", 3))
@@ -233,11 +245,11 @@ async fn verified_shard_serves_search_and_refuses_other_dgs_and_bad_requests() {
 
     let metrics = shard.get_text("/metrics").await;
     assert!(
-        metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 4"),
+        metrics.contains("simq_shard_requests_total{outcome=\"ok\"} 5"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("simq_shard_requests_total{outcome=\"wrong_dg\"} 2"),
+        metrics.contains("simq_shard_requests_total{outcome=\"wrong_dg\"} 3"),
         "{metrics}"
     );
 }
