@@ -266,6 +266,38 @@ PY
 # rollout: with the up.sh stack and serve's results: a rollout of another full-corpus dg
 # and the rollback to the active one, each under open-loop unique-query load at half of
 # the capacity serve measured (SIMQ_BENCH_ROLLOUT_SHARE, 0.5); counts failed and degraded.
+# under_load STEP COMMAND...: COMMAND under open-loop load (every other query from a client
+# that sends it again at once after a 503); one result line appended to $results. Reads the
+# caller's locals (bash scopes them dynamically): port, rate, share, best, queries, next,
+# results.
+under_load() {
+  local step=$1 pid started took line
+  shift
+  "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 --impatient 10 \
+    --timeout 5 --url "http://127.0.0.1:$port/v1/query" --timeline "$out/rollout-$step-timeline.jsonl" >"$out/rollout-load.json" &
+  pid=$!
+  python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-before.json"
+  sleep 5
+  started=$SECONDS
+  log "bench: $step under $rate unique queries/s ($share of $best/s)"
+  "$@" >"$out/rollout-$step.log" 2>&1 || { kill -TERM "$pid"; wait "$pid"; cat "$out/rollout-$step.log" >&2; die "$step failed (log above)"; }
+  took=$((SECONDS - started))
+  sleep 5
+  python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-after.json"
+  local cpu
+  # Each program's share of the machine over the step and the 10 s around it (processes
+  # that ended during it, such as the old shards, are missed).
+  cpu="$(python3 "$SIMQ_ROOT/scripts/bench/cpu.py" --diff "$out/rollout-cpu-before.json" "$out/rollout-cpu-after.json" "$((took + 10))")"
+  kill -TERM "$pid"
+  wait "$pid" || die "loadgen failed"
+  line="$(cat "$out/rollout-load.json")"
+  next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
+  echo "$next" >"$out/rollout-next"
+  echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' \
+    "{\"system\": \"simq\", \"phase\": \"rollout\", \"step\": \"$step\", \"step_s\": $took, \"share\": $share, \"cpu\": $cpu}" |
+    tee -a "$results" >&2
+}
+
 run_rollout() {
   local port="${SIMQ_PORT:-8080}" results="$out/serve/results.jsonl" share="${SIMQ_BENCH_ROLLOUT_SHARE:-0.5}"
   local status active best rate other queries="$out/rollout-queries.txt" next
@@ -287,35 +319,6 @@ run_rollout() {
   [ "$(basename "$other")" != "$active" ] || die "the second dg equals the active one ($active)"
   "$bin/simq-indexer" publish "$other" --blobs "$SIMQ_CACHE/blobs" >/dev/null
   sed -i '/"phase": "rollout"/d' "$results"
-  # under_load STEP COMMAND...: COMMAND under open-loop load (every other query from a client
-  # that sends it again at once after a 503); one result line
-  under_load() {
-    local step=$1 pid started took line
-    shift
-    "$bin/examples/loadgen" --queries "$queries" --start "$next" --rate "$rate" --seconds 1800 --max 1000000 --impatient 10 \
-      --timeout 5 --url "http://127.0.0.1:$port/v1/query" --timeline "$out/rollout-$step-timeline.jsonl" >"$out/rollout-load.json" &
-    pid=$!
-    python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-before.json"
-    sleep 5
-    started=$SECONDS
-    log "bench: $step under $rate unique queries/s ($share of $best/s)"
-    "$@" >"$out/rollout-$step.log" 2>&1 || { kill -TERM "$pid"; wait "$pid"; cat "$out/rollout-$step.log" >&2; die "$step failed (log above)"; }
-    took=$((SECONDS - started))
-    sleep 5
-    python3 "$SIMQ_ROOT/scripts/bench/cpu.py" >"$out/rollout-cpu-after.json"
-    local cpu
-    # Each program's share of the machine over the step and the 10 s around it (processes
-    # that ended during it, such as the old shards, are missed).
-    cpu="$(python3 "$SIMQ_ROOT/scripts/bench/cpu.py" --diff "$out/rollout-cpu-before.json" "$out/rollout-cpu-after.json" "$((took + 10))")"
-    kill -TERM "$pid"
-    wait "$pid" || die "loadgen failed"
-    line="$(cat "$out/rollout-load.json")"
-    next="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["next"])' "$line")"
-    echo "$next" >"$out/rollout-next"
-    echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' \
-      "{\"system\": \"simq\", \"phase\": \"rollout\", \"step\": \"$step\", \"step_s\": $took, \"share\": $share, \"cpu\": $cpu}" |
-      tee -a "$results" >&2
-  }
   under_load "rollout" "$bin/simq-indexer" rollout "$(basename "$other")"
   under_load "rollback" "$bin/simq-indexer" rollback
   local venv="$SIMQ_CACHE/bench-venv"
@@ -516,6 +519,43 @@ PY
   log "bench: update: recall@10 of both (1000 queries, nprobe 576)"
   "$bin/simq-indexer" eval "$inc" --queries 1000 --nprobe 576 --json "$work/eval-incremental.json" >/dev/null 2>&1
   "$bin/simq-indexer" eval "$full" --queries 1000 --nprobe 576 --json "$work/eval-full.json" >/dev/null 2>&1
+
+  # Both rolled out on the running stack (it must serve the base), each under unique-query
+  # load at half of serve's capacity, and rolled back.
+  local port="${SIMQ_PORT:-8080}" status results="$work/rollout.jsonl" share="${SIMQ_BENCH_ROLLOUT_SHARE:-0.5}"
+  local best rate next queries="$out/rollout-queries.txt" dg step before after
+  : >"$results"
+  : >"$work/replaced.txt"
+  if status="$(curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null)"; then
+    [ -s "$out/serve/results.jsonl" ] || die "run scripts/bench.sh serve first (the rollouts run at a share of its measured capacity)"
+    [ "$(python3 -c 'import json,sys; print(json.load(sys.stdin)["active"]["dg"])' <<<"$status")" = "$(basename "$base")" ] ||
+      die "the stack on 127.0.0.1:$port does not serve the base $(basename "$base")"
+    cargo build --release --locked --quiet -p simq-balancer --examples
+    best="$(best_closed_loop "$out/serve/results.jsonl")"
+    rate="$(python3 -c "print(round($best * $share, 1))")"
+    next="$(cat "$out/rollout-next" 2>/dev/null || echo 0)"
+    [ "$next" -lt 90000 ] 2>/dev/null || next=0
+    [ -s "$queries" ] || python3 "$SIMQ_ROOT/scripts/bench/queries.py" "$corpus" --n 100000 --seed 8 >"$queries"
+    # Running shard instances (allocation ids), to count the ones a step replaced.
+    shard_allocs() {
+      curl -fsS "http://127.0.0.1:4646/v1/job/simq-shards/allocations" |
+        python3 -c 'import json,sys; print(" ".join(sorted(a["ID"] for a in json.load(sys.stdin) if a["ClientStatus"] == "running" and a["DesiredStatus"] == "run")))'
+    }
+    for step in incremental full; do
+      dg="$inc"
+      [ "$step" = full ] && dg="$full"
+      "$bin/simq-indexer" publish "$dg" --blobs "$SIMQ_CACHE/blobs" >"$work/publish-$step.log" 2>&1 ||
+        { cat "$work/publish-$step.log" >&2; die "publish of $dg failed"; }
+      before="$(shard_allocs)"
+      under_load "$step-rollout" "$bin/simq-indexer" rollout "$(basename "$dg")"
+      after="$(shard_allocs)"
+      python3 -c 'import sys; b, a = set(sys.argv[2].split()), set(sys.argv[3].split()); print(sys.argv[1], len(b - a), len(b))' \
+        "$step" "$before" "$after" >>"$work/replaced.txt"
+      under_load "$step-rollback" "$bin/simq-indexer" rollback
+    done
+  else
+    log "bench: update: no stack answers on 127.0.0.1:$port: the rollouts are not measured (scripts/up.sh --wait first)"
+  fi
   python3 - "$work" "$base" "$inc" "$full" "$inc_s" "$full_s" "$SIMQ_ROOT/BENCHMARKS-UPDATE.md" \
     "$(git -C "$SIMQ_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
 import datetime, json, os, re, sys
@@ -557,6 +597,21 @@ out = [
     f"Incremental phases: {timing.group(0) if timing else '?'}. Full rebuild: {full_t.group(0) if full_t else '?'}.", "",
     f"Drift guard: {fit.group(0) if fit else '?'}.", "",
 ]
+rows = [json.loads(l) for l in open(f"{work}/rollout.jsonl") if l.strip()]
+replaced = {l.split()[0]: l.split()[1:] for l in open(f"{work}/replaced.txt") if l.strip()}
+if rows:
+    out += ["## Rolled out under load", "",
+            f"Each dg rolled out on the `scripts/up.sh` stack (which served the base) and rolled back, under open-loop unique queries at "
+            f"{rows[0]['share']} of the capacity `scripts/bench.sh serve` measured ({rows[0]['offered_rate']} queries/s; every other query "
+            "from a client that resends at once after a 503). Replaced: running shard instances of the base that the rollout stopped.", "",
+            "| step | took s | answered | failed | degraded | p99 ms | shard instances replaced |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        kind = r["step"].split("-")[0]
+        rep = replaced.get(kind, ["?", "?"]) if r["step"].endswith("rollout") else None
+        out.append(f"| {r['step']} | {r['step_s']} | {r['ok']} | {r['failed']} {r.get('by_status', {})} | {r['degraded']} | "
+                   f"{r['p99_ms']} | {f'{rep[0]} of {rep[1]}' if rep else '-'} |")
+    out.append("")
 open(md, "w").write("\n".join(out))
 print("\n".join(out))
 PY
