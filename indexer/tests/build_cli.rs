@@ -5,15 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The first `lines` lines of the real corpus sample, as `dir/corpus.txt`.
 fn sample_corpus(dir: &Path, lines: usize) -> PathBuf {
-    let source = std::env::var("SIMQ_TEST_CORPUS")
-        .expect("SIMQ_TEST_CORPUS names a real corpus sample (scripts/test.sh sets it)");
-    let text = std::fs::read_to_string(&source).unwrap();
-    let sample: Vec<&str> = text.lines().take(lines).collect();
-    assert_eq!(sample.len(), lines, "{source} has fewer than {lines} lines");
-    let path = dir.join("corpus.txt");
-    std::fs::write(&path, sample.join("\n") + "\n").unwrap();
-    path
+    write_lines(&dir.join("corpus.txt"), &corpus_lines(lines))
 }
 
 fn indexer(args: &[&str]) -> Output {
