@@ -29,7 +29,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 "$SIMQ_ROOT/scripts/setup.sh" >/dev/null
 corpus="$("$SIMQ_ROOT/scripts/corpus.sh")"
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
-cd "$SIMQ_ROOT"
+cd "$SIMQ_ROOT" || exit 1
 cargo build --release --locked --quiet -p simq-embedder -p simq-indexer --bins --examples
 bin="$CARGO_TARGET_DIR/release"
 out="$SIMQ_CACHE/bench"
@@ -424,9 +424,9 @@ run_nodes() {
   BENCH_STOP_STACK="$SIMQ_ROOT/scripts/nodes.sh stop"
   "$SIMQ_ROOT/scripts/nodes.sh" start --nodes 3 >"$out/nodes-three.log" 2>&1 || die "nodes.sh start failed ($out/nodes-three.log)"
   SIMQ_CORPUS="$corpus" "$SIMQ_ROOT/scripts/deploy.sh" --nodes >>"$out/nodes-three.log" 2>&1 || die "deploy.sh --nodes failed ($out/nodes-three.log)"
-  local urls=() k a
-  for k in 1 2 3; do
-    a="$(source "$SIMQ_ROOT/scripts/nodes.sh" && load_state && node_addr "$k")"
+  local urls=() n a
+  for n in 1 2 3; do
+    a="$(source "$SIMQ_ROOT/scripts/nodes.sh" && load_state && node_addr "$n")"
     (source "$SIMQ_ROOT/scripts/nodes.sh" && node_address_ok "$a") || die "refusing: $a is not a node address of scripts/nodes.sh's cluster"
     urls+=("http://$a:${SIMQ_PORT:-8080}/v1/query")
   done

@@ -36,7 +36,7 @@ consul_ready() {
 # Secure mode, before Consul starts: a fresh management token and the ACL config naming it.
 prepare_acl() {
   rm -rf "$SIMQ_SECRETS"
-  mkdir -p -m 700 "$SIMQ_SECRETS"
+  mkdir -p "$SIMQ_SECRETS" && chmod 700 "$SIMQ_SECRETS"
   local token
   token="$(cat /proc/sys/kernel/random/uuid)"
   (
@@ -168,7 +168,7 @@ start_consul() {
   fi
   [ -n "$keep" ] || { rm -rf "$CONSUL_DIR/data"; : >"$CONSUL_DIR/consul.log" 2>/dev/null || true; }
   # (Consul keeps ACL tokens in its state: only this user may read it.)
-  mkdir -p -m 700 "$CONSUL_DIR/data"
+  mkdir -p "$CONSUL_DIR/data" && chmod 700 "$CONSUL_DIR/data"
   local acl=()
   if [ -n "$keep" ]; then
     ! acl_enabled || acl=(-config-file "$SIMQ_SECRETS/consul-acl.hcl")

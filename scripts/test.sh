@@ -27,6 +27,18 @@ fi
 # First: is every pinned artifact still served? (A fresh machine needs each one; a warm
 # cache would hide a removed version until then.)
 "$SIMQ_ROOT/scripts/setup.sh" check
+# The fast gate, before the long set-up and suite (it needs only the Debian packages and
+# ShellCheck): formatting, the scripts, lints.
+cd "$SIMQ_ROOT" || exit 1
+"$SIMQ_ROOT/scripts/setup.sh" debs shellcheck
+log "fast gate: cargo fmt --check"
+cargo fmt --all -- --check >/dev/null || die "the code is not formatted as rustfmt would (run cargo fmt --all; cargo fmt --all -- --check shows where)"
+log "fast gate: shellcheck (warnings) on every script"
+mapfile -t scripts < <(git ls-files '*.sh' .ci/run 2>/dev/null || ls scripts/*.sh scripts/bench/*.sh .ci/run)
+"$SHELLCHECK_BIN" -S warning "${scripts[@]}" || die "shellcheck found problems in the scripts (above)"
+log "fast gate: cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked --quiet -- -D warnings || die "clippy found warnings (above): fix them or, where a lint is wrong, allow it there with a reason"
+
 "$SIMQ_ROOT/scripts/setup.sh"
 log "set-up error cases"
 bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
@@ -36,10 +48,7 @@ bash "$SIMQ_ROOT/scripts/test-setup-errors.sh"
 SIMQ_TEST_CORPUS="$SIMQ_ROOT/testdata/corpus/queries-20000.txt"
 SIMQ_PROMETHEUS_DIR="$(dirname "$PROMETHEUS_BIN")"
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR SIMQ_MODEL_B_DIR SIMQ_TEST_CORPUS SIMQ_CACHE SIMQ_CLUSTER_DIR SIMQ_PROMETHEUS_DIR
-cd "$SIMQ_ROOT"
-
-log "format: cargo fmt --check"
-cargo fmt --all -- --check >/dev/null || die "the code is not formatted as rustfmt would (run cargo fmt --all; cargo fmt --all -- --check shows where)"
+cd "$SIMQ_ROOT" || exit 1
 
 log "build: cargo build --workspace --all-targets (target dir $CARGO_TARGET_DIR)"
 cargo_build "cargo build" --workspace --all-targets

@@ -486,7 +486,11 @@ async fn main() -> anyhow::Result<()> {
                 let Some(q) = shared.take() else { break };
                 let s = shared.clone();
                 let counted = Outstanding::enter(&outstanding);
-                let resends = if n % 2 == 0 { s.args.impatient } else { 0 };
+                let resends = if n.is_multiple_of(2) {
+                    s.args.impatient
+                } else {
+                    0
+                };
                 tasks.push(tokio::spawn(async move {
                     let _counted = counted;
                     s.send(q, at, resends).await;

@@ -126,10 +126,7 @@ pub enum EmbedderOrder {
 }
 
 /// `list` with the upstreams whose address is `host` first, each part in its order.
-pub fn local_first<'a>(
-    list: Vec<&'a Upstream>,
-    host: Option<std::net::IpAddr>,
-) -> Vec<&'a Upstream> {
+pub fn local_first(list: Vec<&Upstream>, host: Option<std::net::IpAddr>) -> Vec<&Upstream> {
     let on_host = |u: &Upstream| {
         host.is_some_and(|h| {
             u.addr

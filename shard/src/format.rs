@@ -385,6 +385,10 @@ fn create_db<KC: 'static, DC: 'static>(
     .map(|c| c.unwrap_commit())
 }
 
+/// What a shard file keeps of its dg's BM25 statistics: the dg-wide numbers and each of
+/// its terms with its dg-wide document frequency ([`ShardFile::lexical_stats`]).
+pub type TermStats = (LexicalMeta, Vec<(String, u32)>);
+
 /// An open shard file, read-only.
 pub struct ShardFile {
     path: PathBuf,
@@ -671,7 +675,7 @@ impl ShardFile {
     /// The dg-wide BM25 statistics this file was written with (documents, mean length,
     /// and the document frequency of every term it holds), or None when it has no lexical
     /// index. A dg's statistics are the union over its shard files.
-    pub fn lexical_stats(&self) -> Result<Option<(LexicalMeta, Vec<(String, u32)>)>> {
+    pub fn lexical_stats(&self) -> Result<Option<TermStats>> {
         let (Some(db), Some(meta)) = (self.lexical_db, self.meta.lexical) else {
             return Ok(None);
         };

@@ -172,7 +172,7 @@ pub fn encode_postings(df: u32, postings: &[Posting]) -> Vec<u8> {
 /// (dg-wide document frequency, postings) of an [`encode_postings`] value; None when the
 /// bytes are not one.
 pub fn decode_postings(bytes: &[u8]) -> Option<(u32, impl Iterator<Item = Posting> + '_)> {
-    if bytes.len() < 4 || (bytes.len() - 4) % POSTING_BYTES != 0 {
+    if bytes.len() < 4 || !(bytes.len() - 4).is_multiple_of(POSTING_BYTES) {
         return None;
     }
     let df = u32::from_le_bytes(bytes[..4].try_into().ok()?);
