@@ -346,6 +346,17 @@ cmd_stop() {
   stop_pid nomad "$NOMAD_DIR/nomad.pid"
   kill_strays
   unmount_leftovers
+  # The dev agent's allocation directories hold every downloaded shard file: garbage once
+  # every job is purged, and left behind they filled the disk over many runs (9.5 GB; at
+  # 99 % Nomad collects failed allocations at once, logs and all). Only when nothing is
+  # mounted below them any more.
+  local mounts
+  mounts="$(awk '{print $2}' /proc/mounts | { grep "^$NOMAD_DIR/data/" || true; })"
+  if [ -z "$mounts" ]; then
+    rm -rf "$NOMAD_DIR/data" "$NOMAD_DIR/alloc_mounts"
+  else
+    log "left $NOMAD_DIR/data in place: still mounted below it: $mounts"
+  fi
   local cg
   cg="$(agent_cgroup)"
   [ -z "$cg" ] || [ ! -d "$cg" ] || rmdir "$cg" 2>/dev/null || true
