@@ -58,12 +58,7 @@ pub struct Corpus {
 impl Corpus {
     /// sha256 over the texts in order, one per line: the corpus part of a dg's identity.
     pub fn sha256(&self) -> String {
-        let mut h = Sha256::new();
-        for t in &self.texts {
-            h.update(t.as_bytes());
-            h.update(b"\n");
-        }
-        hex::encode(h.finalize())
+        texts_sha256(self.texts.iter().map(String::as_str))
     }
 
     /// "file:line: reason" for the first `limit` bad lines.
@@ -79,6 +74,16 @@ impl Corpus {
         }
         out.join("\n")
     }
+}
+
+/// sha256 over texts in order, one per line: a dg's `corpus_sha256`.
+pub fn texts_sha256<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = Sha256::new();
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
 }
 
 /// Errors that stop reading altogether (bad lines do not: they are collected).

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use sha2::{Digest, Sha256};
 use simq_consul::contract::{sha256_file, BaseInfo, BuildInfo, Manifest};
 use simq_consul::routing::dot;
 use simq_consul::CentroidMap;
@@ -33,7 +32,7 @@ use crate::build::{
     build_dir, build_embedded, embed_all, index_shards, seal_into, shard_file_name, BuildOptions,
     ShardSettings, CENTROIDS_FILE,
 };
-use crate::corpus::fold;
+use crate::corpus::{fold, texts_sha256};
 use crate::eval::{read_centroids, DgDir};
 use crate::publish::read_manifest;
 
@@ -503,12 +502,6 @@ pub fn update(
     let t = Instant::now();
     let work = build_dir(out)?;
     let stats = base.stats.extended_by(texts.iter().map(String::as_str));
-    let base_pos: HashMap<u32, usize> = base
-        .items
-        .iter()
-        .enumerate()
-        .map(|(pos, i)| (i.id, pos))
-        .collect();
     let first_new = plan.added.first().map_or(u32::MAX, |(id, _)| *id);
     let item = |id: u32| -> Item {
         if id >= first_new {
@@ -519,7 +512,11 @@ pub fn update(
                 vector: &vectors[k * dims..(k + 1) * dims],
             }
         } else {
-            let b = &base.items[base_pos[&id]];
+            // (Base items are sorted by id.)
+            let b = &base.items[base
+                .items
+                .binary_search_by_key(&id, |i| i.id)
+                .expect("a kept id is a base item")];
             Item {
                 id,
                 text: &b.text,
@@ -600,16 +597,6 @@ pub fn update(
         bytes_written,
         t.elapsed(),
     )
-}
-
-/// sha256 over texts, one per line (as [`crate::corpus::Corpus::sha256`]).
-fn texts_sha256<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
-    let mut h = Sha256::new();
-    for t in texts {
-        h.update(t.as_bytes());
-        h.update(b"\n");
-    }
-    hex::encode(h.finalize())
 }
 
 /// Hard-link `from` to `to` (files of a dg are never written in place), or copy it where
