@@ -76,18 +76,10 @@ pub enum RolloutOutcome {
 /// The first shard group of the running shards job: the group of shard 0 listed first (a
 /// rollout by groups lists the new dg's before the old dg's). None when no job runs.
 async fn running_first_group(nomad: &NomadClient) -> anyhow::Result<Option<serde_json::Value>> {
-    let Some(job) = nomad.job(SHARDS_JOB_ID).await? else {
-        return Ok(None);
-    };
-    if job["Stop"].as_bool() == Some(true) || job["Status"] == "dead" {
-        return Ok(None);
-    }
-    Ok(job["TaskGroups"]
-        .as_array()
+    Ok(running_groups(nomad)
+        .await?
         .into_iter()
-        .flatten()
-        .find(|g| g["Name"].as_str().and_then(group_shard) == Some(0))
-        .cloned())
+        .find(|g| g["Name"].as_str().and_then(group_shard) == Some(0)))
 }
 
 /// Whether the running shards job keeps replicas apart (its groups carry the dg in their
@@ -144,30 +136,31 @@ fn group_file(g: &serde_json::Value) -> Option<(u32, String)> {
     Some((shard, args.get(at + 1)?.as_str()?.to_string()))
 }
 
+/// A rollout's shards: the running groups it keeps as they are, and the shards it
+/// renders from the job spec ([`split_groups`]).
+#[derive(Debug, Default)]
+pub struct Split {
+    pub unchanged: Vec<serde_json::Value>,
+    pub render: Vec<simq_consul::contract::ShardEntry>,
+}
+
 /// Which running groups a rollout of `manifest` keeps as they are, and which shards it
 /// (re)starts: a group of another dg that serves the very file `manifest` pins at its
 /// shard is kept unchanged (no canary, no restart; an incremental build's unchanged
 /// shard); every other shard of `manifest` is rendered from the job spec.
-pub fn split_groups(
-    running: &[serde_json::Value],
-    manifest: &Manifest,
-) -> (
-    Vec<serde_json::Value>,
-    Vec<simq_consul::contract::ShardEntry>,
-) {
-    let mut kept = Vec::new();
-    let mut render = Vec::new();
+pub fn split_groups(running: &[serde_json::Value], manifest: &Manifest) -> Split {
+    let mut split = Split::default();
     for s in &manifest.shards {
         let same_file = running.iter().find(|g| {
             g["Meta"]["dg"].as_str() != Some(manifest.dg.as_str())
                 && group_file(g).is_some_and(|(n, sha)| n == s.shard && sha == s.sha256)
         });
         match same_file {
-            Some(g) => kept.push(g.clone()),
-            None => render.push(s.clone()),
+            Some(g) => split.unchanged.push(g.clone()),
+            None => split.render.push(s.clone()),
         }
     }
-    (kept, render)
+    split
 }
 
 /// Replicas per shard of the running shards job, if one runs: what a rollout keeps unless
@@ -216,36 +209,29 @@ pub fn group_shard(name: &str) -> Option<u32> {
     rest.split_once('-').map_or(rest, |(n, _)| n).parse().ok()
 }
 
-/// Register the shards job for `manifest`: its shards `render` from the job spec with
-/// `canary` canaries per group, plus `keep`: task groups of the running job registered
-/// again unchanged; returns the job version Nomad assigned.
-#[allow(clippy::too_many_arguments)]
+/// Register the shards job for `manifest`: the shards `split` renders, from the job spec
+/// with `canary` canaries per group, and its unchanged groups plus `others` (task groups
+/// of the running job) registered again as they are; returns the job version Nomad
+/// assigned.
 pub async fn register_shards(
     nomad: &NomadClient,
     manifest: &Manifest,
-    render: &[simq_consul::contract::ShardEntry],
+    split: &Split,
+    others: &[serde_json::Value],
     canary: usize,
     attempt: &str,
     opts: &RolloutOptions,
-    keep: &[serde_json::Value],
 ) -> anyhow::Result<u64> {
-    let shards: Vec<serde_json::Value> = render
+    let shards: Vec<serde_json::Value> = split
+        .render
         .iter()
         .map(|s| serde_json::json!({"shard": s.shard, "sha256": s.sha256}))
         .collect();
     // The dgs of the groups kept because this dg shares their file (served_dg).
-    let mut kept_dgs: Vec<&str> = keep
+    let mut kept_dgs: Vec<&str> = split
+        .unchanged
         .iter()
-        .filter(|g| {
-            group_file(g).is_some_and(|(n, sha)| {
-                manifest
-                    .shards
-                    .iter()
-                    .any(|s| s.shard == n && s.sha256 == sha)
-            })
-        })
         .filter_map(|g| g["Meta"]["dg"].as_str())
-        .filter(|d| *d != manifest.dg)
         .collect();
     kept_dgs.sort_unstable();
     kept_dgs.dedup();
@@ -283,7 +269,7 @@ pub async fn register_shards(
         .await
         .context("parsing nomad/shards.nomad.hcl")?;
     if let Some(groups) = job["TaskGroups"].as_array_mut() {
-        groups.extend(keep.iter().cloned());
+        groups.extend(split.unchanged.iter().chain(others).cloned());
     }
     nomad
         .register_job(&job)
@@ -642,24 +628,25 @@ pub async fn rollout(
         String::new()
     };
     // Shards whose file the running job already serves keep their groups as they are.
-    let (unchanged, render) = split_groups(&running_groups(nomad).await?, &manifest);
-    if !unchanged.is_empty() {
+    let split = split_groups(&running_groups(nomad).await?, &manifest);
+    if !split.unchanged.is_empty() {
         progress(&format!(
             "{} of {} shards serve the same file already and keep running as they are: {}",
-            unchanged.len(),
+            split.unchanged.len(),
             manifest.shards.len(),
-            group_names(&unchanged).join(", ")
+            group_names(&split.unchanged).join(", ")
         ));
     }
     // The groups this rollout starts (and waits for), then every group of the new dg.
-    let new_groups: Vec<String> = render
+    let new_groups: Vec<String> = split
+        .render
         .iter()
         .map(|s| group_name(s.shard, dg, opts.replicas_apart))
         .collect();
     let dg_groups: Vec<String> = new_groups
         .iter()
         .cloned()
-        .chain(group_names(&unchanged))
+        .chain(group_names(&split.unchanged))
         .collect();
     // Groups of the serving dg that are not the new dg's (beyond its shard count; by groups,
     // all of them): kept until after the flip.
@@ -668,7 +655,6 @@ pub async fn rollout(
     } else {
         Vec::new()
     };
-    let keep: Vec<serde_json::Value> = unchanged.iter().chain(&others).cloned().collect();
     let version = match resumed {
         Some(version) => {
             progress(&format!(
@@ -676,7 +662,7 @@ pub async fn rollout(
             ));
             version
         }
-        None => register_shards(nomad, &manifest, &render, canary, &attempt, opts, &keep).await?,
+        None => register_shards(nomad, &manifest, &split, &others, canary, &attempt, opts).await?,
     };
     let deadline = started + opts.timeout;
     let mut last_line = String::new();
@@ -1002,19 +988,22 @@ mod tests {
             group("shard-2", "dg-a", "f2", ""),
         ];
         // An incremental dg that rewrote shard 1 only.
-        let (kept, render) = split_groups(&running, &manifest("dg-b", &["f0", "g1", "f2"]));
-        assert_eq!(group_names(&kept), vec!["shard-0", "shard-2"]);
-        assert_eq!(render.iter().map(|s| s.shard).collect::<Vec<_>>(), vec![1]);
+        let split = split_groups(&running, &manifest("dg-b", &["f0", "g1", "f2"]));
+        assert_eq!(group_names(&split.unchanged), vec!["shard-0", "shard-2"]);
+        assert_eq!(
+            split.render.iter().map(|s| s.shard).collect::<Vec<_>>(),
+            vec![1]
+        );
         // A full rebuild shares no file: everything is rendered.
-        let (kept, render) = split_groups(&running, &manifest("dg-c", &["h0", "h1", "h2"]));
-        assert!(kept.is_empty() && render.len() == 3);
+        let split = split_groups(&running, &manifest("dg-c", &["h0", "h1", "h2"]));
+        assert!(split.unchanged.is_empty() && split.render.len() == 3);
         // The same file at another shard number is not the same shard.
-        let (kept, _) = split_groups(&running, &manifest("dg-d", &["f1", "h1", "h2"]));
-        assert!(kept.is_empty());
+        let split = split_groups(&running, &manifest("dg-d", &["f1", "h1", "h2"]));
+        assert!(split.unchanged.is_empty());
         // Rolling the running dg out again renders its groups (a new binary or spec takes
         // effect; an unchanged spec is no change for Nomad).
-        let (kept, render) = split_groups(&running, &manifest("dg-a", &["f0", "f1", "f2"]));
-        assert!(kept.is_empty() && render.len() == 3);
+        let split = split_groups(&running, &manifest("dg-a", &["f0", "f1", "f2"]));
+        assert!(split.unchanged.is_empty() && split.render.len() == 3);
     }
 
     #[test]
