@@ -293,21 +293,30 @@ async fn collect(
                 }
             }
         }
-        // Go as soon as a session is free; until then the batch keeps growing.
-        let permit = loop {
+        // Go as soon as a session is free; until then the batch keeps growing. A batch too
+        // small to split takes every place and the lone session (a thread per core) when
+        // nothing else runs; beside another call it runs on one single-threaded session.
+        let places = embedder.parallel_calls();
+        let (permit, lone) = loop {
+            let batch_texts = jobs.iter().map(|j| j.tokens.len()).sum();
+            if on_lone_session(embedder.lone_fits(batch_texts), places, workers.available_permits()) {
+                if let Ok(all) = workers.clone().try_acquire_many_owned(places as u32) {
+                    break (Ok(all), true);
+                }
+            }
             if full {
-                break workers.clone().acquire_owned().await;
+                break (workers.clone().acquire_owned().await, false);
             }
             tokio::select! {
                 biased;
-                permit = workers.clone().acquire_owned() => break permit,
+                permit = workers.clone().acquire_owned() => break (permit, false),
                 job = rx.recv() => match job {
                     Some(job) => full = add(job, &mut jobs),
                     None => full = true,
                 },
             }
-        }
-        .expect("semaphore never closes");
+        };
+        let permit = permit.expect("semaphore never closes");
         let embedder = embedder.clone();
         let metrics = metrics.clone();
         let progress = progress.clone();
@@ -330,7 +339,7 @@ async fn collect(
             }
             let all: Vec<Tokens> = jobs.iter().flat_map(|j| j.tokens.iter().cloned()).collect();
             metrics.batch_texts.observe(all.len() as f64);
-            let result = embedder.embed_tokens(&all);
+            let result = embedder.embed_tokens_on(&all, lone);
             metrics.inference.observe(started.elapsed().as_secs_f64());
             progress.mark();
             let dims = embedder.dims();
@@ -354,5 +363,26 @@ async fn collect(
                 }
             }
         });
+    }
+}
+
+/// Whether a batch runs on the lone session: it fits there (`lone_fits`) and every one of
+/// the `places` is free, so its thread per core competes with no other call. Measured on
+/// the serving stack (2026-12-07, 8 closed-loop clients): the lone session taken while
+/// another call ran cost a tenth of the answers (embedder/BENCH.md).
+fn on_lone_session(lone_fits: bool, places: usize, free: usize) -> bool {
+    lone_fits && free == places
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_lone_session;
+
+    #[test]
+    fn a_small_batch_takes_the_lone_session_only_when_nothing_else_runs() {
+        assert!(on_lone_session(true, 2, 2));
+        assert!(!on_lone_session(true, 2, 1), "another call runs");
+        assert!(!on_lone_session(true, 2, 0));
+        assert!(!on_lone_session(false, 2, 2), "too many texts, or no lone session");
     }
 }

@@ -239,13 +239,16 @@ impl Embedder {
     }
 
     /// Calls that may run at once without asking for more threads than the layout has:
-    /// one per session, or one in all when a call may use the lone session beside them.
+    /// one per session. A call on the lone session uses a thread per core, so it counts
+    /// as all of them (see [`Embedder::lone_fits`]).
     pub fn parallel_calls(&self) -> usize {
-        if self.lone.is_some() {
-            1
-        } else {
-            self.sessions.len()
-        }
+        self.sessions.len()
+    }
+
+    /// Whether a call of `texts` texts may run on the lone session: there is one and the
+    /// texts are too few to split over the single-threaded sessions.
+    pub fn lone_fits(&self, texts: usize) -> bool {
+        self.lone.is_some() && texts < self.sessions.len()
     }
 
     /// Tokenise texts (with the model's query prefix), truncated, unpadded.
@@ -281,8 +284,15 @@ impl Embedder {
         self.embed_tokens(&tokens)
     }
 
-    /// Embed pre-tokenised texts (see [`Embedder::tokenize`]).
+    /// Embed pre-tokenised texts (see [`Embedder::tokenize`]); a call the lone session
+    /// fits runs there.
     pub fn embed_tokens(&self, tokens: &[Tokens]) -> Result<Vec<f32>> {
+        self.embed_tokens_on(tokens, true)
+    }
+
+    /// [`Embedder::embed_tokens`], on the lone session only if `lone` (the caller knows
+    /// nothing else runs) and it fits; otherwise on the single-threaded sessions.
+    pub fn embed_tokens_on(&self, tokens: &[Tokens], lone: bool) -> Result<Vec<f32>> {
         let dims = self.dims();
         let mut out = vec![0f32; tokens.len() * dims];
         if tokens.is_empty() {
@@ -291,7 +301,7 @@ impl Embedder {
         if let Some(lone) = self
             .lone
             .as_ref()
-            .filter(|_| tokens.len() < self.sessions.len())
+            .filter(|_| lone && self.lone_fits(tokens.len()))
         {
             let rows: Vec<&Tokens> = tokens.iter().collect();
             let mut session = lone.lock().unwrap_or_else(|p| p.into_inner());
