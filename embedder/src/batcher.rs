@@ -299,7 +299,11 @@ async fn collect(
         let places = embedder.parallel_calls();
         let (permit, lone) = loop {
             let batch_texts = jobs.iter().map(|j| j.tokens.len()).sum();
-            if on_lone_session(embedder.lone_fits(batch_texts), places, workers.available_permits()) {
+            if on_lone_session(
+                embedder.lone_fits(batch_texts),
+                places,
+                workers.available_permits(),
+            ) {
                 if let Ok(all) = workers.clone().try_acquire_many_owned(places as u32) {
                     break (Ok(all), true);
                 }
@@ -383,6 +387,9 @@ mod tests {
         assert!(on_lone_session(true, 2, 2));
         assert!(!on_lone_session(true, 2, 1), "another call runs");
         assert!(!on_lone_session(true, 2, 0));
-        assert!(!on_lone_session(false, 2, 2), "too many texts, or no lone session");
+        assert!(
+            !on_lone_session(false, 2, 2),
+            "too many texts, or no lone session"
+        );
     }
 }
