@@ -193,6 +193,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
 /// and threads created afterwards inherit it). Used so that background work (a shard
 /// checking its file) or a CPU-bound service (the embedder) yields to latency-critical
 /// work on the same cores. A failure is logged, not fatal.
+#[allow(unsafe_code)] // one libc call, see SAFETY
 pub fn lower_priority(nice: i32) {
     if nice <= 0 {
         return;
@@ -208,6 +209,7 @@ pub fn lower_priority(nice: i32) {
 /// time nothing else wants (nice 19 where that is refused). Several threads at nice 10
 /// together still outweigh one service at nice 5 (CFS adds their weights); SCHED_IDLE
 /// threads do not, however many there are. Threads created afterwards inherit it.
+#[allow(unsafe_code)] // one libc call, see SAFETY
 pub fn background_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads `param`; `0` names the calling thread.

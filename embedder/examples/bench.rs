@@ -62,6 +62,7 @@ fn cpu_seconds(pid: u32) -> f64 {
         .map(|x| x.parse().unwrap_or(f64::NAN))
         .collect();
     // SAFETY: sysconf only reads its argument.
+    #[allow(unsafe_code)]
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     if f.len() < 13 || ticks <= 0.0 {
         return f64::NAN;

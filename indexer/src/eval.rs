@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rayon::prelude::*;
-use simq_consul::routing::dot;
 use simq_consul::{CentroidMap, Manifest};
 use simq_shard::ShardFile;
+use simq_vector::dot;
 
 use crate::build::{shard_file_name, CENTROIDS_FILE};
 use crate::publish::read_manifest;

@@ -16,7 +16,7 @@ pub struct Clustering {
     pub iterations: usize,
 }
 
-use simq_consul::routing::dot;
+use simq_vector::dot;
 
 fn normalize(v: &mut [f32]) {
     let n = dot(v, v).sqrt();

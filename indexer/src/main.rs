@@ -503,6 +503,7 @@ struct EvalArgs {
     json: Option<PathBuf>,
 }
 
+#[allow(unsafe_code)] // one libc call, see SAFETY
 fn main() {
     // Like other CLI tools, end quietly when the reader of stdout goes away (`| head`)
     // instead of panicking on a failed print.

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use simq_consul::contract::{sha256_file, BaseInfo, BuildInfo, Manifest};
-use simq_consul::routing::dot;
 use simq_consul::CentroidMap;
 use simq_embedder::runtime::Embedder;
 use simq_shard::lexical::CorpusStats;
 use simq_shard::{ClusterItems, Item};
+use simq_vector::dot;
 
 use crate::build::{
     build_dir, build_embedded, embed_all, index_shards, seal_into, shard_file_name, BuildOptions,

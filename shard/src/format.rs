@@ -32,7 +32,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use simq_consul::routing::dot;
+use simq_vector::dot;
 
 use crate::error::{Error, Result};
 use crate::lexical::{self, CorpusStats, LexicalMeta};
@@ -272,13 +272,7 @@ fn write_shard(
         .prefix(".shard-build-")
         .tempdir_in(out.parent().unwrap_or(Path::new(".")))
         .map_err(|e| lmdb(out, e))?;
-    let env = unsafe {
-        EnvOpenOptions::new()
-            .map_size(map_size)
-            .max_dbs(6)
-            .open(work.path())
-    }
-    .map_err(|e| lmdb(work.path(), e))?;
+    let env = open_env(work.path(), map_size, false).map_err(|e| lmdb(work.path(), e))?;
 
     let arroy_db: ArroyDb = create_db(&env, ARROY_DB, work.path())?;
     let texts_db: TextsDb = create_db(&env, TEXTS_DB, work.path())?;
@@ -370,6 +364,24 @@ fn write_shard(
     Ok(())
 }
 
+/// Open an LMDB environment: `read_only` maps one sealed shard file (no subdirectory),
+/// otherwise the new directory a build writes.
+#[allow(unsafe_code)] // heed's `flags` and `open` are unsafe, see SAFETY
+fn open_env(path: &Path, map_size: usize, read_only: bool) -> heed::Result<Env> {
+    let mut options = EnvOpenOptions::new();
+    options.map_size(map_size).max_dbs(6);
+    if read_only {
+        // SAFETY: heed calls only NO_SYNC, NO_META_SYNC and NO_LOCK unsafe (they give up
+        // durability or locking); READ_ONLY and NO_SUB_DIR give up neither.
+        unsafe { options.flags(EnvFlags::READ_ONLY | EnvFlags::NO_SUB_DIR) };
+    }
+    // SAFETY: LMDB needs that no other process truncates or rewrites a file while it is
+    // mapped, and that a process opens one environment once. A build opens the temporary
+    // directory it just created; a shard file is sealed (content-addressed, never written
+    // again), and each `ShardFile` is the one handle of its file in its process.
+    unsafe { options.open(path) }
+}
+
 fn create_db<KC: 'static, DC: 'static>(
     env: &Env,
     name: &str,
@@ -411,14 +423,8 @@ impl ShardFile {
             return Err(lmdb(path, "no such file"));
         }
         let size = std::fs::metadata(path).map_err(|e| lmdb(path, e))?.len() as usize;
-        let env = unsafe {
-            EnvOpenOptions::new()
-                .map_size(size.max(1 << 20).next_multiple_of(4096))
-                .max_dbs(6)
-                .flags(EnvFlags::READ_ONLY | EnvFlags::NO_SUB_DIR)
-                .open(path)
-        }
-        .map_err(|e| lmdb(path, e))?;
+        let env = open_env(path, size.max(1 << 20).next_multiple_of(4096), true)
+            .map_err(|e| lmdb(path, e))?;
         let not_a_shard = |reason: String| Error::NotAShard {
             path: path.to_path_buf(),
             reason,

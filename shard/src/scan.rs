@@ -7,7 +7,7 @@
 //! `codes: [i8; n * dims]`. Each vector is quantised on its own: `code = round(x / scale)`
 //! with `scale = max |x| / 127`, so `x . q ~= scale_x * scale_q * (codes_x . codes_q)`.
 
-pub use simq_consul::routing::{dot_i8, quantize, Quantized};
+pub use simq_vector::{dot_i8, quantize, Quantized};
 
 /// Encode the scan block of `items` (id, vector).
 pub fn encode(items: &[(u32, &[f32])], dims: usize) -> Vec<u8> {
