@@ -1,6 +1,6 @@
 //! The subcommands that talk to the cluster: publish, rollout and rollback (under the
 //! rollout lock), flip, abort, compare, keys, traffic, status and the blob server. Each
-//! takes its parsed arguments from `main.rs` and drives the library (`simq_indexer`). A
+//! takes its parsed arguments from `main.rs` (flags in `cli.rs`) and drives the library (`simq_indexer`). A
 //! module of the `simq-indexer` binary (declared in `main.rs`), not of the library.
 
 use std::time::Duration;
@@ -17,7 +17,7 @@ use simq_indexer::rollout::{
 };
 use simq_nomad::NomadClient;
 
-use super::{
+use crate::cli::{
     ClusterArgs, CompareArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs,
     ServeBlobsArgs, TrafficCommand,
 };
