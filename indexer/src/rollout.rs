@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use simq_consul::{ConsulClient, KvLayout, Manifest};
-use simq_nomad::{hcl_variables, NomadClient};
+use simq_nomad::{hcl_variables, Deployment, DeploymentGroup, DeploymentStatus, NomadClient};
 
 use crate::flip::{flip, FlipError, Flipped};
 
@@ -508,7 +508,7 @@ pub struct Seen<'a> {
 /// The parts of a Nomad deployment a rollout decides by.
 #[derive(Debug, Clone, Copy)]
 pub struct LatestDeployment<'a> {
-    pub status: &'a str,
+    pub status: &'a DeploymentStatus,
     pub job_version: u64,
     /// Some group of it has canaries.
     pub canaried: bool,
@@ -560,17 +560,16 @@ pub fn plan(seen: &Seen) -> Plan {
     // not registered again (which would cancel it and start its canaries over). By groups,
     // so is one whose new groups already run beside the serving dg's (a candidate).
     let resume = seen.latest.filter(|_| spec_names_dg).and_then(|d| {
-        let live = matches!(d.status, "running" | "paused" | "pending");
-        let beside = seen.apart && another_serves && (live || d.status == "successful");
+        let live = d.status.is_live();
+        let beside =
+            seen.apart && another_serves && (live || *d.status == DeploymentStatus::Successful);
         ((live && d.canaried) || beside).then_some(d.job_version)
     });
     // (Not when `dg` already serves: its shards run, and a new version would restart them
     // all; its last deployment may have failed only to move an instance on a lost node.)
     let last_failed = spec_names_dg
         && seen.active != Some(dg)
-        && seen
-            .latest
-            .is_some_and(|d| matches!(d.status, "failed" | "cancelled"));
+        && seen.latest.is_some_and(|d| d.status.is_failed());
     let stale_spec = spec_names_dg && another_serves;
     Plan {
         canary,
@@ -579,6 +578,146 @@ pub fn plan(seen: &Seen) -> Plan {
         blue_green: canary > 0 || resume.is_some() || (seen.apart && another_serves),
         new_attempt: resume.is_none() && (last_failed || stale_spec),
     }
+}
+
+/// What the watch of a registered rollout sees on each poll.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch<'a> {
+    /// The job version this rollout registered (or resumed).
+    pub version: u64,
+    /// The shards job's latest deployment.
+    pub latest: Option<&'a Deployment>,
+    /// The job ran this dg already before the rollout (an identical registration makes no
+    /// deployment).
+    pub already_running: bool,
+    /// The groups this rollout starts and waits for.
+    pub new_groups: &'a [String],
+    /// The plan runs the new dg beside the old one and flips when it is healthy.
+    pub blue_green: bool,
+    /// Replicas apart: new groups instead of canaries.
+    pub apart: bool,
+    /// Stop when the new dg is ready, without flipping.
+    pub candidate_only: bool,
+    /// This run flipped the pointer already.
+    pub flipped: bool,
+}
+
+/// What to do after a poll.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Nothing has changed enough: poll again.
+    Wait,
+    /// Nomad registered a newer version than ours: its auto-revert of our deployment.
+    Reverted { to: u64 },
+    /// Our deployment failed or was cancelled.
+    Failed { description: String },
+    /// Every new shard is healthy and only a candidate was asked for.
+    CandidateReady,
+    /// Every new shard is healthy: flip the pointer, then promote.
+    Flip { promote: Promote },
+    /// The deployment is over (or, by groups, the flip ended the wait).
+    Done,
+}
+
+/// The promotion that follows the flip.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Promote {
+    /// No group has canaries (new groups, or the first dg).
+    Nothing,
+    /// A run killed after promoting: the canaries are promoted already.
+    Already,
+    Now {
+        deployment: String,
+    },
+}
+
+/// Instances a group of the deployment needs healthy: its canaries when it has any (a
+/// changed group), else all of them (a new group).
+fn ready_target(g: &DeploymentGroup) -> u32 {
+    if g.desired_canaries > 0 {
+        g.desired_canaries
+    } else {
+        g.desired_total
+    }
+}
+
+/// Decide the next step of a rollout's watch (a pure function: unit-tested below).
+pub fn decide(w: &Watch) -> Step {
+    let Some(dep) = w.latest.filter(|d| d.job_version >= w.version) else {
+        // Re-registering an identical job makes no deployment: it is running already.
+        let running = w
+            .latest
+            .is_some_and(|d| d.status == DeploymentStatus::Successful);
+        return if running && w.already_running {
+            Step::Done
+        } else {
+            Step::Wait
+        };
+    };
+    if dep.job_version > w.version {
+        return Step::Reverted {
+            to: dep.job_version,
+        };
+    }
+    if dep.status.is_failed() {
+        return Step::Failed {
+            description: dep.status_description.clone(),
+        };
+    }
+    // A resumed deployment has canaries even when the dg is already active (a run killed
+    // between the flip and the promotion): they still wait for the promotion. By groups,
+    // a successful deployment means every new group is healthy.
+    let all_ready = w.blue_green
+        && ((w.apart && dep.status == DeploymentStatus::Successful)
+            || w.new_groups.iter().all(|name| {
+                dep.task_groups
+                    .get(name)
+                    .is_some_and(|g| ready_target(g) > 0 && g.healthy_allocs >= ready_target(g))
+            }));
+    if all_ready && w.candidate_only {
+        return Step::CandidateReady;
+    }
+    if all_ready && !w.flipped {
+        let mut canaried = dep
+            .task_groups
+            .values()
+            .filter(|g| g.desired_canaries > 0)
+            .peekable();
+        let promote = if canaried.peek().is_none() {
+            Promote::Nothing
+        } else if canaried.all(|g| g.promoted) {
+            Promote::Already
+        } else {
+            Promote::Now {
+                deployment: dep.id.clone(),
+            }
+        };
+        return Step::Flip { promote };
+    }
+    // By groups, the flip ends the wait: the old groups go next, by a registration that
+    // supersedes this deployment. (It would not end while an old group has an instance on
+    // a lost node, which the registration cannot update: measured, a rollback with a node
+    // down failed at its progress deadline.)
+    if dep.status == DeploymentStatus::Successful || (w.apart && w.flipped) {
+        return Step::Done;
+    }
+    Step::Wait
+}
+
+/// One progress line of a deployment: its status and the new groups' healthy instances.
+fn progress_line(dep: &Deployment, new_groups: &[String]) -> String {
+    let groups: Vec<String> = dep
+        .task_groups
+        .iter()
+        .filter(|(g, _)| new_groups.contains(g))
+        .map(|(g, s)| format!("{g} {}/{}", s.healthy_allocs, ready_target(s)))
+        .collect();
+    format!(
+        "deployment {} {}: {}",
+        &dep.id[..8.min(dep.id.len())],
+        dep.status,
+        groups.join(", ")
+    )
 }
 
 /// Roll `dg` out; `progress` receives one line per change of state.
@@ -605,7 +744,7 @@ pub async fn rollout(
         apart: opts.replicas_apart,
         replicas: opts.replicas,
         latest: latest.as_ref().map(|d| LatestDeployment {
-            status: d.status.as_str(),
+            status: &d.status,
             job_version: d.job_version,
             canaried: d.task_groups.values().any(|g| g.desired_canaries > 0),
         }),
@@ -668,6 +807,7 @@ pub async fn rollout(
     let mut last_line = String::new();
     let mut last_at = Instant::now();
     let mut flipped = None;
+    // Observe the deployment, decide (a pure function, unit-tested below), act.
     loop {
         if Instant::now() > deadline {
             bail!(
@@ -675,149 +815,100 @@ pub async fn rollout(
                 opts.timeout
             );
         }
-        let dep = nomad.latest_deployment(SHARDS_JOB_ID).await?;
-        let Some(dep) = dep.filter(|d| d.job_version >= version) else {
-            // Re-registering an identical job makes no deployment: it is running already.
-            if nomad
-                .latest_deployment(SHARDS_JOB_ID)
-                .await?
-                .is_some_and(|d| d.status == "successful")
-                && current.as_deref() == Some(dg)
-            {
-                break;
+        let latest = nomad.latest_deployment(SHARDS_JOB_ID).await?;
+        if let Some(dep) = latest.as_ref().filter(|d| d.job_version >= version) {
+            let line = progress_line(dep, &new_groups);
+            // A line on each change, and at least every LOG_EVERY while nothing changes.
+            if line != last_line || last_at.elapsed() >= crate::progress::LOG_EVERY {
+                progress(&format!(
+                    "{line} ({} elapsed)",
+                    crate::progress::human(started.elapsed())
+                ));
+                last_line = line;
+                last_at = Instant::now();
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        };
-        if dep.job_version > version {
-            // Nomad registered a newer version: the auto-revert of ours.
-            let causes = failure_causes(nomad, version).await?;
-            if let Some(back) = flip_back(consul, layout, &flipped).await {
-                bail!(
-                    "rollout of {dg} failed after the flip and Nomad reverted the job (version {version} -> {}): {}. {back}",
-                    dep.job_version,
-                    causes.join("; ")
-                );
-            }
-            bail!(
-                "rollout of {dg} failed and Nomad reverted the job (version {version} -> {}): {}",
-                dep.job_version,
-                causes.join("; ")
-            );
         }
-        // A changed group is ready when its canaries are healthy, a new one (no canaries)
-        // when all its instances are.
-        let target = |g: &simq_nomad::DeploymentGroup| {
-            if g.desired_canaries > 0 {
-                g.desired_canaries
-            } else {
-                g.desired_total
-            }
-        };
-        let groups: Vec<String> = dep
-            .task_groups
-            .iter()
-            .filter(|(g, _)| new_groups.contains(g))
-            .map(|(g, s)| format!("{g} {}/{}", s.healthy_allocs, target(s)))
-            .collect();
-        let line = format!(
-            "deployment {} {}: {}",
-            &dep.id[..8],
-            dep.status,
-            groups.join(", ")
-        );
-        // A line on each change, and at least every LOG_EVERY while nothing changes.
-        if line != last_line || last_at.elapsed() >= crate::progress::LOG_EVERY {
-            progress(&format!(
-                "{line} ({} elapsed)",
-                crate::progress::human(started.elapsed())
-            ));
-            last_line = line;
-            last_at = Instant::now();
-        }
-        match dep.status.as_str() {
-            "failed" | "cancelled" => {
+        let step = decide(&Watch {
+            version,
+            latest: latest.as_ref(),
+            already_running: current.as_deref() == Some(dg),
+            new_groups: &new_groups,
+            blue_green,
+            apart: opts.replicas_apart,
+            candidate_only: opts.candidate_only,
+            flipped: flipped.is_some(),
+        });
+        match step {
+            Step::Wait => tokio::time::sleep(Duration::from_millis(500)).await,
+            Step::Done => break,
+            Step::Reverted { to } => {
                 let causes = failure_causes(nomad, version).await?;
                 if let Some(back) = flip_back(consul, layout, &flipped).await {
                     bail!(
-                        "rollout of {dg} failed after the flip: {}; {}. {back}",
-                        dep.status_description,
+                        "rollout of {dg} failed after the flip and Nomad reverted the job (version {version} -> {to}): {}. {back}",
                         causes.join("; ")
                     );
                 }
                 bail!(
-                    "rollout of {dg} failed: {}; {}. The active dg was not changed{}",
-                    dep.status_description,
+                    "rollout of {dg} failed and Nomad reverted the job (version {version} -> {to}): {}",
+                    causes.join("; ")
+                );
+            }
+            Step::Failed { description } => {
+                let causes = failure_causes(nomad, version).await?;
+                if let Some(back) = flip_back(consul, layout, &flipped).await {
+                    bail!(
+                        "rollout of {dg} failed after the flip: {description}; {}. {back}",
+                        causes.join("; ")
+                    );
+                }
+                bail!(
+                    "rollout of {dg} failed: {description}; {}. The active dg was not changed{}",
                     causes.join("; "),
-                    if dep.status_description.contains("rolling back") {
+                    if description.contains("rolling back") {
                         "; Nomad reverts the job"
                     } else {
                         ""
                     }
                 );
             }
-            _ => {}
-        }
-        // A resumed deployment has canaries even when `dg` is already active (a run killed
-        // between the flip and the promotion): they still wait for the promotion. By
-        // groups, a successful deployment means every new group is healthy.
-        let all_canaries_healthy = blue_green
-            && ((opts.replicas_apart && dep.status == "successful")
-                || new_groups.iter().all(|name| {
-                    dep.task_groups
-                        .get(name)
-                        .is_some_and(|g| target(g) > 0 && g.healthy_allocs >= target(g))
-                }));
-        if all_canaries_healthy && opts.candidate_only {
-            progress(&format!(
-                "candidate {dg} ready: every shard's canaries are healthy beside the active dg ({:.1} s); not flipped",
-                started.elapsed().as_secs_f64()
-            ));
-            return Ok(RolloutOutcome::CandidateReady {
-                seconds: started.elapsed().as_secs_f64(),
-            });
-        }
-        if all_canaries_healthy && flipped.is_none() {
-            // Every shard of the new dg is healthy: flip first, then let the old set go.
-            let f = flip(consul, layout, dg).await.map_err(|e| match e {
-                FlipError::LostRace { .. } => anyhow!("{e}; the deployment was not promoted"),
-                e => anyhow!(e),
-            })?;
-            progress(&format!(
-                "active dg flipped to {dg} after {:.1} s",
-                started.elapsed().as_secs_f64()
-            ));
-            flipped = Some((f, started.elapsed().as_secs_f64()));
-            // The old set may only go once no balancer routes with it any more.
-            let waited = wait_for_balancers(consul, dg, Duration::from_secs(15)).await;
-            progress(&format!("balancers route with {dg}: {waited}"));
-            // (A resumed run finds it promoted when its last run was killed after that; by
-            // groups there are no canaries, the old groups go below.)
-            let mut canaried = dep
-                .task_groups
-                .values()
-                .filter(|g| g.desired_canaries > 0)
-                .peekable();
-            if canaried.peek().is_some() {
-                if canaried.all(|g| g.promoted) {
-                    progress("deployment already promoted: old shards stop");
-                } else {
-                    nomad
-                        .promote_deployment(&dep.id)
-                        .await
-                        .context("promoting the deployment")?;
-                    progress("deployment promoted: old shards stop");
+            Step::CandidateReady => {
+                progress(&format!(
+                    "candidate {dg} ready: every shard's canaries are healthy beside the active dg ({:.1} s); not flipped",
+                    started.elapsed().as_secs_f64()
+                ));
+                return Ok(RolloutOutcome::CandidateReady {
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+            Step::Flip { promote } => {
+                // Every shard of the new dg is healthy: flip first, then let the old set go.
+                let f = flip(consul, layout, dg).await.map_err(|e| match e {
+                    FlipError::LostRace { .. } => anyhow!("{e}; the deployment was not promoted"),
+                    e => anyhow!(e),
+                })?;
+                progress(&format!(
+                    "active dg flipped to {dg} after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ));
+                flipped = Some((f, started.elapsed().as_secs_f64()));
+                // The old set may only go once no balancer routes with it any more.
+                let waited = wait_for_balancers(consul, dg, Duration::from_secs(15)).await;
+                progress(&format!("balancers route with {dg}: {waited}"));
+                match promote {
+                    Promote::Nothing => {}
+                    Promote::Already => progress("deployment already promoted: old shards stop"),
+                    Promote::Now { deployment } => {
+                        nomad
+                            .promote_deployment(&deployment)
+                            .await
+                            .context("promoting the deployment")?;
+                        progress("deployment promoted: old shards stop");
+                    }
                 }
+                // Observed again at once: by groups the flip ends the wait.
             }
         }
-        // By groups, the flip ends the wait: the old groups go next, by a registration
-        // that supersedes this deployment. (It would not end while an old group has an
-        // instance on a lost node, which the registration cannot update: measured, a
-        // rollback with a node down failed at its progress deadline.)
-        if dep.status == "successful" || (opts.replicas_apart && flipped.is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The flip comes before the old dg's groups go.
     let (flipped, seconds_to_flip) = match flipped {
@@ -880,7 +971,7 @@ pub async fn abort(
         return Ok(Some(candidate));
     }
     if let Some(dep) = nomad.latest_deployment(SHARDS_JOB_ID).await? {
-        if matches!(dep.status.as_str(), "running" | "paused" | "pending") {
+        if dep.status.is_live() {
             nomad
                 .fail_deployment(&dep.id)
                 .await
@@ -928,9 +1019,9 @@ mod tests {
         }
     }
 
-    fn deployment(status: &str, canaried: bool) -> Option<LatestDeployment<'_>> {
+    fn deployment(status: &str, canaried: bool) -> Option<LatestDeployment<'static>> {
         Some(LatestDeployment {
-            status,
+            status: Box::leak(Box::new(DeploymentStatus::from(status))),
             job_version: 7,
             canaried,
         })
@@ -1107,5 +1198,280 @@ mod tests {
             assert_eq!((p.canary, p.resume), (0, None));
             assert!(!p.blue_green && !p.keep_others && !p.new_attempt);
         }
+    }
+
+    /// A deployment of job version `version` with groups (name, canaries, total, healthy,
+    /// promoted).
+    fn dep(version: u64, status: &str, groups: &[(&str, u32, u32, u32, bool)]) -> Deployment {
+        Deployment {
+            id: "d1234567-0000".into(),
+            job_version: version,
+            status: status.into(),
+            status_description: format!("Deployment is {status}"),
+            task_groups: groups
+                .iter()
+                .map(|&(name, canaries, total, healthy, promoted)| {
+                    let g = DeploymentGroup {
+                        desired_total: total,
+                        desired_canaries: canaries,
+                        placed_allocs: total.max(canaries),
+                        healthy_allocs: healthy,
+                        unhealthy_allocs: 0,
+                        promoted,
+                    };
+                    (name.to_string(), g)
+                })
+                .collect(),
+            modify_index: 1,
+        }
+    }
+
+    fn names(groups: &[&str]) -> Vec<String> {
+        groups.iter().map(|g| g.to_string()).collect()
+    }
+
+    /// A blue/green watch of version 7 with canaries, the deployment `d`, new groups `g`.
+    fn watch<'a>(d: &'a Deployment, g: &'a [String]) -> Watch<'a> {
+        Watch {
+            version: 7,
+            latest: Some(d),
+            already_running: false,
+            new_groups: g,
+            blue_green: true,
+            apart: false,
+            candidate_only: false,
+            flipped: false,
+        }
+    }
+
+    #[test]
+    fn canaries_still_coming_up_mean_waiting() {
+        let g = names(&["shard-0", "shard-1"]);
+        let d = dep(
+            7,
+            "running",
+            &[("shard-0", 2, 2, 2, false), ("shard-1", 2, 2, 1, false)],
+        );
+        assert_eq!(decide(&watch(&d, &g)), Step::Wait);
+        // A group the deployment does not list yet is not ready either.
+        let d = dep(7, "running", &[("shard-0", 2, 2, 2, false)]);
+        assert_eq!(decide(&watch(&d, &g)), Step::Wait);
+    }
+
+    #[test]
+    fn every_canary_healthy_flips_and_then_promotes() {
+        let g = names(&["shard-0", "shard-1"]);
+        let d = dep(
+            7,
+            "running",
+            &[("shard-0", 2, 2, 2, false), ("shard-1", 2, 2, 2, false)],
+        );
+        assert_eq!(
+            decide(&watch(&d, &g)),
+            Step::Flip {
+                promote: Promote::Now {
+                    deployment: d.id.clone()
+                }
+            }
+        );
+        // Flipped and promoted: the deployment runs until the old instances are gone.
+        let flipped = Watch {
+            flipped: true,
+            ..watch(&d, &g)
+        };
+        assert_eq!(decide(&flipped), Step::Wait);
+        let d = dep(
+            7,
+            "successful",
+            &[("shard-0", 2, 2, 2, true), ("shard-1", 2, 2, 2, true)],
+        );
+        assert_eq!(
+            decide(&Watch {
+                flipped: true,
+                ..watch(&d, &g)
+            }),
+            Step::Done
+        );
+    }
+
+    #[test]
+    fn a_candidate_only_rollout_stops_when_ready_without_flipping() {
+        let g = names(&["shard-0"]);
+        let d = dep(7, "running", &[("shard-0", 2, 2, 2, false)]);
+        let w = Watch {
+            candidate_only: true,
+            ..watch(&d, &g)
+        };
+        assert_eq!(decide(&w), Step::CandidateReady);
+        let d = dep(7, "running", &[("shard-0", 2, 2, 1, false)]);
+        assert_eq!(
+            decide(&Watch {
+                latest: Some(&d),
+                ..w
+            }),
+            Step::Wait
+        );
+    }
+
+    #[test]
+    fn a_run_resumed_after_the_promotion_flips_without_promoting_again() {
+        // Killed between the promotion and the end: the canaries are promoted already, the
+        // pointer names the dg (the flip is then a no-op), and nothing is promoted twice.
+        let g = names(&["shard-0"]);
+        let d = dep(7, "running", &[("shard-0", 2, 2, 2, true)]);
+        assert_eq!(
+            decide(&watch(&d, &g)),
+            Step::Flip {
+                promote: Promote::Already
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_canary_fails_the_rollout_and_a_newer_version_is_nomads_revert() {
+        let g = names(&["shard-0"]);
+        let d = dep(7, "failed", &[("shard-0", 2, 2, 1, false)]);
+        assert_eq!(
+            decide(&watch(&d, &g)),
+            Step::Failed {
+                description: "Deployment is failed".into()
+            }
+        );
+        let d = dep(8, "running", &[("shard-0", 0, 2, 0, false)]);
+        assert_eq!(decide(&watch(&d, &g)), Step::Reverted { to: 8 });
+        // Also after the flip: the act step flips back (`flip_back`).
+        let flipped = Watch {
+            flipped: true,
+            ..watch(&d, &g)
+        };
+        assert_eq!(decide(&flipped), Step::Reverted { to: 8 });
+    }
+
+    #[test]
+    fn an_identical_registration_makes_no_deployment_and_is_done_only_if_it_ran_already() {
+        let g = names(&["shard-0"]);
+        let older = dep(6, "successful", &[("shard-0", 0, 2, 2, false)]);
+        let w = Watch {
+            already_running: true,
+            ..watch(&older, &g)
+        };
+        assert_eq!(decide(&w), Step::Done);
+        assert_eq!(
+            decide(&watch(&older, &g)),
+            Step::Wait,
+            "ours is not placed yet"
+        );
+        let none = Watch {
+            latest: None,
+            ..watch(&older, &g)
+        };
+        assert_eq!(decide(&none), Step::Wait);
+    }
+
+    #[test]
+    fn a_growing_shard_count_waits_for_every_instance_of_the_new_groups() {
+        // shard-0 and shard-1 change (canaries), shard-2 is new (no canaries: all of its
+        // instances must be healthy).
+        let g = names(&["shard-0", "shard-1", "shard-2"]);
+        let d = dep(
+            7,
+            "running",
+            &[
+                ("shard-0", 2, 2, 2, false),
+                ("shard-1", 2, 2, 2, false),
+                ("shard-2", 0, 2, 1, false),
+            ],
+        );
+        assert_eq!(decide(&watch(&d, &g)), Step::Wait);
+        let d = dep(
+            7,
+            "running",
+            &[
+                ("shard-0", 2, 2, 2, false),
+                ("shard-1", 2, 2, 2, false),
+                ("shard-2", 0, 2, 2, false),
+            ],
+        );
+        assert!(matches!(decide(&watch(&d, &g)), Step::Flip { .. }));
+    }
+
+    #[test]
+    fn a_shrinking_shard_count_does_not_wait_for_the_old_extra_groups() {
+        // The new dg has one shard; the old dg's shard-1 is registered again unchanged and
+        // is none of the new groups, however its instances are doing.
+        let g = names(&["shard-0"]);
+        let d = dep(
+            7,
+            "running",
+            &[("shard-0", 2, 2, 2, false), ("shard-1", 0, 2, 0, false)],
+        );
+        assert!(matches!(decide(&watch(&d, &g)), Step::Flip { .. }));
+    }
+
+    #[test]
+    fn by_groups_a_successful_deployment_flips_and_the_flip_ends_the_wait() {
+        let g = names(&["shard-0-dg-b"]);
+        let by_groups = |d| Watch {
+            apart: true,
+            ..watch(d, &g)
+        };
+        let d = dep(
+            7,
+            "successful",
+            &[
+                ("shard-0-dg-b", 0, 2, 2, false),
+                ("shard-0-dg-a", 0, 2, 2, false),
+            ],
+        );
+        assert_eq!(
+            decide(&by_groups(&d)),
+            Step::Flip {
+                promote: Promote::Nothing
+            }
+        );
+        // After the flip the wait ends although a group may still be placing (a node down).
+        let d = dep(
+            7,
+            "running",
+            &[
+                ("shard-0-dg-b", 0, 2, 2, false),
+                ("shard-0-dg-a", 0, 2, 1, false),
+            ],
+        );
+        let flipped = Watch {
+            flipped: true,
+            ..by_groups(&d)
+        };
+        assert_eq!(decide(&flipped), Step::Done);
+    }
+
+    #[test]
+    fn the_first_dg_flips_only_after_its_deployment_succeeds() {
+        // Nothing serves: no blue/green, the flip comes after the loop.
+        let g = names(&["shard-0"]);
+        let d = dep(7, "running", &[("shard-0", 0, 2, 2, false)]);
+        let first = Watch {
+            blue_green: false,
+            ..watch(&d, &g)
+        };
+        assert_eq!(decide(&first), Step::Wait);
+        let d = dep(7, "successful", &[("shard-0", 0, 2, 2, false)]);
+        assert_eq!(
+            decide(&Watch {
+                latest: Some(&d),
+                ..first
+            }),
+            Step::Done
+        );
+    }
+
+    #[test]
+    fn deployment_statuses_read_by_name() {
+        assert!(DeploymentStatus::from("running").is_live());
+        assert!(DeploymentStatus::from("paused").is_live());
+        assert!(DeploymentStatus::from("cancelled").is_failed());
+        let other = DeploymentStatus::from("blocked");
+        assert!(!other.is_live() && !other.is_failed());
+        assert_eq!(other.to_string(), "blocked");
     }
 }

@@ -102,13 +102,77 @@ pub struct Deployment {
     #[serde(rename = "ID")]
     pub id: String,
     pub job_version: u64,
-    pub status: String,
+    pub status: DeploymentStatus,
     #[serde(default)]
     pub status_description: String,
     #[serde(default)]
     pub task_groups: BTreeMap<String, DeploymentGroup>,
     #[serde(default)]
     pub modify_index: u64,
+}
+
+/// A deployment's `Status` as Nomad reports it; a status this client does not know is kept
+/// by name (`Other`) and counts as neither live nor ended.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub enum DeploymentStatus {
+    Pending,
+    Running,
+    Paused,
+    Successful,
+    Failed,
+    Cancelled,
+    Other(String),
+}
+
+impl DeploymentStatus {
+    /// Still placing or waiting for health (or paused by an operator): it may yet succeed.
+    pub fn is_live(&self) -> bool {
+        matches!(self, Self::Pending | Self::Running | Self::Paused)
+    }
+
+    /// Ended without succeeding.
+    pub fn is_failed(&self) -> bool {
+        matches!(self, Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Successful => "successful",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for DeploymentStatus {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "successful" => Self::Successful,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Other(s),
+        }
+    }
+}
+
+impl From<&str> for DeploymentStatus {
+    fn from(s: &str) -> Self {
+        s.to_string().into()
+    }
+}
+
+impl std::fmt::Display for DeploymentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One task group's progress in a deployment.

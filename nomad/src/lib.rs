@@ -14,6 +14,7 @@ pub mod error;
 pub mod jobs;
 
 pub use client::{
-    hcl_variables, Allocation, Deployment, DeploymentGroup, JobStub, NomadClient, Registration,
+    hcl_variables, Allocation, Deployment, DeploymentGroup, DeploymentStatus, JobStub, NomadClient,
+    Registration,
 };
 pub use error::{Error, Result};
