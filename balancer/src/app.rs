@@ -17,7 +17,7 @@ use simq_consul::Arm;
 use crate::auth::{presented_key, Access, Auth};
 use crate::query::{Answer, Executor};
 use crate::request::{
-    parse, request_timeout, ApiError, QueryRequest, MAX_BODY_BYTES, TIMEOUT_HEADER,
+    parse, request_timeout, ApiError, ApiErrorKind, QueryRequest, MAX_BODY_BYTES, TIMEOUT_HEADER,
 };
 use crate::split;
 use crate::state::{SharedState, Snapshot};
@@ -59,8 +59,7 @@ fn error_response(e: &ApiError) -> Response<Vec<u8>> {
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
     let too_large = |n: usize| {
         ApiError::new(
-            413,
-            "body_too_large",
+            ApiErrorKind::BodyTooLarge,
             format!("request body has at least {n} bytes, the limit is {MAX_BODY_BYTES}"),
         )
     };
@@ -87,8 +86,7 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
             Ok(None) => return Ok(body),
             Err(e) => {
                 return Err(ApiError::new(
-                    400,
-                    "bad_body",
+                    ApiErrorKind::BadBody,
                     format!("cannot read the request body: {e}"),
                 ))
             }
@@ -113,8 +111,7 @@ impl BalancerApp {
         let snapshot = self.state.load();
         let Some(active) = snapshot.routing.as_ref() else {
             return error_response(&ApiError::new(
-                503,
-                "no_active_dg",
+                ApiErrorKind::NoActiveDg,
                 "no index generation is active yet",
             ));
         };
@@ -291,8 +288,8 @@ impl ServeHttp for BalancerApp {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(kind = e.kind, key_id = presented_key(headers).and_then(simq_consul::apikeys::key_id), %path, "request refused");
-                    m.auth_refusals.with_label_values(&[e.kind]).inc();
+                    tracing::debug!(kind = e.kind.as_str(), key_id = presented_key(headers).and_then(simq_consul::apikeys::key_id), %path, "request refused");
+                    m.auth_refusals.with_label_values(&[e.kind.as_str()]).inc();
                     m.requests.with_label_values(&[&e.status.to_string()]).inc();
                     return error_response(&e);
                 }
@@ -317,18 +314,15 @@ impl ServeHttp for BalancerApp {
                 .expect("static response"),
             ("GET", "/v1/status") => json_response(200, &self.status()),
             (_, "/v1/query" | "/query") => error_response(&ApiError::new(
-                405,
-                "method_not_allowed",
+                ApiErrorKind::MethodNotAllowed,
                 format!("{method} {path}: use POST with a JSON body"),
             )),
             (_, "/health" | "/metrics" | "/v1/status") => error_response(&ApiError::new(
-                405,
-                "method_not_allowed",
+                ApiErrorKind::MethodNotAllowed,
                 format!("{method} {path}: use GET"),
             )),
             _ => error_response(&ApiError::new(
-                404,
-                "not_found",
+                ApiErrorKind::NotFound,
                 format!("no route {path}; try POST /v1/query"),
             )),
         };

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use simq_consul::apikeys::{self, ApiKeyRecord};
 
-use crate::request::ApiError;
+use crate::request::{ApiError, ApiErrorKind};
 
 /// Whether the balancer asks for API keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -155,31 +155,30 @@ impl Auth {
         if self.mode == Mode::Off {
             return Ok(None);
         }
-        let unauthorized = |kind, msg: &str| Err(ApiError::new(401, kind, msg));
+        let unauthorized = |kind, msg: &str| Err(ApiError::new(kind, msg));
         let Some(key) = presented else {
             return unauthorized(
-                "missing_api_key",
+                ApiErrorKind::MissingApiKey,
                 "this balancer needs an API key: send it as \"Authorization: Bearer <key>\" or \"X-Api-Key: <key>\" (simq-indexer keys create makes one)",
             );
         };
         let invalid = "the API key is unknown, revoked or wrong";
         let Some(id) = apikeys::key_id(key) else {
             return unauthorized(
-                "invalid_api_key",
+                ApiErrorKind::InvalidApiKey,
                 "the API key is malformed (expected simq_<8 hex>_<32 hex>)",
             );
         };
         let table = self.table.read().expect("key table lock");
         let Some(entry) = table.keys.get(id) else {
-            return unauthorized("invalid_api_key", invalid);
+            return unauthorized(ApiErrorKind::InvalidApiKey, invalid);
         };
         if !apikeys::matches(key, &entry.record.sha256) {
-            return unauthorized("invalid_api_key", invalid);
+            return unauthorized(ApiErrorKind::InvalidApiKey, invalid);
         }
         match access {
             Access::Admin if !entry.record.admin => Err(ApiError::new(
-                403,
-                "forbidden",
+                ApiErrorKind::Forbidden,
                 format!(
                     "key {id} may query but not read /metrics or /v1/status on this port (make an admin key with keys create --admin)"
                 ),
@@ -190,8 +189,7 @@ impl Auth {
                 match waited {
                     Ok(()) => Ok(Some(id.to_string())),
                     Err(wait) => Err(ApiError::new(
-                        429,
-                        "rate_limited",
+                        ApiErrorKind::RateLimited,
                         format!(
                             "key {id} is over its rate of {} queries/s (burst {}); retry in {} ms",
                             entry.record.rate,
@@ -272,19 +270,22 @@ mod tests {
             let e = auth.check(k, Access::Query, now).unwrap_err();
             (e.status, e.kind)
         };
-        assert_eq!(kind(None), (401, "missing_api_key"));
-        assert_eq!(kind(Some("hunter2")), (401, "invalid_api_key"));
+        assert_eq!(kind(None), (401, ApiErrorKind::MissingApiKey));
+        assert_eq!(kind(Some("hunter2")), (401, ApiErrorKind::InvalidApiKey));
         let unknown = key_from_bytes([4, 3, 2, 1], [9; 16]);
-        assert_eq!(kind(Some(&unknown)), (401, "invalid_api_key"));
+        assert_eq!(kind(Some(&unknown)), (401, ApiErrorKind::InvalidApiKey));
         let wrong_secret = key_from_bytes([1, 2, 3, 4], [8; 16]);
-        assert_eq!(kind(Some(&wrong_secret)), (401, "invalid_api_key"));
+        assert_eq!(
+            kind(Some(&wrong_secret)),
+            (401, ApiErrorKind::InvalidApiKey)
+        );
         assert_eq!(
             auth.check(Some(&key), Access::Query, now),
             Ok(Some("01020304".into()))
         );
         // Revoked: the record is gone from KV.
         auth.load(&[]);
-        assert_eq!(kind(Some(&key)), (401, "invalid_api_key"));
+        assert_eq!(kind(Some(&key)), (401, ApiErrorKind::InvalidApiKey));
     }
 
     #[test]
@@ -299,10 +300,10 @@ mod tests {
         let e = auth.check(Some(&user), Access::Query, now).unwrap_err();
         assert_eq!(
             (e.status, e.kind, e.retry_after),
-            (429, "rate_limited", Some(2))
+            (429, ApiErrorKind::RateLimited, Some(2))
         );
         let e = auth.check(Some(&user), Access::Admin, now).unwrap_err();
-        assert_eq!((e.status, e.kind), (403, "forbidden"));
+        assert_eq!((e.status, e.kind), (403, ApiErrorKind::Forbidden));
         assert!(auth.check(Some(&admin), Access::Admin, now).is_ok());
         // Reading the same records again keeps the spent buckets.
         auth.load(&[record(&user, 0.5, 2, false), record(&admin, 1.0, 1, true)]);
@@ -310,7 +311,7 @@ mod tests {
             auth.check(Some(&user), Access::Query, now)
                 .unwrap_err()
                 .kind,
-            "rate_limited"
+            ApiErrorKind::RateLimited
         );
     }
 

@@ -14,7 +14,7 @@ use simq_consul::Arm;
 use simq_shard::proto::{LexicalRequest, SearchRequest, SearchResponse};
 
 use crate::metrics::Metrics;
-use crate::request::{ApiError, QueryRequest};
+use crate::request::{ApiError, ApiErrorKind, QueryRequest};
 use crate::state::{Routing, Upstream};
 use crate::upstream::{
     Admission, Attempt, CallError, Grpc, Hedging, Outliers, Refusal, RetryBudget, Upstreams,
@@ -381,8 +381,7 @@ impl<U: Upstreams> Executor<U> {
                     ),
                 };
                 return Err(ApiError::new(
-                    503,
-                    "overloaded",
+                    ApiErrorKind::Overloaded,
                     format!(
                         "{} queries are being answered and {} wait: {why}; try again in {} s",
                         self.admission.limit(),
@@ -419,9 +418,14 @@ impl<U: Upstreams> Executor<U> {
             .unwrap_or(deadline);
         let vector = match self.embed(routing, &req.query, model_deadline).await {
             Ok(vector) => vector,
-            Err(e) if matches!(e.kind, "no_embedder" | "embedder_failed") => {
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ApiErrorKind::NoEmbedder | ApiErrorKind::EmbedderFailed
+                ) =>
+            {
                 return self
-                    .lexical(routing, req, started, deadline, e.kind, e.message)
+                    .lexical(routing, req, started, deadline, e.kind.as_str(), e.message)
                     .await;
             }
             Err(e) => return Err(e),
@@ -465,8 +469,7 @@ impl<U: Upstreams> Executor<U> {
             .collect();
         if shards.is_empty() {
             return Err(ApiError::new(
-                503,
-                "no_shard",
+                ApiErrorKind::NoShard,
                 format!(
                     "{why}; and no shard of dg {dg} has a healthy replica for the lexical contour"
                 ),
@@ -501,7 +504,7 @@ impl<U: Upstreams> Executor<U> {
             shards.iter().map(|&s| s as u32).zip(results),
             req.k,
             &mut notes,
-            "lexical_failed",
+            ApiErrorKind::LexicalFailed,
         )?;
         self.metrics
             .answers
@@ -563,8 +566,7 @@ impl<U: Upstreams> Executor<U> {
         let model = &routing.manifest.model_id;
         if routing.embedders.is_empty() {
             return Err(ApiError::new(
-                503,
-                "no_embedder",
+                ApiErrorKind::NoEmbedder,
                 format!("no healthy embedder with model {model}"),
             ));
         }
@@ -595,8 +597,7 @@ impl<U: Upstreams> Executor<U> {
             .await
             .map_err(|last| {
                 ApiError::new(
-                    503,
-                    "embedder_failed",
+                    ApiErrorKind::EmbedderFailed,
                     format!("no embedder answered: {last}"),
                 )
                 .with_retry_after(1)
@@ -763,8 +764,7 @@ impl<U: Upstreams> Executor<U> {
             .collect();
         if plan.shards.is_empty() {
             return Err(ApiError::new(
-                503,
-                "no_shard",
+                ApiErrorKind::NoShard,
                 format!("no shard of dg {} has a healthy replica", manifest.dg),
             )
             .with_retry_after(1));
@@ -776,7 +776,12 @@ impl<U: Upstreams> Executor<U> {
         // The shards of a query are asked concurrently.
         let results = futures::future::join_all(calls).await;
         let shards = plan.shards.iter().map(|(s, _)| *s);
-        let rows = merge(shards.zip(results), k, &mut notes, "shards_failed")?;
+        let rows = merge(
+            shards.zip(results),
+            k,
+            &mut notes,
+            ApiErrorKind::ShardsFailed,
+        )?;
         Ok((rows, notes))
     }
 
@@ -824,7 +829,7 @@ fn merge(
     answers: impl Iterator<Item = (u32, Result<Vec<ResultRow>, String>)>,
     k: usize,
     notes: &mut Vec<String>,
-    kind: &'static str,
+    kind: ApiErrorKind,
 ) -> Result<Vec<ResultRow>, ApiError> {
     let mut rows = Vec::new();
     let mut answered = 0;
@@ -838,7 +843,7 @@ fn merge(
         }
     }
     if answered == 0 {
-        return Err(ApiError::new(503, kind, notes.join("; ")).with_retry_after(1));
+        return Err(ApiError::new(kind, notes.join("; ")).with_retry_after(1));
     }
     rows.sort_by(|a, b| b.score.total_cmp(&a.score));
     rows.truncate(k);
@@ -1334,7 +1339,7 @@ mod tests {
         }
         let only_other = routing(&[100], &[]);
         let e = ex.answer(&only_other, &query("x")).await.unwrap_err();
-        assert_eq!((e.status, e.kind), (503, "shards_failed"));
+        assert_eq!((e.status, e.kind), (503, ApiErrorKind::ShardsFailed));
     }
 
     #[tokio::test]
@@ -1350,7 +1355,7 @@ mod tests {
             .await
             .unwrap_err();
         let took = started.elapsed();
-        assert_eq!((e.status, e.kind), (503, "shards_failed"));
+        assert_eq!((e.status, e.kind), (503, ApiErrorKind::ShardsFailed));
         assert!(
             took < Duration::from_millis(450),
             "took {took:?} for a 300 ms deadline"
@@ -1389,7 +1394,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(5));
         assert_eq!(
             (e.status, e.kind, e.retry_after),
-            (503, "overloaded", Some(1))
+            (503, ApiErrorKind::Overloaded, Some(1))
         );
         // One with time to spare waits in line instead.
         let patient = {
@@ -1471,7 +1476,7 @@ mod tests {
         let started = Instant::now();
         let e = ex.answer(&r, &hurried).await.unwrap_err();
         let waited = started.elapsed();
-        assert_eq!((e.status, e.kind), (503, "overloaded"));
+        assert_eq!((e.status, e.kind), (503, ApiErrorKind::Overloaded));
         assert!(
             waited >= LEXICAL_DOOR_WAIT - Duration::from_millis(2)
                 && waited < Duration::from_millis(200),
@@ -1523,7 +1528,7 @@ mod tests {
             .answer(&routing(&[], &[]), &query("x"))
             .await
             .unwrap_err();
-        assert_eq!((e.status, e.kind), (503, "no_shard"));
+        assert_eq!((e.status, e.kind), (503, ApiErrorKind::NoShard));
     }
 
     #[tokio::test]

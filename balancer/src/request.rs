@@ -41,21 +41,113 @@ impl QueryRequest {
     }
 }
 
+/// Every kind of error the API answers, with its HTTP status and its name in the JSON
+/// body (`{"error": {"kind": ..., "message": ...}}`): one place for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiErrorKind {
+    // 400: the request is wrong; the message names the field or the limit.
+    BadBody,
+    InvalidJson,
+    InvalidBody,
+    MissingField,
+    UnknownField,
+    WrongType,
+    EmptyQuery,
+    QueryTooLong,
+    KOutOfRange,
+    InvalidTimeout,
+    BadUserId,
+    // Keys and limits (auth.rs).
+    MissingApiKey,
+    InvalidApiKey,
+    Forbidden,
+    RateLimited,
+    // Routes.
+    NotFound,
+    MethodNotAllowed,
+    BodyTooLarge,
+    // 503: simq cannot answer now (`Retry-After` where a retry may help).
+    NoActiveDg,
+    Overloaded,
+    NoEmbedder,
+    EmbedderFailed,
+    NoShard,
+    ShardsFailed,
+    LexicalFailed,
+}
+
+impl ApiErrorKind {
+    /// The HTTP status answered for this kind.
+    pub fn status(self) -> u16 {
+        use ApiErrorKind::*;
+        match self {
+            BadBody | InvalidJson | InvalidBody | MissingField | UnknownField | WrongType
+            | EmptyQuery | QueryTooLong | KOutOfRange | InvalidTimeout | BadUserId => 400,
+            MissingApiKey | InvalidApiKey => 401,
+            Forbidden => 403,
+            NotFound => 404,
+            MethodNotAllowed => 405,
+            BodyTooLarge => 413,
+            RateLimited => 429,
+            NoActiveDg | Overloaded | NoEmbedder | EmbedderFailed | NoShard | ShardsFailed
+            | LexicalFailed => 503,
+        }
+    }
+
+    /// The machine-readable name clients see, e.g. "invalid_json"; also a metric label.
+    pub fn as_str(self) -> &'static str {
+        use ApiErrorKind::*;
+        match self {
+            BadBody => "bad_body",
+            InvalidJson => "invalid_json",
+            InvalidBody => "invalid_body",
+            MissingField => "missing_field",
+            UnknownField => "unknown_field",
+            WrongType => "wrong_type",
+            EmptyQuery => "empty_query",
+            QueryTooLong => "query_too_long",
+            KOutOfRange => "k_out_of_range",
+            InvalidTimeout => "invalid_timeout",
+            BadUserId => "bad_user_id",
+            MissingApiKey => "missing_api_key",
+            InvalidApiKey => "invalid_api_key",
+            Forbidden => "forbidden",
+            RateLimited => "rate_limited",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            BodyTooLarge => "body_too_large",
+            NoActiveDg => "no_active_dg",
+            Overloaded => "overloaded",
+            NoEmbedder => "no_embedder",
+            EmbedderFailed => "embedder_failed",
+            NoShard => "no_shard",
+            ShardsFailed => "shards_failed",
+            LexicalFailed => "lexical_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ApiErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error answered to the client: HTTP status and a message naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// `kind.status()`.
     pub status: u16,
-    /// Machine-readable kind, e.g. "invalid_json".
-    pub kind: &'static str,
+    pub kind: ApiErrorKind,
     pub message: String,
     /// Seconds a client should wait before trying again (`Retry-After`), for refusals.
     pub retry_after: Option<u32>,
 }
 
 impl ApiError {
-    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> Self {
         Self {
-            status,
+            status: kind.status(),
             kind,
             message: message.into(),
             retry_after: None,
@@ -68,17 +160,16 @@ impl ApiError {
     }
 
     pub fn body(&self) -> Value {
-        serde_json::json!({"error": {"kind": self.kind, "message": self.message}})
+        serde_json::json!({"error": {"kind": self.kind.as_str(), "message": self.message}})
     }
 }
 
 /// Parse and validate a request body.
 pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
-    let bad = |kind, msg: String| Err(ApiError::new(400, kind, msg));
+    let bad = |kind, msg: String| Err(ApiError::new(kind, msg));
     if body.len() > MAX_BODY_BYTES {
         return Err(ApiError::new(
-            413,
-            "body_too_large",
+            ApiErrorKind::BodyTooLarge,
             format!(
                 "request body has {} bytes, the limit is {MAX_BODY_BYTES}",
                 body.len()
@@ -87,11 +178,16 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
     }
     let value: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return bad("invalid_json", format!("body is not valid JSON: {e}")),
+        Err(e) => {
+            return bad(
+                ApiErrorKind::InvalidJson,
+                format!("body is not valid JSON: {e}"),
+            )
+        }
     };
     let Value::Object(obj) = value else {
         return bad(
-            "invalid_body",
+            ApiErrorKind::InvalidBody,
             "body must be a JSON object like {\"query\": \"...\"}".into(),
         );
     };
@@ -102,7 +198,7 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
         .collect();
     if !unknown.is_empty() && obj.contains_key("query") {
         return bad(
-            "unknown_field",
+            ApiErrorKind::UnknownField,
             format!(
                 "unknown field{} {}; a query body has only \"query\" and \"k\"",
                 if unknown.len() == 1 { "" } else { "s" },
@@ -119,26 +215,26 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
                     unknown.join(", ")
                 );
             }
-            return bad("missing_field", msg);
+            return bad(ApiErrorKind::MissingField, msg);
         }
         Some(Value::String(s)) => s.trim().to_string(),
         Some(other) => {
             return bad(
-                "wrong_type",
+                ApiErrorKind::WrongType,
                 format!("field \"query\" must be a string, got {}", type_name(other)),
             )
         }
     };
     if query.chars().all(invisible) {
         return bad(
-            "empty_query",
+            ApiErrorKind::EmptyQuery,
             "field \"query\" is empty (or only spaces, control or zero-width characters)".into(),
         );
     }
     let chars = query.chars().count();
     if chars > MAX_QUERY_CHARS {
         return bad(
-            "query_too_long",
+            ApiErrorKind::QueryTooLong,
             format!("field \"query\" has {chars} characters, the limit is {MAX_QUERY_CHARS}"),
         );
     }
@@ -148,14 +244,14 @@ pub fn parse(body: &[u8]) -> Result<QueryRequest, ApiError> {
             Some(k) if (1..=MAX_K as u64).contains(&k) => k as usize,
             _ => {
                 return bad(
-                    "k_out_of_range",
+                    ApiErrorKind::KOutOfRange,
                     format!("field \"k\" is {n}, must be an integer in 1..={MAX_K}"),
                 )
             }
         },
         Some(other) => {
             return bad(
-                "wrong_type",
+                ApiErrorKind::WrongType,
                 format!("field \"k\" must be an integer, got {}", type_name(other)),
             )
         }
@@ -179,8 +275,7 @@ pub fn request_timeout(header: Option<&[u8]>) -> Result<Option<std::time::Durati
     match std::str::from_utf8(raw).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
         Some(ms) if ms >= MIN_TIMEOUT_MS => Ok(Some(std::time::Duration::from_millis(ms))),
         _ => Err(ApiError::new(
-            400,
-            "invalid_timeout",
+            ApiErrorKind::InvalidTimeout,
             format!(
                 "header X-Request-Timeout is {:?}; it must be a whole number of milliseconds, at least {MIN_TIMEOUT_MS}",
                 String::from_utf8_lossy(raw).chars().take(40).collect::<String>()
@@ -233,7 +328,11 @@ mod tests {
         );
         for bad in [&b"0"[..], b"9", b"1.5", b"-3", b"soon", b"\xff"] {
             let e = request_timeout(Some(bad)).unwrap_err();
-            assert_eq!((e.status, e.kind), (400, "invalid_timeout"), "{bad:?}");
+            assert_eq!(
+                (e.status, e.kind),
+                (400, ApiErrorKind::InvalidTimeout),
+                "{bad:?}"
+            );
         }
     }
 
@@ -252,8 +351,8 @@ mod tests {
 
     #[test]
     fn each_bad_input_names_its_problem() {
-        assert_eq!(err("not json").kind, "invalid_json");
-        assert_eq!(err("[1]").kind, "invalid_body");
+        assert_eq!(err("not json").kind, ApiErrorKind::InvalidJson);
+        assert_eq!(err("[1]").kind, ApiErrorKind::InvalidBody);
         assert_eq!(err("{}").message, "field \"query\" is missing");
         assert_eq!(
             err(r#"{"query": 5}"#).message,
@@ -270,7 +369,7 @@ mod tests {
             "\u{3000}\u{00ad}",
         ] {
             let body = serde_json::json!({ "query": invisible }).to_string();
-            assert_eq!(err(&body).kind, "empty_query", "{invisible:?}");
+            assert_eq!(err(&body).kind, ApiErrorKind::EmptyQuery, "{invisible:?}");
         }
         assert_eq!(
             err(r#"{"query": "x", "top_k": 3}"#).message,
@@ -289,19 +388,25 @@ mod tests {
             err(&long).message,
             "field \"query\" has 1001 characters, the limit is 1000"
         );
-        assert_eq!(err(r#"{"query": "x", "k": 0}"#).kind, "k_out_of_range");
+        assert_eq!(
+            err(r#"{"query": "x", "k": 0}"#).kind,
+            ApiErrorKind::KOutOfRange
+        );
         assert_eq!(
             err(r#"{"query": "x", "k": 51}"#).message,
             "field \"k\" is 51, must be an integer in 1..=50"
         );
-        assert_eq!(err(r#"{"query": "x", "k": 2.5}"#).kind, "k_out_of_range");
+        assert_eq!(
+            err(r#"{"query": "x", "k": 2.5}"#).kind,
+            ApiErrorKind::KOutOfRange
+        );
         assert_eq!(
             err(r#"{"query": "x", "k": "3"}"#).message,
             "field \"k\" must be an integer, got a string"
         );
         let huge = vec![b' '; MAX_BODY_BYTES + 1];
         let e = parse(&huge).unwrap_err();
-        assert_eq!((e.status, e.kind), (413, "body_too_large"));
+        assert_eq!((e.status, e.kind), (413, ApiErrorKind::BodyTooLarge));
         assert!(err("{}").status == 400);
     }
 

@@ -7,7 +7,7 @@ use simq_consul::Arm;
 
 use crate::metrics::Metrics;
 use crate::query::Answer;
-use crate::request::{ApiError, QueryRequest};
+use crate::request::{ApiError, ApiErrorKind, QueryRequest};
 use crate::state::{Candidate, Routing};
 
 /// The header naming the user a query is from (sticky arm assignment).
@@ -26,8 +26,7 @@ pub fn user_of(
     if let Some(v) = header {
         let bad = |why: &str| {
             ApiError::new(
-                400,
-                "bad_user_id",
+                ApiErrorKind::BadUserId,
                 format!("the {USER_HEADER} header {why}"),
             )
         };
@@ -226,11 +225,11 @@ mod tests {
         assert_eq!(user_of(None, None, &req).unwrap(), "query:how are you");
         let long = http::HeaderValue::from_str(&"x".repeat(300)).unwrap();
         let e = user_of(Some(&long), None, &req).unwrap_err();
-        assert_eq!((e.status, e.kind), (400, "bad_user_id"));
+        assert_eq!((e.status, e.kind), (400, ApiErrorKind::BadUserId));
         let blank = http::HeaderValue::from_static("  ");
         assert_eq!(
             user_of(Some(&blank), None, &req).unwrap_err().kind,
-            "bad_user_id"
+            ApiErrorKind::BadUserId
         );
     }
 
@@ -262,7 +261,7 @@ mod tests {
         record_shadow(
             &m,
             &answer(&["a"], 4.0),
-            &Err(ApiError::new(503, "no_shard", "x")),
+            &Err(ApiError::new(ApiErrorKind::NoShard, "x")),
         );
         let pairs = |o: &str| m.shadow_pairs.with_label_values(&[o]).get();
         assert_eq!(
