@@ -55,8 +55,7 @@ variable "consul_wait_secs" {
 
 variable "nprobe" {
   type        = number
-  description = "Fine clusters probed per query (recall vs latency, see indexer/BENCH.md)."
-  default     = 576
+  description = "Fine clusters probed per query (recall vs latency, see indexer/BENCH.md); scripts/deploy.sh passes simq-indexer defaults' nprobe unless SIMQ_NPROBE is set."
 }
 
 variable "max_inflight" {

@@ -21,14 +21,14 @@
 # Settings (environment):
 #   SIMQ_CORPUS    corpus file                  [default: the real corpus, scripts/corpus.sh]
 #   SIMQ_BIN_DIR   directory of simq binaries   [default: release build, built here]
-#   SIMQ_SHARDS    shards (k-means k)           [default: 2]
-#   SIMQ_CLUSTERS  fine clusters over all shards [default: 4096]
+#   SIMQ_SHARDS    shards (k-means k)           [default: simq-indexer defaults]
+#   SIMQ_CLUSTERS  fine clusters over all shards [default: simq-indexer defaults]
 #   SIMQ_REPLICAS  replicas per shard           [default: 1; --nodes: 2]
 #   SIMQ_EMBEDDERS embedder instances           [default: 2; --nodes: one per node]
 #   SIMQ_BALANCERS balancer instances sharing SIMQ_PORT [default: 2; --nodes: one per node]
 #   SIMQ_PORT      balancer port on 127.0.0.1 (--nodes: on each node's address) [default: 8080]
 #   SIMQ_DRIVER    Nomad task driver, raw_exec or exec [default: raw_exec]
-#   SIMQ_NPROBE    fine clusters probed per query [default: 576]
+#   SIMQ_NPROBE    fine clusters probed per query [default: simq-indexer defaults]
 #   SIMQ_CONSUL_WAIT  seconds a balancer's Consul blocking query may wait [default: 30]
 #   SIMQ_API_KEYS  off, or required: queries need an API key (simq-indexer keys create) [default: off]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -54,14 +54,11 @@ if [ $nodes = 1 ]; then
   unset NOMAD_NAMESPACE
 fi
 corpus="${SIMQ_CORPUS:-$("$SIMQ_ROOT/scripts/corpus.sh")}"
-shards="${SIMQ_SHARDS:-2}"
 replicas="${SIMQ_REPLICAS:-$([ $nodes = 1 ] && echo 2 || echo 1)}"
 embedders="${SIMQ_EMBEDDERS:-$([ $nodes = 1 ] && echo "$NODES_COUNT" || echo 2)}"
 balancers="${SIMQ_BALANCERS:-$([ $nodes = 1 ] && echo "$NODES_COUNT" || echo 2)}"
 port="${SIMQ_PORT:-8080}"
 driver="${SIMQ_DRIVER:-raw_exec}"
-clusters="${SIMQ_CLUSTERS:-4096}"
-nprobe="${SIMQ_NPROBE:-576}"
 consul_wait="${SIMQ_CONSUL_WAIT:-30}"
 api_keys="${SIMQ_API_KEYS:-off}"
 # (Readiness on nodes reads each balancer's /v1/status, which required keys close.)
@@ -76,6 +73,11 @@ bin="$SIMQ_BIN_DIR"
 for b in simq-indexer simq-embedder simq-shard simq-balancer; do
   [ -x "$bin/$b" ] || die "$bin/$b is missing: build with cargo build --release"
 done
+# The layout and search defaults live in one place, the binaries (simq_consul::defaults).
+default_of() { "$bin/simq-indexer" defaults | sed -n "s/^$1=//p"; }
+shards="${SIMQ_SHARDS:-$(default_of shards)}"
+clusters="${SIMQ_CLUSTERS:-$(default_of clusters)}"
+nprobe="${SIMQ_NPROBE:-$(default_of nprobe)}"
 export ORT_DYLIB_PATH="$ORT_LIB" SIMQ_MODEL_DIR
 # Secure mode: simq-indexer acts with the indexer's Consul token, the balancers with
 # theirs; simq-indexer and the nomad CLI with the Nomad deployer token (simq's namespace).

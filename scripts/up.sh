@@ -57,7 +57,7 @@ wait_for_full() {
 
 full_built() {
   SIMQ_MODEL_DIR="$SIMQ_MODEL_DIR" ORT_DYLIB_PATH="$ORT_LIB" "$SIMQ_BIN_DIR/simq-indexer" build "$corpus" --out "$SIMQ_CACHE/dgs" --only-if-built \
-    --shards "${SIMQ_SHARDS:-2}" --clusters "${SIMQ_CLUSTERS:-4096}" >/dev/null 2>&1
+    ${SIMQ_SHARDS:+--shards "$SIMQ_SHARDS"} ${SIMQ_CLUSTERS:+--clusters "$SIMQ_CLUSTERS"} >/dev/null 2>&1
 }
 
 if pid_alive "$FULL_CORPUS_PID"; then

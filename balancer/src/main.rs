@@ -77,7 +77,7 @@ struct Args {
     /// Fine clusters probed per query. With the default 4096 clusters over the 158k-query
     /// corpus, 576 read about 15 % of it for recall@10 0.982 against exact search (192: 5 %,
     /// 0.950; indexer/BENCH.md).
-    #[arg(long, default_value_t = 576)]
+    #[arg(long, default_value_t = simq_consul::defaults::NPROBE)]
     nprobe: usize,
     /// Cache-miss queries answered at once at most; more wait in line while their expected
     /// wait fits their deadline, the rest get 503 + Retry-After at once.

@@ -21,6 +21,7 @@
 pub mod apikeys;
 pub mod client;
 pub mod contract;
+pub mod defaults;
 pub mod error;
 pub mod redact;
 pub mod routing;

@@ -43,6 +43,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{n} items written to {}", args.out.display());
             Ok(())
         }
+        Command::Defaults => {
+            print!("{}", simq_consul::defaults::as_lines());
+            Ok(())
+        }
         Command::ModelId(args) => {
             println!(
                 "{}",

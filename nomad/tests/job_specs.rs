@@ -64,6 +64,7 @@ async fn every_job_spec_passes_nomad_validate() {
             hcl_variables([
                 ("blob_url", "http://127.0.0.1:8090"),
                 ("balancer_sha256", sha.as_str()),
+                ("nprobe", "64"),
             ]),
             1,
         ),
