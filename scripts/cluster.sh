@@ -269,29 +269,6 @@ stop_pid() {
   rm -f "$pidfile"
 }
 
-stop_jobs() {
-  pid_alive "$NOMAD_DIR/nomad.pid" || return 0
-  local jobs j
-  # Every namespace's jobs (secure mode runs simq's in "simq"), as ID@NAMESPACE.
-  jobs="$(nomad_curl -fsS "$NOMAD_ADDR/v1/jobs?namespace=*" 2>/dev/null | python3 -c 'import json,sys; print("\n".join(j["ID"] + "@" + j["Namespace"] for j in json.load(sys.stdin)))' || true)"
-  [ -n "$jobs" ] || return 0
-  for j in $jobs; do
-    log "nomad: stopping job ${j%@*}"
-    nomad_curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/${j%@*}?namespace=${j#*@}" >/dev/null || true
-  done
-  # Stopped (not yet purged) jobs keep their allocations listed: wait until the client has
-  # really ended every task, then purge.
-  allocations_ended() {
-    nomad_curl -fsS "$NOMAD_ADDR/v1/allocations?namespace=*" |
-      python3 -c 'import json,sys; sys.exit(1 if any(a["ClientStatus"] in ("running","pending") for a in json.load(sys.stdin)) else 0)'
-  }
-  wait_for 60 allocations_ended ||
-    log "nomad: some allocations were still running after 60 s"
-  for j in $jobs; do
-    nomad_curl -fsS -X DELETE "$NOMAD_ADDR/v1/job/${j%@*}?namespace=${j#*@}&purge=true" >/dev/null || true
-  done
-}
-
 # What outlived the agent: Nomad's own plugin processes (logmon, executor) and task
 # processes (raw_exec tasks survive a killed agent), whose working directory is inside
 # Nomad's data dir. End them.
@@ -342,7 +319,7 @@ stop_full_corpus() {
 
 cmd_stop() {
   stop_full_corpus
-  stop_jobs
+  pid_alive "$NOMAD_DIR/nomad.pid" && stop_simq_jobs "$NOMAD_ADDR" 60
   stop_pid nomad "$NOMAD_DIR/nomad.pid"
   kill_strays
   unmount_leftovers

@@ -134,6 +134,24 @@ pid_alive() {
   [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+# stop_simq_jobs NOMAD_URL SECONDS: every simq job stopped (its tasks ended, waiting at most
+# SECONDS) and purged, by `simq-indexer stop-jobs` (NomadClient::stop_jobs, the one home of
+# this; the system tests call it too). Without a built indexer no job of this checkout can
+# run, and stopping the agents ends every task anyway.
+stop_simq_jobs() {
+  local url=$1 secs=$2 indexer="" b token=()
+  for b in "${SIMQ_BIN_DIR:-}" "$CARGO_TARGET_DIR/release" "$CARGO_TARGET_DIR/debug"; do
+    if [ -n "$b" ] && [ -x "$b/simq-indexer" ]; then
+      indexer="$b/simq-indexer"
+      break
+    fi
+  done
+  [ -n "$indexer" ] || { log "nomad: no simq-indexer built: the jobs end with the agents"; return 0; }
+  [ ! -f "$SIMQ_SECRETS/nomad-management.token" ] || token=(env NOMAD_TOKEN_FILE="$SIMQ_SECRETS/nomad-management.token")
+  "${token[@]}" "$indexer" stop-jobs --nomad "$url" --wait-secs "$secs" >&2 ||
+    log "nomad: stopping simq's jobs failed; they end with the agents"
+}
+
 # with_progress WHAT TOTAL UNIT DONE_CMD CMD...: run CMD and show how far it is. DONE_CMD
 # (a function or command) prints how many UNITs are done; TOTAL is the expected count
 # (0 when not known). On a terminal a bar redrawn every second; otherwise (a log, CI) a

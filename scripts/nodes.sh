@@ -716,21 +716,12 @@ cmd_start() {
   echo "export CONSUL_HTTP_ADDR=http://$OPS_CONSUL_HTTP NOMAD_ADDR=http://$(node_addr 1):4646"
 }
 
-# stop_jobs: stop and purge every Nomad job while a server still answers, so that tasks end
-# the way Nomad ends them; whatever is left is killed afterwards anyway.
+# stop_jobs: simq's jobs stopped while a server still answers, so that tasks end the way
+# Nomad ends them; whatever is left is killed afterwards anyway.
 stop_jobs() {
-  local u jobs j
+  local u
   u="$(nomad_url 2>/dev/null)" || return 0
-  jobs="$(ncurl -fsS "$u/v1/jobs?namespace=*" 2>/dev/null | json '"\n".join(j["ID"] + "@" + j["Namespace"] for j in d)' || true)"
-  [ -n "$jobs" ] || return 0
-  for j in $jobs; do
-    log "nomad: stopping job ${j%@*}"
-    ncurl -fsS -X DELETE "$u/v1/job/${j%@*}?namespace=${j#*@}&purge=true" >/dev/null 2>&1 || true
-  done
-  allocs_ended() {
-    ncurl -fsS "$u/v1/allocations?namespace=*" | python3 -c 'import json,sys; sys.exit(1 if any(a["ClientStatus"] in ("running","pending") for a in json.load(sys.stdin)) else 0)'
-  }
-  wait_for 30 allocs_ended || log "nomad: allocations still running after 30 s; they will be killed"
+  stop_simq_jobs "$u" 30
 }
 
 # nodes_left: what of the node cluster is still there (processes, mounts, namespaces,

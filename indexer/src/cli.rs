@@ -70,6 +70,10 @@ pub(crate) enum Command {
     Status(ClusterArgs),
     /// Serve the blob store over HTTP (GET /<sha256>) for Nomad's artifact fetch.
     ServeBlobs(ServeBlobsArgs),
+    /// Stop every simq job (ids starting with simq-, in every namespace the token may see),
+    /// wait until their tasks have ended, then purge them: what scripts/cluster.sh stop
+    /// does before it stops the agents.
+    StopJobs(StopJobsArgs),
     /// Put files into the blob store under their sha256 and print each sha256 (one per
     /// line): the binaries, ONNX Runtime and model files the jobs fetch as artifacts.
     PutBlob(PutBlobArgs),
@@ -185,6 +189,15 @@ pub(crate) struct ClusterArgs {
     /// of simq's jobs: NOMAD_NAMESPACE, default Nomad's "default").
     #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
     pub(crate) nomad: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StopJobsArgs {
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+    /// Seconds to wait for the tasks to end before purging anyway.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) wait_secs: u64,
 }
 
 #[derive(Args, Debug)]

@@ -19,7 +19,7 @@ use simq_nomad::NomadClient;
 
 use crate::cli::{
     ClusterArgs, CompareArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs,
-    ServeBlobsArgs, TrafficCommand,
+    ServeBlobsArgs, StopJobsArgs, TrafficCommand,
 };
 
 /// The Consul client (with the token from the environment) and the KV layout.
@@ -512,5 +512,17 @@ pub async fn serve_blobs(args: ServeBlobsArgs) -> anyhow::Result<()> {
         simq_consul::service::shutdown_signal(),
     )
     .await;
+    Ok(())
+}
+
+pub async fn stop_jobs(args: StopJobsArgs) -> anyhow::Result<()> {
+    let (_, nomad, _) = clients(&args.cluster)?;
+    let stopped = nomad
+        .stop_jobs("simq-", Duration::from_secs(args.wait_secs))
+        .await?;
+    for id in &stopped {
+        tracing::info!(job = %id, "stopped and purged");
+    }
+    eprintln!("{} simq jobs stopped and purged", stopped.len());
     Ok(())
 }

@@ -30,6 +30,9 @@ pub struct JobStub {
     #[serde(rename = "ID")]
     pub id: String,
     pub status: String,
+    /// Listed across namespaces (`namespace=*`), the job's namespace.
+    #[serde(default)]
+    pub namespace: String,
     #[serde(default)]
     pub job_modify_index: u64,
 }
@@ -347,6 +350,54 @@ impl NomadClient {
             Ok(_) | Err(Error::Status { status: 404, .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The same client in namespace `ns` ("*": every namespace, for listings).
+    pub fn in_namespace(&self, ns: &str) -> Self {
+        Self {
+            namespace: Some(ns.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// Stop every job whose id starts with `prefix`, in every namespace the token may see;
+    /// wait (at most `limit`) until their tasks have really ended, since a purge alone
+    /// returns at once while an old task can still hold its port; then purge them. The
+    /// one way simq stops its jobs: `simq-indexer stop-jobs` (scripts/cluster.sh stop)
+    /// and the system tests. Returns the ids stopped.
+    pub async fn stop_jobs(&self, prefix: &str, limit: Duration) -> Result<Vec<String>> {
+        let jobs: Vec<(String, Self)> = self
+            .in_namespace("*")
+            .list_jobs()
+            .await?
+            .into_iter()
+            .filter(|j| j.id.starts_with(prefix))
+            .map(|j| {
+                let ns = if j.namespace.is_empty() {
+                    "default".to_string()
+                } else {
+                    j.namespace
+                };
+                (j.id, self.in_namespace(&ns))
+            })
+            .collect();
+        for (id, client) in &jobs {
+            client.stop_job(id, false).await?;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        for (id, client) in &jobs {
+            while tokio::time::Instant::now() < deadline
+                && client
+                    .job_allocations(id)
+                    .await?
+                    .iter()
+                    .any(|a| matches!(a.client_status.as_str(), "running" | "pending"))
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            client.stop_job(id, true).await?;
+        }
+        Ok(jobs.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Why task groups of `job` could not be placed, from its evaluations (newest

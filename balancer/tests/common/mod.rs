@@ -255,56 +255,17 @@ pub fn nomad_addr() -> String {
     std::env::var("NOMAD_ADDR").unwrap_or("http://127.0.0.1:4646".into())
 }
 
-/// Stop every simq job and wait until their tasks really ended (a purge alone returns at
-/// once while the old balancer can still hold the port), then purge them.
+/// Stop every simq job, wait until their tasks really ended, purge them
+/// (`NomadClient::stop_jobs`, as `simq-indexer stop-jobs` does). Blocking: from async
+/// tests, call it through `spawn_blocking`.
 pub fn stop_jobs() {
-    let nomad = nomad_addr();
-    let http = reqwest::blocking::Client::new();
-    // simq's jobs, in this order, then any other of simq's (the embedder jobs a model
-    // rollout adds: simq-embedder-<model id>).
-    let mut jobs: Vec<String> = [
-        "simq-balancer",
-        "simq-shards",
-        "simq-embedder",
-        "simq-blobs",
-    ]
-    .map(String::from)
-    .to_vec();
-    let listed: Value = http
-        .get(format!("{nomad}/v1/jobs"))
-        .send()
-        .and_then(|r| r.json())
-        .unwrap_or(Value::Null);
-    for id in listed.as_array().into_iter().flatten() {
-        if let Some(id) = id["ID"].as_str().filter(|i| i.starts_with("simq-")) {
-            if !jobs.iter().any(|j| j == id) {
-                jobs.push(id.to_string());
-            }
-        }
-    }
-    for job in &jobs {
-        let _ = http.delete(format!("{nomad}/v1/job/{job}")).send();
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for job in &jobs {
-        loop {
-            let allocs: Value = http
-                .get(format!("{nomad}/v1/job/{job}/allocations"))
-                .send()
-                .and_then(|r| r.json())
-                .unwrap_or(Value::Null);
-            let live = allocs.as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|x| x["ClientStatus"] == "running" || x["ClientStatus"] == "pending")
-            });
-            if !live || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = http
-            .delete(format!("{nomad}/v1/job/{job}?purge=true"))
-            .send();
+    let nomad = simq_nomad::NomadClient::new(&nomad_addr()).expect("a Nomad address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    if let Err(e) = rt.block_on(nomad.stop_jobs("simq-", Duration::from_secs(60))) {
+        eprintln!("stopping simq's jobs: {e}");
     }
 }
 
