@@ -348,12 +348,9 @@ struct Flags {
     cached: bool,
 }
 
+/// The `p` quantile of sorted milliseconds, rounded to 0.01 ms.
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    Some((sorted[i] * 100.0).round() / 100.0)
+    simq_testkit::quantile(sorted, p).map(|ms| (ms * 100.0).round() / 100.0)
 }
 
 #[tokio::main]

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    capacity, corpus_slice, deploy, indexer, serving_a_with_b_published, start_load, stop_jobs,
-    unique_questions, Pace, PORT,
+    capacity, corpus_slice, deploy, indexer, quantile_ms, serving_a_with_b_published, start_load,
+    stop_jobs, unique_questions, Pace, PORT,
 };
 use serde_json::{json, Value};
 
@@ -45,13 +45,6 @@ struct Overload {
     refused_ms: Vec<f64>,
     /// Answers that are neither 200 nor a 503 with Retry-After: (status, body).
     other: Vec<(u16, String)>,
-}
-
-fn p99(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -116,9 +109,12 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
         })
     });
     futures::future::join_all(workers).await;
-    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let (ok, refused) = (seen.ok_ms.len(), seen.refused_ms.len());
-    let (ok_p99, refused_p99) = (p99(&mut seen.ok_ms), p99(&mut seen.refused_ms));
+    let (ok_p99, refused_p99) = (
+        quantile_ms(&seen.ok_ms, 0.99),
+        quantile_ms(&seen.refused_ms, 0.99),
+    );
     eprintln!(
         "overload: {ok} answered (p99 {ok_p99:.0} ms), {refused} refused (p99 {refused_p99:.1} ms), other {:?}",
         seen.other

@@ -84,7 +84,7 @@ impl Drop for Service {
 }
 
 fn percentile(sorted_ms: &[f64], p: usize) -> f64 {
-    sorted_ms[(sorted_ms.len() * p / 100).min(sorted_ms.len() - 1)]
+    simq_testkit::quantile(sorted_ms, p as f64 / 100.0).unwrap_or(f64::NAN)
 }
 
 #[tokio::main]

@@ -1,6 +1,7 @@
-//! What the integration tests of simq's crates share: free loopback ports, processes that
-//! are stopped when a test ends (also when an assertion fails), services started on two
-//! free ports, and plain HTTP reads. A dev-dependency only; nothing here ships.
+//! What the integration tests and benchmarks of simq's crates share: free loopback ports,
+//! processes that are stopped when a test ends (also when an assertion fails), services
+//! started on two free ports, plain HTTP reads, and the one quantile function every
+//! latency figure uses. A dev-dependency only; nothing here ships.
 
 use std::process::{Child, Command};
 
@@ -78,4 +79,28 @@ pub async fn get_text(url: &str) -> String {
         .text()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"))
+}
+
+/// The `p` quantile (0..=1) of `sorted` (ascending): the value at rank `round((n - 1) p)`,
+/// so p = 0 is the least, p = 1 the greatest and p = 0.5 the median of an odd count; None
+/// when empty. Every latency percentile of simq's tests and benchmarks comes from here.
+pub fn quantile(sorted: &[f64], p: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((last as f64 * p.clamp(0.0, 1.0)).round() as usize).min(last)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_are_ranks_of_the_sorted_values() {
+        let v: Vec<f64> = (1..=101).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.0), Some(1.0));
+        assert_eq!(quantile(&v, 0.5), Some(51.0));
+        assert_eq!(quantile(&v, 0.99), Some(100.0));
+        assert_eq!(quantile(&v, 1.0), Some(101.0));
+        assert_eq!(quantile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 }

@@ -337,10 +337,7 @@ impl LoadReport {
 pub fn quantile_ms(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n => (v[((n - 1) as f64 * p).round() as usize] * 10.0).round() / 10.0,
-    }
+    simq_testkit::quantile(&v, p).map_or(0.0, |ms| (ms * 10.0).round() / 10.0)
 }
 
 /// How a load run offers its queries.
