@@ -18,8 +18,9 @@ pub fn repo_root() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
-        .parent()
-        .unwrap()
+        .ancestors()
+        .nth(2)
+        .expect("testkit/system/ sits two levels below the repository root")
         .to_path_buf()
 }
 
