@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 use simq_embedder::proto::{
     embedder_client::EmbedderClient, EmbedRequest, InfoRequest as EmbedderInfo,
 };
-use simq_shard::proto::{shard_client::ShardClient, InfoRequest as ShardInfo};
+use simq_shard_proto::{shard_client::ShardClient, InfoRequest as ShardInfo};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Kind {

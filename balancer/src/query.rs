@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use simq_consul::Arm;
-use simq_shard::proto::{LexicalRequest, SearchRequest, SearchResponse};
+use simq_shard_proto::{LexicalRequest, SearchRequest, SearchResponse};
 
 use crate::metrics::Metrics;
 use crate::request::{ApiError, ApiErrorKind, QueryRequest};
@@ -897,7 +897,7 @@ mod tests {
     use std::sync::Arc;
 
     use simq_consul::ServiceEntry;
-    use simq_shard::proto::{Hit, SearchResponse};
+    use simq_shard_proto::{Hit, SearchResponse};
 
     use super::*;
     use crate::state::{build_routing, Parts};

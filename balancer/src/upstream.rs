@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use simq_embedder::proto::{embedder_client::EmbedderClient, EmbedRequest};
-use simq_shard::proto::{shard_client::ShardClient, LexicalRequest, SearchRequest, SearchResponse};
+use simq_shard_proto::{shard_client::ShardClient, LexicalRequest, SearchRequest, SearchResponse};
 
 use crate::state::Upstream;
 

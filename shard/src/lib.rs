@@ -5,7 +5,7 @@
 //! - [`scan`]: a cluster's vectors as int8 codes in one value, for fast probing.
 //! - [`lexical`]: the light contour, a BM25 index of the shard's texts (no model needed).
 //! - [`verify`]: what a shard instance checks before it reports healthy.
-//! - [`server`]: the gRPC search service; [`proto`]: its contract (`proto/shard.proto`).
+//! - [`server`]: the gRPC search service; [`proto`]: its contract (`shard/proto/shard.proto`).
 //! - [`error`]: the crate's one error type.
 
 pub mod error;
@@ -15,10 +15,8 @@ pub mod scan;
 pub mod server;
 pub mod verify;
 
-/// Generated from `proto/shard.proto`.
-pub mod proto {
-    tonic::include_proto!("simq.shard.v1");
-}
+/// The service's contract (`shard/proto/`, crate `simq-shard-proto`).
+pub use simq_shard_proto as proto;
 
 pub use error::{Error, Result};
 pub use format::{
