@@ -161,9 +161,7 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let watcher = Watcher {
-        consul: ConsulClient::new(&args.consul)?
-            .with_env_token()
-            .map_err(anyhow::Error::msg)?,
+        consul: ConsulClient::new(&args.consul)?.with_env_token()?,
         layout: KvLayout::new(&args.kv_prefix),
         state: state.clone(),
         metrics: metrics.clone(),

@@ -123,7 +123,7 @@ impl ConsulClient {
     /// Take the ACL token the way the `consul` CLI does: `CONSUL_HTTP_TOKEN`, else the
     /// file named by `CONSUL_HTTP_TOKEN_FILE`; no token when neither is set. The token is
     /// sent, never printed.
-    pub fn with_env_token(self) -> std::result::Result<Self, String> {
+    pub fn with_env_token(self) -> std::result::Result<Self, TokenError> {
         match token_from_env("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")? {
             Some(t) => Ok(self.with_token(t)),
             None => Ok(self),
@@ -391,7 +391,10 @@ impl ConsulClient {
 
 /// A token from the variable `var`, else from the file named by `file_var` (trimmed);
 /// `Ok(None)` when neither is set. Errors name the variable or the file, never the token.
-pub fn token_from_env(var: &str, file_var: &str) -> std::result::Result<Option<String>, String> {
+pub fn token_from_env(
+    var: &str,
+    file_var: &str,
+) -> std::result::Result<Option<String>, TokenError> {
     if let Some(t) = std::env::var(var).ok().filter(|t| !t.trim().is_empty()) {
         return Ok(Some(t.trim().to_string()));
     }
@@ -399,16 +402,36 @@ pub fn token_from_env(var: &str, file_var: &str) -> std::result::Result<Option<S
         return Ok(None);
     };
     let path = std::path::PathBuf::from(path);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("{file_var}: cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|source| TokenError::Unreadable {
+        var: file_var.to_string(),
+        path: path.clone(),
+        source,
+    })?;
     let token = text.trim();
     if token.is_empty() || token.contains(char::is_whitespace) {
-        return Err(format!(
-            "{file_var}: {} must hold one token on one line",
-            path.display()
-        ));
+        return Err(TokenError::NotOneToken {
+            var: file_var.to_string(),
+            path,
+        });
     }
     Ok(Some(token.to_string()))
+}
+
+/// Why the ACL token named by the environment cannot be used (the token itself is never
+/// part of the message).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{var}: cannot read {}: {source}", path.display())]
+    Unreadable {
+        var: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{var}: {} must hold one token on one line", path.display())]
+    NotOneToken {
+        var: String,
+        path: std::path::PathBuf,
+    },
 }
 
 fn method_name(m: &Method) -> &'static str {

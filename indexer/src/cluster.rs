@@ -25,9 +25,7 @@ use crate::cli::{
 /// The Consul client (with the token from the environment) and the KV layout.
 fn consul_of(c: &ConsulArgs) -> anyhow::Result<(ConsulClient, KvLayout)> {
     Ok((
-        ConsulClient::new(&c.consul)?
-            .with_env_token()
-            .map_err(anyhow::Error::msg)?,
+        ConsulClient::new(&c.consul)?.with_env_token()?,
         KvLayout::new(&c.kv_prefix),
     ))
 }
@@ -35,8 +33,7 @@ fn consul_of(c: &ConsulArgs) -> anyhow::Result<(ConsulClient, KvLayout)> {
 fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
     let (consul, layout) = consul_of(&c.consul)?;
     let nomad = NomadClient::new(&c.nomad)?
-        .with_env_token()
-        .map_err(anyhow::Error::msg)?
+        .with_env_token()?
         .with_env_namespace();
     Ok((consul, nomad, layout))
 }

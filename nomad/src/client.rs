@@ -248,7 +248,7 @@ impl NomadClient {
 
     /// Take the ACL token from `NOMAD_TOKEN` (as the `nomad` CLI does), else from the file
     /// named by `NOMAD_TOKEN_FILE`; none when neither is set. Sent, never printed.
-    pub fn with_env_token(mut self) -> std::result::Result<Self, String> {
+    pub fn with_env_token(mut self) -> std::result::Result<Self, simq_consul::client::TokenError> {
         self.token = simq_consul::client::token_from_env("NOMAD_TOKEN", "NOMAD_TOKEN_FILE")?;
         Ok(self)
     }
