@@ -348,10 +348,10 @@ async fn drop_groups(nomad: &NomadClient, names: &[String]) -> anyhow::Result<()
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let allocs = nomad.job_allocations(SHARDS_JOB_ID).await?;
-        if !allocs.iter().any(|a| {
-            names.contains(&a.task_group)
-                && matches!(a.client_status.as_str(), "running" | "pending")
-        }) {
+        if !allocs
+            .iter()
+            .any(|a| names.contains(&a.task_group) && a.is_running_or_pending())
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -987,7 +987,7 @@ pub async fn abort(
         let now = running_dg(nomad).await?;
         let canaries_left = nomad.job_allocations(SHARDS_JOB_ID).await?.iter().any(|a| {
             a.deployment_status.as_ref().is_some_and(|d| d.canary)
-                && matches!(a.client_status.as_str(), "running" | "pending")
+                && a.is_running_or_pending()
                 && a.desired_status == "run"
         });
         if now.as_deref() == Some(active.as_str()) && !canaries_left {

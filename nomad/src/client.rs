@@ -55,6 +55,13 @@ pub struct Allocation {
     pub task_states: Option<BTreeMap<String, TaskState>>,
 }
 
+impl Allocation {
+    /// Its client runs it or is about to: its tasks may still hold ports and files.
+    pub fn is_running_or_pending(&self) -> bool {
+        matches!(self.client_status.as_str(), "running" | "pending")
+    }
+}
+
 /// An allocation's standing in its deployment.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -391,7 +398,7 @@ impl NomadClient {
                     .job_allocations(id)
                     .await?
                     .iter()
-                    .any(|a| matches!(a.client_status.as_str(), "running" | "pending"))
+                    .any(Allocation::is_running_or_pending)
             {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
