@@ -42,11 +42,11 @@ fn json_response(status: u16, body: &impl serde::Serialize) -> Response<Vec<u8>>
 }
 
 fn error_response(e: &ApiError) -> Response<Vec<u8>> {
-    let mut resp = json_response(e.status, &e.body());
+    let mut resp = json_response(e.status(), &e.body());
     if let Some(secs) = e.retry_after {
         resp.headers_mut().insert("retry-after", secs.into());
     }
-    if e.status == 401 {
+    if e.status() == 401 {
         resp.headers_mut().insert(
             "www-authenticate",
             http::HeaderValue::from_static("Bearer realm=\"simq\""),
@@ -290,7 +290,9 @@ impl ServeHttp for BalancerApp {
                 Err(e) => {
                     tracing::debug!(kind = e.kind.as_str(), key_id = presented_key(headers).and_then(simq_consul::apikeys::key_id), %path, "request refused");
                     m.auth_refusals.with_label_values(&[e.kind.as_str()]).inc();
-                    m.requests.with_label_values(&[&e.status.to_string()]).inc();
+                    m.requests
+                        .with_label_values(&[&e.status().to_string()])
+                        .inc();
                     return error_response(&e);
                 }
             }

@@ -268,7 +268,7 @@ mod tests {
         let now = Instant::now();
         let kind = |k: Option<&str>| {
             let e = auth.check(k, Access::Query, now).unwrap_err();
-            (e.status, e.kind)
+            (e.status(), e.kind)
         };
         assert_eq!(kind(None), (401, ApiErrorKind::MissingApiKey));
         assert_eq!(kind(Some("hunter2")), (401, ApiErrorKind::InvalidApiKey));
@@ -299,11 +299,11 @@ mod tests {
         assert!(auth.check(Some(&user), Access::Query, now).is_ok());
         let e = auth.check(Some(&user), Access::Query, now).unwrap_err();
         assert_eq!(
-            (e.status, e.kind, e.retry_after),
+            (e.status(), e.kind, e.retry_after),
             (429, ApiErrorKind::RateLimited, Some(2))
         );
         let e = auth.check(Some(&user), Access::Admin, now).unwrap_err();
-        assert_eq!((e.status, e.kind), (403, ApiErrorKind::Forbidden));
+        assert_eq!((e.status(), e.kind), (403, ApiErrorKind::Forbidden));
         assert!(auth.check(Some(&admin), Access::Admin, now).is_ok());
         // Reading the same records again keeps the spent buckets.
         auth.load(&[record(&user, 0.5, 2, false), record(&admin, 1.0, 1, true)]);
@@ -359,7 +359,7 @@ mod properties {
             let auth = Auth::new(Mode::Required);
             match auth.check(Some(&key), Access::Query, Instant::now()) {
                 Ok(_) => prop_assert!(false, "an unknown key passed"),
-                Err(e) => prop_assert_eq!(e.status, 401),
+                Err(e) => prop_assert_eq!(e.status(), 401),
             }
         }
 

@@ -1339,7 +1339,7 @@ mod tests {
         }
         let only_other = routing(&[100], &[]);
         let e = ex.answer(&only_other, &query("x")).await.unwrap_err();
-        assert_eq!((e.status, e.kind), (503, ApiErrorKind::ShardsFailed));
+        assert_eq!((e.status(), e.kind), (503, ApiErrorKind::ShardsFailed));
     }
 
     #[tokio::test]
@@ -1355,7 +1355,7 @@ mod tests {
             .await
             .unwrap_err();
         let took = started.elapsed();
-        assert_eq!((e.status, e.kind), (503, ApiErrorKind::ShardsFailed));
+        assert_eq!((e.status(), e.kind), (503, ApiErrorKind::ShardsFailed));
         assert!(
             took < Duration::from_millis(450),
             "took {took:?} for a 300 ms deadline"
@@ -1393,7 +1393,7 @@ mod tests {
         let e = ex.answer(&r, &hurried).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_millis(5));
         assert_eq!(
-            (e.status, e.kind, e.retry_after),
+            (e.status(), e.kind, e.retry_after),
             (503, ApiErrorKind::Overloaded, Some(1))
         );
         // One with time to spare waits in line instead.
@@ -1476,7 +1476,7 @@ mod tests {
         let started = Instant::now();
         let e = ex.answer(&r, &hurried).await.unwrap_err();
         let waited = started.elapsed();
-        assert_eq!((e.status, e.kind), (503, ApiErrorKind::Overloaded));
+        assert_eq!((e.status(), e.kind), (503, ApiErrorKind::Overloaded));
         assert!(
             waited >= LEXICAL_DOOR_WAIT - Duration::from_millis(2)
                 && waited < Duration::from_millis(200),
@@ -1528,7 +1528,7 @@ mod tests {
             .answer(&routing(&[], &[]), &query("x"))
             .await
             .unwrap_err();
-        assert_eq!((e.status, e.kind), (503, ApiErrorKind::NoShard));
+        assert_eq!((e.status(), e.kind), (503, ApiErrorKind::NoShard));
     }
 
     #[tokio::test]

@@ -136,8 +136,6 @@ impl std::fmt::Display for ApiErrorKind {
 /// An error answered to the client: HTTP status and a message naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
-    /// `kind.status()`.
-    pub status: u16,
     pub kind: ApiErrorKind,
     pub message: String,
     /// Seconds a client should wait before trying again (`Retry-After`), for refusals.
@@ -147,11 +145,15 @@ pub struct ApiError {
 impl ApiError {
     pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> Self {
         Self {
-            status: kind.status(),
             kind,
             message: message.into(),
             retry_after: None,
         }
+    }
+
+    /// The HTTP status answered: the kind's.
+    pub fn status(&self) -> u16 {
+        self.kind.status()
     }
 
     pub fn with_retry_after(mut self, seconds: u32) -> Self {
@@ -329,7 +331,7 @@ mod tests {
         for bad in [&b"0"[..], b"9", b"1.5", b"-3", b"soon", b"\xff"] {
             let e = request_timeout(Some(bad)).unwrap_err();
             assert_eq!(
-                (e.status, e.kind),
+                (e.status(), e.kind),
                 (400, ApiErrorKind::InvalidTimeout),
                 "{bad:?}"
             );
@@ -406,8 +408,8 @@ mod tests {
         );
         let huge = vec![b' '; MAX_BODY_BYTES + 1];
         let e = parse(&huge).unwrap_err();
-        assert_eq!((e.status, e.kind), (413, ApiErrorKind::BodyTooLarge));
-        assert!(err("{}").status == 400);
+        assert_eq!((e.status(), e.kind), (413, ApiErrorKind::BodyTooLarge));
+        assert!(err("{}").status() == 400);
     }
 
     #[test]
@@ -438,7 +440,7 @@ mod properties {
         #[test]
         fn any_bytes_give_a_request_or_a_4xx(body in proptest::collection::vec(any::<u8>(), 0..2048)) {
             if let Err(e) = parse(&body) {
-                prop_assert!((400..500).contains(&e.status), "{e:?}");
+                prop_assert!((400..500).contains(&e.status()), "{e:?}");
             }
         }
 
@@ -458,7 +460,7 @@ mod properties {
                     prop_assert!(!r.query.chars().all(invisible));
                     prop_assert!(r.query.chars().count() <= MAX_QUERY_CHARS);
                 }
-                Err(e) => prop_assert!((400..500).contains(&e.status), "{e:?}"),
+                Err(e) => prop_assert!((400..500).contains(&e.status()), "{e:?}"),
             }
         }
     }

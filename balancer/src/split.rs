@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(user_of(None, None, &req).unwrap(), "query:how are you");
         let long = http::HeaderValue::from_str(&"x".repeat(300)).unwrap();
         let e = user_of(Some(&long), None, &req).unwrap_err();
-        assert_eq!((e.status, e.kind), (400, ApiErrorKind::BadUserId));
+        assert_eq!((e.status(), e.kind), (400, ApiErrorKind::BadUserId));
         let blank = http::HeaderValue::from_static("  ");
         assert_eq!(
             user_of(Some(&blank), None, &req).unwrap_err().kind,
