@@ -10,7 +10,17 @@ use simq_indexer::build::{build, find_existing, BuildOptions};
 use simq_indexer::corpus::{self, Format};
 use simq_indexer::eval::{recall, DgDir};
 
-use crate::cli::{BuildArgs, ContoursArgs, EvalArgs};
+use crate::cli::{BuildArgs, ContoursArgs, EvalArgs, ModelArgs};
+
+/// The model the flags name (ONNX Runtime from --ort-library or its default), loaded with
+/// `options`.
+fn load_model(model: &ModelArgs, options: RuntimeOptions) -> anyhow::Result<Embedder> {
+    let library = model
+        .ort_library
+        .clone()
+        .unwrap_or_else(default_ort_library);
+    Ok(Embedder::load(&library, &model.model_dir, options)?)
+}
 
 /// Read a corpus file, listing its bad lines; they stop the build unless `skip_bad`.
 fn read_corpus(path: &Path, column: &str, skip_bad: bool) -> anyhow::Result<corpus::Corpus> {
@@ -44,8 +54,7 @@ pub fn run_build(args: BuildArgs) -> anyhow::Result<()> {
         .as_deref()
         .expect("clap requires a corpus without --base");
     let corpus = read_corpus(path, &args.column, args.skip_bad_lines)?;
-    let library = args.model.ort_library.unwrap_or_else(default_ort_library);
-    let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
+    let embedder = load_model(&args.model, RuntimeOptions::for_bulk())?;
     let opts = BuildOptions {
         shards: args.shards,
         clusters: args.clusters,
@@ -136,8 +145,7 @@ fn run_update(args: BuildArgs) -> anyhow::Result<()> {
             remove: texts(&args.remove)?,
         },
     };
-    let library = args.model.ort_library.unwrap_or_else(default_ort_library);
-    let embedder = Embedder::load(&library, &args.model.model_dir, RuntimeOptions::for_bulk())?;
+    let embedder = load_model(&args.model, RuntimeOptions::for_bulk())?;
     let opts = UpdateOptions {
         embed_chunk: 256,
         parallel_shards: args.parallel_shards.unwrap_or_else(cores),
@@ -198,12 +206,7 @@ fn run_update(args: BuildArgs) -> anyhow::Result<()> {
 
 pub fn run_contours(args: ContoursArgs) -> anyhow::Result<()> {
     let dg = DgDir::open(&args.dg_dir)?;
-    let library = args.model.ort_library.unwrap_or_else(default_ort_library);
-    let embedder = Embedder::load(
-        &library,
-        &args.model.model_dir,
-        RuntimeOptions::for_queries(),
-    )?;
+    let embedder = load_model(&args.model, RuntimeOptions::for_queries())?;
     let rows =
         simq_indexer::contours::compare(&dg, &embedder, args.samples, args.nprobe, args.seed)?;
     println!(
