@@ -223,10 +223,13 @@ rollout_and_back() {
   NOMAD_ADDR="$(nomad_url)" || { miss "$name:nomad" "$name: no Nomad server answers with n$victim down"; return; }
   guard_cluster_addresses
   t=$SECONDS
-  if SIMQ_S3_ENDPOINTS="$(nodes_s3_endpoints)" "$BIN/simq-indexer" publish "$DG_B_DIR" --blobs "$(nodes_blobs)" >"$WORK/publish.log" 2>&1; then
+  local rc=0
+  SIMQ_S3_ENDPOINTS="$(nodes_s3_endpoints)" "$BIN/simq-indexer" publish "$DG_B_DIR" --blobs "$(nodes_blobs)" >"$WORK/publish.log" 2>&1 || rc=$?
+  if [ "$rc" = 0 ]; then
     log "$name: $DG_B published with n$victim down: $((SECONDS - t)) s"
   else
-    miss "$name:publish" "$name: publishing $DG_B with n$victim down failed: $(tail -3 "$WORK/publish.log" | tr '\n' ' ')"
+    # The exit status says what the log cannot: above 128 the process died by a signal.
+    miss "$name:publish" "$name: publishing $DG_B with n$victim down failed after $((SECONDS - t)) s, exit status $rc: $(tail -3 "$WORK/publish.log" | tr '\n' ' ')"
   fi
   t=$SECONDS
   if "$BIN/simq-indexer" rollout "$DG_B" "${ROLLOUT_ARGS[@]}" >"$WORK/rollout.log" 2>&1; then

@@ -158,11 +158,18 @@ impl BlobStore {
                 tokio::time::sleep(ROUND_PAUSE).await;
             }
             for (name, endpoint) in &self.endpoints {
+                let started = std::time::Instant::now();
                 match put_on(endpoint, file, sha256).await {
-                    Ok(put) => return Ok(put),
+                    Ok(put) => {
+                        tracing::info!(blob = sha256, file = %file.display(), store = %name, outcome = ?put, seconds = started.elapsed().as_secs_f64(), "blob stored");
+                        return Ok(put);
+                    }
                     // The file itself is wrong: no other endpoint will take it either.
                     Err(PutError::File(e)) => return Err(e),
-                    Err(PutError::Store(e)) => failed.push(format!("{name}: {e:#}")),
+                    Err(PutError::Store(e)) => {
+                        tracing::warn!(blob = sha256, store = %name, round, error = format!("{e:#}"), "blob store endpoint failed; trying the next");
+                        failed.push(format!("{name}: {e:#}"));
+                    }
                 }
             }
         }

@@ -95,6 +95,22 @@ pub(crate) enum Command {
     Traffic(TrafficCommand),
 }
 
+impl Command {
+    /// The subcommands that only read and write files: they open no socket, so a closed
+    /// stdout may end them by SIGPIPE (see main.rs).
+    pub(crate) fn works_on_files_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Build(_)
+                | Command::Eval(_)
+                | Command::Contours(_)
+                | Command::Export(_)
+                | Command::ModelId(_)
+                | Command::Defaults
+        )
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum TrafficCommand {
     /// Set (or change) the split; prints it.

@@ -12,18 +12,30 @@ use simq_indexer::eval::DgDir;
 
 use cli::{Cli, Command};
 
-#[allow(unsafe_code)] // one libc call, see SAFETY
 fn main() {
-    // Like other CLI tools, end quietly when the reader of stdout goes away (`| head`)
-    // instead of panicking on a failed print.
+    simq_consul::service::init_logging();
+    let cli = Cli::parse();
+    if cli.command.works_on_files_only() {
+        quiet_on_closed_stdout();
+    }
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Like other CLI tools, end quietly when the reader of stdout goes away (`| head`)
+/// instead of panicking on a failed print: SIGPIPE back to its default, which ends the
+/// process. Only for the subcommands that open no socket. Rust ignores SIGPIPE because a
+/// socket write can raise it too: hyper writes requests with `writev`, which (unlike
+/// `send` with MSG_NOSIGNAL) raises SIGPIPE when the peer is gone. With the default
+/// restored, `publish` died silently (exit by signal, no message) when a blob store node
+/// lost power mid-upload (the node suite, 2026-12-07).
+#[allow(unsafe_code)] // one libc call, see SAFETY
+fn quiet_on_closed_stdout() {
     // SAFETY: restoring the default disposition of one signal before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    simq_consul::service::init_logging();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }
 
