@@ -73,7 +73,7 @@ bin="$SIMQ_BIN_DIR"
 for b in simq-indexer simq-embedder simq-shard simq-balancer; do
   [ -x "$bin/$b" ] || die "$bin/$b is missing: build with cargo build --release"
 done
-# The layout and search defaults live in one place, the binaries (simq_consul::defaults).
+# The layout and search defaults live in one place, the binaries (simq_contract::defaults).
 default_of() { "$bin/simq-indexer" defaults | sed -n "s/^$1=//p"; }
 shards="${SIMQ_SHARDS:-$(default_of shards)}"
 clusters="${SIMQ_CLUSTERS:-$(default_of clusters)}"

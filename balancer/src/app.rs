@@ -11,8 +11,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use simq_consul::traffic::shadowed;
-use simq_consul::Arm;
+use simq_contract::traffic::shadowed;
+use simq_contract::Arm;
 
 use crate::auth::{presented_key, Access, Auth};
 use crate::query::{Answer, Executor};
@@ -288,7 +288,7 @@ impl ServeHttp for BalancerApp {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(kind = e.kind.as_str(), key_id = presented_key(headers).and_then(simq_consul::apikeys::key_id), %path, "request refused");
+                    tracing::debug!(kind = e.kind.as_str(), key_id = presented_key(headers).and_then(simq_contract::apikeys::key_id), %path, "request refused");
                     m.auth_refusals.with_label_values(&[e.kind.as_str()]).inc();
                     m.requests
                         .with_label_values(&[&e.status().to_string()])

@@ -1,7 +1,7 @@
 //! API keys and per-key rate limits at the balancer (`--api-keys required`).
 //!
 //! Keys are created with `simq-indexer keys create`; Consul KV holds one record per key
-//! (its SHA-256, never the key; see `simq_consul::apikeys`) and the balancer follows the
+//! (its SHA-256, never the key; see `simq_contract::apikeys`) and the balancer follows the
 //! records with a blocking query ([`crate::watch`]). A query needs a valid key in
 //! `Authorization: Bearer <key>` or `X-Api-Key: <key>`: without one `401`, beyond the
 //! key's rate `429` with `Retry-After` (a token bucket per key and balancer). `/metrics`
@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use simq_consul::apikeys::{self, ApiKeyRecord};
+use simq_contract::apikeys::{self, ApiKeyRecord};
 
 use crate::request::{ApiError, ApiErrorKind};
 
@@ -217,7 +217,7 @@ pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use simq_consul::apikeys::{hash_key, key_from_bytes};
+    use simq_contract::apikeys::{hash_key, key_from_bytes};
 
     fn record(key: &str, rate: f64, burst: u32, admin: bool) -> (String, Vec<u8>) {
         let r = ApiKeyRecord {

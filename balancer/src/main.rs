@@ -15,7 +15,8 @@ use simq_balancer::metrics::Metrics;
 use simq_balancer::query::{AnswerCache, EmbedderOrder, Executor, QueryOptions};
 use simq_balancer::state::SharedState;
 use simq_balancer::watch::Watcher;
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 
 /// The public HTTP entry of simq.
 ///
@@ -77,7 +78,7 @@ struct Args {
     /// Fine clusters probed per query. With the default 4096 clusters over the 158k-query
     /// corpus, 576 read about 15 % of it for recall@10 0.982 against exact search (192: 5 %,
     /// 0.950; indexer/BENCH.md).
-    #[arg(long, default_value_t = simq_consul::defaults::NPROBE)]
+    #[arg(long, default_value_t = simq_contract::defaults::NPROBE)]
     nprobe: usize,
     /// Cache-miss queries answered at once at most; more wait in line while their expected
     /// wait fits their deadline, the rest get 503 + Retry-After at once.
@@ -143,7 +144,7 @@ impl BackgroundService for WatchService {
 }
 
 fn main() -> anyhow::Result<()> {
-    simq_consul::service::init_logging();
+    simq_runtime::service::init_logging();
     let args = Args::parse();
     let metrics = Metrics::new()?;
     let state = Arc::new(SharedState::default());
@@ -220,6 +221,6 @@ fn main() -> anyhow::Result<()> {
     }
     server.add_service(http);
     server.add_service(background_service("consul watch", WatchService(watcher)));
-    tracing::info!(listen = %args.listen, reuse_port = args.reuse_port, admin = ?args.admin_listen, consul = %simq_consul::redact::redact(&args.consul), api_keys = ?args.api_keys, "balancer starting");
+    tracing::info!(listen = %args.listen, reuse_port = args.reuse_port, admin = ?args.admin_listen, consul = %simq_runtime::redact::redact(&args.consul), api_keys = ?args.api_keys, "balancer starting");
     server.run_forever();
 }

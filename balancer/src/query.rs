@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use simq_consul::Arm;
+use simq_contract::Arm;
 use simq_shard_proto::{LexicalRequest, SearchRequest, SearchResponse};
 
 use crate::metrics::Metrics;
@@ -1550,7 +1550,7 @@ mod tests {
                 .cached
         );
         let mut new = routing(&[100], &[200]);
-        new.manifest = Arc::new(simq_consul::Manifest {
+        new.manifest = Arc::new(simq_contract::Manifest {
             dg: "dg-00000000000000ff".into(),
             ..(*new.manifest).clone()
         });

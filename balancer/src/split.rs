@@ -1,9 +1,9 @@
 //! The traffic split at the balancer: which arm answers a query (sticky per user, see
-//! [`simq_consul::traffic`]), and the shadow comparison that also asks the candidate
+//! [`simq_contract::traffic`]), and the shadow comparison that also asks the candidate
 //! without changing the answer.
 
-use simq_consul::traffic::{arm_of, overlap_at_k};
-use simq_consul::Arm;
+use simq_contract::traffic::{arm_of, overlap_at_k};
+use simq_contract::Arm;
 
 use crate::metrics::Metrics;
 use crate::query::Answer;
@@ -123,7 +123,8 @@ fn texts(a: &Answer) -> Vec<&str> {
 mod tests {
     use std::collections::HashMap;
 
-    use simq_consul::{ServiceEntry, TrafficSplit};
+    use simq_consul::ServiceEntry;
+    use simq_contract::TrafficSplit;
 
     use super::*;
     use crate::query::ResultRow;

@@ -16,18 +16,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use simq_consul::{ActiveDg, CentroidMap, Manifest, ServiceEntry, TrafficSplit};
+use simq_consul::ServiceEntry;
+use simq_contract::services::{self, tag, tag_value};
+use simq_contract::{ActiveDg, CentroidMap, Manifest, TrafficSplit};
 use tonic::transport::{Channel, Endpoint};
-
-/// Consul service names and the tags that tie instances to a dg or a model.
-pub const EMBEDDER_SERVICE: &str = "simq-embedder";
-pub const SHARD_SERVICE: &str = "simq-shard";
-
-/// The value of a `name=value` tag.
-pub fn tag_value<'a>(tags: &'a [String], name: &str) -> Option<&'a str> {
-    tags.iter()
-        .find_map(|t| t.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
-}
 
 /// One instance the balancer may call.
 #[derive(Clone, Debug)]
@@ -356,38 +348,40 @@ pub fn routing_for(
         .embedders
         .iter()
         .filter(|e| {
-            e.status == "passing" && tag_value(&e.tags, "model") == Some(manifest.model_id.as_str())
+            e.status == "passing"
+                && tag_value(&e.tags, tag::MODEL) == Some(manifest.model_id.as_str())
         })
-        .filter_map(|e| upstream(EMBEDDER_SERVICE, e))
+        .filter_map(|e| upstream(services::EMBEDDER, e))
         .collect();
     let mut shards = vec![Vec::new(); manifest.shards.len()];
     let mut bad_shard = Vec::new();
     for e in parts.shards.iter().filter(|e| e.status == "passing") {
-        let number = tag_value(&e.tags, "shard").and_then(|s| s.parse::<usize>().ok());
+        let number = tag_value(&e.tags, tag::SHARD).and_then(|s| s.parse::<usize>().ok());
         // A shard of another dg that serves the very file this dg pins at its place (an
         // incremental build keeps its base's unchanged shard files): it answers for this
         // dg too (the request pins the sha256 and the shard checks it).
         let same_file = number
-            .zip(tag_value(&e.tags, "sha256"))
+            .zip(tag_value(&e.tags, tag::SHA256))
             .is_some_and(|(n, sha)| {
                 manifest
                     .shards
                     .iter()
                     .any(|s| s.shard as usize == n && s.sha256 == sha)
             });
-        if tag_value(&e.tags, "dg") != Some(manifest.dg.as_str()) && !same_file {
+        if tag_value(&e.tags, tag::DG) != Some(manifest.dg.as_str()) && !same_file {
             continue;
         }
         match number {
             Some(n) if n < shards.len() => {
-                if let Some(u) = upstream(SHARD_SERVICE, e) {
+                if let Some(u) = upstream(services::SHARD, e) {
                     shards[n].push(u);
                 }
             }
             _ => bad_shard.push(format!(
-                "{SHARD_SERVICE} {:?}: tag shard={} is not a shard of {} ({} shards)",
+                "{} {:?}: tag shard={} is not a shard of {} ({} shards)",
+                services::SHARD,
                 e.id,
-                tag_value(&e.tags, "shard").unwrap_or("(missing)"),
+                tag_value(&e.tags, tag::SHARD).unwrap_or("(missing)"),
                 manifest.dg,
                 shards.len()
             )),
@@ -511,7 +505,7 @@ mod tests {
         let cand = two_shard_index("model-b");
         let (a, c) = (active.manifest.dg.clone(), cand.manifest.dg.clone());
         let state = SharedState::default();
-        let split = simq_consul::TrafficSplit {
+        let split = simq_contract::TrafficSplit {
             candidate: c.clone(),
             weight: 0.2,
             shadow: 0.0,
@@ -625,17 +619,5 @@ mod tests {
     #[test]
     fn no_routing_without_an_active_dg() {
         assert!(build_routing(&Parts::default(), &mut HashMap::new()).is_none());
-    }
-
-    #[test]
-    fn tag_values_need_the_exact_name() {
-        let tags = vec![
-            "dg=dg-1".to_string(),
-            "dgx=2".to_string(),
-            "shard=3".to_string(),
-        ];
-        assert_eq!(tag_value(&tags, "dg"), Some("dg-1"));
-        assert_eq!(tag_value(&tags, "shard"), Some("3"));
-        assert_eq!(tag_value(&tags, "model"), None);
     }
 }

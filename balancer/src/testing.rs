@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use simq_consul::contract::{BuildInfo, ClusterTable, ShardEntry, MANIFEST_FORMAT};
-use simq_consul::{ActiveDg, CentroidMap, Manifest};
+use simq_contract::kv::{BuildInfo, ClusterTable, ShardEntry, MANIFEST_FORMAT};
+use simq_contract::{ActiveDg, CentroidMap, Manifest};
 
 use crate::state::ActiveIndex;
 

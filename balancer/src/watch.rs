@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use simq_consul::{
-    ActiveDg, BlockingQuery, CentroidMap, ConsulClient, KvLayout, Manifest, TrafficSplit,
-};
+use simq_consul::{BlockingQuery, ConsulClient};
+use simq_contract::{ActiveDg, CentroidMap, KvLayout, Manifest, TrafficSplit};
 
 use crate::metrics::Metrics;
-use crate::state::{ActiveIndex, SharedState, EMBEDDER_SERVICE, SHARD_SERVICE};
+use crate::state::{ActiveIndex, SharedState};
+use simq_contract::services;
 
 /// Everything the watchers need.
 #[derive(Clone)]
@@ -40,8 +40,8 @@ impl Watcher {
         tokio::select! {
             _ = self.clone().active_loop() => {}
             _ = self.clone().traffic_loop() => {}
-            _ = self.clone().service_loop(SHARD_SERVICE) => {}
-            _ = self.clone().service_loop(EMBEDDER_SERVICE) => {}
+            _ = self.clone().service_loop(services::SHARD) => {}
+            _ = self.clone().service_loop(services::EMBEDDER) => {}
             _ = self.clone().keys_loop(), if self.auth.mode == crate::auth::Mode::Required => {}
             _ = stop => {}
         }
@@ -327,7 +327,7 @@ impl Watcher {
                     .with_label_values(&[service])
                     .set(passing as i64);
                 self.update(service, |p| match service {
-                    SHARD_SERVICE => p.shards = entries,
+                    services::SHARD => p.shards = entries,
                     _ => p.embedders = entries,
                 });
             },

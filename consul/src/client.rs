@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::redact::redact;
+use simq_runtime::redact::redact;
 
 /// Timeout of a request that is not a blocking query.
 const PLAIN_TIMEOUT: Duration = Duration::from_secs(10);

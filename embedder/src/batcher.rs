@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use simq_consul::service::StallClock;
+use simq_runtime::service::StallClock;
 
 use crate::error::{Error, Result};
 use crate::runtime::{Embedder, Tokens};

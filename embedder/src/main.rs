@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use simq_consul::service::{init_logging, lower_priority, serve_ops, Shutdown};
 use simq_embedder::batcher::{BatchMetrics, BatchOptions, Batcher};
 use simq_embedder::proto::embedder_server::EmbedderServer;
 use simq_embedder::runtime::{default_ort_library, Embedder, RuntimeOptions};
 use simq_embedder::server::{EmbedService, RequestLimits};
+use simq_runtime::service::{init_logging, lower_priority, serve_ops, Shutdown};
 
 /// Turns texts into L2-normalised sentence embeddings over gRPC.
 ///

@@ -126,7 +126,7 @@ impl ModelDir {
 
 /// Hex sha256 of a model file, with the path in the error.
 fn sha256_file(path: &Path) -> Result<String> {
-    simq_consul::contract::sha256_file(path).map_err(|e| Error::ModelFile {
+    simq_contract::kv::sha256_file(path).map_err(|e| Error::ModelFile {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use simq_consul::contract::{
+use simq_contract::kv::{
     sha256_file, BuildInfo, ClusterTable, Manifest, ShardEntry, MANIFEST_FORMAT, MAX_CLUSTERS,
 };
-use simq_consul::routing::{chunks, CentroidMap};
+use simq_contract::routing::{chunks, CentroidMap};
 use simq_embedder::runtime::Embedder;
 use simq_shard::lexical::CorpusStats;
 use simq_shard::{build_shard, BuildParams, ClusterItems, Item};
@@ -313,7 +313,7 @@ pub fn seal_into(
 ) -> anyhow::Result<(PathBuf, Manifest, bool)> {
     let manifest = manifest.seal();
     let json = serde_json::to_vec_pretty(&manifest)?;
-    if json.len() > simq_consul::contract::KV_VALUE_LIMIT {
+    if json.len() > simq_contract::kv::KV_VALUE_LIMIT {
         bail!(
             "manifest is {} bytes, over Consul's 512 KB value limit: use fewer clusters",
             json.len()

@@ -453,12 +453,12 @@ pub(crate) struct BuildArgs {
     /// clusters, so fewer shards mean fewer calls: on 2 cores, 2 shards answered unloaded
     /// queries in p50 6.9-7.1 ms against 7.0-7.9 (4 shards) and 9.1-9.5 ms (8), and 200
     /// against 160-192 and 129-169 queries/s (indexer/BENCH.md). Use more on more cores.
-    #[arg(long, default_value_t = simq_consul::defaults::SHARDS)]
+    #[arg(long, default_value_t = simq_contract::defaults::SHARDS)]
     pub(crate) shards: usize,
     /// Fine clusters over the whole corpus (spread over the shards by size, at least 16
     /// items each). A query probes the nearest --nprobe of the balancer; 4096 clusters of
     /// about 36 questions gave the best recall per item scanned (indexer/BENCH.md).
-    #[arg(long, default_value_t = simq_consul::defaults::CLUSTERS)]
+    #[arg(long, default_value_t = simq_contract::defaults::CLUSTERS)]
     pub(crate) clusters: usize,
     /// Seed of k-means++ and of the arroy build.
     #[arg(long, default_value_t = 42)]
@@ -499,7 +499,7 @@ pub(crate) struct ContoursArgs {
     #[arg(long, default_value_t = 500)]
     pub(crate) samples: usize,
     /// Fine clusters the model path probes (as the balancer's --nprobe).
-    #[arg(long, default_value_t = simq_consul::defaults::NPROBE)]
+    #[arg(long, default_value_t = simq_contract::defaults::NPROBE)]
     pub(crate) nprobe: usize,
     /// Seed of the perturbations.
     #[arg(long, default_value_t = 7)]

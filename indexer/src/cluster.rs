@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::services;
+use simq_contract::KvLayout;
 use simq_indexer::blobs::serve;
 use simq_indexer::flip::{self, Flipped};
 use simq_indexer::lock::{read_holder, RolloutLock};
@@ -76,7 +78,7 @@ async fn locked<T>(
     let lock = RolloutLock::acquire(consul, layout, &command).await?;
     let outcome = tokio::select! {
         r = work => r,
-        _ = simq_consul::service::shutdown_signal() => Err(anyhow::anyhow!(
+        _ = simq_runtime::service::shutdown_signal() => Err(anyhow::anyhow!(
             "interrupted: the rollout lock is released; run the command again (or rollback) to converge"
         )),
     };
@@ -396,7 +398,7 @@ pub async fn traffic(cmd: TrafficCommand) -> anyhow::Result<()> {
             }
             let http = simq_indexer::rollout::status_client();
             for b in consul
-                .health_service("simq-balancer", true, None)
+                .health_service(services::BALANCER, true, None)
                 .await?
                 .value
             {
@@ -475,7 +477,7 @@ pub async fn status(args: ClusterArgs) -> anyhow::Result<()> {
     }
     // Every instance as Consul sees it; balancers also say which dg they route with.
     let http = simq_indexer::rollout::status_client();
-    for service in ["simq-balancer", "simq-embedder", "simq-shard"] {
+    for service in services::ALL {
         let entries = consul.health_service(service, false, None).await?.value;
         println!("{service}: {} instance(s)", entries.len());
         for e in entries {
@@ -483,7 +485,7 @@ pub async fn status(args: ClusterArgs) -> anyhow::Result<()> {
             if !e.tags.is_empty() {
                 line.push_str(&format!(" [{}]", e.tags.join(", ")));
             }
-            if service == "simq-balancer" {
+            if service == services::BALANCER {
                 let routes = match simq_indexer::rollout::balancer_dg(&http, &e).await {
                     Ok(dg) => dg.unwrap_or_else(|| "no dg".into()),
                     Err(e) => format!("unreachable: {e}"),
@@ -506,7 +508,7 @@ pub async fn serve_blobs(args: ServeBlobsArgs) -> anyhow::Result<()> {
     serve(
         args.dir.clone(),
         listener,
-        simq_consul::service::shutdown_signal(),
+        simq_runtime::service::shutdown_signal(),
     )
     .await;
     Ok(())

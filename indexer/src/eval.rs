@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rayon::prelude::*;
-use simq_consul::{CentroidMap, Manifest};
+use simq_contract::{CentroidMap, Manifest};
 use simq_shard::ShardFile;
 use simq_vector::dot;
 

@@ -2,7 +2,8 @@
 //! to the dg already active changes nothing) and race-safe (of two concurrent flips from
 //! the same state exactly one wins; the other gets [`FlipError::LostRace`]).
 
-use simq_consul::{ActiveDg, ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::{ActiveDg, KvLayout};
 
 /// The active pointer as read, with the index a CAS write must name.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,12 +1,13 @@
 //! `simq-indexer keys create|list|revoke`: API keys for balancers run with
-//! `--api-keys required`. Consul KV gets the record (`simq_consul::apikeys`: the key's
+//! `--api-keys required`. Consul KV gets the record (`simq_contract::apikeys`: the key's
 //! SHA-256, never the key); the key itself is printed once, at creation, and nowhere else.
 
 use std::io::Read;
 
 use anyhow::{bail, Context};
-use simq_consul::apikeys::{self, ApiKeyRecord};
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::apikeys::{self, ApiKeyRecord};
+use simq_contract::KvLayout;
 
 /// What a new key may do.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 //! - [`corpus`]: read, validate and de-duplicate a corpus file (bad lines with numbers).
 //! - [`kmeans`]: spherical k-means with k-means++ seeding and a fixed seed.
 //! - [`build`]: the build pipeline: embed (the embedder's own runtime), cluster, index
-//!   each shard (`simq-shard`'s file format), write the manifest (`simq-consul`'s contract).
+//!   each shard (`simq-shard`'s file format), write the manifest (`simq-contract`).
 //! - [`update`]: an incremental build (`build --base`): a base dg plus a change set,
 //!   only the changed shard files written, with a drift guard.
 //! - [`eval`]: recall@k of the sharded path against exact search.

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 
 /// How long a lock outlives its holder's last renewal.
 pub const LOCK_TTL: Duration = Duration::from_secs(15);

@@ -13,7 +13,7 @@ use simq_indexer::eval::DgDir;
 use cli::{Cli, Command};
 
 fn main() {
-    simq_consul::service::init_logging();
+    simq_runtime::service::init_logging();
     let cli = Cli::parse();
     if cli.command.works_on_files_only() {
         quiet_on_closed_stdout();
@@ -56,7 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Defaults => {
-            print!("{}", simq_consul::defaults::as_lines());
+            print!("{}", simq_contract::defaults::as_lines());
             Ok(())
         }
         Command::ModelId(args) => {
@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PutBlob(args) => rt()?.block_on(async {
             let store = args.blobs.open()?;
             for file in &args.files {
-                let sha = simq_consul::contract::sha256_file(file)
+                let sha = simq_contract::kv::sha256_file(file)
                     .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
                 store.put(file, &sha).await?;
                 println!("{sha}");
@@ -88,7 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::ServeBlobs(args) => {
             // Handing out shard files is background work: serving queries comes first.
-            simq_consul::service::lower_priority(10);
+            simq_runtime::service::lower_priority(10);
             rt()?.block_on(cluster::serve_blobs(args))
         }
     }

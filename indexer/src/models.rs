@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 use simq_nomad::NomadClient;
 
 use crate::blobs::BlobStore;
@@ -26,7 +27,7 @@ use crate::blobs::BlobStore;
 pub const JOB_PREFIX: &str = "simq-embedder";
 
 /// The Consul service every embedder registers, tagged `model=<model id>`.
-const SERVICE: &str = "simq-embedder";
+const SERVICE: &str = simq_contract::services::EMBEDDER;
 
 /// The job id for `model_id`'s embedders, when a rollout creates it.
 pub fn job_id(model_id: &str) -> String {
@@ -227,7 +228,7 @@ pub async fn ensure_for(
             let manifest = dir.join(simq_embedder::model::MANIFEST_FILE);
             files.insert(
                 simq_embedder::model::MANIFEST_FILE.to_string(),
-                simq_consul::contract::sha256_file(&manifest)
+                simq_contract::kv::sha256_file(&manifest)
                     .with_context(|| format!("reading {}", manifest.display()))?,
             );
             for (name, sha) in &files {

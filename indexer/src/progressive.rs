@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 use simq_nomad::NomadClient;
 
 use crate::compare::{self, Thresholds};

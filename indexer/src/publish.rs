@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use simq_consul::{ConsulClient, KvLayout, Manifest};
+use simq_consul::ConsulClient;
+use simq_contract::{KvLayout, Manifest};
 
 use crate::blobs::{BlobStore, Put};
 use crate::build::shard_file_name;
@@ -71,7 +72,7 @@ pub async fn publish(
     }
     // The centroids are checked against the manifest before anything reaches Consul.
     let centroids = read_centroids(dg_dir, &manifest)?.to_bytes();
-    for (i, chunk) in simq_consul::routing::chunks(&centroids).enumerate() {
+    for (i, chunk) in simq_contract::routing::chunks(&centroids).enumerate() {
         let key = layout.centroid_chunk(&manifest.dg, i);
         if put_once(consul, &key, chunk, |existing| existing == chunk).await? {
             report.chunks_written += 1;

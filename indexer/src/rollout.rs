@@ -29,7 +29,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use simq_consul::{ConsulClient, KvLayout, Manifest};
+use simq_consul::ConsulClient;
+use simq_contract::{KvLayout, Manifest};
 use simq_nomad::{hcl_variables, Deployment, DeploymentGroup, DeploymentStatus, NomadClient};
 
 use crate::flip::{flip, FlipError, Flipped};
@@ -141,7 +142,7 @@ fn group_file(g: &serde_json::Value) -> Option<(u32, String)> {
 #[derive(Debug, Default)]
 pub struct Split {
     pub unchanged: Vec<serde_json::Value>,
-    pub render: Vec<simq_consul::contract::ShardEntry>,
+    pub render: Vec<simq_contract::kv::ShardEntry>,
 }
 
 /// Which running groups a rollout of `manifest` keeps as they are, and which shards it
@@ -389,7 +390,7 @@ pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration
     let deadline = Instant::now() + limit;
     loop {
         let balancers = consul
-            .health_service("simq-balancer", true, None)
+            .health_service(simq_contract::services::BALANCER, true, None)
             .await
             .map(|a| a.value)
             .unwrap_or_default();
@@ -1038,9 +1039,9 @@ mod tests {
 
     /// A manifest of `dg` whose shard `n` is the file `shas[n]` (only what rollouts read).
     fn manifest(dg: &str, shas: &[&str]) -> Manifest {
-        use simq_consul::contract::{BuildInfo, ClusterTable, ShardEntry};
+        use simq_contract::kv::{BuildInfo, ClusterTable, ShardEntry};
         Manifest {
-            format: simq_consul::contract::MANIFEST_FORMAT,
+            format: simq_contract::kv::MANIFEST_FORMAT,
             dg: dg.into(),
             model_id: "m".into(),
             dims: 4,

@@ -1,10 +1,11 @@
 //! `simq-indexer traffic set|show|clear`: the traffic split between the active dg and a
-//! candidate (`<prefix>traffic`, see `simq_consul::traffic`). Every write is a
+//! candidate (`<prefix>traffic`, see `simq_contract::traffic`). Every write is a
 //! check-and-set against the value read, so two operators never overwrite each other
 //! unknowingly: the second gets an error that says what the split is now.
 
 use anyhow::{anyhow, bail, Context};
-use simq_consul::{ConsulClient, KvLayout, TrafficSplit};
+use simq_consul::ConsulClient;
+use simq_contract::{KvLayout, TrafficSplit};
 
 /// The split as read, with the index a CAS write must name.
 #[derive(Debug, Clone)]
@@ -54,7 +55,7 @@ pub async fn set(
     new: &SetSplit,
 ) -> anyhow::Result<TrafficSplit> {
     let manifest = layout.manifest(&new.candidate);
-    if !simq_consul::contract::is_dg_name(&new.candidate) {
+    if !simq_contract::kv::is_dg_name(&new.candidate) {
         bail!(
             "{:?} is not a dg id (dg- and 16 lowercase hex digits)",
             new.candidate

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use simq_consul::contract::{sha256_file, BaseInfo, BuildInfo, Manifest};
-use simq_consul::CentroidMap;
+use simq_contract::kv::{sha256_file, BaseInfo, BuildInfo, Manifest};
+use simq_contract::CentroidMap;
 use simq_embedder::runtime::Embedder;
 use simq_shard::lexical::CorpusStats;
 use simq_shard::{ClusterItems, Item};

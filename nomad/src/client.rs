@@ -234,7 +234,7 @@ impl NomadClient {
             format!("http://{}", addr.trim_end_matches('/'))
         };
         let invalid = |reason: String| Error::InvalidAddress {
-            addr: simq_consul::redact::redact(addr),
+            addr: simq_runtime::redact::redact(addr),
             reason,
         };
         let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
@@ -281,7 +281,7 @@ impl NomadClient {
 
     /// The agent's base URL, without any user:password (fit to print).
     pub fn addr(&self) -> String {
-        simq_consul::redact::redact(&self.base)
+        simq_runtime::redact::redact(&self.base)
     }
 
     /// Parse an HCL2 job file with variables (see [`hcl_variables`]) into job JSON.

@@ -1,7 +1,31 @@
 //! simq's job specs, validated by the real Nomad agent with realistic variables.
 //! Needs the agents of `scripts/cluster.sh start`; `scripts/test.sh` runs it.
 
+use serde_json::Value;
+use simq_contract::services::{self, tag};
 use simq_nomad::{hcl_variables, jobs, NomadClient};
+
+/// Every service a parsed job registers (group and task level): name and tags.
+fn registered(job: &Value) -> Vec<(String, Vec<String>)> {
+    let list = |v: &Value| -> Vec<Value> { v["Services"].as_array().cloned().unwrap_or_default() };
+    let groups = job["TaskGroups"].as_array().cloned().unwrap_or_default();
+    let tasks = groups
+        .iter()
+        .flat_map(|g| g["Tasks"].as_array().cloned().unwrap_or_default());
+    groups
+        .iter()
+        .flat_map(list)
+        .chain(tasks.flat_map(|t| list(&t)))
+        .map(|s| {
+            let tags = s["Tags"].as_array().cloned().unwrap_or_default();
+            let tags = tags
+                .iter()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect();
+            (s["Name"].as_str().unwrap_or_default().to_string(), tags)
+        })
+        .collect()
+}
 
 #[tokio::test]
 #[ignore = "needs the local cluster: run scripts/test.sh"]
@@ -93,5 +117,24 @@ async fn every_job_spec_passes_nomad_validate() {
             .validate_job(&job)
             .await
             .unwrap_or_else(|e| panic!("{id} validates: {e}"));
+        // The specs register the names and tags simq-contract gives the balancer and
+        // the indexer to look them up by.
+        let (service, tags): (&str, &[&str]) = match id {
+            "simq-shards" => (services::SHARD, &[tag::DG, tag::SHARD, tag::SHA256]),
+            "simq-embedder" => (services::EMBEDDER, &[tag::MODEL]),
+            "simq-balancer" => (services::BALANCER, &[]),
+            _ => continue,
+        };
+        let found = registered(&job);
+        let ours: Vec<_> = found.iter().filter(|(name, _)| name == service).collect();
+        assert!(!ours.is_empty(), "{id} registers {service}: {found:?}");
+        for (_, have) in ours {
+            for t in tags {
+                assert!(
+                    have.iter().any(|h| h.starts_with(&format!("{t}="))),
+                    "{id}'s {service} carries tag {t}=: {have:?}"
+                );
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use simq_consul::service::{background_priority, init_logging, serve_ops, Shutdown};
+use simq_runtime::service::{background_priority, init_logging, serve_ops, Shutdown};
 use simq_shard::proto::shard_server::ShardServer;
 use simq_shard::server::{runtime_workers, SearchLimits, SearchPool, ShardMetrics, ShardService};
 use simq_shard::verify::{verify, Expected};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
-use simq_consul::service::StallClock;
+use simq_runtime::service::StallClock;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 

@@ -25,7 +25,7 @@ pub struct VerifyError(pub String);
 
 /// Run every check; the file is returned open only when all pass.
 pub fn verify(path: &Path, expected: &Expected) -> Result<(ShardFile, SelfTest), VerifyError> {
-    let got = simq_consul::contract::sha256_file(path)
+    let got = simq_contract::kv::sha256_file(path)
         .map_err(|e| VerifyError(format!("cannot read {}: {e}", path.display())))?;
     if !got.eq_ignore_ascii_case(&expected.sha256) {
         return Err(VerifyError(format!(

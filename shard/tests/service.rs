@@ -60,7 +60,7 @@ fn shard_file(dir: &Path, vectors: &[Vec<f32>]) -> (PathBuf, String) {
         None,
     )
     .unwrap();
-    let sha = simq_consul::contract::sha256_file(&path).unwrap();
+    let sha = simq_contract::kv::sha256_file(&path).unwrap();
     (path, sha)
 }
 

@@ -1,6 +1,6 @@
 //! simq's vector kernels: the f32 dot product, int8 quantisation and the int8 dot product,
 //! each with an AVX2 version chosen at run time and a plain one the compiler vectorises.
-//! Routing (`simq-consul`'s `CentroidMap`), every shard scan and the indexer's k-means
+//! Routing (`simq-contract`'s `CentroidMap`), every shard scan and the indexer's k-means
 //! spend their time here.
 //!
 //! This is the one crate that may use `unsafe` (the workspace denies it elsewhere): the

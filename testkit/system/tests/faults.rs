@@ -23,7 +23,8 @@ use common::{
     indexer, passing, pids_of, quantile_ms, repo_root, shard_pids, signal, start_load, stop_jobs,
     unique_questions, unique_texts, unix_now, Frozen, LoadReport, Pace, RESENDS,
 };
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 
 const SHARDS: usize = 4;
 const REPLICAS: usize = 2;

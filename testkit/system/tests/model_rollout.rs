@@ -14,7 +14,8 @@ use std::sync::Arc;
 use common::{
     build_and_publish_with, cache_dir, corpus_slice, deploy, indexer, start_load, stop_jobs, Pace,
 };
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 
 /// The blob store the jobs fetch from, where a model rollout puts the new model's files.
 fn blobs() -> String {

@@ -12,7 +12,8 @@ use common::{
     build_and_publish, corpus_slice, deploy, indexer, nomad_addr, query, start_load, stop_jobs,
     LoadReport, Pace,
 };
-use simq_consul::{ConsulClient, KvLayout, Manifest};
+use simq_consul::ConsulClient;
+use simq_contract::{KvLayout, Manifest};
 use simq_indexer::flip::{flip_from, observe, FlipError, Flipped};
 
 const FAST: [&str; 4] = [
@@ -175,8 +176,8 @@ async fn rollout_lifecycle_has_zero_failed_queries() {
     //    handed to the wrong shards (shard 0 gets shard 1's file and back).
     let mut bad = manifest_c.clone();
     let (first, second) = (bad.shards[0].clone(), bad.shards[1].clone());
-    bad.shards[0] = simq_consul::contract::ShardEntry { shard: 0, ..second };
-    bad.shards[1] = simq_consul::contract::ShardEntry { shard: 1, ..first };
+    bad.shards[0] = simq_contract::kv::ShardEntry { shard: 0, ..second };
+    bad.shards[1] = simq_contract::kv::ShardEntry { shard: 1, ..first };
     let bad = bad.seal();
     consul
         .kv_put(

@@ -16,7 +16,8 @@ use common::{
     bin_dir, indexer, serving_a_with_b_published, signal, start_load, stop_jobs, unique_questions,
     Pace,
 };
-use simq_consul::{ConsulClient, KvLayout};
+use simq_consul::ConsulClient;
+use simq_contract::KvLayout;
 
 async fn lock_held(consul: &ConsulClient) -> bool {
     let key = KvLayout::default().rollout_lock();

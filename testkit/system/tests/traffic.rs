@@ -22,8 +22,8 @@ use common::{
     start_prometheus, status, stop_jobs, unique_questions, Pace, PORT,
 };
 use serde_json::{json, Value};
-use simq_consul::traffic::arm_of;
-use simq_consul::Arm;
+use simq_contract::traffic::arm_of;
+use simq_contract::Arm;
 
 const PROMETHEUS: &str = "127.0.0.1:19091";
 

@@ -2,10 +2,10 @@
 //! dims, the defaults), with the centroids in the CPU cache and pushed out of it between
 //! queries (as the embedder's inference on the same cores does).
 //!
-//!     cargo run --release -p simq-consul --example route_bench
+//!     cargo run --release -p simq-contract --example route_bench
 use std::time::Instant;
 
-use simq_consul::CentroidMap;
+use simq_contract::CentroidMap;
 
 fn main() {
     let (clusters, dims, nprobe) = (4096usize, 384usize, 576usize);

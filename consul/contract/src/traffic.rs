@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::contract::is_dg_name;
+use crate::kv::is_dg_name;
 
 /// Longest salt accepted (it is hashed with every query's user).
 pub const MAX_SALT_LEN: usize = 128;

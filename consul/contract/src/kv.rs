@@ -369,7 +369,7 @@ pub(crate) mod tests {
         std::env::var_os("CARGO_MANIFEST_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
-            .join("../testdata")
+            .join("../../testdata")
             .join(dir)
             .join(file)
     }

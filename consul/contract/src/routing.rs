@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use simq_vector::{dot, dot_i8, quantize};
 
-use crate::contract::Manifest;
+use crate::kv::Manifest;
 
 /// Bytes per centroid chunk in KV, well under Consul's 512 KB value cap.
 pub const CENTROID_CHUNK_BYTES: usize = 256 * 1024;
@@ -31,7 +31,7 @@ pub struct CentroidMap {
     /// The centroids as int8 codes (stored as bytes, row-major) and one scale per row: a
     /// query reads these (1.5 MiB for 4096 x 384) to shortlist clusters, and the f32 rows
     /// (6 MiB) only of the shortlist. Reading all f32 rows took 0.13 ms per query with
-    /// them in the CPU cache and 0.29 ms without (`cargo run --release -p simq-consul
+    /// them in the CPU cache and 0.29 ms without (`cargo run --release -p simq-contract
     /// --example route_bench`).
     codes: Vec<u8>,
     scales: Vec<f32>,
@@ -232,7 +232,7 @@ pub(crate) mod tests {
     }
 
     fn map() -> CentroidMap {
-        let m = crate::contract::tests::manifest();
+        let m = crate::kv::tests::manifest();
         CentroidMap::from_bytes(&m, &centroid_bytes()).unwrap()
     }
 
@@ -312,7 +312,7 @@ pub(crate) mod tests {
 
     #[test]
     fn centroid_bytes_are_checked_against_the_manifest() {
-        let m = crate::contract::tests::manifest();
+        let m = crate::kv::tests::manifest();
         let mut bytes = centroid_bytes();
         assert_eq!(map().to_bytes(), bytes);
         assert_eq!(map().sha256(), m.clusters.centroids_sha256);
