@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use simq_contract::apikeys::{self, ApiKeyRecord};
+use simq_contract::Record;
 
 use crate::request::{ApiError, ApiErrorKind};
 
@@ -101,18 +102,13 @@ impl Auth {
         let mut next = KeyTable::default();
         let old = self.table.read().expect("key table lock");
         for (kv_key, value) in entries {
-            let record = match serde_json::from_slice::<ApiKeyRecord>(value) {
+            let record = match ApiKeyRecord::decode(kv_key, value) {
                 Ok(r) => r,
                 Err(e) => {
-                    next.rejected
-                        .push(format!("{kv_key}: not an API key record: {e}"));
+                    next.rejected.push(e.to_string());
                     continue;
                 }
             };
-            if let Err(e) = record.validate() {
-                next.rejected.push(format!("{kv_key}: {e}"));
-                continue;
-            }
             if !kv_key.ends_with(&format!("/{}", record.id)) {
                 next.rejected.push(format!(
                     "{kv_key}: record id {} differs from its key",
@@ -329,7 +325,7 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!(rejected.len(), 2, "{rejected:?}");
         assert!(rejected[0].starts_with("simq/keys/ffffffff: record id 01020304"));
-        assert!(rejected[1].starts_with("simq/keys/garbage: not an API key record"));
+        assert!(rejected[1].starts_with("simq/keys/garbage is not an API key record"));
     }
 
     #[test]

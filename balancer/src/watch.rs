@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use simq_consul::{BlockingQuery, ConsulClient};
+use simq_contract::Record;
 use simq_contract::{ActiveDg, CentroidMap, KvLayout, Manifest, TrafficSplit};
 
 use crate::metrics::Metrics;
@@ -173,11 +174,7 @@ impl Watcher {
 
     async fn read_split(&self, raw: &[u8]) -> anyhow::Result<crate::state::CandidateIndex> {
         let key = self.layout.traffic();
-        let split: TrafficSplit = serde_json::from_slice(raw)
-            .map_err(|e| anyhow::anyhow!("{key} is not a traffic split: {e}"))?;
-        split
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let split = TrafficSplit::decode(&key, raw)?;
         let loaded = self.state.load().parts.candidate.clone();
         let (manifest, map) = match loaded.filter(|c| c.manifest.dg == split.candidate) {
             Some(c) => (c.manifest, c.map),
@@ -196,12 +193,7 @@ impl Watcher {
     /// The pointer, its manifest and centroid map; None when no dg was ever activated.
     async fn read_active(&self, raw: Option<Vec<u8>>) -> anyhow::Result<Option<ActiveIndex>> {
         let Some(raw) = raw else { return Ok(None) };
-        let active: ActiveDg = serde_json::from_slice(&raw).map_err(|e| {
-            anyhow::anyhow!("{} is not an active pointer: {e}", self.layout.active())
-        })?;
-        active
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.layout.active()))?;
+        let active = ActiveDg::decode(&self.layout.active(), &raw)?;
         if let Some(routing) = self.state.load().routing.as_ref() {
             if routing.active.dg == active.dg {
                 return Ok(Some(ActiveIndex {
@@ -228,11 +220,7 @@ impl Watcher {
             .await?
             .value
             .ok_or_else(|| anyhow::anyhow!("dg {dg} has no manifest at {key}"))?;
-        let manifest: Manifest = serde_json::from_slice(&kv.value)
-            .map_err(|e| anyhow::anyhow!("{key} is not a manifest: {e}"))?;
-        manifest
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let manifest = Manifest::decode(&key, &kv.value)?;
         if manifest.dg != dg {
             anyhow::bail!("{key} describes dg {}, not {dg}", manifest.dg);
         }

@@ -3,6 +3,7 @@
 //! the same state exactly one wins; the other gets [`FlipError::LostRace`]).
 
 use simq_consul::ConsulClient;
+use simq_contract::Record;
 use simq_contract::{ActiveDg, KvLayout};
 
 /// The active pointer as read, with the index a CAS write must name.
@@ -21,8 +22,9 @@ pub enum FlipError {
     LostRace { now: String },
     #[error("{0}")]
     Consul(#[from] simq_consul::Error),
-    #[error("{key} holds something that is not an active pointer: {reason}")]
-    Corrupt { key: String, reason: String },
+    /// The pointer's key holds something that is not a valid active pointer.
+    #[error("{0}")]
+    Corrupt(#[from] simq_contract::Invalid),
 }
 
 /// Outcome of a flip.
@@ -42,15 +44,7 @@ pub async fn observe(consul: &ConsulClient, layout: &KvLayout) -> Result<Observe
             modify_index: 0,
         }),
         Some(kv) => {
-            let active: ActiveDg =
-                serde_json::from_slice(&kv.value).map_err(|e| FlipError::Corrupt {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })?;
-            active.validate().map_err(|reason| FlipError::Corrupt {
-                key: key.clone(),
-                reason,
-            })?;
+            let active = ActiveDg::decode(&key, &kv.value)?;
             Ok(Observed {
                 active: Some(active),
                 modify_index: kv.modify_index,

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use simq_consul::ConsulClient;
 use simq_contract::apikeys::{self, ApiKeyRecord};
 use simq_contract::KvLayout;
+use simq_contract::Record;
 
 /// What a new key may do.
 #[derive(Debug, Clone)]
@@ -69,12 +70,9 @@ pub async fn list(
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for kv in consul.kv_list(&layout.api_keys(), None).await?.value {
-        match serde_json::from_slice::<ApiKeyRecord>(&kv.value)
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.validate().map(|()| r))
-        {
+        match ApiKeyRecord::decode(&kv.key, &kv.value) {
             Ok(r) => good.push(r),
-            Err(e) => bad.push(format!("{}: {e}", kv.key)),
+            Err(e) => bad.push(e.to_string()),
         }
     }
     good.sort_by(|a, b| a.id.cmp(&b.id));

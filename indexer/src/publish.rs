@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use simq_consul::ConsulClient;
+use simq_contract::Record;
 use simq_contract::{KvLayout, Manifest};
 
 use crate::blobs::{BlobStore, Put};
@@ -39,11 +40,7 @@ impl PublishReport {
 pub fn read_manifest(dg_dir: &Path) -> anyhow::Result<(Manifest, Vec<u8>)> {
     let path = dg_dir.join("manifest.json");
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest: Manifest = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a manifest", path.display()))?;
-    manifest
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let manifest = Manifest::decode(&path.display().to_string(), &bytes)?;
     Ok((manifest, bytes))
 }
 

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use simq_consul::ConsulClient;
+use simq_contract::Record;
 use simq_contract::{KvLayout, Manifest};
 use simq_nomad::{hcl_variables, Deployment, DeploymentGroup, DeploymentStatus, NomadClient};
 
@@ -184,10 +185,7 @@ pub async fn published_manifest(
     let kv = consul.kv_get(&key, None).await?.value.ok_or_else(|| {
         anyhow!("dg {dg} is not published: {key} does not exist (run `simq-indexer publish` first)")
     })?;
-    let m: Manifest =
-        serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not a manifest"))?;
-    m.validate().map_err(|e| anyhow!("{key}: {e}"))?;
-    Ok(m)
+    Ok(Manifest::decode(&key, &kv.value)?)
 }
 
 fn go_duration(d: Duration) -> String {

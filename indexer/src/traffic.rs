@@ -5,13 +5,14 @@
 
 use anyhow::{anyhow, bail, Context};
 use simq_consul::ConsulClient;
+use simq_contract::Record;
 use simq_contract::{KvLayout, TrafficSplit};
 
 /// The split as read, with the index a CAS write must name.
 #[derive(Debug, Clone)]
 pub struct Observed {
     /// The split; `Err` with the reason when the key holds something that is not one.
-    pub split: Option<Result<TrafficSplit, String>>,
+    pub split: Option<Result<TrafficSplit, simq_contract::Invalid>>,
     /// Modify index of the key, 0 when it does not exist.
     pub modify_index: u64,
 }
@@ -24,12 +25,7 @@ pub async fn observe(consul: &ConsulClient, layout: &KvLayout) -> anyhow::Result
             modify_index: 0,
         },
         Some(kv) => Observed {
-            split: Some(
-                serde_json::from_slice::<TrafficSplit>(&kv.value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| s.validate().map(|()| s))
-                    .map_err(|e| format!("{key} holds something that is not a traffic split: {e}")),
-            ),
+            split: Some(TrafficSplit::decode(&key, &kv.value)),
             modify_index: kv.modify_index,
         },
     })
@@ -104,7 +100,7 @@ pub async fn clear(
     consul: &ConsulClient,
     layout: &KvLayout,
     observed: &Observed,
-) -> anyhow::Result<Option<Result<TrafficSplit, String>>> {
+) -> anyhow::Result<Option<Result<TrafficSplit, simq_contract::Invalid>>> {
     if observed.split.is_none() {
         return Ok(None);
     }
@@ -129,7 +125,7 @@ async fn lost_race(consul: &ConsulClient, layout: &KvLayout) -> String {
         Ok(Observed {
             split: Some(Err(e)),
             ..
-        }) => e,
+        }) => e.to_string(),
         Err(e) => format!("unknown ({e})"),
     };
     format!(

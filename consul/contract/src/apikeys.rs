@@ -35,18 +35,15 @@ pub struct ApiKeyRecord {
 
 impl ApiKeyRecord {
     /// Everything the balancer relies on; a record failing this is skipped and reported.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
         if !is_key_id(&self.id) {
-            return Err(format!(
-                "id {:?} is not {ID_HEX} lowercase hex digits",
-                self.id
-            ));
+            return Err(format!("id {:?} is not {ID_HEX} lowercase hex digits", self.id).into());
         }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(is_lower_hex) {
             return Err("sha256 is not 64 lowercase hex digits".into());
         }
         if !(self.rate.is_finite() && self.rate > 0.0) {
-            return Err(format!("rate {} is not a positive number", self.rate));
+            return Err(format!("rate {} is not a positive number", self.rate).into());
         }
         if self.burst == 0 {
             return Err("burst is 0: the key could never send a query".into());
@@ -149,16 +146,16 @@ mod tests {
         let key = key_from_bytes([1, 2, 3, 4], [5; 16]);
         let mut r = record(&key);
         r.id = "../x".into();
-        assert!(r.validate().unwrap_err().contains("not 8 lowercase hex"));
+        assert!(r.validate().unwrap_err().0.contains("not 8 lowercase hex"));
         let mut r = record(&key);
         r.rate = f64::NAN;
-        assert!(r.validate().unwrap_err().contains("rate"));
+        assert!(r.validate().unwrap_err().0.contains("rate"));
         let mut r = record(&key);
         r.burst = 0;
-        assert!(r.validate().unwrap_err().contains("burst"));
+        assert!(r.validate().unwrap_err().0.contains("burst"));
         let mut r = record(&key);
         r.sha256 = "xyz".into();
-        assert!(r.validate().unwrap_err().contains("sha256"));
+        assert!(r.validate().unwrap_err().0.contains("sha256"));
         assert!(serde_json::from_str::<ApiKeyRecord>(
             r#"{"id":"01020304","label":"","sha256":"","created_at":"","rate":1,"burst":1,"key":"leaked"}"#
         )

@@ -192,34 +192,36 @@ impl Manifest {
     }
 
     /// Check the invariants a reader relies on; the message names what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
         if !READABLE_MANIFEST_FORMATS.contains(&self.format) {
             return Err(format!(
                 "manifest format {} (this build reads formats {} to {})",
                 self.format,
                 READABLE_MANIFEST_FORMATS.start(),
                 READABLE_MANIFEST_FORMATS.end()
-            ));
+            )
+            .into());
         }
         if self.dg != self.content_id() {
             return Err(format!(
                 "dg {} does not match the manifest's content ({})",
                 self.dg,
                 self.content_id()
-            ));
+            )
+            .into());
         }
         if self.shards.is_empty() {
             return Err("the manifest lists no shards".into());
         }
         if self.dims == 0 || self.dims > MAX_DIMS {
-            return Err(format!("dims is {}; must be 1 to {MAX_DIMS}", self.dims));
+            return Err(format!("dims is {}; must be 1 to {MAX_DIMS}", self.dims).into());
         }
         let clusters = self.clusters.shard_of.len();
         if clusters < self.shards.len() || clusters > MAX_CLUSTERS {
             return Err(format!(
                 "{clusters} clusters for {} shards; need at least one per shard and at most {MAX_CLUSTERS}",
                 self.shards.len()
-            ));
+            ).into());
         }
         if let Some((c, s)) = self
             .clusters
@@ -231,7 +233,8 @@ impl Manifest {
             return Err(format!(
                 "cluster {c} is in shard {s}, but there are {} shards",
                 self.shards.len()
-            ));
+            )
+            .into());
         }
         let bytes = clusters * self.dims * 4;
         let chunks = self.clusters.centroid_chunks as usize;
@@ -239,7 +242,8 @@ impl Manifest {
             return Err(format!(
                 "{chunks} centroid chunks for {bytes} bytes of centroids; expected {}",
                 bytes.div_ceil(crate::routing::CENTROID_CHUNK_BYTES)
-            ));
+            )
+            .into());
         }
         if let Some(s) = self
             .shards
@@ -247,7 +251,7 @@ impl Manifest {
             .enumerate()
             .find(|(i, s)| s.shard as usize != *i)
         {
-            return Err(format!("shard entry {} is numbered {}", s.0, s.1.shard));
+            return Err(format!("shard entry {} is numbered {}", s.0, s.1.shard).into());
         }
         Ok(())
     }
@@ -275,12 +279,12 @@ pub fn is_dg_name(name: &str) -> bool {
 
 impl ActiveDg {
     /// The pointer names dgs only (its values become Consul keys and file paths).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
         for name in std::iter::once(&self.dg).chain(&self.previous) {
             if !is_dg_name(name) {
-                return Err(format!(
-                    "{name:?} is not a dg id (dg- and 16 lowercase hex digits)"
-                ));
+                return Err(
+                    format!("{name:?} is not a dg id (dg- and 16 lowercase hex digits)").into(),
+                );
             }
         }
         Ok(())
@@ -416,7 +420,7 @@ pub(crate) mod tests {
                 dg: bad.into(),
                 ..ok.clone()
             };
-            assert!(p.validate().unwrap_err().contains("not a dg id"), "{bad}");
+            assert!(p.validate().unwrap_err().0.contains("not a dg id"), "{bad}");
             let p = ActiveDg {
                 previous: Some(bad.into()),
                 ..ok.clone()
@@ -474,7 +478,7 @@ pub(crate) mod tests {
         let mut other = m.clone();
         other.shards[1].sha256 = "changed".into();
         assert_ne!(other.content_id(), m.dg);
-        assert!(other.validate().unwrap_err().contains("does not match"));
+        assert!(other.validate().unwrap_err().0.contains("does not match"));
     }
 
     #[test]
@@ -531,7 +535,7 @@ pub(crate) mod tests {
         m.clusters.shard_of[2] = 5;
         let m = m.seal();
         assert_eq!(
-            m.validate().unwrap_err(),
+            m.validate().unwrap_err().0,
             "cluster 2 is in shard 5, but there are 2 shards"
         );
     }
@@ -545,6 +549,7 @@ pub(crate) mod tests {
             .seal()
             .validate()
             .unwrap_err()
+            .0
             .contains("1 clusters for 2 shards"));
         let mut m = manifest();
         m.clusters.centroid_chunks = 2;
@@ -552,6 +557,7 @@ pub(crate) mod tests {
             .seal()
             .validate()
             .unwrap_err()
+            .0
             .contains("2 centroid chunks"));
     }
 
@@ -647,7 +653,7 @@ mod properties {
                     // Random bytes are never taken for its centroids.
                     prop_assert!(crate::CentroidMap::from_bytes(&m, &centroids).is_err());
                 }
-                Err(reason) => prop_assert!(!reason.is_empty()),
+                Err(reason) => prop_assert!(!reason.0.is_empty()),
             }
         }
     }

@@ -59,13 +59,18 @@ impl ProbePlan {
 
 impl CentroidMap {
     /// A map from rows of centroids; `centroids.len()` must be `shard_of.len() * dims`.
-    pub fn new(dims: usize, centroids: Vec<f32>, shard_of: Vec<u32>) -> Result<Self, String> {
+    pub fn new(
+        dims: usize,
+        centroids: Vec<f32>,
+        shard_of: Vec<u32>,
+    ) -> Result<Self, crate::Invalid> {
         if dims == 0 || centroids.len() != shard_of.len() * dims {
             return Err(format!(
                 "{} centroid floats for {} clusters of {dims} dims",
                 centroids.len(),
                 shard_of.len()
-            ));
+            )
+            .into());
         }
         if centroids.iter().any(|x| !x.is_finite()) {
             return Err("a centroid has a NaN or infinite component".into());
@@ -89,7 +94,7 @@ impl CentroidMap {
 
     /// The map of `manifest` from its centroid bytes (all chunks joined), checked against
     /// the manifest's sha256 and sizes.
-    pub fn from_bytes(manifest: &Manifest, bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_bytes(manifest: &Manifest, bytes: &[u8]) -> Result<Self, crate::Invalid> {
         let table = &manifest.clusters;
         let expected = table.shard_of.len() * manifest.dims * 4;
         if bytes.len() != expected {
@@ -97,14 +102,16 @@ impl CentroidMap {
                 "centroids of dg {} are {} bytes, the manifest needs {expected}",
                 manifest.dg,
                 bytes.len()
-            ));
+            )
+            .into());
         }
         let sha = hex::encode(Sha256::digest(bytes));
         if sha != table.centroids_sha256 {
             return Err(format!(
                 "centroids of dg {} have sha256 {sha}, the manifest pins {}",
                 manifest.dg, table.centroids_sha256
-            ));
+            )
+            .into());
         }
         let floats = bytes
             .chunks_exact(4)
@@ -319,9 +326,11 @@ pub(crate) mod tests {
         bytes[0] ^= 1;
         assert!(CentroidMap::from_bytes(&m, &bytes)
             .unwrap_err()
+            .0
             .contains("the manifest pins"));
         assert!(CentroidMap::from_bytes(&m, &bytes[..8])
             .unwrap_err()
+            .0
             .contains("8 bytes"));
     }
 }

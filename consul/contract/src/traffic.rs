@@ -34,23 +34,25 @@ pub struct TrafficSplit {
 
 impl TrafficSplit {
     /// Check what a reader relies on; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
         if !is_dg_name(&self.candidate) {
             return Err(format!(
                 "candidate {:?} is not a dg id (dg- and 16 lowercase hex digits)",
                 self.candidate
-            ));
+            )
+            .into());
         }
         for (name, v) in [("weight", self.weight), ("shadow", self.shadow)] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(format!("{name} is {v}; must be between 0 and 1"));
+                return Err(format!("{name} is {v}; must be between 0 and 1").into());
             }
         }
         if self.salt.is_empty() || self.salt.len() > MAX_SALT_LEN {
             return Err(format!(
                 "salt has {} bytes; must have 1 to {MAX_SALT_LEN}",
                 self.salt.len()
-            ));
+            )
+            .into());
         }
         Ok(())
     }
@@ -210,7 +212,7 @@ mod tests {
         let bad = |f: fn(&mut TrafficSplit)| {
             let mut s = good.clone();
             f(&mut s);
-            s.validate().unwrap_err()
+            s.validate().unwrap_err().0
         };
         assert!(bad(|s| s.candidate = "../x".into()).contains("candidate"));
         assert!(bad(|s| s.weight = 1.5).contains("weight"));
