@@ -1,7 +1,10 @@
 //! What the integration tests and benchmarks of simq's crates share: free loopback ports,
 //! processes that are stopped when a test ends (also when an assertion fails), services
-//! started on two free ports, plain HTTP reads, and the one quantile function every
-//! latency figure uses. A dev-dependency only; nothing here ships.
+//! started on two free ports, plain HTTP reads, the one quantile function every latency
+//! figure uses, and the one load generator ([`load`]). A dev-dependency only; nothing
+//! here ships.
+
+pub mod load;
 
 use std::process::{Child, Command};
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -346,10 +346,11 @@ pub fn quantile_ms(values: &[f64], p: f64) -> f64 {
 pub enum Pace {
     /// One query at a time with a 20 ms pause, cycling through the texts.
     Serial,
-    /// Open loop: this many queries per second, each text once (no answer cache hits);
-    /// the run ends when the texts do. Every other query comes from an impatient client
-    /// (sends again at once after a 503, up to `RESENDS` times), the others from polite
-    /// ones (a 503 is a failure).
+    /// Open loop: this many queries per second, each text once (no answer cache hits;
+    /// a refused text may go again once every text was sent); the run ends when the
+    /// texts do. Every other query comes from an impatient client (sends again at once
+    /// after a 503, up to `RESENDS` times), the others from polite ones (a 503 is a
+    /// failure).
     Rate(f64),
 }
 
@@ -365,63 +366,51 @@ pub fn unix_now() -> f64 {
 /// Retry-After) after a 503 or a broken connection, as `wrk` and most worker pools do.
 pub const RESENDS: u32 = 10;
 
-/// One query and what came back, into `report`; latency counted from `since` (the
-/// scheduled time in open loop: no coordinated omission). After a 503 or a broken
-/// connection the query is sent again at once, up to `resends` times; only the last
-/// outcome counts (a polite client has `resends` 0: its first refusal is a failure).
-async fn send_query(
-    client: &reqwest::Client,
-    text: &str,
-    report: &std::sync::Mutex<LoadReport>,
-    since: Instant,
-    resends: u32,
-) {
-    let body = json!({"query": text, "k": 3}).to_string();
-    let mut left = resends;
-    let mut entry = loop {
-        let outcome = client
-            .post(format!("http://127.0.0.1:{PORT}/v1/query"))
-            .body(body.clone())
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
-        let entry = match outcome {
-            Ok(r) if r.status().is_success() => Ok(r.json::<Value>().await.unwrap_or(Value::Null)),
-            Ok(r) => Err((r.status().as_u16(), r.text().await.unwrap_or_default())),
-            Err(e) => Err((0, e.to_string())),
+/// The one load generator (`simq_testkit::load`) aimed at the local balancer, asking 3
+/// neighbours per query and keeping every answer.
+fn load_config() -> simq_testkit::load::Config {
+    simq_testkit::load::Config {
+        urls: vec![format!("http://127.0.0.1:{PORT}/v1/query")
+            .parse()
+            .expect("a URL")],
+        k: 3,
+        keep_answers: true,
+        ..Default::default()
+    }
+}
+
+impl LoadReport {
+    /// The report of a run of the load generator.
+    fn of(out: simq_testkit::load::Outcome) -> Self {
+        let mut r = LoadReport {
+            resent: out.resent_at_once,
+            // Ended by itself: its texts or its `max` used up (not stopped, not at 300 s).
+            exhausted: !out.stopped && out.seconds < 299.0,
+            ..Default::default()
         };
-        match entry {
-            Err((0 | 503, _)) if left > 0 => {
-                left -= 1;
-                report.lock().unwrap().resent += 1;
+        for a in out.answers {
+            if !a.ok() {
+                r.failed_ms.push(a.ms);
+                r.failed
+                    .push((a.status.parse().unwrap_or(0), a.note.unwrap_or(a.status)));
+                continue;
             }
-            entry => break entry,
-        }
-    };
-    let ms = since.elapsed().as_secs_f64() * 1000.0;
-    let mut report = report.lock().unwrap();
-    match &mut entry {
-        Ok(v) => {
-            report.answered_ms.push(ms);
-            report
-                .top_scores
-                .push(v["results"][0]["score"].as_f64().unwrap_or(0.0));
-            report.ok += 1;
-            if v["degraded"] == true {
-                report.degraded += 1;
-                let unix = unix_now();
-                report.degraded_unix.push(unix);
-                report.degraded_notes.push(format!(
-                    "answered at unix {unix:.3}: {} contour {} {}",
-                    v["dg"], v["contour"], v["notes"]
+            r.ok += 1;
+            r.answered_ms.push(a.ms);
+            r.top_scores.push(a.top_score.unwrap_or(0.0));
+            r.dgs.push(a.dg.clone().unwrap_or_default());
+            if a.degraded {
+                let unix = (a.due_unix_ms + a.ms) / 1000.0;
+                r.degraded += 1;
+                r.degraded_unix.push(unix);
+                r.degraded_notes.push(format!(
+                    "answered at unix {unix:.3}: {:?} {}",
+                    a.dg.unwrap_or_default(),
+                    a.note.unwrap_or_default()
                 ));
             }
-            report.dgs.push(v["dg"].as_str().unwrap_or("").to_string());
         }
-        Err(failure) => {
-            report.failed_ms.push(ms);
-            report.failed.push(std::mem::take(failure));
-        }
+        r
     }
 }
 
@@ -432,41 +421,25 @@ pub fn start_load(
     pace: Pace,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<LoadReport> {
-    tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
-        let started = Instant::now();
-        let mut inflight = Vec::new();
-        let mut exhausted = true;
-        for i in 0..max {
-            if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300) {
-                exhausted = false;
-                break;
-            }
-            match pace {
-                Pace::Serial => {
-                    send_query(&client, &texts[i % texts.len()], &report, Instant::now(), 0).await;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Pace::Rate(rate) => {
-                    let Some(text) = texts.get(i).cloned() else {
-                        break;
-                    };
-                    let at = started + Duration::from_secs_f64(i as f64 / rate);
-                    tokio::time::sleep_until(at.into()).await;
-                    let (client, report) = (client.clone(), report.clone());
-                    let resends = if i % 2 == 1 { RESENDS } else { 0 };
-                    inflight.push(tokio::spawn(async move {
-                        send_query(&client, &text, &report, at, resends).await
-                    }));
-                }
-            }
-        }
-        futures::future::join_all(inflight).await;
-        let mut report = std::mem::take(&mut *report.lock().unwrap());
-        report.exhausted = exhausted && !stop.load(Ordering::Relaxed);
-        report
-    })
+    let config = simq_testkit::load::Config {
+        max,
+        seconds: 300.0,
+        ..load_config()
+    };
+    let config = match pace {
+        Pace::Serial => simq_testkit::load::Config {
+            connections: 1,
+            pause: Duration::from_millis(20),
+            repeat: Some(texts.len()),
+            ..config
+        },
+        Pace::Rate(rate) => simq_testkit::load::Config {
+            rate: Some(rate),
+            impatient: RESENDS,
+            ..config
+        },
+    };
+    tokio::spawn(async move { LoadReport::of(simq_testkit::load::run(config, texts, stop).await) })
 }
 
 /// `n` unique query texts: corpus sample lines from `start` on (lines the tests do not
@@ -497,26 +470,19 @@ pub fn unique_texts(lines: &[String], from: usize, n: usize) -> Vec<String> {
 }
 
 /// Answered queries per second with `connections` clients for `seconds`, each query
-/// unique (taken from `texts`, which must hold enough).
+/// unique (taken from `texts`, which must hold enough); a refused query counts as not
+/// answered and its client goes on at once.
 pub async fn capacity(texts: &[String], connections: usize, seconds: f64) -> f64 {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let texts = Arc::new(texts.to_vec());
-    let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
-    let started = Instant::now();
-    let workers = (0..connections).map(|_| {
-        let (next, texts, report) = (next.clone(), texts.clone(), report.clone());
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            while started.elapsed().as_secs_f64() < seconds {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(text) = texts.get(i) else { break };
-                send_query(&client, text, &report, Instant::now(), 0).await;
-            }
-        })
-    });
-    futures::future::join_all(workers).await;
-    let ok = report.lock().unwrap().ok;
-    ok as f64 / started.elapsed().as_secs_f64()
+    let config = simq_testkit::load::Config {
+        connections,
+        seconds,
+        ignore_retry_after: true,
+        keep_answers: false,
+        ..load_config()
+    };
+    let out =
+        simq_testkit::load::run(config, texts.to_vec(), Arc::new(AtomicBool::new(false))).await;
+    out.ok() as f64 / out.seconds
 }
 
 /// Pids of the running processes of `binary` (a file name such as "simq-shard") whose
