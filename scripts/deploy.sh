@@ -91,20 +91,14 @@ if [ $nodes = 0 ] && acl_enabled; then
     unset NOMAD_TOKEN
   fi
 fi
-nomad_run() { # nomad_run JOBFILE VAR=VALUE...: register and wait for the deployment
+# nomad_run JOBFILE VAR=VALUE...: register one of simq's job specs (the copy compiled into
+# simq-indexer, the one rollout registers too) and wait until its deployment succeeds.
+# simq-indexer takes its Nomad token from NOMAD_TOKEN_FILE (secure mode, above).
+nomad_run() {
   local file=$1
   shift
-  local vars=() v
-  for v in "$@"; do vars+=(-var "$v"); done
-  # The CLI takes its token from NOMAD_TOKEN (environment, never the command line).
-  (
-    if [ -n "${NOMAD_TOKEN_FILE:-}" ]; then
-      NOMAD_TOKEN="$(cat "$NOMAD_TOKEN_FILE")"
-      export NOMAD_TOKEN
-    fi
-    exec "$NOMAD_BIN" job run -address="$NOMAD_ADDR" "${vars[@]}" "$SIMQ_ROOT/nomad/$file"
-  ) >"$SIMQ_CLUSTER_DIR/last-job-run.log" 2>&1 ||
-    { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "nomad job run nomad/$file failed (above)"; }
+  "$bin/simq-indexer" run-job "${file%.nomad.hcl}" "$@" --nomad "$NOMAD_ADDR" >"$SIMQ_CLUSTER_DIR/last-job-run.log" 2>&1 ||
+    { tail -n 20 "$SIMQ_CLUSTER_DIR/last-job-run.log" >&2; die "simq-indexer run-job ${file%.nomad.hcl} failed (above)"; }
 }
 
 # check_nodes: the acceptance of issue 31 for the node cluster: a query answered through

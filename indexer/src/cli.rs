@@ -74,6 +74,12 @@ pub(crate) enum Command {
     /// wait until their tasks have ended, then purge them: what scripts/cluster.sh stop
     /// does before it stops the agents.
     StopJobs(StopJobsArgs),
+    /// Register one of simq's job specs (compiled in from nomad/*.nomad.hcl: shards,
+    /// embedder, balancer, blobs) with NAME=VALUE variables and wait until Nomad's
+    /// deployment of it succeeds. Fails, naming the cause per task group, when the
+    /// deployment fails or does not end in time. The one way scripts/deploy.sh and the
+    /// tests register jobs.
+    RunJob(RunJobArgs),
     /// Put files into the blob store under their sha256 and print each sha256 (one per
     /// line): the binaries, ONNX Runtime and model files the jobs fetch as artifacts.
     PutBlob(PutBlobArgs),
@@ -205,6 +211,20 @@ pub(crate) struct ClusterArgs {
     /// of simq's jobs: NOMAD_NAMESPACE, default Nomad's "default").
     #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
     pub(crate) nomad: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RunJobArgs {
+    /// The job spec: shards, embedder, balancer or blobs.
+    pub(crate) spec: String,
+    /// Variables of the spec, NAME=VALUE (a value opening with { or [ is an HCL map or
+    /// list; any other is a string, converted by Nomad to the variable's type).
+    pub(crate) vars: Vec<String>,
+    /// Seconds to wait for the deployment to end.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) timeout_secs: u64,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
 }
 
 #[derive(Args, Debug)]

@@ -11,6 +11,7 @@ use simq_contract::services;
 use simq_contract::KvLayout;
 use simq_indexer::blobs::serve;
 use simq_indexer::flip::{self, Flipped};
+use simq_indexer::jobs::Ran;
 use simq_indexer::lock::{read_holder, RolloutLock};
 use simq_indexer::models;
 use simq_indexer::publish::publish as publish_dg;
@@ -21,7 +22,7 @@ use simq_nomad::NomadClient;
 
 use crate::cli::{
     ClusterArgs, CompareArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs,
-    ServeBlobsArgs, StopJobsArgs, TrafficCommand,
+    RunJobArgs, ServeBlobsArgs, StopJobsArgs, TrafficCommand,
 };
 
 /// The Consul client (with the token from the environment) and the KV layout.
@@ -511,6 +512,19 @@ pub async fn serve_blobs(args: ServeBlobsArgs) -> anyhow::Result<()> {
         simq_runtime::service::shutdown_signal(),
     )
     .await;
+    Ok(())
+}
+
+pub async fn run_job(args: RunJobArgs) -> anyhow::Result<()> {
+    let (_, nomad, _) = clients(&args.cluster)?;
+    let vars = simq_indexer::jobs::parse_vars(&args.vars)?;
+    let limit = Duration::from_secs(args.timeout_secs);
+    match simq_indexer::jobs::run_job(&nomad, &args.spec, &vars, limit).await? {
+        Ran::Unchanged { job, version } => {
+            eprintln!("{job} version {version} already runs: nothing to deploy")
+        }
+        Ran::Deployed { job, version } => eprintln!("{job} version {version} deployed"),
+    }
     Ok(())
 }
 

@@ -25,6 +25,7 @@ pub mod contours;
 pub mod corpus;
 pub mod eval;
 pub mod flip;
+pub mod jobs;
 pub mod keys;
 pub mod kmeans;
 pub mod lock;

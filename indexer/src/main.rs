@@ -74,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(args) => rt()?.block_on(cluster::compare(args)),
         Command::Status(args) => rt()?.block_on(cluster::status(args)),
         Command::StopJobs(args) => rt()?.block_on(cluster::stop_jobs(args)),
+        Command::RunJob(args) => rt()?.block_on(cluster::run_job(args)),
         Command::Keys(cmd) => rt()?.block_on(cluster::keys(cmd)),
         Command::Traffic(cmd) => rt()?.block_on(cluster::traffic(cmd)),
         Command::PutBlob(args) => rt()?.block_on(async {

@@ -413,61 +413,6 @@ pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration
     }
 }
 
-/// Why the deployment of `version` failed, per shard, from the allocations' task events.
-pub async fn failure_causes(nomad: &NomadClient, version: u64) -> anyhow::Result<Vec<String>> {
-    // Groups Nomad could not place at all (no allocation to read events from), e.g. the
-    // node's CPU or memory reservations are used up.
-    let mut causes = nomad.placement_failures(SHARDS_JOB_ID).await?;
-    for stub in nomad.job_allocations(SHARDS_JOB_ID).await? {
-        if stub.job_version != version {
-            continue;
-        }
-        let healthy = stub.deployment_status.as_ref().and_then(|d| d.healthy);
-        if healthy == Some(true) {
-            continue;
-        }
-        let alloc = nomad.allocation(&stub.id).await?;
-        let noise = [
-            ": Received:",
-            ": Task Setup:",
-            ": Downloading Artifacts:",
-            ": Restarting:",
-            ": Not Restarting:",
-        ];
-        let mut interesting: Vec<String> = Vec::new();
-        for l in alloc.event_lines() {
-            if !noise.iter().any(|n| l.contains(n)) && !interesting.contains(&l) {
-                interesting.push(l);
-            }
-        }
-        if interesting.is_empty() {
-            continue;
-        }
-        // The shard binary says why it refused its file on stderr, last line "error: ...".
-        let said = nomad
-            .task_log_tail(&alloc.id, "shard", true, 4096)
-            .await
-            .ok()
-            .and_then(|log| {
-                log.lines()
-                    .rev()
-                    .find(|l| l.starts_with("error: "))
-                    .map(String::from)
-            });
-        let mut cause = format!(
-            "{} ({}): {}",
-            alloc.task_group,
-            alloc.client_status,
-            interesting.join(" | ")
-        );
-        if let Some(said) = said {
-            cause.push_str(&format!(" | shard said: {said}"));
-        }
-        causes.push(cause);
-    }
-    Ok(causes)
-}
-
 /// After a failure: if this rollout flipped the pointer, flip it back to the dg that
 /// served before (whose shards Nomad's revert keeps or brings back) and say so; `None`
 /// when nothing was flipped.
@@ -841,7 +786,8 @@ pub async fn rollout(
             Step::Wait => tokio::time::sleep(Duration::from_millis(500)).await,
             Step::Done => break,
             Step::Reverted { to } => {
-                let causes = failure_causes(nomad, version).await?;
+                let causes =
+                    crate::jobs::failure_causes(nomad, SHARDS_JOB_ID, "shard", version).await?;
                 if let Some(back) = flip_back(consul, layout, &flipped).await {
                     bail!(
                         "rollout of {dg} failed after the flip and Nomad reverted the job (version {version} -> {to}): {}. {back}",
@@ -854,7 +800,8 @@ pub async fn rollout(
                 );
             }
             Step::Failed { description } => {
-                let causes = failure_causes(nomad, version).await?;
+                let causes =
+                    crate::jobs::failure_causes(nomad, SHARDS_JOB_ID, "shard", version).await?;
                 if let Some(back) = flip_back(consul, layout, &flipped).await {
                     bail!(
                         "rollout of {dg} failed after the flip: {description}; {}. {back}",
