@@ -233,6 +233,11 @@ struct Flags {
     degraded: bool,
     #[serde(default)]
     cached: bool,
+}
+
+/// What an [`Answer`] keeps of a 200, read only with [`Config::keep_answers`].
+#[derive(Deserialize)]
+struct Detail {
     #[serde(default)]
     dg: Option<String>,
     #[serde(default)]
@@ -405,14 +410,18 @@ impl Generator {
                 }
                 _ => None,
             };
+            let detail = body
+                .as_ref()
+                .filter(|_| flags.is_some())
+                .and_then(|b| serde_json::from_slice::<Detail>(b).ok());
             Answer {
                 due_unix_ms: self.unix_ms(due),
                 ms,
                 status: status.clone(),
-                dg: flags.as_ref().and_then(|f| f.dg.clone()),
-                top_score: flags
+                dg: detail.as_ref().and_then(|d| d.dg.clone()),
+                top_score: detail
                     .as_ref()
-                    .map(|f| f.results.first().and_then(|r| r.score).unwrap_or(0.0)),
+                    .map(|d| d.results.first().and_then(|r| r.score).unwrap_or(0.0)),
                 degraded,
                 note,
             }
