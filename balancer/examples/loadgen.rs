@@ -183,25 +183,32 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     let out = load::run(config.clone(), lines, stop).await;
-    let timeline = out.answers.iter().map(|a| {
-        json!({
-            "at_unix_ms": a.due_unix_ms.round(),
-            "ms": (a.ms * 100.0).round() / 100.0,
-            "status": a.status,
-            "degraded": a.degraded,
-        })
-    });
-    for (path, lines) in [
-        (&args.record, out.records.clone()),
-        (&args.timeline, timeline.collect()),
-    ] {
-        if let Some(path) = path {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-            for line in lines {
-                writeln!(f, "{line}")?;
-            }
-        }
+    if let Some(path) = &args.record {
+        write_lines(path, &out.records)?;
+    }
+    if let Some(path) = &args.timeline {
+        let timeline = out.answers.iter().map(|a| {
+            json!({
+                "at_unix_ms": a.due_unix_ms.round(),
+                "ms": (a.ms * 100.0).round() / 100.0,
+                "status": a.status,
+                "degraded": a.degraded,
+            })
+        });
+        write_lines(path, timeline)?;
     }
     println!("{}", out.summary(&config, &args.label));
     Ok(())
+}
+
+/// Write each of `lines` as one line of `path`.
+fn write_lines(
+    path: &std::path::Path,
+    lines: impl IntoIterator<Item = impl std::fmt::Display>,
+) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for line in lines {
+        writeln!(f, "{line}")?;
+    }
+    f.flush()
 }

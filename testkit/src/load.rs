@@ -127,6 +127,19 @@ impl Answer {
     }
 }
 
+/// What ended a run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Its `seconds` were up.
+    #[default]
+    Time,
+    /// `stop` was set.
+    Stopped,
+    /// Its `max` requests were sent, or every line of its window was answered or in
+    /// flight.
+    RanOut,
+}
+
 /// Everything a run saw.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -153,8 +166,8 @@ pub struct Outcome {
     pub records: Vec<Value>,
     /// One per request, in the order they ended (with [`Config::keep_answers`]).
     pub answers: Vec<Answer>,
-    /// The run was ended by `stop` (not by its time, its `max` or its lines).
-    pub stopped: bool,
+    /// What ended the run.
+    pub ended: Ended,
     /// The next line a following run should start at.
     pub next: usize,
 }
@@ -256,6 +269,8 @@ struct Generator {
     next: AtomicUsize,
     /// Lines in flight or answered (200) in this run.
     taken: Vec<AtomicBool>,
+    /// [`Generator::take`] had nothing left to give.
+    ran_out: AtomicBool,
     tally: Mutex<Outcome>,
     client: Client<HttpConnector, Full<Bytes>>,
     /// Round robin over the URLs.
@@ -276,6 +291,14 @@ impl Generator {
     /// cache miss however long the run (a refused line never reached a cache and may go
     /// again).
     fn take(&self) -> Option<(usize, String)> {
+        let taken = self.take_next();
+        if taken.is_none() {
+            self.ran_out.store(true, Ordering::Release);
+        }
+        taken
+    }
+
+    fn take_next(&self) -> Option<(usize, String)> {
         let c = &self.config;
         let len = self.lines.len();
         // (first line of the window, its length, where in it to begin)
@@ -479,6 +502,7 @@ pub async fn run(config: Config, lines: Vec<String>, stop: Arc<AtomicBool>) -> O
     let g = Arc::new(Generator {
         next: AtomicUsize::new(config.start),
         taken: lines.iter().map(|_| AtomicBool::new(false)).collect(),
+        ran_out: AtomicBool::new(false),
         lines,
         tally: Mutex::new(Outcome::default()),
         client,
@@ -548,7 +572,13 @@ pub async fn run(config: Config, lines: Vec<String>, stop: Arc<AtomicBool>) -> O
     t.latencies_ms.sort_by(f64::total_cmp);
     t.refused_ms.sort_by(f64::total_cmp);
     t.client_dropped = client_dropped;
-    t.stopped = stop.load(Ordering::Acquire);
+    t.ended = if stop.load(Ordering::Acquire) {
+        Ended::Stopped
+    } else if g.ran_out.load(Ordering::Acquire) {
+        Ended::RanOut
+    } else {
+        Ended::Time
+    };
     t.next = g
         .next
         .load(Ordering::Relaxed)
@@ -620,7 +650,7 @@ mod tests {
         let out = run(config, lines(20), Arc::new(AtomicBool::new(false))).await;
         assert_eq!(out.ok(), 20, "every line once, then the lines are used up");
         assert_eq!(seen.load(Ordering::SeqCst), 20);
-        assert!(!out.stopped);
+        assert_eq!(out.ended, Ended::RanOut);
         assert_eq!(out.answers.len(), 20);
         assert!(out
             .answers
@@ -670,7 +700,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop.store(true, Ordering::Release);
         let out = task.await.unwrap();
-        assert!(out.stopped);
+        assert_eq!(out.ended, Ended::Stopped);
         assert!(
             out.ok() >= 3 && out.seconds < 5.0,
             "{} in {} s",

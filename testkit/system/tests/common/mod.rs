@@ -384,8 +384,7 @@ impl LoadReport {
     fn of(out: simq_testkit::load::Outcome) -> Self {
         let mut r = LoadReport {
             resent: out.resent_at_once,
-            // Ended by itself: its texts or its `max` used up (not stopped, not at 300 s).
-            exhausted: !out.stopped && out.seconds < 299.0,
+            exhausted: out.ended == simq_testkit::load::Ended::RanOut,
             ..Default::default()
         };
         for a in out.answers {
