@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use simq_consul::{BlockingQuery, ConsulClient};
-use simq_contract::Record;
-use simq_contract::{ActiveDg, CentroidMap, KvLayout, Manifest, TrafficSplit};
+use simq_contract::{services, ActiveDg, CentroidMap, KvLayout, Manifest, Record, TrafficSplit};
 
 use crate::metrics::Metrics;
 use crate::state::{ActiveIndex, SharedState};
-use simq_contract::services;
 
 /// Everything the watchers need.
 #[derive(Clone)]

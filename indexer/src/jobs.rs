@@ -97,11 +97,7 @@ pub async fn run_job(
                         "the deployment of {id} version {version} {}: {}; {}",
                         d.status,
                         d.status_description,
-                        if causes.is_empty() {
-                            "no cause recorded".into()
-                        } else {
-                            causes.join("; ")
-                        }
+                        in_words(&causes)
                     );
                 }
                 if !d.status.is_live() {
@@ -120,14 +116,19 @@ pub async fn run_job(
                 } else {
                     said.as_str()
                 },
-                if causes.is_empty() {
-                    "no cause recorded".into()
-                } else {
-                    causes.join("; ")
-                }
+                in_words(&causes)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `causes` for an error message.
+fn in_words(causes: &[String]) -> String {
+    if causes.is_empty() {
+        "no cause recorded".into()
+    } else {
+        causes.join("; ")
     }
 }
 

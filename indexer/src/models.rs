@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 use simq_consul::ConsulClient;
+use simq_contract::services::{self, tag, tag_value};
 use simq_contract::KvLayout;
 use simq_nomad::NomadClient;
 
@@ -25,9 +26,6 @@ use crate::blobs::BlobStore;
 
 /// Job ids of embedder jobs start with this.
 pub const JOB_PREFIX: &str = "simq-embedder";
-
-/// The Consul service every embedder registers, tagged `model=<model id>`.
-const SERVICE: &str = simq_contract::services::EMBEDDER;
 
 /// The job id for `model_id`'s embedders, when a rollout creates it.
 pub fn job_id(model_id: &str) -> String {
@@ -41,7 +39,7 @@ pub fn model_of(job: &Value) -> Option<String> {
         .iter()
         .flat_map(|g| g["Services"].as_array().into_iter().flatten())
         .flat_map(|s| s["Tags"].as_array().into_iter().flatten())
-        .find_map(|t| t.as_str()?.strip_prefix("model=").map(String::from))
+        .find_map(|t| services::value_of(t.as_str()?, tag::MODEL).map(String::from))
 }
 
 /// Where an embedder task's artifacts put the model's files (`nomad/embedder.nomad.hcl`:
@@ -159,13 +157,12 @@ async fn embedder_jobs(
 
 /// Passing embedders of `model_id`.
 async fn passing(consul: &ConsulClient, model_id: &str) -> anyhow::Result<usize> {
-    let tag = format!("model={model_id}");
     Ok(consul
-        .health_service(SERVICE, true, None)
+        .health_service(services::EMBEDDER, true, None)
         .await?
         .value
         .iter()
-        .filter(|e| e.tags.contains(&tag))
+        .filter(|e| tag_value(&e.tags, tag::MODEL) == Some(model_id))
         .count())
 }
 

@@ -27,8 +27,12 @@ pub mod tag {
 
 /// The value of the `name=value` tag `name`, if the instance carries it.
 pub fn tag_value<'a>(tags: &'a [String], name: &str) -> Option<&'a str> {
-    tags.iter()
-        .find_map(|t| t.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+    tags.iter().find_map(|t| value_of(t, name))
+}
+
+/// The value of `tag` when it is a `name=value` tag of `name`.
+pub fn value_of<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    tag.strip_prefix(name)?.strip_prefix('=')
 }
 
 #[cfg(test)]
