@@ -110,12 +110,10 @@ RATE=$((CAPACITY / 2))
 log "capacity on 3 nodes: $CAPACITY queries/s (closed loop, 16 connections, 3 balancers); the faults run at $RATE/s"
 
 # ---- what the checks read ----
+# The cluster's state is read by simq-indexer (indexer/src/placement.rs): nodes-of and
+# check shards-full / settled, each printing what is off.
 # passing_nodes SERVICE: the node of each passing instance of SERVICE, sorted.
-passing_nodes() { ops_consul "/v1/health/service/$1?passing" | json '" ".join(sorted(e["Node"]["Node"] for e in d))'; }
-# running_nodes JOB: the node of each running allocation of JOB, sorted.
-running_nodes() {
-  nomad_get "/v1/job/$1/allocations" | json '" ".join(sorted(a["NodeName"] for a in d if a["ClientStatus"] == "running"))'
-}
+passing_nodes() { "$BIN/simq-indexer" nodes-of "$1"; }
 # victim_gone NODE: no instance of simq on NODE passes in Consul.
 victim_gone() {
   local s
@@ -125,31 +123,10 @@ victim_gone() {
 }
 # shards_full VICTIM: every shard of the dg has 2 passing replicas on 2 different nodes
 # other than VICTIM.
-shards_full() {
-  ops_consul "/v1/health/service/simq-shard?passing" | python3 -c '
-import json, sys
-dg, d = sys.argv[1], json.load(sys.stdin)
-nodes = {}
-for e in d:
-    tags = dict(t.split("=", 1) for t in e["Service"]["Tags"] if "=" in t)
-    if tags.get("dg") == dg and e["Node"]["Node"] != sys.argv[2]:
-        nodes.setdefault(tags.get("shard"), set()).add(e["Node"]["Node"])
-sys.exit(0 if len(nodes) == 2 and all(len(n) >= 2 for n in nodes.values()) else 1)' "$DG" "$1"
-}
+shards_full() { "$BIN/simq-indexer" check shards-full --without "$1" --replicas 2 >/dev/null 2>&1; }
 # settled: every job runs exactly the allocations it asks for, Consul passes exactly the
 # running ones, and the rollout lock is free. Prints what is off when it is not.
-settled() {
-  local job service want run pass
-  for job in simq-balancer:simq-balancer simq-embedder:simq-embedder simq-shards:simq-shard; do
-    service=${job#*:} job=${job%:*}
-    want="$(nomad_get "/v1/job/$job" | json 'sum(g["Count"] for g in d["TaskGroups"])')" || return 1
-    run="$(running_nodes "$job")" || return 1
-    pass="$(passing_nodes "$service")" || return 1
-    [ "$(wc -w <<<"$run")" = "$want" ] || { echo "$job: $(wc -w <<<"$run") running, wants $want"; return 1; }
-    [ "$run" = "$pass" ] || { echo "$service: passing on [$pass], running on [$run]"; return 1; }
-  done
-  [ -z "$(ops_consul "/v1/kv/simq/rollout/lock?raw" 2>/dev/null)" ] || { echo "the rollout lock is held"; return 1; }
-}
+settled() { "$BIN/simq-indexer" check settled 2>/dev/null; }
 # seconds_since T: seconds (one decimal) since the date +%s.%N value T.
 seconds_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 # first_within LIMIT T0 CMD...: seconds since T0 at which CMD first succeeded (polled every
@@ -206,7 +183,7 @@ fault() {
     miss "$name:gone" "$name: n$victim's instances still passed in Consul after $GONE_BOUND s (first gone: $gone)"
   if [ "$replaces" = 1 ]; then
     [ "$back" != - ] && awk -v g="$back" -v b="$REPLACED_BOUND" 'BEGIN { exit !(g <= b) }' ||
-      miss "$name:shards" "$name: shards not back to 2 replicas within $REPLACED_BOUND s (at: $back); allocations: $(nomad_get "/v1/job/simq-shards/allocations" | json '[(a["TaskGroup"], a["NodeName"], a["ClientStatus"], a["DesiredStatus"]) for a in d if a["DesiredStatus"] == "run"]'); last evaluation: $(nomad_get "/v1/job/simq-shards/evaluations" | json '[(e["Status"], e.get("StatusDescription", ""), e["TriggeredBy"], e.get("FailedTGAllocs")) for e in d][:2]' | cut -c1-600)"
+      miss "$name:shards" "$name: shards not back to 2 replicas within $REPLACED_BOUND s (at: $back); missing: $("$BIN/simq-indexer" check shards-full --without "n$victim" 2>/dev/null | tr '\n' ' ')"
   fi
   if [ "$settle" = - ]; then
     settle_out="$(settled || true)"
@@ -277,14 +254,10 @@ follower() {
 # busiest: the node other than the Consul leader's that runs the most instances of simq
 # (a fault on a node that runs nothing proves nothing).
 busiest() {
-  local cl nodes
+  local cl s
   cl="$(consul_leader_node)" || cl=none
-  nodes="$(for s in simq-embedder simq-shard simq-balancer; do passing_nodes "$s" || true; echo; done)"
-  python3 -c '
-import collections, sys
-count = collections.Counter(sys.argv[2].split())
-best = max((count.get(f"n{k}", 0), -k) for k in (1, 2, 3) if f"n{k}" != sys.argv[1])
-print(-best[1])' "$cl" "$nodes"
+  for s in simq-embedder simq-shard simq-balancer; do passing_nodes "$s" || true; done | tr ' ' '\n' |
+    awk -v cl="$cl" 'NF { c[$1]++ } END { best = 1; most = -1; for (k = 3; k >= 1; k--) if ("n" k != cl && c["n" k] + 0 >= most) { best = k; most = c["n" k] + 0 } print best }'
 }
 
 wait_for "$SETTLE_LIMIT" settled || die "the stack did not settle after the deploy: $(settled || true)"

@@ -1044,6 +1044,7 @@ mod tests {
         let entry = |port: u16, tags: Vec<String>| ServiceEntry {
             id: format!("i{port}"),
             name: "x".into(),
+            node: "n1".into(),
             address: "127.0.0.1".into(),
             port,
             tags,

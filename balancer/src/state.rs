@@ -407,6 +407,7 @@ mod tests {
         ServiceEntry {
             id: id.into(),
             name: "x".into(),
+            node: "n1".into(),
             address: "127.0.0.1".into(),
             port,
             tags: tags.iter().map(|s| s.to_string()).collect(),

@@ -60,6 +60,8 @@ pub struct KvPair {
 pub struct ServiceEntry {
     pub id: String,
     pub name: String,
+    /// The Consul node (agent) it is registered on, e.g. `n2`.
+    pub node: String,
     pub address: String,
     pub port: u16,
     pub tags: Vec<String>,
@@ -493,6 +495,8 @@ struct RawHealth {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct RawNode {
+    #[serde(default)]
+    node: String,
     address: String,
 }
 
@@ -523,6 +527,7 @@ impl RawHealth {
         ServiceEntry {
             id: self.service.id,
             name: self.service.service,
+            node: self.node.node,
             // An empty service address means "the node's address" in Consul.
             address: if self.service.address.is_empty() {
                 self.node.address

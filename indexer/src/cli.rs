@@ -99,6 +99,120 @@ pub(crate) enum Command {
     /// traffic only while all its shards are healthy. Every change is a check-and-set.
     #[command(subcommand)]
     Traffic(TrafficCommand),
+    /// Deploy the whole stack serving a built dg on a running cluster, idempotently: the
+    /// blob store (--serve-blobs), publish, the binaries, ONNX Runtime and the model into
+    /// the blob store, the embedder job, the shards' rollout (as `rollout`), the balancer
+    /// job; then wait until the balancers route with the dg, and print it.
+    /// scripts/deploy.sh gathers the settings and runs this.
+    Deploy(DeployArgs),
+    /// Check where simq runs on a multi-node cluster, from Consul's health and Nomad's
+    /// allocations: exit 0 when the check holds, else exit 1 printing what is off (one
+    /// line each). What scripts/deploy.sh --nodes and the node suite check.
+    #[command(subcommand)]
+    Check(CheckCommand),
+    /// Print the node of each passing instance of a service (sorted, space-separated,
+    /// one entry per instance), e.g. `simq-indexer nodes-of simq-shard` -> `n1 n2 n2 n3`.
+    NodesOf(NodesOfArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DeployArgs {
+    /// A built dg directory (simq-indexer build).
+    pub(crate) dg_dir: PathBuf,
+    /// The model directory the embedders run (its files go into the blob store).
+    #[arg(long, env = "SIMQ_MODEL_DIR")]
+    pub(crate) model_dir: PathBuf,
+    /// ONNX Runtime's shared library, which the embedders fetch.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub(crate) ort_lib: PathBuf,
+    /// Directory of simq-embedder, simq-shard and simq-balancer [default: beside this binary].
+    #[arg(long)]
+    pub(crate) bin_dir: Option<PathBuf>,
+    /// Run the `blobs` job, serving the --blobs directory at --blob-url (one host). Without
+    /// it, the store must already serve (e.g. the nodes' SeaweedFS).
+    #[arg(long)]
+    pub(crate) serve_blobs: bool,
+    /// Shards run simq-shard fetched from the blob store (and checked), not the host path
+    /// of --shard-bin: needed on several nodes.
+    #[arg(long)]
+    pub(crate) shard_bin_from_blobs: bool,
+    /// Embedder instances.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) embedders: usize,
+    /// Balancer instances (on one host they share --port).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) balancers: usize,
+    /// The balancers' public port.
+    #[arg(long, default_value_t = 8080)]
+    pub(crate) port: u16,
+    /// Which embedder a balancer calls first: stable (one host: one takes every call) or
+    /// local (nodes: its own node's).
+    #[arg(long, default_value = "stable", value_parser = ["stable", "local"])]
+    pub(crate) embedder_order: String,
+    /// Fine clusters probed per query [default: simq-indexer defaults' nprobe].
+    #[arg(long)]
+    pub(crate) nprobe: Option<usize>,
+    /// Seconds a balancer's Consul blocking query may wait.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) consul_wait_secs: u64,
+    /// API keys on queries: off, or required (simq-indexer keys create).
+    #[arg(long, default_value = "off", value_parser = ["off", "required"])]
+    pub(crate) api_keys: String,
+    /// The balancers' Consul token file (ACLs on).
+    #[arg(long)]
+    pub(crate) balancer_token_file: Option<PathBuf>,
+    /// Seconds to wait at the end until the balancers route with the dg.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) ready_secs: u64,
+    #[command(flatten)]
+    pub(crate) rollout: RolloutFlags,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CheckCommand {
+    /// Every instance passes and instances run on all N nodes; one balancer and one
+    /// embedder per node (when there are no more of them than nodes); the replicas of each
+    /// shard of the dg on different nodes. Prints every instance first.
+    Placement(PlacementArgs),
+    /// Every shard of the active dg has --replicas passing replicas on different nodes,
+    /// none on --without (the node that was lost). When not, also prints why Nomad could
+    /// not place shard groups, if it says.
+    ShardsFull(ShardsFullArgs),
+    /// Every simq job runs exactly the allocations it asks for, Consul passes exactly the
+    /// running ones on the same nodes, and the rollout lock is free.
+    Settled(ClusterArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PlacementArgs {
+    /// Nodes the cluster has.
+    #[arg(long)]
+    pub(crate) nodes: usize,
+    /// The dg whose shards count [default: the active dg].
+    #[arg(long)]
+    pub(crate) dg: Option<String>,
+    #[command(flatten)]
+    pub(crate) consul: ConsulArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ShardsFullArgs {
+    /// The node that was lost: its instances do not count.
+    #[arg(long)]
+    pub(crate) without: Option<String>,
+    /// Replicas each shard must have.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) replicas: usize,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct NodesOfArgs {
+    /// The service: simq-balancer, simq-embedder or simq-shard.
+    pub(crate) service: String,
+    #[command(flatten)]
+    pub(crate) consul: ConsulArgs,
 }
 
 impl Command {
@@ -290,6 +404,13 @@ pub(crate) struct RolloutArgs {
     /// The dg to roll out (rollback: ignored, the previous dg is used).
     #[arg(default_value = "")]
     pub(crate) dg: String,
+    #[command(flatten)]
+    pub(crate) flags: RolloutFlags,
+}
+
+/// How a dg's shards roll out: shared by rollout, rollback and deploy.
+#[derive(Args, Debug)]
+pub(crate) struct RolloutFlags {
     #[command(flatten)]
     pub(crate) cluster: ClusterArgs,
     /// Replicas per shard [default: as many as the running shards job has, else 1].

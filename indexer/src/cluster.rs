@@ -14,6 +14,7 @@ use simq_indexer::flip::{self, Flipped};
 use simq_indexer::jobs::Ran;
 use simq_indexer::lock::{read_holder, RolloutLock};
 use simq_indexer::models;
+use simq_indexer::placement::Instance;
 use simq_indexer::publish::publish as publish_dg;
 use simq_indexer::rollout::{
     rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID,
@@ -21,8 +22,9 @@ use simq_indexer::rollout::{
 use simq_nomad::NomadClient;
 
 use crate::cli::{
-    ClusterArgs, CompareArgs, ConsulArgs, FlipArgs, KeysCommand, PublishArgs, RolloutArgs,
-    RunJobArgs, ServeBlobsArgs, StopJobsArgs, TrafficCommand,
+    CheckCommand, ClusterArgs, CompareArgs, ConsulArgs, FlipArgs, KeysCommand, NodesOfArgs,
+    PublishArgs, RolloutArgs, RolloutFlags, RunJobArgs, ServeBlobsArgs, StopJobsArgs,
+    TrafficCommand,
 };
 
 /// The Consul client (with the token from the environment) and the KV layout.
@@ -33,7 +35,7 @@ fn consul_of(c: &ConsulArgs) -> anyhow::Result<(ConsulClient, KvLayout)> {
     ))
 }
 
-fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
+pub(crate) fn clients(c: &ClusterArgs) -> anyhow::Result<(ConsulClient, NomadClient, KvLayout)> {
     let (consul, layout) = consul_of(&c.consul)?;
     let nomad = NomadClient::new(&c.nomad)?
         .with_env_token()?
@@ -70,7 +72,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
 /// Run `work` holding the rollout lock (one rollout, rollback or flip at a time).
 /// SIGINT (Ctrl-C) or SIGTERM stops the work at its next await and releases the lock;
 /// running the command again (or `rollback`) converges from wherever it stopped.
-async fn locked<T>(
+pub(crate) async fn locked<T>(
     consul: &ConsulClient,
     layout: &KvLayout,
     work: impl std::future::Future<Output = anyhow::Result<T>>,
@@ -88,13 +90,15 @@ async fn locked<T>(
 }
 
 pub async fn rollout(args: RolloutArgs, back: bool) -> anyhow::Result<()> {
-    let (consul, nomad, layout) = clients(&args.cluster)?;
-    locked(
+    let (consul, nomad, layout) = clients(&args.flags.cluster)?;
+    let dg = locked(
         &consul,
         &layout,
-        rollout_locked(&consul, &nomad, &layout, args, back),
+        rollout_locked(&consul, &nomad, &layout, args.dg, args.flags, back),
     )
-    .await
+    .await?;
+    println!("{dg}");
+    Ok(())
 }
 
 /// Embedders of `dg`'s model pass, started from `--model-dir` and `--blobs` if needed
@@ -104,7 +108,7 @@ async fn embedders_for(
     consul: &ConsulClient,
     layout: &KvLayout,
     dg: &str,
-    args: &RolloutArgs,
+    args: &RolloutFlags,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<()> {
     let blobs = args.blobs.open_if_given()?;
@@ -121,13 +125,14 @@ async fn embedders_for(
     .await
 }
 
-async fn rollout_locked(
+pub(crate) async fn rollout_locked(
     consul: &ConsulClient,
     nomad: &NomadClient,
     layout: &KvLayout,
-    args: RolloutArgs,
+    dg: String,
+    args: RolloutFlags,
     back: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let (consul, nomad, layout) = (consul.clone(), nomad.clone(), layout.clone());
     let dg = if back {
         let observed = flip::observe(&consul, &layout).await?;
@@ -151,13 +156,12 @@ async fn rollout_locked(
                 }
             }
             models::retire_unused(&nomad, &consul, &layout, None, &progress).await?;
-            println!("{previous}");
-            return Ok(());
+            return Ok(previous);
         }
         previous
     } else {
-        anyhow::ensure!(!args.dg.is_empty(), "name the dg to roll out");
-        args.dg.clone()
+        anyhow::ensure!(!dg.is_empty(), "name the dg to roll out");
+        dg
     };
     let shard_bin = match args.shard_bin.clone() {
         Some(p) => p,
@@ -252,8 +256,7 @@ async fn rollout_locked(
             eprintln!(
                     "candidate {dg} runs beside the active dg ({seconds:.1} s); next: `simq-indexer traffic set {dg} --weight W`, then `rollout {dg}` to flip or `abort` to stop it"
                 );
-            println!("{dg}");
-            return Ok(());
+            return Ok(dg);
         }
     };
     models::retire_unused(&nomad, &consul, &layout, None, &progress).await?;
@@ -263,8 +266,7 @@ async fn rollout_locked(
         }
         Flipped::AlreadyActive(a) => eprintln!("done: {} was already active", a.dg),
     }
-    println!("{dg}");
-    Ok(())
+    Ok(dg)
 }
 
 pub async fn flip(args: FlipArgs) -> anyhow::Result<()> {
@@ -537,5 +539,64 @@ pub async fn stop_jobs(args: StopJobsArgs) -> anyhow::Result<()> {
         tracing::info!(job = %id, "stopped and purged");
     }
     eprintln!("{} simq jobs stopped and purged", stopped.len());
+    Ok(())
+}
+
+/// `check placement|shards-full|settled`: prints what is off and fails when anything is.
+pub async fn check(cmd: CheckCommand) -> anyhow::Result<()> {
+    use simq_indexer::placement::observe;
+    let problems = match cmd {
+        CheckCommand::Placement(a) => {
+            let (consul, layout) = consul_of(&a.consul)?;
+            let observed = observe(&consul, None, &layout).await?;
+            let dg =
+                a.dg.or_else(|| observed.active.as_ref().map(|(dg, _)| dg.clone()));
+            for line in observed.listing(dg.as_deref()) {
+                println!("  {line}");
+            }
+            observed.placement_problems(a.nodes, dg.as_deref())
+        }
+        CheckCommand::ShardsFull(a) => {
+            let (consul, nomad, layout) = clients(&a.cluster)?;
+            let observed = observe(&consul, None, &layout).await?;
+            let mut problems = observed.shards_full_problems(a.without.as_deref(), a.replicas);
+            if !problems.is_empty() {
+                problems.extend(nomad.placement_failures(SHARDS_JOB_ID).await?);
+            }
+            problems
+        }
+        CheckCommand::Settled(a) => {
+            let (consul, nomad, layout) = clients(&a)?;
+            observe(&consul, Some(&nomad), &layout)
+                .await?
+                .settled_problems()
+        }
+    };
+    if problems.is_empty() {
+        return Ok(());
+    }
+    for p in &problems {
+        println!("  FAIL: {p}");
+    }
+    anyhow::bail!("{} check(s) failed (above)", problems.len())
+}
+
+pub async fn nodes_of(args: NodesOfArgs) -> anyhow::Result<()> {
+    let (consul, _) = consul_of(&args.consul)?;
+    anyhow::ensure!(
+        services::ALL.contains(&args.service.as_str()),
+        "unknown service {:?}: one of {}",
+        args.service,
+        services::ALL.join(", ")
+    );
+    let entries = consul
+        .health_service(&args.service, false, None)
+        .await?
+        .value;
+    let observed = simq_indexer::placement::Observed {
+        instances: entries.iter().map(Instance::from_entry).collect(),
+        ..Default::default()
+    };
+    println!("{}", observed.passing_nodes(&args.service).join(" "));
     Ok(())
 }

@@ -16,6 +16,7 @@
 //! - [`compare`]: the split's two arms side by side from Prometheus, and a verdict.
 //! - [`progressive`]: a rollout that shadows, steps the split up, judges each step and
 //!   flips or stops the candidate.
+//! - [`placement`]: where simq runs on a multi-node cluster, and the checks it must pass.
 //! - [`progress`]: progress of long steps: a bar on a terminal, log lines otherwise.
 
 pub mod blobs;
@@ -30,6 +31,7 @@ pub mod keys;
 pub mod kmeans;
 pub mod lock;
 pub mod models;
+pub mod placement;
 pub mod progress;
 pub mod progressive;
 pub mod publish;

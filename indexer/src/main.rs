@@ -5,6 +5,7 @@
 
 mod cli;
 mod cluster;
+mod deploy;
 mod files;
 
 use clap::Parser;
@@ -77,13 +78,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RunJob(args) => rt()?.block_on(cluster::run_job(args)),
         Command::Keys(cmd) => rt()?.block_on(cluster::keys(cmd)),
         Command::Traffic(cmd) => rt()?.block_on(cluster::traffic(cmd)),
+        Command::Deploy(args) => rt()?.block_on(deploy::deploy(args)),
+        Command::Check(cmd) => rt()?.block_on(cluster::check(cmd)),
+        Command::NodesOf(args) => rt()?.block_on(cluster::nodes_of(args)),
         Command::PutBlob(args) => rt()?.block_on(async {
             let store = args.blobs.open()?;
             for file in &args.files {
-                let sha = simq_contract::kv::sha256_file(file)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-                store.put(file, &sha).await?;
-                println!("{sha}");
+                println!("{}", deploy::put_blob(&store, file).await?);
             }
             Ok(())
         }),

@@ -203,15 +203,6 @@ pub async fn ensure_for(
                      give --model-dir DIR, the directory of that model (e.g. scripts/setup.sh model_b installs one)"
                 )
             })?;
-            let model = simq_embedder::model::ModelDir::open(dir)
-                .with_context(|| format!("--model-dir {}", dir.display()))?;
-            if model.model_id != model_id {
-                bail!(
-                    "--model-dir {} holds model {}, but the dg was built with {model_id}",
-                    dir.display(),
-                    model.model_id
-                );
-            }
             let blobs = blobs.ok_or_else(|| {
                 anyhow!(
                     "a model rollout puts the model's files into the blob store the jobs fetch \
@@ -219,17 +210,12 @@ pub async fn ensure_for(
                      s3://BUCKET)"
                 )
             })?;
-            // The model's files, each checked against its manifest by ModelDir::open; the
-            // manifest itself too.
-            let mut files = model.manifest.files.clone();
-            let manifest = dir.join(simq_embedder::model::MANIFEST_FILE);
-            files.insert(
-                simq_embedder::model::MANIFEST_FILE.to_string(),
-                simq_contract::kv::sha256_file(&manifest)
-                    .with_context(|| format!("reading {}", manifest.display()))?,
-            );
-            for (name, sha) in &files {
-                blobs.put(&dir.join(name), sha).await?;
+            let (dir_model, files) = put_model(dir, blobs).await?;
+            if dir_model != model_id {
+                bail!(
+                    "--model-dir {} holds model {dir_model}, but the dg was built with {model_id}",
+                    dir.display(),
+                );
             }
             progress(&format!(
                 "model {model_id}: {} files in the blob store",
@@ -274,6 +260,28 @@ pub async fn ensure_for(
 
 /// Poll the passing embedders of `model_id` every 500 ms until `done(count)`, for at most
 /// `limit`: the time it took, or `Err(last count)`. Each new count goes to `on_count`.
+/// Put a model directory's files (each checked against the model's manifest by
+/// `ModelDir::open`) and the manifest itself into the blob store; returns the model id
+/// and each file's name with its sha256, as the embedder job fetches them.
+pub async fn put_model(
+    dir: &Path,
+    blobs: &BlobStore,
+) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+    let model = simq_embedder::model::ModelDir::open(dir)
+        .with_context(|| format!("--model-dir {}", dir.display()))?;
+    let mut files = model.manifest.files.clone();
+    let manifest = dir.join(simq_embedder::model::MANIFEST_FILE);
+    files.insert(
+        simq_embedder::model::MANIFEST_FILE.to_string(),
+        simq_contract::kv::sha256_file(&manifest)
+            .with_context(|| format!("reading {}", manifest.display()))?,
+    );
+    for (name, sha) in &files {
+        blobs.put(&dir.join(name), sha).await?;
+    }
+    Ok((model.model_id, files.into_iter().collect()))
+}
+
 async fn poll_passing(
     consul: &ConsulClient,
     model_id: &str,

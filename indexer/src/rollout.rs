@@ -381,9 +381,29 @@ pub async fn balancer_dg(
         .and_then(|v| v["active"]["dg"].as_str().map(String::from)))
 }
 
-/// Wait until every passing `simq-balancer` reports `dg` as its active dg in
-/// `/v1/status` (or `limit` passes); says what it saw.
-pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration) -> String {
+/// What [`wait_for_balancers`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancersWaited {
+    /// At least the asked number passed and every passing one routed with the dg.
+    pub ready: bool,
+    /// "all N switched", or which are behind.
+    pub seen: String,
+}
+
+impl std::fmt::Display for BalancersWaited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.seen)
+    }
+}
+
+/// Wait until at least `at_least` `simq-balancer` instances pass and every passing one
+/// reports `dg` as its active dg in `/v1/status` (or `limit` passes); says what it saw.
+pub async fn wait_for_balancers(
+    consul: &ConsulClient,
+    dg: &str,
+    at_least: usize,
+    limit: Duration,
+) -> BalancersWaited {
     let http = status_client();
     let deadline = Instant::now() + limit;
     loop {
@@ -399,15 +419,23 @@ pub async fn wait_for_balancers(consul: &ConsulClient, dg: &str, limit: Duration
                 behind.push(format!("{}:{}", b.address, b.port));
             }
         }
-        if behind.is_empty() {
-            return format!("all {} switched", balancers.len());
+        if behind.is_empty() && balancers.len() >= at_least {
+            return BalancersWaited {
+                ready: true,
+                seen: format!("all {} switched", balancers.len()),
+            };
         }
         if Instant::now() > deadline {
-            return format!(
-                "{} still behind after {limit:?}: {}",
-                behind.len(),
-                behind.join(", ")
-            );
+            let seen = if behind.is_empty() {
+                format!("{} pass, fewer than {at_least}", balancers.len())
+            } else {
+                format!(
+                    "{} still behind after {limit:?}: {}",
+                    behind.len(),
+                    behind.join(", ")
+                )
+            };
+            return BalancersWaited { ready: false, seen };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -839,7 +867,7 @@ pub async fn rollout(
                 ));
                 flipped = Some((f, started.elapsed().as_secs_f64()));
                 // The old set may only go once no balancer routes with it any more.
-                let waited = wait_for_balancers(consul, dg, Duration::from_secs(15)).await;
+                let waited = wait_for_balancers(consul, dg, 0, Duration::from_secs(15)).await;
                 progress(&format!("balancers route with {dg}: {waited}"));
                 match promote {
                     Promote::Nothing => {}

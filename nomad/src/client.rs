@@ -47,6 +47,9 @@ pub struct Allocation {
     pub task_group: String,
     pub client_status: String,
     pub desired_status: String,
+    /// The Nomad client node it is placed on, e.g. `n2`.
+    #[serde(default)]
+    pub node_name: String,
     #[serde(default)]
     pub job_version: u64,
     #[serde(default)]
