@@ -111,9 +111,11 @@ log "capacity on 3 nodes: $CAPACITY queries/s (closed loop, 16 connections, 3 ba
 
 # ---- what the checks read ----
 # The cluster's state is read by simq-indexer (indexer/src/placement.rs): nodes-of and
-# check shards-full / settled, each printing what is off.
+# check shards-full / settled, each printing what is off. Each read is cut off after a few
+# seconds (as every curl here is): while Consul elects a leader a read may hang, and a
+# probe polled every 0.5 s must not measure that wait as the fault's.
 # passing_nodes SERVICE: the node of each passing instance of SERVICE, sorted.
-passing_nodes() { "$BIN/simq-indexer" nodes-of "$1"; }
+passing_nodes() { timeout 2 "$BIN/simq-indexer" nodes-of "$1"; }
 # victim_gone NODE: no instance of simq on NODE passes in Consul.
 victim_gone() {
   local s
@@ -123,10 +125,10 @@ victim_gone() {
 }
 # shards_full VICTIM: every shard of the dg has 2 passing replicas on 2 different nodes
 # other than VICTIM.
-shards_full() { "$BIN/simq-indexer" check shards-full --without "$1" --replicas 2 >/dev/null 2>&1; }
+shards_full() { timeout 3 "$BIN/simq-indexer" check shards-full --without "$1" --replicas 2 >/dev/null 2>&1; }
 # settled: every job runs exactly the allocations it asks for, Consul passes exactly the
 # running ones, and the rollout lock is free. Prints what is off when it is not.
-settled() { "$BIN/simq-indexer" check settled 2>/dev/null; }
+settled() { timeout 10 "$BIN/simq-indexer" check settled 2>/dev/null; }
 # seconds_since T: seconds (one decimal) since the date +%s.%N value T.
 seconds_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 # first_within LIMIT T0 CMD...: seconds since T0 at which CMD first succeeded (polled every

@@ -119,9 +119,6 @@ pub(crate) enum Command {
 pub(crate) struct DeployArgs {
     /// A built dg directory (simq-indexer build).
     pub(crate) dg_dir: PathBuf,
-    /// The model directory the embedders run (its files go into the blob store).
-    #[arg(long, env = "SIMQ_MODEL_DIR")]
-    pub(crate) model_dir: PathBuf,
     /// ONNX Runtime's shared library, which the embedders fetch.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub(crate) ort_lib: PathBuf,
@@ -666,4 +663,16 @@ pub(crate) struct EvalArgs {
     /// Also write the table as JSON to this file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks of every subcommand (unique names, valid defaults),
+    /// which otherwise fire only when that subcommand is first run.
+    #[test]
+    fn every_subcommand_s_flags_are_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -51,7 +51,7 @@ fn vars(pairs: &[(&str, String)]) -> Vec<(String, String)> {
 pub async fn deploy(mut args: DeployArgs) -> anyhow::Result<()> {
     let (consul, nomad, layout) = clients(&args.rollout.cluster)?;
     let limit = Duration::from_secs(args.rollout.timeout_secs);
-    let say = |line: &str| tracing::info!("deploy: {line}");
+    let say = |line: &str| tracing::info!("{line}");
     let job = |spec: &'static str, vars: Vec<(String, String)>| {
         let nomad = nomad.clone();
         async move {
@@ -109,7 +109,12 @@ pub async fn deploy(mut args: DeployArgs) -> anyhow::Result<()> {
     ));
 
     // 3. What the jobs fetch.
-    let (model_id, model_files) = simq_indexer::models::put_model(&args.model_dir, &store).await?;
+    let model_dir = args
+        .rollout
+        .model_dir
+        .clone()
+        .context("give --model-dir: the model the embedders run")?;
+    let (model_id, model_files) = simq_indexer::models::put_model(&model_dir, &store).await?;
     let embedder_sha = put_blob(&store, &binary("simq-embedder")?).await?;
     let ort_sha = put_blob(&store, &args.ort_lib)
         .await
@@ -147,9 +152,6 @@ pub async fn deploy(mut args: DeployArgs) -> anyhow::Result<()> {
     )
     .await?;
     say(&format!("shards of {dg}: rollout"));
-    if args.rollout.model_dir.is_none() {
-        args.rollout.model_dir = Some(args.model_dir.clone());
-    }
     locked(
         &consul,
         &layout,
