@@ -62,7 +62,8 @@ full_built() {
 
 if pid_alive "$FULL_CORPUS_PID"; then
   log "the full corpus is still being built and rolled out in the background (log: $log_file)"
-  dg="$(curl -fsS "http://127.0.0.1:$port/v1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["dg"])' 2>/dev/null || echo "?")"
+  dg="$("$SIMQ_BIN_DIR/simq-indexer" status 2>/dev/null | sed -n 's/^active: *\([^ ]*\).*/\1/p')"
+  dg="${dg:-?}"
   slice=1
 elif [ -n "${SIMQ_CORPUS:-}" ] || full_built; then
   dg="$("$SIMQ_ROOT/scripts/deploy.sh")"
