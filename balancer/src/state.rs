@@ -53,9 +53,12 @@ pub struct LazyChannel {
 
 impl LazyChannel {
     /// A channel to `http://{addr}`; an error names an address that is no URI authority.
-    pub fn new(addr: &str) -> Result<Self, String> {
+    pub fn new(addr: &str) -> Result<Self, BadEndpoint> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|err| format!("{addr} is not a usable endpoint: {err}"))?
+            .map_err(|err| BadEndpoint::NotAUri {
+                addr: addr.to_string(),
+                why: err.to_string(),
+            })?
             // A peer on a node that lost power or is cut off answers no SYN and sends no
             // RST: without these a connection attempt waits out the kernel's retries and a
             // dead connection stays "open" until every call on it times out.
@@ -274,11 +277,23 @@ impl SharedState {
     }
 }
 
+/// Why a catalog entry's address and port make no gRPC endpoint: the entry is skipped and
+/// the reason shown in `/v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadEndpoint {
+    #[error("port 0")]
+    PortZero,
+    #[error("address {0:?} is not an IP address or host name")]
+    NotAHost(String),
+    #[error("{addr} is not a usable endpoint: {why}")]
+    NotAUri { addr: String, why: String },
+}
+
 /// The gRPC endpoint `host:port` of a catalog entry's address and port: IPv6 literals in
 /// brackets; an address that is neither an IP address nor a host name is refused.
-pub fn endpoint(address: &str, port: u16) -> Result<String, String> {
+pub fn endpoint(address: &str, port: u16) -> Result<String, BadEndpoint> {
     if port == 0 {
-        return Err("port 0".into());
+        return Err(BadEndpoint::PortZero);
     }
     let host = address.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
@@ -295,9 +310,7 @@ pub fn endpoint(address: &str, port: u16) -> Result<String, String> {
             && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     };
     if address.is_empty() || address.len() > 253 || !address.split('.').all(label_ok) {
-        return Err(format!(
-            "address {address:?} is not an IP address or host name"
-        ));
+        return Err(BadEndpoint::NotAHost(address.to_string()));
     }
     Ok(format!("{address}:{port}"))
 }
@@ -614,7 +627,11 @@ mod tests {
         for bad in ["", "a b", "x/y", "-a.b", "a..b", "user:pw@host", "h\u{0}"] {
             assert!(endpoint(bad, 80).is_err(), "{bad:?} refused");
         }
-        assert!(endpoint("127.0.0.1", 0).is_err());
+        assert_eq!(endpoint("127.0.0.1", 0), Err(BadEndpoint::PortZero));
+        assert_eq!(
+            endpoint("a b", 80).unwrap_err().to_string(),
+            "address \"a b\" is not an IP address or host name"
+        );
     }
 
     #[test]

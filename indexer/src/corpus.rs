@@ -194,7 +194,7 @@ pub fn read(path: &Path, format: &Format) -> Result<Corpus, CorpusError> {
             }
         };
         match validate(&text) {
-            Err(reason) => bad(reason),
+            Err(reason) => bad(reason.to_string()),
             Ok(clean) => {
                 if seen.insert(fold(&clean)) {
                     corpus.texts.push(clean);
@@ -207,20 +207,29 @@ pub fn read(path: &Path, format: &Format) -> Result<Corpus, CorpusError> {
     Ok(corpus)
 }
 
+/// Why a text cannot be indexed (reported as `FILE:LINE: reason`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadText {
+    #[error("control character U+{:04X}", *.0 as u32)]
+    ControlCharacter(char),
+    #[error("empty text")]
+    Empty,
+    #[error("text has {0} characters, the limit is {MAX_TEXT_CHARS}")]
+    TooLong(usize),
+}
+
 /// A usable text: trimmed, inner whitespace collapsed; or why it is not usable.
-pub fn validate(text: &str) -> Result<String, String> {
+pub fn validate(text: &str) -> Result<String, BadText> {
     if let Some(c) = text.chars().find(|c| c.is_control() && !c.is_whitespace()) {
-        return Err(format!("control character U+{:04X}", c as u32));
+        return Err(BadText::ControlCharacter(c));
     }
     let clean = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if clean.is_empty() {
-        return Err("empty text".into());
+        return Err(BadText::Empty);
     }
     let chars = clean.chars().count();
     if chars > MAX_TEXT_CHARS {
-        return Err(format!(
-            "text has {chars} characters, the limit is {MAX_TEXT_CHARS}"
-        ));
+        return Err(BadText::TooLong(chars));
     }
     Ok(clean)
 }
