@@ -54,7 +54,9 @@ def main():
             continue
         words = rng.choice((typo, drop, swap))(words, rng)
         q = " ".join(words)
-        if q in known or q in seen:
+        # The API refuses a query over 1,000 characters (a 400, not a search): a typo can
+        # push a corpus text at the limit past it.
+        if q in known or q in seen or len(q) > 1000:
             continue
         seen.add(q)
         out.write(q + "\n")
