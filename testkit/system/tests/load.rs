@@ -42,7 +42,11 @@ async fn embedder_queues() -> Vec<u64> {
 #[derive(Default)]
 struct Overload {
     ok_ms: Vec<f64>,
+    /// Refused at the door: the line ahead was already too long for the deadline.
     refused_ms: Vec<f64>,
+    /// Refused after waiting in line, when the rest of the line no longer fit the deadline
+    /// and the light contour had no place free in time (balancer/src/query.rs).
+    refused_late_ms: Vec<f64>,
     /// Answers that are neither 200 nor a 503 with Retry-After: (status, body).
     other: Vec<(u16, String)>,
 }
@@ -88,7 +92,13 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
                         false
                     }
                     Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
-                        seen.lock().unwrap().refused_ms.push(ms);
+                        let body = r.text().await.unwrap_or_default();
+                        let mut seen = seen.lock().unwrap();
+                        if body.contains("waited") {
+                            seen.refused_late_ms.push(ms);
+                        } else {
+                            seen.refused_ms.push(ms);
+                        }
                         true
                     }
                     Ok(r) => {
@@ -110,13 +120,18 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
     });
     futures::future::join_all(workers).await;
     let seen = std::mem::take(&mut *seen.lock().unwrap());
-    let (ok, refused) = (seen.ok_ms.len(), seen.refused_ms.len());
+    let (ok, refused, late) = (
+        seen.ok_ms.len(),
+        seen.refused_ms.len(),
+        seen.refused_late_ms.len(),
+    );
     let (ok_p99, refused_p99) = (
         quantile_ms(&seen.ok_ms, 0.99),
         quantile_ms(&seen.refused_ms, 0.99),
     );
+    let late_max = seen.refused_late_ms.iter().copied().fold(0.0, f64::max);
     eprintln!(
-        "overload: {ok} answered (p99 {ok_p99:.0} ms), {refused} refused (p99 {refused_p99:.1} ms), other {:?}",
+        "overload: {ok} answered (p99 {ok_p99:.0} ms), {refused} refused at the door (p99 {refused_p99:.1} ms), {late} refused after waiting in line (max {late_max:.0} ms), other {:?}",
         seen.other
     );
     assert!(
@@ -125,7 +140,7 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
         seen.other
     );
     assert!(
-        refused > 0,
+        refused + late > 0,
         "200 connections are beyond capacity: some must be refused"
     );
     assert!(ok > 0, "the admitted queries are answered");
@@ -135,10 +150,22 @@ async fn overload_is_refused_fast_and_the_stack_recovers_by_itself() {
     );
     // The 50 ms target is measured by scripts/bench.sh serve (BENCHMARKS.md); here the
     // 200 clients share the 2 cores with the stack, so the test asserts what must never
-    // happen: refusals that cost a caller anything near the 2 s deadline.
+    // happen: a refusal at the door that costs a caller anything near the 2 s deadline.
     assert!(
         refused_p99 < 1000.0,
-        "refusals are fast: p99 {refused_p99} ms"
+        "refusals at the door are fast: p99 {refused_p99} ms"
+    );
+    // A query admitted to wait whose line then slowed is refused once the rest no longer
+    // fits (after a last wait for the light contour, up to 300 ms before the deadline):
+    // late by design, so it must stay within the deadline and be the exception.
+    assert!(
+        late_max < 2000.0 + 500.0,
+        "late refusals come within the 2 s deadline: max {late_max} ms"
+    );
+    assert!(
+        late * 10 <= refused + late,
+        "late refusals are at most a tenth of all: {late} of {}",
+        refused + late
     );
 
     // Within 5 s of the end, normal queries answer normally and every queue is empty.
