@@ -179,7 +179,7 @@ fault() {
   ROWS+=("$(printf '%-22s n%-2s %5s %7s %6s %8s %7s %7s %6s %8s %9s %8s' "$name" "$victim" "$held" "$sent" "$failed" "$degraded" "$resent" "$at_once" "$p99" "$gone" "${back:--}" "$settle")")
   log "$name: $sent queries, $failed failed, $degraded degraded, $resent resent to the other balancer, $at_once sent again at once after a 503, p99 $p99 ms; victim out of Consul after $gone s; shards back after ${back:--} s; settled $settle s after recovery"
   [ "$failed" = 0 ] || miss "$name:failed" "$name: $failed queries failed: $(field "$summary" 'json.dumps({"by_error": d["by_error"], "examples": d["error_examples"]})')"
-  [ "$degraded" = 0 ] || miss "$name:degraded" "$name: $degraded answers degraded"
+  [ "$degraded" = 0 ] || miss "$name:degraded" "$name: $degraded answers degraded (first: $(field "$summary" 'd.get("degraded_examples")'))"
   [ "$p99" -lt "$P99_BOUND_MS" ] || miss "$name:p99" "$name: p99 $p99 ms, bound $P99_BOUND_MS ms"
   [ "$gone" != - ] && awk -v g="$gone" -v b="$GONE_BOUND" 'BEGIN { exit !(g <= b) }' ||
     miss "$name:gone" "$name: n$victim's instances still passed in Consul after $GONE_BOUND s (first gone: $gone)"

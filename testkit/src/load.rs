@@ -160,6 +160,8 @@ pub struct Outcome {
     pub by_error: BTreeMap<String, usize>,
     /// The first message of each error kind.
     pub error_examples: BTreeMap<String, String>,
+    /// The contour and notes of the first few degraded answers (why they were degraded).
+    pub degraded_examples: Vec<String>,
     /// Open loop: due requests not sent because `max_outstanding` were outstanding.
     pub client_dropped: usize,
     /// `{"query", "results": [texts]}` per answered query (with [`Config::record`]).
@@ -206,6 +208,7 @@ impl Outcome {
             "resent_at_once": self.resent_at_once,
             "by_error": self.by_error,
             "error_examples": self.error_examples,
+            "degraded_examples": self.degraded_examples,
             "throughput": ok as f64 / self.seconds.max(1e-9),
             "p50_ms": ms_quantile(&self.latencies_ms, 0.50),
             "p90_ms": ms_quantile(&self.latencies_ms, 0.90),
@@ -459,6 +462,15 @@ impl Generator {
                 t.latencies_ms.push(ms);
                 t.degraded += usize::from(f.degraded);
                 t.cached += usize::from(f.cached);
+                if f.degraded && t.degraded_examples.len() < 3 {
+                    let why = body.as_ref().and_then(whole).map(|v| {
+                        format!("contour {} {}", v["contour"], v["notes"])
+                            .chars()
+                            .take(300)
+                            .collect::<String>()
+                    });
+                    t.degraded_examples.extend(why);
+                }
                 t.records.extend(record);
             }
             ("429" | "503", _) => t.refused_ms.push(ms),
