@@ -14,7 +14,7 @@ use simq_indexer::flip::{self, Flipped};
 use simq_indexer::jobs::Ran;
 use simq_indexer::lock::{read_holder, RolloutLock};
 use simq_indexer::models;
-use simq_indexer::placement::Instance;
+use simq_indexer::placement::{passing_nodes, Instance};
 use simq_indexer::publish::publish as publish_dg;
 use simq_indexer::rollout::{
     rollout as roll, running_dg, RolloutOptions, RolloutOutcome, SHARDS_JOB_ID,
@@ -593,10 +593,7 @@ pub async fn nodes_of(args: NodesOfArgs) -> anyhow::Result<()> {
         .health_service(&args.service, false, None)
         .await?
         .value;
-    let observed = simq_indexer::placement::Observed {
-        instances: entries.iter().map(Instance::from_entry).collect(),
-        ..Default::default()
-    };
-    println!("{}", observed.passing_nodes(&args.service).join(" "));
+    let instances: Vec<Instance> = entries.iter().map(Instance::from_entry).collect();
+    println!("{}", passing_nodes(&instances, &args.service).join(" "));
     Ok(())
 }

@@ -86,14 +86,7 @@ pub struct Observed {
 impl Observed {
     /// The nodes with a passing instance of `service`, sorted (one entry per instance).
     pub fn passing_nodes(&self, service: &str) -> Vec<String> {
-        let mut nodes: Vec<String> = self
-            .instances
-            .iter()
-            .filter(|i| i.service == service && i.passing)
-            .map(|i| i.node.clone())
-            .collect();
-        nodes.sort();
-        nodes
+        passing_nodes(&self.instances, service)
     }
 
     /// Each service (shards of `dg` only, by shard) with its instances, for a listing.
@@ -222,6 +215,18 @@ impl Observed {
         }
         problems
     }
+}
+
+/// The nodes with a passing instance of `service` among `instances`, sorted (one entry
+/// per instance).
+pub fn passing_nodes(instances: &[Instance], service: &str) -> Vec<String> {
+    let mut nodes: Vec<String> = instances
+        .iter()
+        .filter(|i| i.service == service && i.passing)
+        .map(|i| i.node.clone())
+        .collect();
+    nodes.sort();
+    nodes
 }
 
 /// Read every simq service's health from Consul, every simq job's allocations from Nomad
