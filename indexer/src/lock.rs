@@ -147,11 +147,15 @@ impl RolloutLock {
         })
     }
 
-    /// Give the lock back now.
-    pub async fn release(self) {
+    /// Give the lock back now. If this future is dropped before Consul answered, the
+    /// drop releases it (see [`Drop`]).
+    pub async fn release(mut self) {
         self.renew.abort();
-        if let Err(e) = self.consul.session_destroy(&self.session).await {
-            tracing::warn!(error = %e, "could not release the rollout lock; it frees itself when its session expires");
+        match self.consul.session_destroy(&self.session).await {
+            Ok(()) => self.session.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the rollout lock; it frees itself when its session expires")
+            }
         }
     }
 }
@@ -178,9 +182,22 @@ async fn take_over_a_dead_holder(consul: &ConsulClient, key: &str) -> bool {
 }
 
 impl Drop for RolloutLock {
+    /// Not released by [`RolloutLock::release`] (the command's future was dropped at an
+    /// await, or an error path): stop renewing and end the session from a task of the
+    /// runtime, so the lock frees now; if the runtime is gone too, the TTL frees it.
     fn drop(&mut self) {
-        // Not released explicitly (an error path): stop renewing, so the TTL frees it.
         self.renew.abort();
+        if self.session.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (consul, session) = (self.consul.clone(), std::mem::take(&mut self.session));
+            runtime.spawn(async move {
+                if let Err(e) = consul.session_destroy(&session).await {
+                    tracing::warn!(error = %e, "could not release the dropped rollout lock; it frees itself when its session expires");
+                }
+            });
+        }
     }
 }
 

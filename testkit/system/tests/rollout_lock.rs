@@ -102,3 +102,36 @@ async fn a_second_rollout_is_refused_and_an_interrupted_one_converges_when_run_a
     assert!(!lock_held(&consul).await, "the lock is released at the end");
     tokio::task::spawn_blocking(stop_jobs).await.unwrap();
 }
+
+/// A lock whose holder's future is dropped at an await (a cancelled command) is given
+/// back at once by its guard, not after the session's TTL. Real Consul sessions and KV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the cluster: run scripts/test.sh"]
+async fn a_lock_dropped_without_release_frees_itself_at_once() {
+    use simq_indexer::lock::{RolloutLock, LOCK_TTL};
+    let consul = ConsulClient::from_env().unwrap();
+    let layout = KvLayout::default();
+    assert!(
+        !lock_held(&consul).await,
+        "the lock is free before the test"
+    );
+    // The holder's work never ends; the caller gives up on it after 300 ms.
+    let holder = async {
+        let _lock = RolloutLock::acquire(&consul, &layout, "test: dropped holder")
+            .await
+            .unwrap();
+        std::future::pending::<()>().await
+    };
+    assert!(tokio::time::timeout(Duration::from_millis(300), holder)
+        .await
+        .is_err());
+    let t = Instant::now();
+    while lock_held(&consul).await {
+        assert!(
+            t.elapsed() < LOCK_TTL / 5,
+            "the dropped lock is still held after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
