@@ -11,10 +11,12 @@
 //!
 //! Kept centroids fit a changed corpus less and less. Before writing anything the build
 //! measures that ([`Drift`]): how well the added texts fit their clusters against how well
-//! the base's fit theirs, whether a cluster grows far past the base's largest, and
-//! whether one is left empty. Past the bounds it rebuilds in full (k-means again, over
-//! the base's vectors and the new ones: nothing is embedded twice) unless told to keep
-//! the centroids.
+//! the base's fit theirs, whether a cluster grows far past the base's largest, whether
+//! one is left empty, and (each step of a chain of incremental builds keeps the centroids
+//! and BM25 statistics of the last full build) whether the corpus has grown or shrunk by
+//! more than a fifth since that build. Past the bounds it rebuilds in full (k-means
+//! again, over the base's vectors and the new ones: nothing is embedded twice) unless
+//! told to keep the centroids.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -209,6 +211,11 @@ pub struct Drift {
     pub imbalance: f64,
     /// Clusters the change leaves without items.
     pub emptied: Vec<u32>,
+    /// Texts the centroids and BM25 statistics were computed on (the last full build: an
+    /// incremental build keeps both, so a chain of small changes adds up here).
+    pub frozen_docs: u64,
+    /// Texts of the dg after the change.
+    pub docs: u64,
 }
 
 /// When kept centroids no longer fit (defaults measured on the full corpus: a 1 % change
@@ -219,6 +226,11 @@ pub struct DriftBounds {
     pub max_fit_drop: f32,
     /// The largest cluster, relative to the mean, may grow at most this many times.
     pub max_imbalance_growth: f64,
+    /// The dg's text count may differ from the last full build's by at most this share
+    /// of it. Each step of a chain of incremental builds is measured against its base, so
+    /// without this bound many small steps would never rebuild; past a fifth, the frozen
+    /// BM25 document count and mean length move lexical scores by about as much.
+    pub max_change_since_full: f64,
 }
 
 impl Default for DriftBounds {
@@ -226,14 +238,22 @@ impl Default for DriftBounds {
         Self {
             max_fit_drop: 0.05,
             max_imbalance_growth: 1.5,
+            max_change_since_full: 0.2,
         }
     }
 }
 
 impl Drift {
     /// Measure: `fits` are the cosines of the base items to their centroids and `added`
-    /// those of the new items; `before` and `after` the cluster sizes.
-    pub fn measure(fits: &[f32], added: &[f32], before: &[usize], after: &[usize]) -> Self {
+    /// those of the new items; `before` and `after` the cluster sizes; `frozen_docs` the
+    /// texts of the last full build (its BM25 statistics' document count).
+    pub fn measure(
+        fits: &[f32],
+        added: &[f32],
+        before: &[usize],
+        after: &[usize],
+        frozen_docs: u64,
+    ) -> Self {
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
         let imbalance = |sizes: &[usize]| {
             let total: usize = sizes.iter().sum();
@@ -256,7 +276,14 @@ impl Drift {
                 .filter(|(_, (&b, &a))| b > 0 && a == 0)
                 .map(|(c, _)| c as u32)
                 .collect(),
+            frozen_docs,
+            docs: after.iter().sum::<usize>() as u64,
         }
+    }
+
+    /// How far the dg's text count is from the last full build's, as a share of it.
+    pub fn change_since_full(&self) -> f64 {
+        self.docs.abs_diff(self.frozen_docs) as f64 / self.frozen_docs.max(1) as f64
     }
 
     /// Ok when the base's centroids still fit; else why not, with the numbers.
@@ -272,6 +299,16 @@ impl Drift {
             why.push(format!(
                 "the largest cluster would hold {:.1} times the mean cluster size against {:.1} in the base (bound: {:.1} times that)",
                 self.imbalance, self.base_imbalance, bounds.max_imbalance_growth
+            ));
+        }
+        if self.change_since_full() > bounds.max_change_since_full {
+            why.push(format!(
+                "the dg would hold {} texts, {:.0} % {} than the {} its centroids and BM25 statistics were computed on in its last full build (bound: {:.0} %)",
+                self.docs,
+                100.0 * self.change_since_full(),
+                if self.docs > self.frozen_docs { "more" } else { "fewer" },
+                self.frozen_docs,
+                100.0 * bounds.max_change_since_full
             ));
         }
         if !self.emptied.is_empty() {
@@ -408,7 +445,7 @@ pub fn update(
         .zip(vectors.chunks_exact(dims))
         .map(|(&(_, c), v)| dot(v, base.map.centroid(c as usize)))
         .collect();
-    let drift = Drift::measure(&fits, &added_fits, &before, &after);
+    let drift = Drift::measure(&fits, &added_fits, &before, &after, base.stats.docs);
     let verdict = drift.verdict(&opts.bounds);
     tracing::info!(
         added = plan.added.len(),
@@ -417,6 +454,8 @@ pub fn update(
         added_fit = drift.added_fit,
         base_imbalance = drift.base_imbalance,
         imbalance = drift.imbalance,
+        docs = drift.docs,
+        frozen_docs = drift.frozen_docs,
         verdict = verdict
             .as_ref()
             .err()
@@ -671,20 +710,46 @@ mod tests {
         let bounds = DriftBounds::default();
         let fits = [0.7, 0.6, 0.65, 0.75];
         let before = [10, 12, 8, 10];
-        let even = Drift::measure(&fits, &[0.68, 0.66], &before, &[11, 12, 9, 10]);
+        let even = Drift::measure(&fits, &[0.68, 0.66], &before, &[11, 12, 9, 10], 40);
         assert_eq!(even.verdict(&bounds), Ok(()));
         // Every added text lands in one cluster.
-        let skewed = Drift::measure(&fits, &[0.68; 30], &before, &[40, 12, 8, 10]);
+        let skewed = Drift::measure(&fits, &[0.68; 30], &before, &[40, 12, 8, 10], 70);
         let why = skewed.verdict(&bounds).unwrap_err();
         assert!(why.contains("largest cluster"), "{why}");
+        assert!(!why.contains("last full build"), "{why}");
         // Texts unlike anything in the base.
-        let foreign = Drift::measure(&fits, &[0.3, 0.35], &before, &[11, 12, 9, 10]);
+        let foreign = Drift::measure(&fits, &[0.3, 0.35], &before, &[11, 12, 9, 10], 40);
         assert!(foreign
             .verdict(&bounds)
             .unwrap_err()
             .contains("mean cosine"));
         // A cluster emptied by removals.
-        let emptied = Drift::measure(&fits, &[], &before, &[10, 12, 0, 10]);
+        let emptied = Drift::measure(&fits, &[], &before, &[10, 12, 0, 10], 40);
         assert!(emptied.verdict(&bounds).unwrap_err().contains("left empty"));
+    }
+
+    #[test]
+    fn a_chain_of_small_changes_rebuilds_once_it_adds_up_to_a_fifth_of_the_last_full_build() {
+        let bounds = DriftBounds::default();
+        let fits = [0.7, 0.6, 0.65, 0.75];
+        // Each step adds 4 texts evenly to the 40 of the last step (10 % of it, within
+        // every per-step bound), while the statistics stay those of the 40-text full build.
+        let step = |before: [usize; 4]| {
+            let after = before.map(|n| n + 1);
+            Drift::measure(&fits, &[0.68; 4], &before, &after, 40)
+        };
+        let first = step([10, 10, 10, 10]);
+        assert_eq!((first.docs, first.verdict(&bounds)), (44, Ok(())));
+        let second = step([11, 11, 11, 11]);
+        assert_eq!((second.docs, second.verdict(&bounds)), (48, Ok(())));
+        let third = step([12, 12, 12, 12]);
+        let why = third.verdict(&bounds).unwrap_err();
+        assert!(
+            why.contains("52 texts, 30 % more than the 40") && why.contains("bound: 20 %"),
+            "{why}"
+        );
+        // Shrinking counts too.
+        let shrunk = Drift::measure(&fits, &[], &[10, 10, 10, 10], &[7, 7, 7, 7], 40);
+        assert!(shrunk.verdict(&bounds).unwrap_err().contains("30 % fewer"));
     }
 }

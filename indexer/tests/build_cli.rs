@@ -386,3 +386,40 @@ fn the_drift_guard_rebuilds_in_full_when_a_change_crowds_one_cluster() {
     assert_eq!(k["clusters"], base["clusters"]);
     assert!(log.contains("largest cluster"), "{log}");
 }
+
+#[test]
+#[ignore = "needs the model and corpus: run scripts/test.sh"]
+fn a_chain_of_incremental_builds_rebuilds_in_full_once_it_adds_a_fifth_to_the_last_full_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = corpus_lines(750);
+    let base_corpus = write_lines(&tmp.path().join("base.txt"), &lines[..600]);
+    let b = build(&base_corpus, &tmp.path().join("base"), &[]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let base_dir = PathBuf::from(stdout(&b));
+    let base = manifest_of(&base_dir);
+    // +90 texts of the same corpus (15 %), the centroids kept (on 12 clusters the new
+    // texts fit less well than those k-means saw, so this step is told to keep them).
+    let add = write_lines(&tmp.path().join("add1.txt"), &lines[600..690]);
+    let (step1, log) = update(
+        &base_dir,
+        &tmp.path().join("s1"),
+        &["--add", add.to_str().unwrap(), "--allow-drift"],
+    );
+    let m1 = manifest_of(&step1);
+    assert_eq!(m1["build"]["base"]["dg"], base["dg"], "{log}");
+    // +60 more on top (9 % of step 1, 25 % of the last full build): a full rebuild, and
+    // the reason names the change since the last full build.
+    let add = write_lines(&tmp.path().join("add2.txt"), &lines[690..750]);
+    let (step2, log) = update(
+        &step1,
+        &tmp.path().join("s2"),
+        &["--add", add.to_str().unwrap()],
+    );
+    assert!(
+        log.contains("750 texts, 25 % more than the 600") && log.contains("last full build"),
+        "{log}"
+    );
+    let m2 = manifest_of(&step2);
+    assert!(m2["build"].get("base").is_none(), "a full rebuild: {log}");
+    assert_eq!(m2["items"], 750);
+}
