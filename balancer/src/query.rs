@@ -143,7 +143,14 @@ pub fn local_first(list: Vec<&Upstream>, host: Option<std::net::IpAddr>) -> Vec<
 /// Retries may be at most this share of the calls in flight (and at least
 /// [`RETRY_BUDGET_MIN`] at a time), as in Envoy's default retry budget.
 pub const RETRY_BUDGET_RATIO: f64 = 0.2;
-pub const RETRY_BUDGET_MIN: usize = 3;
+/// The floor of the retry budget. Envoy's is 3 per upstream cluster; this budget is one
+/// per balancer, shared by the embedder and every shard. At half capacity a balancer has
+/// a few calls in flight, so the floor is the whole budget, and 3 was too few when a
+/// node was lost during a rollout: one query of 9,115 was answered without shard 1
+/// ("timed out; no retry: the retry budget is spent") with 1.5 s of its deadline left
+/// (node suite, 2026-12-07). Under overload too, retries stay at most 8 calls in flight
+/// per balancer beside the calls it admitted (a fifth of them when that is more).
+pub const RETRY_BUDGET_MIN: usize = 8;
 /// A replica failing this many calls in a row is skipped for [`EJECTION`].
 pub const EJECT_AFTER_FAILURES: u32 = 3;
 pub const EJECTION: Duration = Duration::from_secs(10);
